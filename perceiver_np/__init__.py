@@ -1,0 +1,44 @@
+"""perceiver_np: Perceiver and Perceiver IO by hand in NumPy.
+
+Every layer's forward and backward pass is written out (:mod:`perceiver_np.layers`), the two
+blocks are public functional units (:mod:`perceiver_np.blocks`), and every backward is proven
+by finite differences (:mod:`perceiver_np.gradcheck`). The API mirrors Edifice's ``Perceiver``::
+
+    import perceiver_np as pnp
+    model = pnp.build(input_dim=287)                 # the seed configuration, float32
+    y = model(x)                                     # x [B, N, 287] -> y [B, 256]
+    y, cache = model.forward(x, mask, training=True, rng=np.random.default_rng(0))
+    grads, dx = model.backward(dy, cache)            # grads keyed like model.params
+"""
+
+from . import blocks, gradcheck, layers, shapes, tolerances
+from .blocks import (
+    cross_block_backward,
+    cross_block_forward,
+    self_block_backward,
+    self_block_forward,
+)
+from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
+from .model import Perceiver, build, init_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Perceiver",
+    "PerceiverConfig",
+    "blocks",
+    "build",
+    "cross_block_backward",
+    "cross_block_forward",
+    "gradcheck",
+    "init_params",
+    "layers",
+    "output_size",
+    "param_count",
+    "param_shapes",
+    "recommended_defaults",
+    "self_block_backward",
+    "self_block_forward",
+    "shapes",
+    "tolerances",
+]

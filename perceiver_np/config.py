@@ -1,0 +1,277 @@
+"""The model configuration: every option, its default, its validation, and what follows from it.
+
+``PerceiverConfig`` is a frozen dataclass. The seed options (Edifice's ``Perceiver.build``) come
+first with Edifice's defaults; the extended options make DeepMind's and Hugging Face's encoders
+expressible (ARCHITECTURE.md §2). Options documented as "defaults to ..." stay ``None`` in the
+config and are resolved by the ``cross_*`` / ``self_*`` properties, so a config round-trips
+through ``dataclasses.asdict`` and ``PerceiverConfig(**d)`` unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+GELU_KINDS = ("exact", "tanh")
+DTYPES = ("float32", "float64")
+
+#: Edifice's ``recommended_defaults/0``: the seed configuration without ``input_dim``.
+RECOMMENDED_DEFAULTS: dict[str, Any] = {
+    "latent_dim": 256,
+    "num_latents": 64,
+    "num_layers": 4,
+    "num_cross_layers": 1,
+    "num_heads": 4,
+    "dropout": 0.1,
+}
+
+
+@dataclass(frozen=True)
+class PerceiverConfig:
+    """Every option of a Perceiver encoder (docs/architecture.md explains each)."""
+
+    # --- the seed's options (Edifice Perceiver.build) ---
+    input_dim: int
+    latent_dim: int = 256
+    num_latents: int = 64
+    num_layers: int = 4
+    num_cross_layers: int = 1
+    num_heads: int = 4
+    dropout: float = 0.1
+    # --- extended options (DeepMind / Hugging Face encoders) ---
+    input_projection: bool = True
+    qk_channels: int | None = None
+    v_channels: int | None = None
+    cross_heads: int | None = None
+    cross_widening_factor: int = 4
+    self_widening_factor: int = 4
+    use_query_residual: bool = True
+    gelu: str = "exact"
+    num_blocks: int = 1
+    final_norm: bool = True
+    attention_dropout: float = 0.0
+    # --- construction ---
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived widths -------------------------------------------------------------------
+
+    @property
+    def kv_channels(self) -> int:
+        """Ckv: the width of what the cross-attention keys/values project from (D, or C raw)."""
+        return self.latent_dim if self.input_projection else self.input_dim
+
+    @property
+    def cross_num_heads(self) -> int:
+        return self.num_heads if self.cross_heads is None else self.cross_heads
+
+    @property
+    def cross_qk_channels(self) -> int:
+        """Cross-attention query/key width: ``qk_channels``, else the KV input width (DeepMind)."""
+        return self.kv_channels if self.qk_channels is None else self.qk_channels
+
+    @property
+    def cross_v_channels(self) -> int:
+        return self.cross_qk_channels if self.v_channels is None else self.v_channels
+
+    @property
+    def self_qk_channels(self) -> int:
+        return self.latent_dim if self.qk_channels is None else self.qk_channels
+
+    @property
+    def self_v_channels(self) -> int:
+        return self.self_qk_channels if self.v_channels is None else self.v_channels
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def self_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The global self-block indices run after each cross block (Edifice's interleaving):
+        ``spc = max(num_layers // num_cross_layers, 1)`` per group, the last group takes the rest."""
+        spc = max(self.num_layers // self.num_cross_layers, 1)
+        groups = []
+        for c in range(self.num_cross_layers):
+            last = c == self.num_cross_layers - 1
+            n_self = self.num_layers - spc * (self.num_cross_layers - 1) if last else spc
+            groups.append(tuple(range(spc * c, spc * c + n_self)))
+        return tuple(groups)
+
+    @property
+    def schedule(self) -> tuple[tuple[str, int], ...]:
+        """The order the blocks run in: ``("cross", i)`` then its self group, ``num_blocks``
+        times in a row (the repeats share weights), for every cross block i."""
+        steps: list[tuple[str, int]] = []
+        for c, group in enumerate(self.self_groups):
+            steps.append(("cross", c))
+            steps.extend(("self", j) for _ in range(self.num_blocks) for j in group)
+        return tuple(steps)
+
+    def replace(self, **changes: Any) -> PerceiverConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _validate(cfg: PerceiverConfig) -> None:
+    def is_int(v: object) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    for name in (
+        "input_dim", "latent_dim", "num_latents", "num_layers", "num_cross_layers", "num_heads",
+        "cross_widening_factor", "self_widening_factor", "num_blocks",
+    ):
+        v = getattr(cfg, name)
+        if not is_int(v) or v <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    for name in ("qk_channels", "v_channels", "cross_heads"):
+        v = getattr(cfg, name)
+        if v is not None and (not is_int(v) or v <= 0):
+            raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
+    if not is_int(cfg.seed) or cfg.seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
+    for name in ("dropout", "attention_dropout"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected a rate in [0, 1), got {v!r}")
+    for name in ("input_projection", "use_query_residual", "final_norm"):
+        v = getattr(cfg, name)
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: expected True or False, got {v!r}")
+    if cfg.gelu not in GELU_KINDS:
+        raise ValueError(f"gelu: expected one of {GELU_KINDS}, got {cfg.gelu!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {cfg.dtype!r}")
+    if cfg.num_layers < cfg.num_cross_layers:
+        raise ValueError(
+            f"num_layers ({cfg.num_layers}) < num_cross_layers ({cfg.num_cross_layers}): every "
+            "cross block needs at least one self block after it"
+        )
+    for heads_field, heads, widths in (
+        ("cross_heads", cfg.cross_num_heads,
+         (("cross qk width", cfg.cross_qk_channels), ("cross v width", cfg.cross_v_channels))),
+        ("num_heads", cfg.num_heads,
+         (("self qk width", cfg.self_qk_channels), ("self v width", cfg.self_v_channels))),
+    ):
+        for what, width in widths:
+            if width % heads:
+                source = _width_source(cfg, what)
+                raise ValueError(
+                    f"{heads_field}: {heads} heads do not divide the {what} {width} ({source})"
+                )
+
+
+def _width_source(cfg: PerceiverConfig, what: str) -> str:
+    if what.endswith("v width") and cfg.v_channels is not None:
+        return "v_channels"
+    if cfg.qk_channels is not None:
+        return "qk_channels"
+    if what.startswith("cross"):
+        return "defaults to latent_dim" if cfg.input_projection else (
+            "defaults to input_dim, as input_projection=False"
+        )
+    return "defaults to latent_dim"
+
+
+def _check_names(opts: dict[str, Any]) -> None:
+    fields = {f.name for f in dataclasses.fields(PerceiverConfig)}
+    unknown = sorted(set(opts) - fields)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options are {sorted(fields)}")
+
+
+def make_config(**opts: Any) -> PerceiverConfig:
+    """A validated config from keyword options; unknown options are a TypeError naming them."""
+    _check_names(opts)
+    if "input_dim" not in opts:
+        raise TypeError("input_dim: required option is missing")
+    return PerceiverConfig(**opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter schema (docs/params.md): names and shapes in order, and the counts from it
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear(prefix: str, n_in: int, n_out: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.weight", (n_in, n_out)), (f"{prefix}.bias", (n_out,))]
+
+
+def _norm(prefix: str, width: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.gamma", (width,)), (f"{prefix}.beta", (width,))]
+
+
+def cross_block_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
+    """Block-local parameter names and shapes of one cross block."""
+    d, ckv, qk, v = cfg.latent_dim, cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels
+    wd = cfg.cross_widening_factor * d
+    return dict(
+        _norm("q_norm", d) + _norm("kv_norm", ckv)
+        + _linear("attn.q", d, qk) + _linear("attn.k", ckv, qk) + _linear("attn.v", ckv, v)
+        + _linear("attn.out", v, d)
+        + _norm("ffn_norm", d) + _linear("ffn.up", d, wd) + _linear("ffn.down", wd, d)
+    )
+
+
+def self_block_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
+    """Block-local parameter names and shapes of one self block."""
+    d, qk, v = cfg.latent_dim, cfg.self_qk_channels, cfg.self_v_channels
+    wd = cfg.self_widening_factor * d
+    return dict(
+        _norm("norm", d)
+        + _linear("attn.q", d, qk) + _linear("attn.k", d, qk) + _linear("attn.v", d, v)
+        + _linear("attn.out", v, d)
+        + _norm("ffn_norm", d) + _linear("ffn.up", d, wd) + _linear("ffn.down", wd, d)
+    )
+
+
+def param_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of the model and its shape, in schema order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.input_projection:
+        shapes.update(_linear("input_proj", cfg.input_dim, cfg.latent_dim))
+    shapes["latents"] = (cfg.num_latents, cfg.latent_dim)
+    for i in range(cfg.num_cross_layers):
+        shapes.update({f"cross.{i}.{k}": s for k, s in cross_block_shapes(cfg).items()})
+    for j in range(cfg.num_layers):
+        shapes.update({f"self.{j}.{k}": s for k, s in self_block_shapes(cfg).items()})
+    if cfg.final_norm:
+        shapes.update(_norm("final_norm", cfg.latent_dim))
+    return shapes
+
+
+def param_count(**opts: Any) -> int:
+    """The EXACT number of parameters the model built with ``opts`` has.
+
+    Edifice's ``param_count`` is an approximation, ``M*D + C*D + 12*D^2*(cross + self)``,
+    that leaves out every bias and LayerNorm. For the seed it is
+    ``M*D + (C*D + D) + cross*(12D^2 + 15D) + self*(12D^2 + 13D) + 2D``:
+    4,039,936 for input_dim=287 with the defaults, where Edifice's formula says 4,022,016.
+    """
+    return sum(math.prod(s) for s in param_shapes(make_config(**opts)).values())
+
+
+def output_size(**opts: Any) -> int:
+    """The width of the model's output ``[B, output_size]``: ``latent_dim`` (mean pool).
+
+    Like Edifice's ``output_size/1`` it needs no ``input_dim``; the options given are validated
+    as a whole when ``input_dim`` is among them."""
+    if "input_dim" in opts:
+        return make_config(**opts).latent_dim
+    _check_names(opts)
+    latent_dim = opts.get("latent_dim", PerceiverConfig.latent_dim)
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, (int, np.integer)) or latent_dim <= 0:
+        raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim!r}")
+    return int(latent_dim)
+
+
+def recommended_defaults() -> dict[str, Any]:
+    """Edifice's recommended configuration for sequence processing (without ``input_dim``)."""
+    return dict(RECOMMENDED_DEFAULTS)

@@ -1,0 +1,482 @@
+"""Every layer of the Perceiver, forward and backward, in plain NumPy.
+
+One contract for every layer (CS231n ``layers.py``, llm.c)::
+
+    y, cache = <layer>_forward(x, params, **options)
+    dx, grads = <layer>_backward(dy, cache)
+
+``params`` is a dict of arrays with layer-local names (``"weight"``, ``"bias"``, ``"gamma"``, ...);
+``grads`` has exactly the keys of ``params`` (an empty dict for a layer without parameters).
+Functions are pure: nothing is stored between calls, the cache is a small NamedTuple whose
+fields state their shapes. Each backward walks its forward in reverse, step by step, with the
+same names; docs/backward.md derives every formula used here.
+
+Shapes use the vocabulary of :mod:`perceiver_np.shapes` (B, N, C, M, D, H, dh, dv, O). Weights
+are stored ``[in, out]`` so that ``y = x @ W + b``. A layer works in the dtype of its inputs
+(float32 or float64); no layer changes dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy.special import erf
+
+from .shapes import expect_shape
+
+Params = dict[str, np.ndarray]
+
+#: LayerNorm epsilon, added to the biased variance (Edifice/Axon, DeepMind and HF all use 1e-5).
+LN_EPS = 1e-5
+#: Logit given to masked keys before the softmax: DeepMind's large finite negative. Finite (not
+#: -inf) so that a fully masked row gives a finite softmax that is then zeroed, never NaN; any
+#: real logit exceeds it by so much that exp() of the difference is exactly 0 in float32 and
+#: float64, so masked keys get exactly zero weight.
+MASK_FILL = -1e30
+
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_C = 0.044715
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: y = x @ W + b
+# ---------------------------------------------------------------------------------------------
+
+
+class LinearCache(NamedTuple):
+    x: np.ndarray  # [..., in]  the layer's input
+    weight: np.ndarray  # [in, out]
+
+
+def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
+    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out]."""
+    w, b = params["weight"], params["bias"]
+    expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
+    expect_shape("linear bias", b, (w.shape[1],), "[out]")
+    y = x @ w + b  # [..., in] -> [..., out]
+    return y, LinearCache(x, w)
+
+
+def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
+    """dy: [..., out] -> dx: [..., in]; grads weight [in, out], bias [out]."""
+    x, w = cache
+    expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
+    # in the forward pass this was y = x @ W + b
+    x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]   (R = product of leading axes)
+    dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
+    dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
+    dbias = dy2.sum(axis=0)  # [R, out] -> [out]
+    dx = dy @ w.T  # [..., out] -> [..., in]
+    return dx, {"weight": dweight, "bias": dbias}
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm over the last axis: y = gamma * (x - mean) / sqrt(var + eps) + beta
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # [..., F]  normalised input (x - mean) * rstd
+    rstd: np.ndarray  # [..., 1]  1 / sqrt(var + eps), biased variance
+    gamma: np.ndarray  # [F]
+
+
+def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerNormCache]:
+    """x: [..., F] -> y: [..., F]; params gamma [F], beta [F]; biased variance, eps = LN_EPS."""
+    gamma, beta = params["gamma"], params["beta"]
+    expect_shape("layernorm x", x, (*x.shape[:-1], gamma.shape[0]), "[..., F]")
+    mean = x.mean(axis=-1, keepdims=True)  # [..., F] -> [..., 1]
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # [..., F] -> [..., 1]
+    rstd = 1.0 / np.sqrt(var + x.dtype.type(LN_EPS))
+    xhat = xc * rstd
+    y = xhat * gamma + beta
+    return y, LayerNormCache(xhat, rstd, gamma)
+
+
+def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarray, Params]:
+    """dy: [..., F] -> dx: [..., F]; grads gamma [F], beta [F]."""
+    xhat, rstd, gamma = cache
+    expect_shape("layernorm dy", dy, xhat.shape, "[..., F]")
+    lead = tuple(range(dy.ndim - 1))
+    # in the forward pass this was y = xhat * gamma + beta
+    dgamma = (dy * xhat).sum(axis=lead)  # [..., F] -> [F]
+    dbeta = dy.sum(axis=lead)  # [..., F] -> [F]
+    dxhat = dy * gamma
+    # in the forward pass this was xhat = (x - mean(x)) * rstd(x): both depend on x
+    dx = rstd * (
+        dxhat
+        - dxhat.mean(axis=-1, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    )
+    return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU: exact x * Phi(x), or the tanh approximation
+# ---------------------------------------------------------------------------------------------
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray  # [...]
+    approximate: str  # "exact" | "tanh"
+
+
+def gelu_forward(
+    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact"
+) -> tuple[np.ndarray, GeluCache]:
+    """x: [...] -> y: [...]. ``exact``: x * Phi(x) with the normal CDF Phi (erf);
+    ``tanh``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). No parameters."""
+    if approximate == "exact":
+        y = 0.5 * x * (1.0 + erf(x / x.dtype.type(_SQRT_2)))
+    elif approximate == "tanh":
+        t = np.tanh(x.dtype.type(_SQRT_2_OVER_PI) * (x + x.dtype.type(_GELU_TANH_C) * x**3))
+        y = 0.5 * x * (1.0 + t)
+    else:
+        raise ValueError(f"gelu: approximate must be 'exact' or 'tanh', got {approximate!r}")
+    return y, GeluCache(x, approximate)
+
+
+def gelu_backward(dy: np.ndarray, cache: GeluCache) -> tuple[np.ndarray, Params]:
+    """dy: [...] -> dx: [...]; no parameters, so grads is ``{}``."""
+    x, approximate = cache
+    expect_shape("gelu dy", dy, x.shape, "[...]")
+    if approximate == "exact":
+        # d/dx [x Phi(x)] = Phi(x) + x phi(x)
+        cdf = 0.5 * (1.0 + erf(x / x.dtype.type(_SQRT_2)))
+        pdf = x.dtype.type(_INV_SQRT_2PI) * np.exp(-0.5 * x * x)
+        dydx = cdf + x * pdf
+    else:
+        # y = 0.5 x (1 + t), t = tanh(u), u = k (x + c x^3)
+        k, c = x.dtype.type(_SQRT_2_OVER_PI), x.dtype.type(_GELU_TANH_C)
+        t = np.tanh(k * (x + c * x**3))
+        dudx = k * (1.0 + 3.0 * c * x * x)
+        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx
+    return dy * dydx, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax over the last axis
+# ---------------------------------------------------------------------------------------------
+
+
+class SoftmaxCache(NamedTuple):
+    p: np.ndarray  # [..., K] the probabilities
+
+
+def softmax_forward(
+    x: np.ndarray, params: Params | None = None
+) -> tuple[np.ndarray, SoftmaxCache]:
+    """x: [..., K] -> p: [..., K], ``p = exp(x - max x) / sum exp(x - max x)``."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # the max shift makes exp() never overflow
+    p = e / e.sum(axis=-1, keepdims=True)
+    return p, SoftmaxCache(p)
+
+
+def softmax_backward(dy: np.ndarray, cache: SoftmaxCache) -> tuple[np.ndarray, Params]:
+    """dy: [..., K] -> dx: [..., K], ``dx = p * (dy - sum(dy * p))``."""
+    (p,) = cache
+    expect_shape("softmax dy", dy, p.shape, "[..., K]")
+    dx = p * (dy - (dy * p).sum(axis=-1, keepdims=True))
+    return dx, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout (inverted): y = x * keep / (1 - rate), identity at inference
+# ---------------------------------------------------------------------------------------------
+
+
+class DropoutCache(NamedTuple):
+    scale: np.ndarray | None  # [...] keep / (1 - rate) per element; None when dropout is off
+
+
+def dropout_forward(
+    x: np.ndarray,
+    params: Params | None = None,
+    *,
+    rate: float,
+    training: bool,
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, DropoutCache]:
+    """x: [...] -> y: [...]. In training with ``rate > 0`` each element is kept with
+    probability ``1 - rate`` (one ``rng.random`` draw per element) and scaled by
+    ``1 / (1 - rate)`` so the expectation is unchanged; otherwise the identity."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout: rate must be in [0, 1), got {rate}")
+    if not training or rate == 0.0:
+        return x, DropoutCache(None)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(
+            "rng: dropout in training needs an explicit numpy.random.Generator, "
+            f"got {type(rng).__name__}"
+        )
+    keep = rng.random(x.shape) >= rate
+    scale = keep.astype(x.dtype) / x.dtype.type(1.0 - rate)
+    return x * scale, DropoutCache(scale)
+
+
+def dropout_backward(dy: np.ndarray, cache: DropoutCache) -> tuple[np.ndarray, Params]:
+    """dy: [...] -> dx: [...]: the same elements are dropped and the kept ones scaled."""
+    (scale,) = cache
+    if scale is None:
+        return dy, {}
+    expect_shape("dropout dy", dy, scale.shape, "[...]")
+    return dy * scale, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual: y = x + branch(x); the gradient flows unchanged into both summands
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_forward(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
+    """x: [...], branch: [...] -> y = x + branch: [...] (no cache needed)."""
+    expect_shape("residual branch", branch, x.shape, "[...]")
+    return x + branch
+
+
+def residual_backward(dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dy: [...] -> (dx, dbranch), both equal to dy."""
+    return dy, dy
+
+
+# ---------------------------------------------------------------------------------------------
+# Mean pool over the latents: [B, M, D] -> [B, D]
+# ---------------------------------------------------------------------------------------------
+
+
+class MeanPoolCache(NamedTuple):
+    shape: tuple[int, ...]  # (B, M, D) of the input
+
+
+def mean_pool_forward(
+    x: np.ndarray, params: Params | None = None
+) -> tuple[np.ndarray, MeanPoolCache]:
+    """x: [B, M, D] -> y: [B, D], the mean over the M latents."""
+    if x.ndim != 3:
+        raise ValueError(f"mean_pool x: expected shape [B, M, D], got {x.shape}")
+    return x.mean(axis=1), MeanPoolCache(x.shape)  # [B, M, D] -> [B, D]
+
+
+def mean_pool_backward(dy: np.ndarray, cache: MeanPoolCache) -> tuple[np.ndarray, Params]:
+    """dy: [B, D] -> dx: [B, M, D]: every latent receives dy / M."""
+    b, m, d = cache.shape
+    expect_shape("mean_pool dy", dy, (b, d), "[B, D]")
+    dx = np.broadcast_to(dy[:, None, :] / dy.dtype.type(m), (b, m, d)).copy()  # [B, D] -> [B, M, D]
+    return dx, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward network: y = GELU(x @ W_up + b_up) @ W_down + b_down
+# ---------------------------------------------------------------------------------------------
+
+
+class FFNCache(NamedTuple):
+    up: LinearCache  # x [..., D], weight [D, wD]
+    act: GeluCache  # pre-activation [..., wD]
+    down: LinearCache  # GELU output [..., wD], weight [wD, D]
+
+
+def ffn_forward(
+    x: np.ndarray, params: Params, *, gelu: str = "exact"
+) -> tuple[np.ndarray, FFNCache]:
+    """x: [..., D] -> y: [..., D] through a hidden width wD.
+    params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``."""
+    h, up = linear_forward(x, sub(params, "up"))  # [..., D] -> [..., wD]
+    a, act = gelu_forward(h, approximate=gelu)
+    y, down = linear_forward(a, sub(params, "down"))  # [..., wD] -> [..., D]
+    return y, FFNCache(up, act, down)
+
+
+def ffn_backward(dy: np.ndarray, cache: FFNCache) -> tuple[np.ndarray, Params]:
+    """dy: [..., D] -> dx: [..., D]; grads keyed like ffn_forward's params."""
+    da, g_down = linear_backward(dy, cache.down)  # [..., D] -> [..., wD]
+    dh, _ = gelu_backward(da, cache.act)
+    dx, g_up = linear_backward(dh, cache.up)  # [..., wD] -> [..., D]
+    return dx, {**prefixed(g_up, "up"), **prefixed(g_down, "down")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaled dot-product attention over heads (the plain path: the scores are materialised)
+# ---------------------------------------------------------------------------------------------
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # [B, H, M, dh]
+    k: np.ndarray  # [B, H, N, dh]
+    v: np.ndarray  # [B, H, N, dv]
+    mask: np.ndarray | None  # [B, N] bool, True = keep
+    visible: np.ndarray | None  # [B] bool: the sample has at least one visible key
+    softmax: SoftmaxCache  # p [B, H, M, N]
+    drop: DropoutCache  # dropout on the probabilities, [B, H, M, N] or None
+    p_dropped: np.ndarray  # [B, H, M, N] the weights that multiplied v
+    scale: float
+
+
+def attention_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None = None,
+    scale: float | None = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, AttentionCache]:
+    """Softmax attention of M queries over N keys, per batch and head.
+
+    q: [B, H, M, dh], k: [B, H, N, dh], v: [B, H, N, dv], mask: [B, N] bool (True = keep)
+    -> o: [B, H, M, dv]. ``scale`` defaults to 1/sqrt(dh). Masked keys get exactly zero
+    weight; a sample with no visible key gets all-zero weights, so o = 0 (DeepMind).
+    ``dropout`` drops attention probabilities (after the softmax) in training.
+    """
+    b, h, _, dh = q.shape  # q: [B, H, M, dh]
+    n = k.shape[2]
+    expect_shape("attention k", k, (b, h, n, dh), "[B, H, N, dh]")
+    expect_shape("attention v", v, (b, h, n, None), "[B, H, N, dv]")
+    if scale is None:
+        scale = 1.0 / math.sqrt(dh)
+    s = (q @ k.transpose(0, 1, 3, 2)) * q.dtype.type(scale)  # [B,H,M,dh] @ [B,H,dh,N] -> [B,H,M,N]
+    visible = None
+    if mask is not None:
+        expect_shape("attention mask", mask, (b, n), "[B, N]")
+        s = np.where(mask[:, None, None, :], s, s.dtype.type(MASK_FILL))
+    p, softmax = softmax_forward(s)
+    if mask is not None:
+        visible = np.asarray(mask.any(axis=-1))  # [B, N] -> [B]
+        p = p * visible[:, None, None, None]  # a row with no visible key attends to nothing
+    p_dropped, drop = dropout_forward(p, rate=dropout, training=training, rng=rng)
+    o = p_dropped @ v  # [B,H,M,N] @ [B,H,N,dv] -> [B,H,M,dv]
+    return o, AttentionCache(q, k, v, mask, visible, softmax, drop, p_dropped, scale)
+
+
+def attention_backward(
+    do: np.ndarray, cache: AttentionCache
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Params]:
+    """do: [B, H, M, dv] -> ((dq [B,H,M,dh], dk [B,H,N,dh], dv [B,H,N,dv]), {})."""
+    q, k, v, mask, visible, softmax, drop, p_dropped, scale = cache
+    expect_shape("attention do", do, (*q.shape[:3], v.shape[3]), "[B, H, M, dv]")
+    # in the forward pass this was o = p_dropped @ v
+    dp_dropped = do @ v.transpose(0, 1, 3, 2)  # [B,H,M,dv] @ [B,H,dv,N] -> [B,H,M,N]
+    dv = p_dropped.transpose(0, 1, 3, 2) @ do  # [B,H,N,M] @ [B,H,M,dv] -> [B,H,N,dv]
+    # in the forward pass this was p_dropped = dropout(p)
+    dp, _ = dropout_backward(dp_dropped, drop)
+    if visible is not None:
+        # in the forward pass this was p = p * visible
+        dp = dp * visible[:, None, None, None]
+    # in the forward pass this was p = softmax(s)
+    ds, _ = softmax_backward(dp, softmax)
+    if mask is not None:
+        # in the forward pass this was s = where(mask, s, MASK_FILL): a constant has no gradient
+        ds = np.where(mask[:, None, None, :], ds, ds.dtype.type(0))
+    # in the forward pass this was s = scale * q @ k^T
+    ds = ds * ds.dtype.type(scale)
+    dq = ds @ k  # [B,H,M,N] @ [B,H,N,dh] -> [B,H,M,dh]
+    dk = ds.transpose(0, 1, 3, 2) @ q  # [B,H,N,M] @ [B,H,M,dh] -> [B,H,N,dh]
+    return (dq, dk, dv), {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head attention: projections, heads, attention, output projection
+# ---------------------------------------------------------------------------------------------
+
+
+class MHACache(NamedTuple):
+    q: LinearCache  # xq [B, M, Cq], weight [Cq, qk]
+    k: LinearCache  # xkv [B, N, Ckv], weight [Ckv, qk]
+    v: LinearCache  # xkv [B, N, Ckv], weight [Ckv, v]
+    attn: AttentionCache  # per-head tensors, see AttentionCache
+    out: LinearCache  # merged heads [B, M, v], weight [v, Dout]
+    num_heads: int
+
+
+def split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
+    """[B, L, H*d] -> [B, H, L, d]: head h owns channels [h*d, (h+1)*d)."""
+    b, length, width = x.shape
+    return x.reshape(b, length, num_heads, width // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """[B, H, L, d] -> [B, L, H*d], the inverse of :func:`split_heads`."""
+    b, h, length, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, length, h * d)
+
+
+def mha_forward(
+    xq: np.ndarray,
+    xkv: np.ndarray,
+    params: Params,
+    *,
+    num_heads: int,
+    mask: np.ndarray | None = None,
+    attention_dropout: float = 0.0,
+    training: bool = False,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, MHACache]:
+    """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
+
+    xq: [B, M, Cq], xkv: [B, N, Ckv], mask: [B, N] -> y: [B, M, Dout].
+    params: ``q.weight [Cq, qk]``, ``k.weight [Ckv, qk]``, ``v.weight [Ckv, v]``,
+    ``out.weight [v, Dout]`` and their biases. The logit scale is 1/sqrt(qk / H).
+    """
+    qk_width, v_width = params["q.weight"].shape[1], params["v.weight"].shape[1]
+    if qk_width % num_heads or v_width % num_heads:
+        raise ValueError(
+            f"num_heads: {num_heads} must divide the qk width {qk_width} and v width {v_width}"
+        )
+    q, q_cache = linear_forward(xq, sub(params, "q"))  # [B, M, Cq] -> [B, M, qk]
+    k, k_cache = linear_forward(xkv, sub(params, "k"))  # [B, N, Ckv] -> [B, N, qk]
+    v, v_cache = linear_forward(xkv, sub(params, "v"))  # [B, N, Ckv] -> [B, N, v]
+    o, attn = attention_forward(
+        split_heads(q, num_heads),  # [B, M, qk] -> [B, H, M, dh]
+        split_heads(k, num_heads),  # [B, N, qk] -> [B, H, N, dh]
+        split_heads(v, num_heads),  # [B, N, v] -> [B, H, N, dv]
+        mask,
+        dropout=attention_dropout,
+        training=training,
+        rng=rng,
+    )
+    y, out = linear_forward(merge_heads(o), sub(params, "out"))  # [B,H,M,dv] -> [B,M,v] -> [B,M,Dout]
+    return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads)
+
+
+def mha_backward(
+    dy: np.ndarray, cache: MHACache
+) -> tuple[tuple[np.ndarray, np.ndarray], Params]:
+    """dy: [B, M, Dout] -> ((dxq [B, M, Cq], dxkv [B, N, Ckv]), grads keyed like params)."""
+    h = cache.num_heads
+    # in the forward pass this was y = merge_heads(o) @ W_out + b_out
+    do, g_out = linear_backward(dy, cache.out)  # [B, M, Dout] -> [B, M, v]
+    (dq, dk, dv), _ = attention_backward(split_heads(do, h), cache.attn)  # -> [B, H, M, dv]
+    # in the forward pass these were q, k, v = linear(xq), linear(xkv), linear(xkv)
+    dxq, g_q = linear_backward(merge_heads(dq), cache.q)  # [B,H,M,dh] -> [B,M,qk] -> [B,M,Cq]
+    dxk, g_k = linear_backward(merge_heads(dk), cache.k)  # [B,H,N,dh] -> [B,N,qk] -> [B,N,Ckv]
+    dxv, g_v = linear_backward(merge_heads(dv), cache.v)  # [B,H,N,dv] -> [B,N,v] -> [B,N,Ckv]
+    grads = {
+        **prefixed(g_q, "q"),
+        **prefixed(g_k, "k"),
+        **prefixed(g_v, "v"),
+        **prefixed(g_out, "out"),
+    }
+    return (dxq, dxk + dxv), grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter-dict helpers: layer-local names <-> prefixed names
+# ---------------------------------------------------------------------------------------------
+
+
+def sub(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` under ``prefix.``, with the prefix removed."""
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in params.items() if k.startswith(head)}
+
+
+def prefixed(params: Params, prefix: str) -> Params:
+    """``params`` with every key put under ``prefix.`` (the inverse of :func:`sub`)."""
+    return {f"{prefix}.{k}": v for k, v in params.items()}

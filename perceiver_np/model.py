@@ -1,0 +1,262 @@
+"""The Perceiver encoder: parameters, forward and backward through the whole model.
+
+::
+
+    h = x @ W_in + b_in                      [B, N, C] -> [B, N, D]   (input_projection; else h = x)
+    z = broadcast(latents)                   [M, D] -> [B, M, D]
+    for step in config.schedule:             cross blocks interleaved with groups of self blocks
+        z = CrossBlock_i(z, h, mask)  or  z = SelfBlock_j(z)
+    y = mean_M(LN_final(z))                  [B, M, D] -> [B, D]
+
+The model holds only its config and parameters; ``forward`` returns a cache that ``backward``
+consumes, so nothing grows between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .blocks import (
+    CrossBlockCache,
+    SelfBlockCache,
+    cross_block_backward,
+    cross_block_forward,
+    self_block_backward,
+    self_block_forward,
+)
+from .config import PerceiverConfig, cross_block_shapes, make_config, param_shapes, self_block_shapes
+from .layers import (
+    LayerNormCache,
+    LinearCache,
+    MeanPoolCache,
+    Params,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+    mean_pool_backward,
+    mean_pool_forward,
+    prefixed,
+    sub,
+)
+from .shapes import as_mask, as_real_input, expect_shape
+
+
+def init_params(cfg: PerceiverConfig) -> Params:
+    """Fresh parameters for ``cfg``, seeded by ``cfg.seed``.
+
+    Dense kernels and the latent array: glorot-uniform ``U(±sqrt(6 / (fan_in + fan_out)))``
+    (Axon's initialiser); biases 0; LayerNorm gamma 1 and beta 0. Values are drawn in float64 in
+    schema order and then cast, so a float32 and a float64 model of the same seed hold the same
+    weights up to float32 rounding.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    params: Params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".weight") or name == "latents":
+            limit = math.sqrt(6.0 / (shape[0] + shape[1]))
+            value = rng.uniform(-limit, limit, size=shape)
+        elif name.endswith(".gamma"):
+            value = np.ones(shape)
+        else:  # .bias, .beta
+            value = np.zeros(shape)
+        params[name] = value.astype(cfg.np_dtype)
+    return params
+
+
+def check_params(cfg: PerceiverConfig, params: Params) -> Params:
+    """Validate ``params`` against the schema of ``cfg``: exact key set, shapes and dtype."""
+    shapes = param_shapes(cfg)
+    missing = [k for k in shapes if k not in params]
+    extra = [k for k in params if k not in shapes]
+    if missing or extra:
+        raise ValueError(f"params: missing {missing}, unexpected {extra}")
+    for name, shape in shapes.items():
+        value = params[name]
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"params[{name!r}]: expected a numpy.ndarray, got {type(value).__name__}")
+        if value.shape != shape:
+            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {value.shape}")
+        if value.dtype != cfg.np_dtype:
+            raise TypeError(
+                f"params[{name!r}]: expected dtype {cfg.dtype}, got {value.dtype.name}"
+            )
+    return {name: params[name] for name in shapes}  # schema order
+
+
+class ModelCache(NamedTuple):
+    x_shape: tuple[int, int, int]  # (B, N, C)
+    input_proj: LinearCache | None  # x [B, N, C], weight [C, D]; None without the projection
+    steps: tuple[CrossBlockCache | SelfBlockCache, ...]  # one per entry of config.schedule
+    final_norm: LayerNormCache | None  # z [B, M, D]
+    pool: MeanPoolCache  # (B, M, D)
+
+
+class Perceiver:
+    """A Perceiver encoder: ``x [B, N, C] -> y [B, D]`` (docs/architecture.md).
+
+    Build one with :func:`build`. ``params`` is the flat dict of the schema (docs/params.md);
+    replace arrays in it freely (same shapes and dtype) between calls.
+    """
+
+    def __init__(self, config: PerceiverConfig, params: Params | None = None) -> None:
+        self.config = config
+        self.params = init_params(config) if params is None else check_params(config, params)
+
+    # ---- inference ------------------------------------------------------------------------
+
+    def __call__(self, x: Any, mask: Any = None) -> np.ndarray:
+        """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y [B, D]."""
+        return self.forward(x, mask)[0]
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Any,
+        mask: Any = None,
+        training: bool = False,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[np.ndarray, ModelCache]:
+        """x: [B, N, C], mask: [B, N] bool -> (y [B, D], cache).
+
+        With ``training=True`` dropout is active and draws from ``rng`` (a
+        ``numpy.random.Generator``, required whenever a dropout rate is non-zero).
+        """
+        cfg, p = self.config, self.params
+        x = as_real_input("x", x, cfg.np_dtype)
+        if x.ndim != 3:
+            raise ValueError(f"x: expected shape [B, N, C] with C = {cfg.input_dim}, got {x.shape}")
+        expect_shape("x", x, (None, None, cfg.input_dim), "[B, N, C]")
+        b, n, _ = x.shape
+        if b == 0 or n == 0:
+            raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
+        mask = as_mask(mask, b, n)
+        if training and (cfg.dropout > 0 or cfg.attention_dropout > 0):
+            if not isinstance(rng, np.random.Generator):
+                raise ValueError(
+                    "rng: training with dropout needs a numpy.random.Generator, "
+                    f"got {type(rng).__name__}"
+                )
+
+        input_proj = None
+        h = x
+        if cfg.input_projection:
+            h, input_proj = linear_forward(x, sub(p, "input_proj"))  # [B, N, C] -> [B, N, D]
+        z = np.broadcast_to(p["latents"], (b, *p["latents"].shape))  # [M, D] -> [B, M, D]
+        steps: list[CrossBlockCache | SelfBlockCache] = []
+        for kind, i in cfg.schedule:
+            if kind == "cross":
+                z, cross = cross_block_forward(
+                    z, h, sub(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
+                    use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
+                    dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                    training=training, rng=rng,
+                )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
+                steps.append(cross)
+            else:
+                z, self_ = self_block_forward(
+                    z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
+                    dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                    training=training, rng=rng,
+                )  # [B, M, D] -> [B, M, D]
+                steps.append(self_)
+        final_norm = None
+        if cfg.final_norm:
+            z, final_norm = layernorm_forward(z, sub(p, "final_norm"))
+        y, pool = mean_pool_forward(z)  # [B, M, D] -> [B, D]
+        return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, pool)
+
+    # ---- backward ---------------------------------------------------------------------------
+
+    def backward(self, dy: Any, cache: ModelCache) -> tuple[Params, np.ndarray]:
+        """dy: [B, D] -> (grads keyed exactly like ``params``, dx [B, N, C]).
+
+        Gradients of a self block used several times (``num_blocks > 1``) sum over its uses;
+        the input gradient sums over every cross block reading it.
+        """
+        cfg = self.config
+        b, n, _ = cache.x_shape
+        dy = as_real_input("dy", dy, cfg.np_dtype)
+        expect_shape("dy", dy, (b, cfg.latent_dim), "[B, D]")
+        grads: Params = {name: np.zeros_like(v) for name, v in self.params.items()}
+
+        # in the forward pass this was y = mean_M(z)
+        dz, _ = mean_pool_backward(dy, cache.pool)  # [B, D] -> [B, M, D]
+        if cache.final_norm is not None:
+            dz, g = layernorm_backward(dz, cache.final_norm)
+            _accumulate(grads, prefixed(g, "final_norm"))
+        dh = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)
+        for (kind, i), step in zip(reversed(cfg.schedule), reversed(cache.steps), strict=True):
+            if kind == "cross":
+                assert isinstance(step, CrossBlockCache)
+                (dz, dh_i), g = cross_block_backward(dz, step)
+                dh += dh_i  # every cross block read the same h
+                _accumulate(grads, prefixed(g, f"cross.{i}"))
+            else:
+                assert isinstance(step, SelfBlockCache)
+                dz, g = self_block_backward(dz, step)
+                _accumulate(grads, prefixed(g, f"self.{i}"))  # shared repeats add up
+        # in the forward pass this was z = broadcast(latents) over the batch
+        grads["latents"] += dz.sum(axis=0)  # [B, M, D] -> [M, D]
+        if cache.input_proj is not None:
+            dx, g = linear_backward(dh, cache.input_proj)  # [B, N, D] -> [B, N, C]
+            _accumulate(grads, prefixed(g, "input_proj"))
+        else:
+            dx = dh
+        return grads, dx
+
+    # ---- description ------------------------------------------------------------------------
+
+    @property
+    def param_count(self) -> int:
+        return sum(v.size for v in self.params.values())
+
+    def summary(self) -> str:
+        """Options, parameters per block, the block schedule and the output shape, as text."""
+        cfg = self.config
+        lines = ["Perceiver (perceiver_np)", "options:"]
+        for field in cfg.__dataclass_fields__:
+            lines.append(f"  {field:<24}{getattr(cfg, field)!r}")
+        lines.append("parameters:")
+        rows = []
+        if cfg.input_projection:
+            rows.append(("input_proj", _count(self.params, "input_proj.")))
+        rows.append(("latents", self.params["latents"].size))
+        cross_n = sum(math.prod(s) for s in cross_block_shapes(cfg).values())
+        self_n = sum(math.prod(s) for s in self_block_shapes(cfg).values())
+        rows += [(f"cross.{i}", cross_n) for i in range(cfg.num_cross_layers)]
+        rows += [(f"self.{j}", self_n) for j in range(cfg.num_layers)]
+        if cfg.final_norm:
+            rows.append(("final_norm", _count(self.params, "final_norm.")))
+        for name, count in rows:
+            lines.append(f"  {name:<24}{count:>12,}")
+        lines.append(f"  {'total':<24}{self.param_count:>12,}")
+        lines.append("schedule: " + " -> ".join(f"{k}.{i}" for k, i in cfg.schedule))
+        lines.append(f"output:   [B, {cfg.latent_dim}] from x [B, N, {cfg.input_dim}]")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Perceiver({self.config!r}, params={self.param_count:,})"
+
+
+def _accumulate(total: Params, part: Params) -> None:
+    for name, g in part.items():
+        total[name] += g
+
+
+def _count(params: Params, prefix: str) -> int:
+    return sum(v.size for k, v in params.items() if k.startswith(prefix))
+
+
+def build(**opts: Any) -> Perceiver:
+    """Build a Perceiver from Edifice's options (``input_dim`` required) and the extended ones.
+
+    >>> model = build(input_dim=287)              # the seed configuration, float32
+    >>> model.param_count
+    4039936
+    """
+    return Perceiver(make_config(**opts))

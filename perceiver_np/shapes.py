@@ -1,0 +1,91 @@
+"""The one shape vocabulary of perceiver_np, and the checks that keep shape comments true.
+
+Every docstring and every ``# [..] -> [..]`` comment in the package uses these letters:
+
+    B    batch size
+    N    input length (number of input positions, the keys of the input cross-attention)
+    C    input channels (``input_dim``)
+    M    number of latents (``num_latents``)
+    D    latent channels (``latent_dim``)
+    H    attention heads
+    dh   channels per head of queries and keys (qk / H)
+    dv   channels per head of values (v / H)
+    O    number of output queries (Perceiver IO decoders)
+
+Derived widths: ``Ckv`` the width the cross-attention keys and values are projected from
+(D with the input projection, C without), ``qk`` and ``v`` the total query/key and value widths,
+``wD`` the FFN hidden width (widening factor times D).
+
+A generic attention call has queries of length M and keys of length N; self-attention is the
+case N = M. Functions check their boundaries with :func:`expect_shape` and :func:`expect_array`,
+so a wrong shape fails loudly with the argument's name instead of broadcasting silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def expect_shape(name: str, array: np.ndarray, shape: Sequence[int | None], letters: str) -> None:
+    """Raise ValueError unless ``array.shape`` matches ``shape`` (``None`` = any size).
+
+    ``letters`` spells the expected shape in the vocabulary above, e.g. ``"[B, N, C]"``.
+    """
+    got = tuple(array.shape)
+    ok = len(got) == len(shape) and all(e is None or e == g for e, g in zip(shape, got, strict=True))
+    if not ok:
+        sizes = ["?" if e is None else str(e) for e in shape]
+        want = "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
+        raise ValueError(f"{name}: expected shape {letters} = {want}, got {got}")
+
+
+def expect_array(
+    name: str, value: object, dtype: np.dtype | None = None, ndim: int | None = None
+) -> np.ndarray:
+    """Return ``value`` as an ndarray, raising TypeError/ValueError that names ``name``.
+
+    With ``dtype`` given the array must already have exactly that dtype (no silent cast).
+    """
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {value.dtype.name}")
+    if ndim is not None and value.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {value.shape}")
+    return value
+
+
+def as_real_input(name: str, value: object, dtype: np.dtype) -> np.ndarray:
+    """Cast real-valued input (int, unsigned or float) to ``dtype``; reject everything else.
+
+    Complex, boolean, object and string input is a TypeError; NaN or infinity is a ValueError
+    (a NaN input would otherwise reach the output silently, even through masked positions).
+    """
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{name}: expected real-valued numbers (int or float), got dtype {arr.dtype.name}"
+        )
+    arr = arr.astype(dtype, copy=False)
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name}: contains NaN or infinity (first at index {tuple(int(i) for i in bad)})")
+    return arr
+
+
+def as_mask(mask: object, batch: int, length: int) -> np.ndarray | None:
+    """Validate a key-padding mask: bool ``[B, N]``, True = keep. ``None`` passes through."""
+    if mask is None:
+        return None
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_:
+        raise TypeError(
+            f"mask: expected dtype bool (True = keep this position), got {arr.dtype.name}; "
+            "convert explicitly, e.g. mask = (padding == 0)"
+        )
+    expect_shape("mask", arr, (batch, length), "[B, N]")
+    return arr

@@ -1,0 +1,79 @@
+"""Every numerical tolerance of perceiver_np, in one place, each with its justification.
+
+Tests and tools import these names; no test writes a bare tolerance of its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Unit roundoff of float32 and float64 (half the machine epsilon).
+U32 = float(np.finfo(np.float32).eps) / 2  # 2**-24 ~ 5.96e-8
+U64 = float(np.finfo(np.float64).eps) / 2  # 2**-53 ~ 1.11e-16
+
+# --- finite-difference gradient checks (float64) ---------------------------------------------
+
+#: First step of Ridders' method (gradcheck.ridders): central differences at 1e-2, 5e-3, ...
+#: extrapolated to step zero. The start is large so that the extrapolation, not a small step,
+#: removes the truncation error (rounding error grows as U64 |L| / step). Ridders' error
+#: estimate is typically 1e-12 relative for the smooth functions here.
+GRADCHECK_FIRST_STEP = 1e-2
+
+#: Steps Ridders' method may take at most: 1e-2 / 2^15 ~ 3e-7 is the smallest. A function that
+#: bends on a short length scale needs them: a LayerNorm over 2 channels whose input variance
+#: is near eps has a fifth derivative ~1e4, and a fixed fourth-order stencil at step 1e-3 was
+#: off by 1e-7 there while the analytic gradient was right (the differences converge to it
+#: only below step ~1e-5).
+GRADCHECK_LEVELS = 16
+
+#: Ridders' method may stop once its error estimate is below this fraction of the entry's
+#: comparison scale ``max(|analytic|, floor * s)``: 1e-3 of the 1e-6 bar, so the finite
+#: difference's own error never decides a check.
+GRADCHECK_FD_TARGET = 1e-9
+
+#: Rounding error of one evaluation of the checked scalar L = sum(dy * y), in units of
+#: U64 * sum|dy * y|. A float64 forward of the small models checked loses a few dozen ulps
+#: (depth ~30 operations, each ~1 ulp of its output, mostly uncorrelated); 64 is generous.
+#: Ridders' method trusts no error estimate below ``64 U64 sum|dy y| / step`` and stops
+#: shrinking the step where that rounding exceeds its best error.
+GRADCHECK_ROUNDING = 64.0
+
+#: Entries whose gradient is below this fraction of the largest analytic gradient among the
+#: checked tensors are compared in absolute terms against that scale, not relative to their own
+#: (tiny) size: their finite difference is dominated by rounding. Example: the key-projection
+#: bias, whose exact gradient is 0 (it shifts a whole softmax row).
+GRADCHECK_FLOOR = 1e-4
+
+#: The bar every analytic gradient must meet: worst relative error against finite differences.
+#: Expected values are ~1e-9; a wrong term in a backward gives 1e-2 or worse.
+GRADCHECK_RTOL = 1e-6
+
+# --- float32 against float64 ------------------------------------------------------------------
+
+#: Safety factor on the probabilistic rounding-error model below (Higham & Mary 2019: the error
+#: of a K-term sum exceeds lambda sqrt(K) u with probability at most 2 exp(-lambda^2 / 2) per
+#: entry; lambda = 6 makes a failure by chance below 1e-7 per entry).
+FLOAT32_LAMBDA = 6.0
+
+
+def float32_forward_rtol(depth: int, width: int) -> float:
+    """Bound on ``max|y32 - y64| / max|y64|`` for a float32 forward of ``depth`` dependent
+    operations, each a sum of at most ``width`` terms.
+
+    Each operation adds a relative error of at most ``lambda sqrt(width) u32`` (probabilistic
+    bound on rounding in a dot product); pre-LN residual blocks are well conditioned, so the
+    errors of ``depth`` operations add at most linearly. For the seed model (depth 26, width
+    1024) this is 6 * 26 * 32 * 6e-8 ~ 3e-4.
+    """
+    return FLOAT32_LAMBDA * depth * math.sqrt(width) * U32
+
+# --- two float64 computations of the same math ------------------------------------------------
+
+#: Two float64 implementations of the same function (different summation orders, fused or
+#: unfused steps) differ by rounding only: ~ depth * sqrt(width) * U64 ~ 1e-13 for the models
+#: the tests build. 1e-10 relative (normwise, against the larger output) leaves a 1000x margin
+#: and still catches any wrong term, whose error is O(1).
+FLOAT64_RTOL = 1e-10
+
