@@ -1,5 +1,10 @@
 """Numba kernels of perceiver_np, installed as the subpackage ``perceiver_np.kernels``.
 
-The tiled cross-attention kernel lands here (see docs/architecture.md); this package is
-empty until then so that nothing imports a kernel that is not written and tested.
+``attention_forward`` / ``attention_backward``: the tiled cross-attention kernel (online
+softmax, FlashAttention-style), with the signatures of :mod:`perceiver_np.attention`, its plain
+NumPy twin. See docs/kernel.md.
 """
+
+from .attention import BLOCK_M, BLOCK_N, attention_backward, attention_forward, choose_splits
+
+__all__ = ["BLOCK_M", "BLOCK_N", "attention_backward", "attention_forward", "choose_splits"]

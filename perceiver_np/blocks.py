@@ -17,7 +17,8 @@ names of the parameter schema (docs/params.md), i.e. the model's names without t
 
 ``dropout`` is the rate of the dropout after the attention output projection and after the
 FFN down projection; ``attention_dropout`` drops attention probabilities. Both act only with
-``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN).
+``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``backend``
+picks the attention implementation (:func:`perceiver_np.layers.mha_forward`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def cross_block_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, CrossBlockCache]:
     """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
     b, m, d = z.shape
@@ -121,6 +123,7 @@ def cross_block_forward(
         attention_dropout=attention_dropout,
         training=training,
         rng=rng,
+        backend=backend,
     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att) if use_query_residual else att
@@ -134,7 +137,7 @@ def cross_block_forward(
 def cross_block_backward(
     dy: np.ndarray, cache: CrossBlockCache
 ) -> tuple[tuple[np.ndarray, np.ndarray], Params]:
-    """dy: [B, M, D] -> ((dz [B, M, D], dh [B, N, Ckv]), grads keyed like params)."""
+    """dy: [B, M, D] -> ((dz [B, M, D], d_h [B, N, Ckv]), grads keyed like params)."""
     da, g_ffn = ffn_sublayer_backward(dy, cache.ffn)
     # in the forward pass this was a = z + att (or a = att without the query residual)
     if cache.use_query_residual:
@@ -142,8 +145,8 @@ def cross_block_backward(
     else:
         dz, datt = np.zeros_like(da), da
     datt, _ = dropout_backward(datt, cache.drop)
-    (dzq, dhk), g_attn = mha_backward(datt, cache.attn)
-    dh, g_kv_norm = layernorm_backward(dhk, cache.kv_norm)
+    (dzq, d_hk), g_attn = mha_backward(datt, cache.attn)
+    d_h, g_kv_norm = layernorm_backward(d_hk, cache.kv_norm)
     dz_norm, g_q_norm = layernorm_backward(dzq, cache.q_norm)
     grads = {
         **prefixed(g_q_norm, "q_norm"),
@@ -151,7 +154,7 @@ def cross_block_backward(
         **prefixed(g_attn, "attn"),
         **g_ffn,
     }
-    return (dz + dz_norm, dh), grads
+    return (dz + dz_norm, d_h), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ def self_block_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, SelfBlockCache]:
     """z: [B, M, D] -> y: [B, M, D]."""
     u, norm = layernorm_forward(z, sub(params, "norm"))
@@ -187,6 +191,7 @@ def self_block_forward(
         attention_dropout=attention_dropout,
         training=training,
         rng=rng,
+        backend=backend,
     )  # [B, M, D] x [B, M, D] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 GELU_KINDS = ("exact", "tanh")
+BACKENDS = ("auto", "numba", "numpy")
 DTYPES = ("float32", "float64")
 
 #: Edifice's ``recommended_defaults/0``: the seed configuration without ``input_dim``.
@@ -54,9 +55,10 @@ class PerceiverConfig:
     num_blocks: int = 1
     final_norm: bool = True
     attention_dropout: float = 0.0
-    # --- construction ---
+    # --- construction and execution ---
     dtype: str = "float32"
     seed: int = 0
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -115,6 +117,18 @@ class PerceiverConfig:
             steps.extend(("self", j) for _ in range(self.num_blocks) for j in group)
         return tuple(steps)
 
+    def attention_backend(self, kind: str, training: bool) -> str:
+        """The attention implementation of a ``kind`` ("cross" | "self") block: ``"numba"``, the
+        tiled kernel, or ``"numpy"``, the plain path. ``backend="auto"`` uses the kernel for the
+        cross-attentions (O(N M), where it pays) and the plain path for the latents' small
+        M x M self-attention, and the plain path wherever attention probabilities are dropped
+        (training with ``attention_dropout > 0``), which the kernel cannot do."""
+        if self.backend == "numpy" or (training and self.attention_dropout > 0):
+            return "numpy"
+        if self.backend == "numba" or kind == "cross":
+            return "numba"
+        return "numpy"
+
     def replace(self, **changes: Any) -> PerceiverConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
@@ -147,6 +161,13 @@ def _validate(cfg: PerceiverConfig) -> None:
             raise ValueError(f"{name}: expected True or False, got {v!r}")
     if cfg.gelu not in GELU_KINDS:
         raise ValueError(f"gelu: expected one of {GELU_KINDS}, got {cfg.gelu!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.backend == "numba" and cfg.attention_dropout > 0:
+        raise ValueError(
+            f"backend: 'numba' has no dropout on attention probabilities, but attention_dropout "
+            f"is {cfg.attention_dropout}; use backend 'auto' (the plain path where needed) or 'numpy'"
+        )
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {cfg.dtype!r}")
     if cfg.num_layers < cfg.num_cross_layers:

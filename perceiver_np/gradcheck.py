@@ -272,6 +272,8 @@ def check_model(
     names: list[str] | None = None,
     max_entries: int = 32,
     seed: int = 0,
+    first_step: float = GRADCHECK_FIRST_STEP,
+    floor: float = GRADCHECK_FLOOR,
 ) -> GradcheckReport:
     """Gradient-check a whole :class:`~perceiver_np.model.Perceiver` (float64): its input ``x``
     and every parameter. With ``training=True`` each evaluation draws its dropout masks from a
@@ -295,4 +297,5 @@ def check_model(
         return {"x": dx, **grads}
 
     tensors = {"x": np.asarray(x, dtype=np.float64), **model.params}
-    return gradcheck(fn, grad_fn, tensors, names=names, max_entries=max_entries, seed=seed)
+    return gradcheck(fn, grad_fn, tensors, names=names, max_entries=max_entries, seed=seed,
+                     first_step=first_step, floor=floor)

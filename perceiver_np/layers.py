@@ -7,6 +7,10 @@ One contract for every layer (CS231n ``layers.py``, llm.c)::
 
 ``params`` is a dict of arrays with layer-local names (``"weight"``, ``"bias"``, ``"gamma"``, ...);
 ``grads`` has exactly the keys of ``params`` (an empty dict for a layer without parameters).
+Layers with several inputs keep the contract with a tuple in place of ``x`` and ``dx``:
+``attention_forward(q, k, v, ...)`` returns ``((dq, dk, dv), {})`` from its backward and
+``mha_forward(xq, xkv, params, ...)`` returns ``((dxq, dxkv), grads)``. The residual sum needs no
+cache: ``residual_backward(dy) -> (dx, dbranch)``.
 Functions are pure: nothing is stored between calls, the cache is a small NamedTuple whose
 fields state their shapes. Each backward walks its forward in reverse, step by step, with the
 same names; docs/backward.md derives every formula used here.
@@ -19,12 +23,15 @@ are stored ``[in, out]`` so that ``y = x @ W + b``. A layer works in the dtype o
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from scipy.special import erf
 
 from .shapes import expect_shape
+
+if TYPE_CHECKING:
+    from .attention import FlashCache
 
 Params = dict[str, np.ndarray]
 
@@ -286,8 +293,8 @@ def ffn_forward(
 ) -> tuple[np.ndarray, FFNCache]:
     """x: [..., D] -> y: [..., D] through a hidden width wD.
     params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``."""
-    h, up = linear_forward(x, sub(params, "up"))  # [..., D] -> [..., wD]
-    a, act = gelu_forward(h, approximate=gelu)
+    pre, up = linear_forward(x, sub(params, "up"))  # [..., D] -> [..., wD]
+    a, act = gelu_forward(pre, approximate=gelu)
     y, down = linear_forward(a, sub(params, "down"))  # [..., wD] -> [..., D]
     return y, FFNCache(up, act, down)
 
@@ -295,8 +302,8 @@ def ffn_forward(
 def ffn_backward(dy: np.ndarray, cache: FFNCache) -> tuple[np.ndarray, Params]:
     """dy: [..., D] -> dx: [..., D]; grads keyed like ffn_forward's params."""
     da, g_down = linear_backward(dy, cache.down)  # [..., D] -> [..., wD]
-    dh, _ = gelu_backward(da, cache.act)
-    dx, g_up = linear_backward(dh, cache.up)  # [..., wD] -> [..., D]
+    dpre, _ = gelu_backward(da, cache.act)
+    dx, g_up = linear_backward(dpre, cache.up)  # [..., wD] -> [..., D]
     return dx, {**prefixed(g_up, "up"), **prefixed(g_down, "down")}
 
 
@@ -390,7 +397,7 @@ class MHACache(NamedTuple):
     q: LinearCache  # xq [B, M, Cq], weight [Cq, qk]
     k: LinearCache  # xkv [B, N, Ckv], weight [Ckv, qk]
     v: LinearCache  # xkv [B, N, Ckv], weight [Ckv, v]
-    attn: AttentionCache  # per-head tensors, see AttentionCache
+    attn: AttentionCache | FlashCache  # per-head tensors; which one depends on the backend
     out: LinearCache  # merged heads [B, M, v], weight [v, Dout]
     num_heads: int
 
@@ -417,12 +424,16 @@ def mha_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, MHACache]:
     """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
 
     xq: [B, M, Cq], xkv: [B, N, Ckv], mask: [B, N] -> y: [B, M, Dout].
     params: ``q.weight [Cq, qk]``, ``k.weight [Ckv, qk]``, ``v.weight [Ckv, v]``,
     ``out.weight [v, Dout]`` and their biases. The logit scale is 1/sqrt(qk / H).
+    ``backend``: ``"numpy"``, :func:`attention_forward` above (materialises the [B, H, M, N]
+    probabilities, supports their dropout); ``"numba"``, the tiled kernel through
+    :func:`perceiver_np.attention.flash_forward` (keeps only ``lse``; no probability dropout).
     """
     qk_width, v_width = params["q.weight"].shape[1], params["v.weight"].shape[1]
     if qk_width % num_heads or v_width % num_heads:
@@ -432,15 +443,25 @@ def mha_forward(
     q, q_cache = linear_forward(xq, sub(params, "q"))  # [B, M, Cq] -> [B, M, qk]
     k, k_cache = linear_forward(xkv, sub(params, "k"))  # [B, N, Ckv] -> [B, N, qk]
     v, v_cache = linear_forward(xkv, sub(params, "v"))  # [B, N, Ckv] -> [B, N, v]
-    o, attn = attention_forward(
-        split_heads(q, num_heads),  # [B, M, qk] -> [B, H, M, dh]
-        split_heads(k, num_heads),  # [B, N, qk] -> [B, H, N, dh]
-        split_heads(v, num_heads),  # [B, N, v] -> [B, H, N, dv]
-        mask,
-        dropout=attention_dropout,
-        training=training,
-        rng=rng,
-    )
+    qh = split_heads(q, num_heads)  # [B, M, qk] -> [B, H, M, dh]
+    kh = split_heads(k, num_heads)  # [B, N, qk] -> [B, H, N, dh]
+    vh = split_heads(v, num_heads)  # [B, N, v] -> [B, H, N, dv]
+    attn: AttentionCache | FlashCache
+    if backend == "numpy":
+        o, attn = attention_forward(
+            qh, kh, vh, mask, dropout=attention_dropout, training=training, rng=rng
+        )
+    elif backend == "numba":
+        if training and attention_dropout > 0:
+            raise ValueError(
+                "backend: 'numba' has no dropout on attention probabilities; "
+                f"attention_dropout={attention_dropout} in training needs backend 'numpy'"
+            )
+        from .attention import flash_forward  # here, not at the top: attention imports layers
+
+        o, attn = flash_forward(qh, kh, vh, mask, backend="numba")
+    else:
+        raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r}")
     y, out = linear_forward(merge_heads(o), sub(params, "out"))  # [B,H,M,dv] -> [B,M,v] -> [B,M,Dout]
     return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads)
 
@@ -452,7 +473,13 @@ def mha_backward(
     h = cache.num_heads
     # in the forward pass this was y = merge_heads(o) @ W_out + b_out
     do, g_out = linear_backward(dy, cache.out)  # [B, M, Dout] -> [B, M, v]
-    (dq, dk, dv), _ = attention_backward(split_heads(do, h), cache.attn)  # -> [B, H, M, dv]
+    do_h = split_heads(do, h)  # [B, M, v] -> [B, H, M, dv]
+    if isinstance(cache.attn, AttentionCache):
+        (dq, dk, dv), _ = attention_backward(do_h, cache.attn)
+    else:
+        from .attention import flash_backward
+
+        (dq, dk, dv), _ = flash_backward(do_h, cache.attn)
     # in the forward pass these were q, k, v = linear(xq), linear(xkv), linear(xkv)
     dxq, g_q = linear_backward(merge_heads(dq), cache.q)  # [B,H,M,dh] -> [B,M,qk] -> [B,M,Cq]
     dxk, g_k = linear_backward(merge_heads(dk), cache.k)  # [B,H,N,dh] -> [B,N,qk] -> [B,N,Ckv]

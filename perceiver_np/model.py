@@ -154,14 +154,14 @@ class Perceiver:
                     z, h, sub(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
                     use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                    training=training, rng=rng,
+                    training=training, rng=rng, backend=cfg.attention_backend("cross", training),
                 )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
                 steps.append(cross)
             else:
                 z, self_ = self_block_forward(
                     z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                    training=training, rng=rng,
+                    training=training, rng=rng, backend=cfg.attention_backend("self", training),
                 )  # [B, M, D] -> [B, M, D]
                 steps.append(self_)
         final_norm = None
@@ -189,12 +189,12 @@ class Perceiver:
         if cache.final_norm is not None:
             dz, g = layernorm_backward(dz, cache.final_norm)
             _accumulate(grads, prefixed(g, "final_norm"))
-        dh = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)
+        d_h = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)  # gradient of h
         for (kind, i), step in zip(reversed(cfg.schedule), reversed(cache.steps), strict=True):
             if kind == "cross":
                 assert isinstance(step, CrossBlockCache)
-                (dz, dh_i), g = cross_block_backward(dz, step)
-                dh += dh_i  # every cross block read the same h
+                (dz, d_h_i), g = cross_block_backward(dz, step)
+                d_h += d_h_i  # every cross block read the same h
                 _accumulate(grads, prefixed(g, f"cross.{i}"))
             else:
                 assert isinstance(step, SelfBlockCache)
@@ -203,10 +203,10 @@ class Perceiver:
         # in the forward pass this was z = broadcast(latents) over the batch
         grads["latents"] += dz.sum(axis=0)  # [B, M, D] -> [M, D]
         if cache.input_proj is not None:
-            dx, g = linear_backward(dh, cache.input_proj)  # [B, N, D] -> [B, N, C]
+            dx, g = linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C]
             _accumulate(grads, prefixed(g, "input_proj"))
         else:
-            dx = dh
+            dx = d_h
         return grads, dx
 
     # ---- description ------------------------------------------------------------------------

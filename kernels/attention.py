@@ -1,0 +1,387 @@
+"""Tiled attention on the CPU: FlashAttention's online softmax in Numba.
+
+::
+
+    o, lse = attention_forward(q, k, v, mask=None, scale=None)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask=None, scale=None)
+
+Same signatures, shapes and semantics as :mod:`perceiver_np.attention` (the plain NumPy path,
+tested equal): q [B, H, M, dh], k [B, H, N, dh], v [B, H, N, dv], mask [B, N] bool (True = keep),
+o [B, H, M, dv], lse [B, H, M]. The [B, H, M, N] scores are never materialised: the extra memory
+is a few tiles per thread plus O(B·H·M·(dv + 2)) per split of N, independent of N.
+
+Vocabulary (FlashAttention): ``block_m`` queries by ``block_n`` keys per tile; per query the
+running max ``m_i``, the running sum ``l_i`` and the output accumulator ``acc``;
+``lse = m_i + log(l_i)``; in the backward ``delta = rowsum(dO * O)``.
+
+Passes:
+
+1. ``_forward_partial`` (parallel over batch x head x query block x split of N): stream over
+   the key tiles of one split with the online softmax; write the split's (m_i, l_i, acc).
+2. ``_forward_merge`` (parallel over batch x head): merge the splits' states exactly,
+   ``m = max_s m_s``, ``l = sum_s l_s exp(m_s - m)``, ``acc = sum_s acc_s exp(m_s - m)``;
+   ``o = acc / l``, ``lse = m + log l``.
+3. ``_backward_delta`` (parallel over batch x head): ``delta = rowsum(dO * O)``.
+4. ``_backward_partial`` (parallel over batch x head x split of N): for each key tile of the
+   split, loop over all query blocks recomputing ``P = exp(S - lse)``; accumulate the tile's
+   ``dV += P^T dO`` and ``dK += scale dS^T Q`` (written once: disjoint rows per work item) and
+   the split's own partial ``dQ += scale dS K``.
+5. ``_backward_sum_dq`` (parallel over batch x head): ``dQ = sum_s dQ_s``.
+
+Every parallel loop writes disjoint outputs; the reductions over splits are passes of their own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from perceiver_np.attention import check_attention_args
+from perceiver_np.layers import MASK_FILL
+
+from ._numba import parallel_kernel, serial_kernel
+from .fastexp import fast_exp
+from .tiles import matmul_acc
+
+#: Queries per tile. The score tile is held as S^T[block_n, block_m] in the forward so that the
+#: contiguous query axis is innermost (KERNEL-NOTES §1); 64 float32 queries are 4 AVX-512 rows.
+BLOCK_M = 64
+#: Keys per tile: a 128 x 64 score tile is 32 KiB in float32 and stays in L1/L2 with the
+#: q/k/v rows it touches (KERNEL-NOTES §7: the tile size matters within 2 %).
+BLOCK_N = 128
+#: A split of N gets at least this many keys, so that merging is cheap next to streaming.
+MIN_KEYS_PER_SPLIT = 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@serial_kernel
+def _tile_has_visible(mask, b, t0, t1):  # pragma: no cover - compiled
+    for t in range(t0, t1):
+        if mask[b, t]:
+            return True
+    return False
+
+
+@parallel_kernel
+def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
+                     part_m, part_l, part_acc):  # pragma: no cover - compiled
+    """Pass 1. part_m, part_l: [S, B, H, M]; part_acc: [S, B, H, dv, M] (queries innermost)."""
+    nb, nh, m_len, dh = q.shape
+    n_len = k.shape[2]
+    dv = v.shape[3]
+    n_mblocks = (m_len + block_m - 1) // block_m
+    split_len = (n_len + n_splits - 1) // n_splits
+    neg = q.dtype.type(MASK_FILL)
+    for work in prange(nb * nh * n_mblocks * n_splits):
+        sp = work % n_splits
+        mb = (work // n_splits) % n_mblocks
+        h = (work // (n_splits * n_mblocks)) % nh
+        b = work // (n_splits * n_mblocks * nh)
+        m0 = mb * block_m
+        bm = min(block_m, m_len - m0)
+        n0 = sp * split_len
+        n1 = min(n_len, n0 + split_len)
+        # scratch, once per work item
+        q_t = np.empty((dh, bm), dtype=q.dtype)  # q_t[d, i] = scale * q[m0 + i, d]
+        for i in range(bm):
+            for d in range(dh):
+                q_t[d, i] = q[b, h, m0 + i, d] * scale
+        s_t = np.empty((block_n, bm), dtype=q.dtype)  # S^T of one key tile, then P^T
+        m_i = np.full(bm, neg, dtype=q.dtype)  # running max
+        m_new = np.empty(bm, dtype=q.dtype)
+        alpha = np.empty(bm, dtype=q.dtype)  # exp(m_old - m_new), the rescale of one tile
+        l_i = np.zeros(bm, dtype=q.dtype)  # running sum
+        acc = np.zeros((dv, bm), dtype=q.dtype)  # acc[e, i], the unnormalised output
+        for t0 in range(n0, n1, block_n):
+            t1 = min(n1, t0 + block_n)
+            bt = t1 - t0
+            if has_mask and not _tile_has_visible(mask, b, t0, t1):
+                continue  # no visible key in this tile: it changes nothing
+            tile = s_t[:bt]
+            # S^T = K_tile @ (scale Q)^T   [bt, dh] @ [dh, bm] -> [bt, bm]
+            tile[:] = 0.0
+            matmul_acc(k[b, h, t0:t1], q_t, tile)
+            # running max over the visible keys of the tile
+            m_new[:] = m_i
+            for t in range(bt):
+                if has_mask and not mask[b, t0 + t]:
+                    continue
+                row = tile[t]
+                for i in range(bm):
+                    m_new[i] = max(m_new[i], row[i])
+            # rescale what was kept so far by exp(m_old - m_new) <= 1: exact, never overflows
+            for i in range(bm):
+                alpha[i] = fast_exp(m_i[i] - m_new[i])
+                l_i[i] *= alpha[i]
+                m_i[i] = m_new[i]
+            for e in range(dv):
+                a = acc[e]
+                for i in range(bm):
+                    a[i] *= alpha[i]
+            # P^T = exp(S^T - m_i), masked keys exactly 0; l_i += column sums of P^T
+            for t in range(bt):
+                row = tile[t]
+                if has_mask and not mask[b, t0 + t]:
+                    row[:] = 0.0
+                    continue
+                for i in range(bm):
+                    p = fast_exp(row[i] - m_i[i])
+                    row[i] = p
+                    l_i[i] += p
+            # acc += V_tile^T @ P^T   [dv, bt] @ [bt, bm] -> [dv, bm]
+            matmul_acc(v[b, h, t0:t1].T, tile, acc)
+        for i in range(bm):
+            part_m[sp, b, h, m0 + i] = m_i[i]
+            part_l[sp, b, h, m0 + i] = l_i[i]
+        for e in range(dv):
+            for i in range(bm):
+                part_acc[sp, b, h, e, m0 + i] = acc[e, i]
+
+
+@parallel_kernel
+def _forward_merge(part_m, part_l, part_acc, o, lse):  # pragma: no cover - compiled
+    """Pass 2. Merge the splits' (m_i, l_i, acc) exactly; o: [B, H, M, dv], lse: [B, H, M]."""
+    n_splits, nb, nh, m_len = part_m.shape
+    dv = o.shape[3]
+    neg = o.dtype.type(MASK_FILL)
+    for bh in prange(nb * nh):
+        b = bh // nh
+        h = bh % nh
+        for i in range(m_len):
+            m = part_m[0, b, h, i]
+            for sp in range(1, n_splits):
+                m = max(m, part_m[sp, b, h, i])
+            ell = 0.0
+            for e in range(dv):
+                o[b, h, i, e] = 0.0
+            for sp in range(n_splits):
+                w = fast_exp(part_m[sp, b, h, i] - m)
+                ell += part_l[sp, b, h, i] * w
+                for e in range(dv):
+                    o[b, h, i, e] += part_acc[sp, b, h, e, i] * w
+            if ell > 0.0:
+                inv = 1.0 / ell
+                for e in range(dv):
+                    o[b, h, i, e] *= inv
+                lse[b, h, i] = m + np.log(ell)
+            else:  # no visible key: zero output (its accumulator is zero already)
+                lse[b, h, i] = neg
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@parallel_kernel
+def _backward_delta(do, o, delta):  # pragma: no cover - compiled
+    """Pass 3. delta[b, h, i] = sum_e dO[b, h, i, e] * O[b, h, i, e]."""
+    nb, nh, m_len, dv = do.shape
+    for bh in prange(nb * nh):
+        b = bh // nh
+        h = bh % nh
+        for i in range(m_len):
+            s = 0.0
+            for e in range(dv):
+                s += do[b, h, i, e] * o[b, h, i, e]
+            delta[b, h, i] = s
+
+
+@parallel_kernel
+def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, block_n,
+                      n_splits, dq_part, dk, dv_out):  # pragma: no cover - compiled
+    """Pass 4. dq_part: [S, B, H, M, dh]; dk, dv_out: [B, H, N, dh|dv], rows written once."""
+    nb, nh, m_len, dh = q.shape
+    n_len = k.shape[2]
+    dv = v.shape[3]
+    split_len = (n_len + n_splits - 1) // n_splits
+    for work in prange(nb * nh * n_splits):
+        sp = work % n_splits
+        h = (work // n_splits) % nh
+        b = work // (n_splits * nh)
+        n0 = sp * split_len
+        n1 = min(n_len, n0 + split_len)
+        dq = dq_part[sp, b, h]  # [M, dh], this split's own partial dQ
+        dq[:] = 0.0
+        # scratch, once per work item
+        q_s = np.empty((m_len, dh), dtype=q.dtype)  # scale * q
+        for i in range(m_len):
+            for d in range(dh):
+                q_s[i, d] = q[b, h, i, d] * scale
+        k_t = np.empty((dh, block_n), dtype=q.dtype)  # k_t[d, t] = k[t0 + t, d]
+        v_t = np.empty((dv, block_n), dtype=q.dtype)  # v_t[e, t] = v[t0 + t, e]
+        keep = np.empty(block_n, dtype=q.dtype)  # 1 for a visible key, 0 for a masked one
+        p = np.empty((block_m, block_n), dtype=q.dtype)  # P of one tile, then dS
+        dp = np.empty((block_m, block_n), dtype=q.dtype)  # dP of one tile
+        for t0 in range(n0, n1, block_n):
+            t1 = min(n1, t0 + block_n)
+            bt = t1 - t0
+            dk_t = dk[b, h, t0:t1]  # [bt, dh], rows owned by this work item
+            dv_t = dv_out[b, h, t0:t1]  # [bt, dv]
+            dk_t[:] = 0.0
+            dv_t[:] = 0.0
+            if has_mask and not _tile_has_visible(mask, b, t0, t1):
+                continue  # masked keys get exactly zero gradient
+            # K and V of the tile transposed, full block_n wide: a ragged last tile is padded
+            # with zero keys that are also masked (keep = 0), so every row the inner loops
+            # touch is contiguous and of one length (they vectorise) and the padding adds 0.
+            for t in range(block_n):
+                visible = t < bt and not (has_mask and not mask[b, t0 + t])
+                keep[t] = 1.0 if visible else 0.0
+                for d in range(dh):
+                    k_t[d, t] = k[b, h, t0 + t, d] if t < bt else 0.0
+                for e in range(dv):
+                    v_t[e, t] = v[b, h, t0 + t, e] if t < bt else 0.0
+            for m0 in range(0, m_len, block_m):
+                bm = min(block_m, m_len - m0)
+                p_b = p[:bm]  # [bm, block_n]
+                dp_b = dp[:bm]
+                do_b = do[b, h, m0:m0 + bm]  # [bm, dv]
+                # S = (scale Q) @ K^T   [bm, dh] @ [dh, block_n] -> [bm, block_n]
+                p_b[:] = 0.0
+                matmul_acc(q_s[m0:m0 + bm], k_t, p_b)
+                # P = exp(S - lse), masked and padding keys exactly 0
+                for i in range(bm):
+                    li = lse[b, h, m0 + i]
+                    row = p_b[i]
+                    for t in range(block_n):
+                        row[t] = fast_exp(row[t] - li) * keep[t]
+                # dV += P^T @ dO   [bt, bm] @ [bm, dv] -> [bt, dv]
+                matmul_acc(p_b[:, :bt].T, do_b, dv_t)
+                # dP = dO @ V^T   [bm, dv] @ [dv, block_n] -> [bm, block_n]
+                dp_b[:] = 0.0
+                matmul_acc(do_b, v_t, dp_b)
+                # dS = scale * P * (dP - delta), in place of P
+                for i in range(bm):
+                    di = delta[b, h, m0 + i]
+                    row = p_b[i]
+                    drow = dp_b[i]
+                    for t in range(block_n):
+                        row[t] = row[t] * (drow[t] - di) * scale
+                # dQ += dS @ K   [bm, bt] @ [bt, dh] -> [bm, dh]
+                matmul_acc(p_b[:, :bt], k[b, h, t0:t1], dq[m0:m0 + bm])
+                # dK += dS^T @ Q   [bt, bm] @ [bm, dh] -> [bt, dh]
+                matmul_acc(p_b[:, :bt].T, q[b, h, m0:m0 + bm], dk_t)
+
+
+@parallel_kernel
+def _backward_sum_dq(dq_part, dq):  # pragma: no cover - compiled
+    """Pass 5. dq = sum over splits of dq_part."""
+    n_splits, nb, nh, m_len, dh = dq_part.shape
+    for bh in prange(nb * nh):
+        b = bh // nh
+        h = bh % nh
+        for i in range(m_len):
+            for d in range(dh):
+                s = dq_part[0, b, h, i, d]
+                for sp in range(1, n_splits):
+                    s += dq_part[sp, b, h, i, d]
+                dq[b, h, i, d] = s
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers: validate, allocate, choose tiles and splits
+# ---------------------------------------------------------------------------------------------
+
+
+def _num_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def choose_splits(parallel_items: int, n: int, threads: int | None = None) -> int:
+    """Splits of N so that ``parallel_items * splits`` keeps every thread busy (at least two
+    work items per thread where N allows it), each split holding at least MIN_KEYS_PER_SPLIT."""
+    threads = _num_threads() if threads is None else threads
+    if parallel_items >= 2 * threads:
+        return 1
+    want = -(-2 * threads // parallel_items)  # ceil
+    return max(1, min(want, n // MIN_KEYS_PER_SPLIT))
+
+
+def _prepare(q, k, v, mask, scale):
+    scale = check_attention_args(q, k, v, mask, scale)
+    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+    has_mask = mask is not None
+    mask_arr = np.ascontiguousarray(mask) if has_mask else np.ones((1, 1), dtype=np.bool_)
+    return q, k, v, mask_arr, has_mask, q.dtype.type(scale)
+
+
+def attention_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None = None,
+    scale: float | None = None,
+    *,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    n_splits: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (o [B, H, M, dv], lse [B, H, M]) in the inputs' dtype. ``n_splits`` (default: chosen
+    from the thread count) splits N across threads; the result does not depend on it beyond
+    rounding."""
+    q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale)
+    b, h, m, _ = q.shape
+    n, dv = k.shape[2], v.shape[3]
+    n_mblocks = math.ceil(m / block_m)
+    if n_splits is None:
+        n_splits = choose_splits(b * h * n_mblocks, n)
+    n_splits = max(1, min(int(n_splits), n))
+    part_m = np.empty((n_splits, b, h, m), dtype=q.dtype)
+    part_l = np.empty((n_splits, b, h, m), dtype=q.dtype)
+    part_acc = np.empty((n_splits, b, h, dv, m), dtype=q.dtype)
+    _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
+                     part_m, part_l, part_acc)
+    o = np.empty((b, h, m, dv), dtype=q.dtype)
+    lse = np.empty((b, h, m), dtype=q.dtype)
+    _forward_merge(part_m, part_l, part_acc, o, lse)
+    return o, lse
+
+
+def attention_backward(
+    do: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    o: np.ndarray,
+    lse: np.ndarray,
+    mask: np.ndarray | None = None,
+    scale: float | None = None,
+    *,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    n_splits: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (dq [B, H, M, dh], dk [B, H, N, dh], dv [B, H, N, dv]) in the inputs' dtype."""
+    q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale)
+    b, h, m, dh = q.shape
+    n, dv = k.shape[2], v.shape[3]
+    for name, arr, shape in (("do", do, (b, h, m, dv)), ("o", o, (b, h, m, dv)),
+                             ("lse", lse, (b, h, m))):
+        if not isinstance(arr, np.ndarray) or arr.dtype != q.dtype:
+            got = arr.dtype.name if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise TypeError(f"{name}: expected dtype {q.dtype.name} like q, got {got}")
+        if arr.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
+    do, o, lse = (np.ascontiguousarray(a) for a in (do, o, lse))
+    if n_splits is None:
+        n_splits = choose_splits(b * h, n)
+    n_splits = max(1, min(int(n_splits), n))
+    delta = np.empty((b, h, m), dtype=q.dtype)
+    _backward_delta(do, o, delta)
+    dq_part = np.empty((n_splits, b, h, m, dh), dtype=q.dtype)
+    dk = np.empty((b, h, n, dh), dtype=q.dtype)
+    dv_out = np.empty((b, h, n, dv), dtype=q.dtype)
+    _backward_partial(do, q, k, v, lse, delta, mask_arr, has_mask, sc, block_m, block_n,
+                      n_splits, dq_part, dk, dv_out)
+    dq = np.empty((b, h, m, dh), dtype=q.dtype)
+    _backward_sum_dq(dq_part, dq)
+    return dq, dk, dv_out
