@@ -5,6 +5,22 @@ softmax, FlashAttention-style), with the signatures of :mod:`perceiver_np.attent
 NumPy twin. See docs/kernel.md.
 """
 
-from .attention import BLOCK_M, BLOCK_N, attention_backward, attention_forward, choose_splits
+from .attention import (
+    BACKWARD_BLOCK_M,
+    BACKWARD_BLOCK_N,
+    FORWARD_BLOCK_M,
+    FORWARD_BLOCK_N,
+    attention_backward,
+    attention_forward,
+    choose_splits,
+)
 
-__all__ = ["BLOCK_M", "BLOCK_N", "attention_backward", "attention_forward", "choose_splits"]
+__all__ = [
+    "BACKWARD_BLOCK_M",
+    "BACKWARD_BLOCK_N",
+    "FORWARD_BLOCK_M",
+    "FORWARD_BLOCK_N",
+    "attention_backward",
+    "attention_forward",
+    "choose_splits",
+]

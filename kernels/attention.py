@@ -45,12 +45,18 @@ from ._numba import parallel_kernel, serial_kernel
 from .fastexp import fast_exp
 from .tiles import matmul_acc
 
-#: Queries per tile. The score tile is held as S^T[block_n, block_m] in the forward so that the
-#: contiguous query axis is innermost (KERNEL-NOTES §1); 64 float32 queries are 4 AVX-512 rows.
-BLOCK_M = 64
-#: Keys per tile: a 128 x 64 score tile is 32 KiB in float32 and stays in L1/L2 with the
-#: q/k/v rows it touches (KERNEL-NOTES §7: the tile size matters within 2 %).
-BLOCK_N = 128
+#: Queries per tile of the forward. The score tile is held as S^T[block_n, block_m] so that the
+#: contiguous query axis is innermost (KERNEL-NOTES §1); the wider it is, the more work each
+#: coefficient loaded in the tile products does (measured at M = 256, N = 64k, fp32: 112-123
+#: GFLOP/s at 64 queries, 159-178 at 128 and 256).
+FORWARD_BLOCK_M = 256
+#: Keys per tile of the forward (64-256 within the noise of this machine).
+FORWARD_BLOCK_N = 128
+#: Queries per block of the backward, which holds S[block_m, block_n] (KERNEL-NOTES §1: the
+#: ordinary orientation is the faster one there) and dP of the same size.
+BACKWARD_BLOCK_M = 64
+#: Keys per tile of the backward: the rows of dK and dV a work item owns at a time.
+BACKWARD_BLOCK_N = 128
 #: A split of N gets at least this many keys, so that merging is cheap next to streaming.
 MIN_KEYS_PER_SPLIT = 2048
 
@@ -71,7 +77,8 @@ def _tile_has_visible(mask, b, t0, t1):  # pragma: no cover - compiled
 @parallel_kernel
 def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                      part_m, part_l, part_acc):  # pragma: no cover - compiled
-    """Pass 1. part_m, part_l: [S, B, H, M]; part_acc: [S, B, H, dv, M] (queries innermost)."""
+    """Pass 1. part_m: [S, B, H, M]; part_l: [S, B, H, M] float64; part_acc: [S, B, H, dv, M]
+    (queries innermost)."""
     nb, nh, m_len, dh = q.shape
     n_len = k.shape[2]
     dv = v.shape[3]
@@ -96,7 +103,7 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
         m_i = np.full(bm, neg, dtype=q.dtype)  # running max
         m_new = np.empty(bm, dtype=q.dtype)
         alpha = np.empty(bm, dtype=q.dtype)  # exp(m_old - m_new), the rescale of one tile
-        l_i = np.zeros(bm, dtype=q.dtype)  # running sum
+        l_i = np.zeros(bm, dtype=np.float64)  # running sum, in float64: it sums N terms
         acc = np.zeros((dv, bm), dtype=q.dtype)  # acc[e, i], the unnormalised output
         for t0 in range(n0, n1, block_n):
             t1 = min(n1, t0 + block_n)
@@ -196,7 +203,10 @@ def _backward_delta(do, o, delta):  # pragma: no cover - compiled
 @parallel_kernel
 def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, block_n,
                       n_splits, dq_part, dk, dv_out):  # pragma: no cover - compiled
-    """Pass 4. dq_part: [S, B, H, M, dh]; dk, dv_out: [B, H, N, dh|dv], rows written once."""
+    """Pass 4. dq_part: [S, B, H, M, dh] float64; dk, dv_out: [B, H, N, dh|dv], rows written once.
+
+    A key tile's contribution to dQ is summed in the inputs' dtype (block_n terms) and added to
+    the float64 partial, so that dQ's sum over all N keys does not grow float32 rounding as N."""
     nb, nh, m_len, dh = q.shape
     n_len = k.shape[2]
     dv = v.shape[3]
@@ -219,6 +229,7 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
         keep = np.empty(block_n, dtype=q.dtype)  # 1 for a visible key, 0 for a masked one
         p = np.empty((block_m, block_n), dtype=q.dtype)  # P of one tile, then dS
         dp = np.empty((block_m, block_n), dtype=q.dtype)  # dP of one tile
+        dq_tile = np.empty((block_m, dh), dtype=q.dtype)  # one tile's dQ, before the float64 sum
         for t0 in range(n0, n1, block_n):
             t1 = min(n1, t0 + block_n)
             bt = t1 - t0
@@ -265,7 +276,12 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
                     for t in range(block_n):
                         row[t] = row[t] * (drow[t] - di) * scale
                 # dQ += dS @ K   [bm, bt] @ [bt, dh] -> [bm, dh]
-                matmul_acc(p_b[:, :bt], k[b, h, t0:t1], dq[m0:m0 + bm])
+                dq_b = dq_tile[:bm]
+                dq_b[:] = 0.0
+                matmul_acc(p_b[:, :bt], k[b, h, t0:t1], dq_b)
+                for i in range(bm):
+                    for d in range(dh):
+                        dq[m0 + i, d] += dq_b[i, d]
                 # dK += dS^T @ Q   [bt, bm] @ [bm, dh] -> [bt, dh]
                 matmul_acc(p_b[:, :bt].T, q[b, h, m0:m0 + bm], dk_t)
 
@@ -321,8 +337,8 @@ def attention_forward(
     mask: np.ndarray | None = None,
     scale: float | None = None,
     *,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
+    block_m: int = FORWARD_BLOCK_M,
+    block_n: int = FORWARD_BLOCK_N,
     n_splits: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (o [B, H, M, dv], lse [B, H, M]) in the inputs' dtype. ``n_splits`` (default: chosen
@@ -336,7 +352,7 @@ def attention_forward(
         n_splits = choose_splits(b * h * n_mblocks, n)
     n_splits = max(1, min(int(n_splits), n))
     part_m = np.empty((n_splits, b, h, m), dtype=q.dtype)
-    part_l = np.empty((n_splits, b, h, m), dtype=q.dtype)
+    part_l = np.empty((n_splits, b, h, m), dtype=np.float64)
     part_acc = np.empty((n_splits, b, h, dv, m), dtype=q.dtype)
     _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
                      part_m, part_l, part_acc)
@@ -356,8 +372,8 @@ def attention_backward(
     mask: np.ndarray | None = None,
     scale: float | None = None,
     *,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
+    block_m: int = BACKWARD_BLOCK_M,
+    block_n: int = BACKWARD_BLOCK_N,
     n_splits: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (dq [B, H, M, dh], dk [B, H, N, dh], dv [B, H, N, dv]) in the inputs' dtype."""
@@ -377,7 +393,7 @@ def attention_backward(
     n_splits = max(1, min(int(n_splits), n))
     delta = np.empty((b, h, m), dtype=q.dtype)
     _backward_delta(do, o, delta)
-    dq_part = np.empty((n_splits, b, h, m, dh), dtype=q.dtype)
+    dq_part = np.empty((n_splits, b, h, m, dh), dtype=np.float64)
     dk = np.empty((b, h, n, dh), dtype=q.dtype)
     dv_out = np.empty((b, h, n, dv), dtype=q.dtype)
     _backward_partial(do, q, k, v, lse, delta, mask_arr, has_mask, sc, block_m, block_n,

@@ -77,3 +77,22 @@ def float32_forward_rtol(depth: int, width: int) -> float:
 #: and still catches any wrong term, whose error is O(1).
 FLOAT64_RTOL = 1e-10
 
+
+# --- the tiled kernel against the plain path ----------------------------------------------------
+
+#: The float64 kernel against the plain NumPy attention (issue 3's bar): both compute the same
+#: sums in another order (tiles, online rescaling, splits merged), so they differ by rounding,
+#: ~ sqrt(N) * U64 ~ 1e-14 for the shapes tested; 1e-12 still catches any wrong term.
+KERNEL_FLOAT64_RTOL = 1e-12
+
+#: The float32 kernel may be at most this many times further from the float64 result than the
+#: plain float32 NumPy path is (both round in float32; the kernel's exp is accurate to 1.5 ulp,
+#: NumPy's to 3.3 ulp, and its tiles sum in another order).
+KERNEL_FLOAT32_VS_NUMPY = 2.0
+
+
+def float32_attention_rtol(n_keys: int, head_dim: int) -> float:
+    """Bound on the normwise relative error of float32 attention (forward or backward) against
+    float64: a chain of 4 dependent operations (scores, exp, weighted sum, normalisation or
+    their backward), the widest a sum over max(N, dh) terms; see :func:`float32_forward_rtol`."""
+    return float32_forward_rtol(4, max(n_keys, head_dim))
