@@ -6,11 +6,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test lint typecheck demo bench clean
 
+# dev: the test tools; compare: torch (the CPU build this machine keeps on disk, pinned) and
+# transformers, so that the cross-checks against them run instead of skipping.
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,compare]'
 	touch $(STAMP)
+
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(VENV)/.bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -23,6 +29,10 @@ test: lint typecheck
 
 demo: $(STAMP)
 	$(PY) -m perceiver_np.demo
+
+# The kernel benchmark: prints its table and writes docs/performance.md and its plot.
+bench: $(VENV)/.bench
+	$(PY) benchmarks/bench_attention.py --markdown docs/performance.md --plot docs/attention_time.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis *.egg-info

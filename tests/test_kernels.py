@@ -276,3 +276,24 @@ def test_peak_resident_memory_of_a_large_forward_and_backward():
     extra, inputs, scores = (int(x) for x in out.stdout.split())
     assert extra <= 1.25 * inputs + (16 << 20), (extra, inputs)
     assert extra < scores / 2
+
+
+# --- against PyTorch's scaled_dot_product_attention -------------------------------------------------
+
+
+def test_kernel_equals_torch_sdpa(rng):
+    torch = pytest.importorskip("torch", reason="torch is the compare extra: pip install -e '.[compare]'")
+    b, h, m, n, dh = 2, 3, 17, 300, 24
+    q, k, v = _inputs(rng, b, h, m, n, dh, dh)
+    mask = _mask("random", b, n, rng)  # every sample keeps some keys: torch gives NaN otherwise
+    o, lse = kernels.attention_forward(q, k, v, mask)
+    do = rng.normal(size=o.shape)
+    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, lse, mask)
+    tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
+    to = torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=torch.from_numpy(mask)[:, None, None, :]  # True = take part
+    )
+    to.backward(torch.from_numpy(do))
+    assert _rel(o, to.detach().numpy()) <= KERNEL_FLOAT64_RTOL
+    for ours, theirs in ((dq, tq.grad), (dk, tk.grad), (dv, tv.grad)):
+        assert _rel(ours, theirs.numpy()) <= KERNEL_FLOAT64_RTOL
