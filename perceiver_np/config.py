@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 GELU_KINDS = ("exact", "tanh")
+DECODERS = ("pool", "classification", "query")
+QUERY_SOURCES = ("trainable", "fourier", "given")
 BACKENDS = ("auto", "numba", "numpy")
 DTYPES = ("float32", "float64")
 
@@ -55,6 +57,19 @@ class PerceiverConfig:
     num_blocks: int = 1
     final_norm: bool = True
     attention_dropout: float = 0.0
+    # --- decoding (Perceiver IO, ARCHITECTURE.md §3) ---
+    decoder: str = "pool"
+    output_dim: int | None = None
+    num_outputs: int | None = None
+    query_source: str = "trainable"
+    query_dim: int | None = None
+    output_index_dims: tuple[int, ...] | None = None
+    query_num_bands: int = 16
+    decoder_heads: int = 1
+    decoder_qk_channels: int | None = None
+    decoder_v_channels: int | None = None
+    decoder_widening_factor: int = 1
+    decoder_query_residual: bool = False
     # --- construction and execution ---
     dtype: str = "float32"
     seed: int = 0
@@ -90,6 +105,39 @@ class PerceiverConfig:
     @property
     def self_v_channels(self) -> int:
         return self.self_qk_channels if self.v_channels is None else self.v_channels
+
+    @property
+    def decoder_queries(self) -> int:
+        """O, the number of output queries: 1 for classification, ``num_outputs`` for trainable
+        queries, the product of ``output_index_dims`` for Fourier queries, 0 when the caller
+        supplies them (any number) or the decoder is the mean pool."""
+        if self.decoder == "classification":
+            return 1
+        if self.decoder == "query" and self.query_source == "trainable":
+            return int(self.num_outputs or 0)
+        if self.decoder == "query" and self.query_source == "fourier":
+            return math.prod(self.output_index_dims or ())
+        return 0
+
+    @property
+    def decoder_query_channels(self) -> int:
+        """Cq, the width of the output queries: ``query_dim`` (default D for trainable queries),
+        or the Fourier feature count of ``output_index_dims`` with ``query_num_bands`` bands."""
+        if self.decoder == "query" and self.query_source == "fourier":
+            from .position import fourier_channels
+
+            return fourier_channels(len(self.output_index_dims or ()), self.query_num_bands)
+        return self.latent_dim if self.query_dim is None else self.query_dim
+
+    @property
+    def decoder_qk(self) -> int:
+        """The decoder attention's query/key width: ``decoder_qk_channels``, else D, the width
+        of the latents it attends to (DeepMind's BasicDecoder, ``shape_for_attn='kv'``)."""
+        return self.latent_dim if self.decoder_qk_channels is None else self.decoder_qk_channels
+
+    @property
+    def decoder_v(self) -> int:
+        return self.decoder_qk if self.decoder_v_channels is None else self.decoder_v_channels
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -145,7 +193,12 @@ def _validate(cfg: PerceiverConfig) -> None:
         v = getattr(cfg, name)
         if not is_int(v) or v <= 0:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    for name in ("qk_channels", "v_channels", "cross_heads"):
+    for name in ("decoder_heads", "decoder_widening_factor", "query_num_bands"):
+        v = getattr(cfg, name)
+        if not is_int(v) or v <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    for name in ("qk_channels", "v_channels", "cross_heads", "output_dim", "num_outputs",
+                 "query_dim", "decoder_qk_channels", "decoder_v_channels"):
         v = getattr(cfg, name)
         if v is not None and (not is_int(v) or v <= 0):
             raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
@@ -155,10 +208,11 @@ def _validate(cfg: PerceiverConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             raise ValueError(f"{name}: expected a rate in [0, 1), got {v!r}")
-    for name in ("input_projection", "use_query_residual", "final_norm"):
+    for name in ("input_projection", "use_query_residual", "final_norm", "decoder_query_residual"):
         v = getattr(cfg, name)
         if not isinstance(v, bool):
             raise ValueError(f"{name}: expected True or False, got {v!r}")
+    _validate_decoder(cfg, is_int)
     if cfg.gelu not in GELU_KINDS:
         raise ValueError(f"gelu: expected one of {GELU_KINDS}, got {cfg.gelu!r}")
     if cfg.backend not in BACKENDS:
@@ -187,6 +241,41 @@ def _validate(cfg: PerceiverConfig) -> None:
                 raise ValueError(
                     f"{heads_field}: {heads} heads do not divide the {what} {width} ({source})"
                 )
+
+
+def _validate_decoder(cfg: PerceiverConfig, is_int: Any) -> None:
+    if cfg.decoder not in DECODERS:
+        raise ValueError(f"decoder: expected one of {DECODERS}, got {cfg.decoder!r}")
+    if cfg.query_source not in QUERY_SOURCES:
+        raise ValueError(f"query_source: expected one of {QUERY_SOURCES}, got {cfg.query_source!r}")
+    if cfg.decoder == "pool":
+        return
+    if cfg.output_dim is None:
+        raise ValueError(f"output_dim: decoder {cfg.decoder!r} needs the width of its output "
+                         "(the number of classes, or channels per output query)")
+    if cfg.decoder == "query":
+        if cfg.query_source == "trainable" and cfg.num_outputs is None:
+            raise ValueError("num_outputs: trainable output queries need their number O")
+        if cfg.query_source == "fourier":
+            dims = cfg.output_index_dims
+            if (not isinstance(dims, tuple) or not dims
+                    or not all(is_int(d) and d > 0 for d in dims)):
+                raise ValueError("output_index_dims: Fourier output queries need the output grid "
+                                 f"as a tuple of positive ints, got {dims!r}")
+            if cfg.query_dim is not None:
+                raise ValueError("query_dim: Fourier queries take their width from "
+                                 "output_index_dims and query_num_bands; leave query_dim None")
+        if cfg.query_source == "given" and cfg.query_dim is None:
+            raise ValueError("query_dim: caller-supplied queries need their width Cq")
+    for what, width, source in (
+        ("decoder qk width", cfg.decoder_qk,
+         "decoder_qk_channels" if cfg.decoder_qk_channels is not None else "defaults to latent_dim"),
+        ("decoder v width", cfg.decoder_v,
+         "decoder_v_channels" if cfg.decoder_v_channels is not None else "defaults to the qk width"),
+    ):
+        if width % cfg.decoder_heads:
+            raise ValueError(f"decoder_heads: {cfg.decoder_heads} heads do not divide the {what} "
+                             f"{width} ({source})")
 
 
 def _width_source(cfg: PerceiverConfig, what: str) -> str:
@@ -265,7 +354,29 @@ def param_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({f"self.{j}.{k}": s for k, s in self_block_shapes(cfg).items()})
     if cfg.final_norm:
         shapes.update(_norm("final_norm", cfg.latent_dim))
+    if cfg.decoder != "pool":
+        shapes.update({f"decoder.{k}": s for k, s in decoder_shapes(cfg).items()})
     return shapes
+
+
+def decoder_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
+    """Names (under ``decoder.``) and shapes of the decoder: the trainable queries (when they
+    are), a cross block with the queries as its query side and the latents as its keys and
+    values, and the output projection."""
+    d, cq, qk, v = cfg.latent_dim, cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v
+    wq = cfg.decoder_widening_factor * cq
+    out_dim = int(cfg.output_dim or 0)
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    if cfg.decoder == "classification" or cfg.query_source == "trainable":
+        shapes.append(("queries", (cfg.decoder_queries, cq)))
+    shapes += (
+        _norm("q_norm", cq) + _norm("kv_norm", d)
+        + _linear("attn.q", cq, qk) + _linear("attn.k", d, qk) + _linear("attn.v", d, v)
+        + _linear("attn.out", v, cq)
+        + _norm("ffn_norm", cq) + _linear("ffn.up", cq, wq) + _linear("ffn.down", wq, cq)
+        + _linear("output", cq, out_dim)
+    )
+    return dict(shapes)
 
 
 def param_count(**opts: Any) -> int:
@@ -280,13 +391,17 @@ def param_count(**opts: Any) -> int:
 
 
 def output_size(**opts: Any) -> int:
-    """The width of the model's output ``[B, output_size]``: ``latent_dim`` (mean pool).
+    """The width of the model's output: ``latent_dim`` for the mean pool (``[B, D]``), else
+    ``output_dim`` (``[B, output_dim]`` for classification, ``[B, O, output_dim]`` per query).
 
     Like Edifice's ``output_size/1`` it needs no ``input_dim``; the options given are validated
     as a whole when ``input_dim`` is among them."""
     if "input_dim" in opts:
-        return make_config(**opts).latent_dim
+        cfg = make_config(**opts)
+        return cfg.latent_dim if cfg.decoder == "pool" else int(cfg.output_dim or 0)
     _check_names(opts)
+    if opts.get("decoder", "pool") != "pool":
+        return int(make_config(input_dim=1, **opts).output_dim or 0)
     latent_dim = opts.get("latent_dim", PerceiverConfig.latent_dim)
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, (int, np.integer)) or latent_dim <= 0:
         raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim!r}")

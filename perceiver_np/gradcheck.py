@@ -274,10 +274,13 @@ def check_model(
     seed: int = 0,
     first_step: float = GRADCHECK_FIRST_STEP,
     floor: float = GRADCHECK_FLOOR,
+    queries: np.ndarray | None = None,
+    query_mask: np.ndarray | None = None,
 ) -> GradcheckReport:
     """Gradient-check a whole :class:`~perceiver_np.model.Perceiver` (float64): its input ``x``
     and every parameter. With ``training=True`` each evaluation draws its dropout masks from a
-    generator seeded with ``dropout_seed``, so every evaluation sees the same masks."""
+    generator seeded with ``dropout_seed``, so every evaluation sees the same masks.
+    ``queries`` / ``query_mask`` are passed to the model's forward (decoders)."""
     from .model import Perceiver
 
     if model.config.dtype != "float64":
@@ -286,7 +289,8 @@ def check_model(
     def run(t: dict[str, np.ndarray]) -> tuple[Perceiver, tuple[np.ndarray, Any]]:
         m = Perceiver(model.config, {k: v for k, v in t.items() if k != "x"})
         rng = np.random.default_rng(dropout_seed)
-        return m, m.forward(t["x"], mask, training=training, rng=rng)
+        return m, m.forward(t["x"], mask, training=training, rng=rng, queries=queries,
+                            query_mask=query_mask)
 
     def fn(t: dict[str, np.ndarray]) -> np.ndarray:
         return run(t)[1][0]

@@ -6,7 +6,11 @@
     z = broadcast(latents)                   [M, D] -> [B, M, D]
     for step in config.schedule:             cross blocks interleaved with groups of self blocks
         z = CrossBlock_i(z, h, mask)  or  z = SelfBlock_j(z)
-    y = mean_M(LN_final(z))                  [B, M, D] -> [B, D]
+    z = LN_final(z)                          (final_norm)
+    decoder "pool":            y = mean_M(z)                                 [B, M, D] -> [B, D]
+    decoder "query":           u = CrossBlock_dec(queries, z)                [B, O, Cq]
+                               y = u @ W_out + b_out                         [B, O, Cq] -> [B, O, out]
+    decoder "classification":  the same with one trainable query, y[:, 0]    [B, out]
 
 The model holds only its config and parameters; ``forward`` returns a cache that ``backward``
 consumes, so nothing grows between calls.
@@ -48,7 +52,8 @@ from .shapes import as_mask, as_real_input, expect_shape
 def init_params(cfg: PerceiverConfig) -> Params:
     """Fresh parameters for ``cfg``, seeded by ``cfg.seed``.
 
-    Dense kernels and the latent array: glorot-uniform ``U(±sqrt(6 / (fan_in + fan_out)))``
+    Dense kernels, the latent array and trainable output queries: glorot-uniform
+    ``U(±sqrt(6 / (fan_in + fan_out)))``
     (Axon's initialiser); biases 0; LayerNorm gamma 1 and beta 0. Values are drawn in float64 in
     schema order and then cast, so a float32 and a float64 model of the same seed hold the same
     weights up to float32 rounding.
@@ -56,7 +61,7 @@ def init_params(cfg: PerceiverConfig) -> Params:
     rng = np.random.default_rng(cfg.seed)
     params: Params = {}
     for name, shape in param_shapes(cfg).items():
-        if name.endswith(".weight") or name == "latents":
+        if name.endswith(".weight") or name in ("latents", "decoder.queries"):
             limit = math.sqrt(6.0 / (shape[0] + shape[1]))
             value = rng.uniform(-limit, limit, size=shape)
         elif name.endswith(".gamma"):
@@ -87,12 +92,18 @@ def check_params(cfg: PerceiverConfig, params: Params) -> Params:
     return {name: params[name] for name in shapes}  # schema order
 
 
+class DecoderCache(NamedTuple):
+    block: CrossBlockCache  # queries [B, O, Cq] attending to the latents [B, M, D]
+    output: LinearCache  # decoded queries [B, O, Cq], weight [Cq, out]
+    query_mask: np.ndarray | None  # [B, O] bool, True = keep this output
+
+
 class ModelCache(NamedTuple):
     x_shape: tuple[int, int, int]  # (B, N, C)
     input_proj: LinearCache | None  # x [B, N, C], weight [C, D]; None without the projection
     steps: tuple[CrossBlockCache | SelfBlockCache, ...]  # one per entry of config.schedule
     final_norm: LayerNormCache | None  # z [B, M, D]
-    pool: MeanPoolCache  # (B, M, D)
+    head: MeanPoolCache | DecoderCache  # the mean pool (B, M, D), or the decoder's caches
 
 
 class Perceiver:
@@ -105,12 +116,22 @@ class Perceiver:
     def __init__(self, config: PerceiverConfig, params: Params | None = None) -> None:
         self.config = config
         self.params = init_params(config) if params is None else check_params(config, params)
+        self.fixed_queries: np.ndarray | None = None  # [O, Cq]: Fourier output queries
+        if config.decoder == "query" and config.query_source == "fourier":
+            from .position import fourier_position_encoding
+
+            self.fixed_queries = fourier_position_encoding(
+                tuple(config.output_index_dims or ()), config.query_num_bands
+            ).astype(config.np_dtype)
 
     # ---- inference ------------------------------------------------------------------------
 
-    def __call__(self, x: Any, mask: Any = None) -> np.ndarray:
-        """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y [B, D]."""
-        return self.forward(x, mask)[0]
+    def __call__(
+        self, x: Any, mask: Any = None, *, queries: Any = None, query_mask: Any = None
+    ) -> np.ndarray:
+        """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y: [B, D] (mean pool),
+        [B, out] (classification) or [B, O, out] (query decoder)."""
+        return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -120,11 +141,17 @@ class Perceiver:
         mask: Any = None,
         training: bool = False,
         rng: np.random.Generator | None = None,
+        *,
+        queries: Any = None,
+        query_mask: Any = None,
     ) -> tuple[np.ndarray, ModelCache]:
-        """x: [B, N, C], mask: [B, N] bool -> (y [B, D], cache).
+        """x: [B, N, C], mask: [B, N] bool -> (y, cache); y as in :meth:`__call__`.
 
         With ``training=True`` dropout is active and draws from ``rng`` (a
         ``numpy.random.Generator``, required whenever a dropout rate is non-zero).
+        ``queries`` [B, O, Cq]: the output queries, with ``query_source="given"`` (only then).
+        ``query_mask`` [B, O] bool (query decoder): False outputs are exactly 0, and so is
+        everything's gradient through them.
         """
         cfg, p = self.config, self.params
         x = as_real_input("x", x, cfg.np_dtype)
@@ -167,25 +194,69 @@ class Perceiver:
         final_norm = None
         if cfg.final_norm:
             z, final_norm = layernorm_forward(z, sub(p, "final_norm"))
-        y, pool = mean_pool_forward(z)  # [B, M, D] -> [B, D]
-        return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, pool)
+        head: MeanPoolCache | DecoderCache
+        if cfg.decoder == "pool":
+            if queries is not None or query_mask is not None:
+                raise ValueError("queries, query_mask: the mean-pool model has no output queries")
+            y, head = mean_pool_forward(z)  # [B, M, D] -> [B, D]
+        else:
+            q = self._queries(b, queries)  # [B, O, Cq]
+            qmask = None
+            if query_mask is not None:
+                if cfg.decoder != "query":
+                    raise ValueError("query_mask: only the query decoder has several outputs")
+                qmask = as_mask(query_mask, b, q.shape[1], name="query_mask", letters="[B, O]")
+            u, block = cross_block_forward(
+                q, z, sub(p, "decoder"), num_heads=cfg.decoder_heads,
+                use_query_residual=cfg.decoder_query_residual, gelu=cfg.gelu,
+                dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                training=training, rng=rng, backend=cfg.attention_backend("cross", training),
+            )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
+            y, output = linear_forward(u, sub(p, "decoder.output"))  # [B, O, Cq] -> [B, O, out]
+            if qmask is not None:
+                y = y * qmask[..., None]
+            if cfg.decoder == "classification":
+                y = y[:, 0]  # [B, 1, out] -> [B, out]
+            head = DecoderCache(block, output, qmask)
+        return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, head)
+
+    def _queries(self, batch: int, queries: Any) -> np.ndarray:
+        """The output queries broadcast over the batch: [B, O, Cq]."""
+        cfg = self.config
+        if cfg.decoder == "query" and cfg.query_source == "given":
+            if queries is None:
+                raise ValueError("queries: query_source='given' needs queries [B, O, Cq] in every call")
+            q = as_real_input("queries", queries, cfg.np_dtype)
+            expect_shape("queries", q, (batch, None, cfg.decoder_query_channels), "[B, O, Cq]")
+            if q.shape[1] == 0:
+                raise ValueError(f"queries: expected O >= 1, got shape {q.shape}")
+            return q
+        if queries is not None:
+            raise ValueError(f"queries: query_source={cfg.query_source!r} makes its own queries; "
+                             "pass queries only with query_source='given'")
+        fixed = self.params["decoder.queries"] if self.fixed_queries is None else self.fixed_queries
+        return np.broadcast_to(fixed, (batch, *fixed.shape))  # [O, Cq] -> [B, O, Cq]
 
     # ---- backward ---------------------------------------------------------------------------
 
     def backward(self, dy: Any, cache: ModelCache) -> tuple[Params, np.ndarray]:
-        """dy: [B, D] -> (grads keyed exactly like ``params``, dx [B, N, C]).
+        """dy: shaped like the forward's y -> (grads keyed exactly like ``params``, dx [B, N, C]).
 
         Gradients of a self block used several times (``num_blocks > 1``) sum over its uses;
-        the input gradient sums over every cross block reading it.
+        the input gradient sums over every cross block reading it; trainable output queries
+        sum over the batch. (Caller-supplied queries get no gradient back.)
         """
         cfg = self.config
         b, n, _ = cache.x_shape
         dy = as_real_input("dy", dy, cfg.np_dtype)
-        expect_shape("dy", dy, (b, cfg.latent_dim), "[B, D]")
         grads: Params = {name: np.zeros_like(v) for name, v in self.params.items()}
 
-        # in the forward pass this was y = mean_M(z)
-        dz, _ = mean_pool_backward(dy, cache.pool)  # [B, D] -> [B, M, D]
+        if isinstance(cache.head, MeanPoolCache):
+            expect_shape("dy", dy, (b, cfg.latent_dim), "[B, D]")
+            # in the forward pass this was y = mean_M(z)
+            dz, _ = mean_pool_backward(dy, cache.head)  # [B, D] -> [B, M, D]
+        else:
+            dz = self._decoder_backward(dy, cache.head, grads)
         if cache.final_norm is not None:
             dz, g = layernorm_backward(dz, cache.final_norm)
             _accumulate(grads, prefixed(g, "final_norm"))
@@ -208,6 +279,25 @@ class Perceiver:
         else:
             dx = d_h
         return grads, dx
+
+    def _decoder_backward(self, dy: np.ndarray, cache: DecoderCache, grads: Params) -> np.ndarray:
+        """dy: [B, out] or [B, O, out] -> dz [B, M, D], the gradient of the (normed) latents."""
+        cfg = self.config
+        b, o, _ = cache.output.x.shape
+        if cfg.decoder == "classification":
+            expect_shape("dy", dy, (b, cfg.output_dim), "[B, out]")
+            dy = dy[:, None, :]  # in the forward pass this was y = y[:, 0]: [B, out] -> [B, 1, out]
+        else:
+            expect_shape("dy", dy, (b, o, cfg.output_dim), "[B, O, out]")
+        if cache.query_mask is not None:
+            dy = dy * cache.query_mask[..., None]  # masked outputs were set to 0
+        du, g = linear_backward(dy, cache.output)  # [B, O, out] -> [B, O, Cq]
+        _accumulate(grads, prefixed(g, "decoder.output"))
+        (dq, dz), g = cross_block_backward(du, cache.block)
+        _accumulate(grads, prefixed(g, "decoder"))
+        if "decoder.queries" in grads:
+            grads["decoder.queries"] += dq.sum(axis=0)  # broadcast over the batch: [B, O, Cq] -> [O, Cq]
+        return dz
 
     # ---- description ------------------------------------------------------------------------
 
@@ -232,11 +322,15 @@ class Perceiver:
         rows += [(f"self.{j}", self_n) for j in range(cfg.num_layers)]
         if cfg.final_norm:
             rows.append(("final_norm", _count(self.params, "final_norm.")))
+        if cfg.decoder != "pool":
+            rows.append(("decoder", _count(self.params, "decoder.")))
         for name, count in rows:
             lines.append(f"  {name:<24}{count:>12,}")
         lines.append(f"  {'total':<24}{self.param_count:>12,}")
         lines.append("schedule: " + " -> ".join(f"{k}.{i}" for k, i in cfg.schedule))
-        lines.append(f"output:   [B, {cfg.latent_dim}] from x [B, N, {cfg.input_dim}]")
+        out = {"pool": f"[B, {cfg.latent_dim}]", "classification": f"[B, {cfg.output_dim}]",
+               "query": f"[B, {cfg.decoder_queries or 'O'}, {cfg.output_dim}]"}[cfg.decoder]
+        lines.append(f"output:   {out} from x [B, N, {cfg.input_dim}]")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -77,15 +77,17 @@ def as_real_input(name: str, value: object, dtype: np.dtype) -> np.ndarray:
     return arr
 
 
-def as_mask(mask: object, batch: int, length: int) -> np.ndarray | None:
-    """Validate a key-padding mask: bool ``[B, N]``, True = keep. ``None`` passes through."""
+def as_mask(
+    mask: object, batch: int, length: int, *, name: str = "mask", letters: str = "[B, N]"
+) -> np.ndarray | None:
+    """Validate a padding mask: bool ``[B, N]`` (or ``[B, O]``), True = keep. ``None`` passes."""
     if mask is None:
         return None
     arr = np.asarray(mask)
     if arr.dtype != np.bool_:
         raise TypeError(
-            f"mask: expected dtype bool (True = keep this position), got {arr.dtype.name}; "
+            f"{name}: expected dtype bool (True = keep this position), got {arr.dtype.name}; "
             "convert explicitly, e.g. mask = (padding == 0)"
         )
-    expect_shape("mask", arr, (batch, length), "[B, N]")
+    expect_shape(name, arr, (batch, length), letters)
     return arr

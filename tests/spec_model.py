@@ -52,8 +52,8 @@ def _ffn(u, p, pre, kind):
     return hdn @ p[pre + "down.weight"] + p[pre + "down.bias"]
 
 
-def spec_forward(cfg, p, x, mask=None):
-    """Inference forward (no dropout): x [B, N, C] -> [B, D], in float64."""
+def spec_forward(cfg, p, x, mask=None, queries=None, query_mask=None):
+    """Inference forward (no dropout): x [B, N, C] -> [B, D] (or the decoder's output), float64."""
     p = {k: v.astype(np.float64) for k, v in p.items()}
     x = x.astype(np.float64)
     h = x @ p["input_proj.weight"] + p["input_proj.bias"] if cfg.input_projection else x
@@ -81,4 +81,19 @@ def spec_forward(cfg, p, x, mask=None):
                 z = z + _ffn(u, p, pre + "ffn.", cfg.gelu)
     if cfg.final_norm:
         z = _ln(z, p["final_norm.gamma"], p["final_norm.beta"])
-    return z.mean(axis=1)
+    if cfg.decoder == "pool":
+        return z.mean(axis=1)
+    # Perceiver IO decoder (ARCHITECTURE.md §3): queries cross-attend to the latents, then Linear
+    if queries is None:
+        queries = np.repeat(p["decoder.queries"][None], x.shape[0], axis=0)
+    queries = queries.astype(np.float64)
+    pre = "decoder."
+    att = _mha(_ln(queries, p[pre + "q_norm.gamma"], p[pre + "q_norm.beta"]),
+               _ln(z, p[pre + "kv_norm.gamma"], p[pre + "kv_norm.beta"]),
+               p, pre + "attn.", cfg.decoder_heads, None)
+    u = queries + att if cfg.decoder_query_residual else att
+    u = u + _ffn(_ln(u, p[pre + "ffn_norm.gamma"], p[pre + "ffn_norm.beta"]), p, pre + "ffn.", cfg.gelu)
+    y = np.einsum("boc,ck->bok", u, p[pre + "output.weight"]) + p[pre + "output.bias"]
+    if query_mask is not None:
+        y = np.where(query_mask[..., None], y, 0.0)
+    return y[:, 0] if cfg.decoder == "classification" else y
