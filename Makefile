@@ -27,8 +27,13 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest
 
-demo: $(STAMP)
-	$(PY) -m perceiver_np.demo
+$(VENV)/.demo: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $(VENV)/.demo
+
+# Train a Perceiver IO on scikit-learn's bundled digits (and decode a signal at 256 queries).
+demo: $(VENV)/.demo
+	$(PY) -m perceiver_np.demo --out demo_out
 
 # The kernel benchmark: prints its table and writes docs/performance.md and its plot.
 bench: $(VENV)/.bench

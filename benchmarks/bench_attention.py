@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -222,7 +223,7 @@ def table(rows: list[dict], peak_gflops: float) -> str:
             f"{r['peak'][k] / 2**20:.0f}" if k in r["peak"] else "–" for k in ("ours", "numpy", "torch")
         )
 
-        def ratio(name: str, i: int) -> str:
+        def ratio(name: str, i: int, r: dict = r) -> str:
             return r["ratios"][name][i].fmt(scale=1, digits=2) if name in r["ratios"] else "–"
 
         n = r["n"]
@@ -267,7 +268,7 @@ def targets(rows: list[dict], peak_gflops: float, load: dict[str, float]) -> lis
                             key=lambda r: r["n"])
             growth = [
                 s2["times"]["ours"][0].median / s1["times"]["ours"][0].median
-                for s1, s2 in zip(series, series[1:], strict=False)
+                for s1, s2 in itertools.pairwise(series)
                 if s2["n"] == 4 * s1["n"]
             ]
             if growth:
@@ -304,7 +305,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="B = 1 and N <= 64k only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")

@@ -11,7 +11,19 @@ by finite differences (:mod:`perceiver_np.gradcheck`). The API mirrors Edifice's
     grads, dx = model.backward(dy, cache)            # grads keyed like model.params
 """
 
-from . import blocks, gradcheck, layers, shapes, tolerances
+from . import (
+    attention,
+    blocks,
+    checkpoint,
+    gradcheck,
+    layers,
+    losses,
+    optim,
+    position,
+    shapes,
+    tolerances,
+    train,
+)
 from .blocks import (
     cross_block_backward,
     cross_block_forward,
@@ -26,19 +38,25 @@ __version__ = "0.1.0"
 __all__ = [
     "Perceiver",
     "PerceiverConfig",
+    "attention",
     "blocks",
     "build",
+    "checkpoint",
     "cross_block_backward",
     "cross_block_forward",
     "gradcheck",
     "init_params",
     "layers",
+    "losses",
+    "optim",
     "output_size",
     "param_count",
     "param_shapes",
+    "position",
     "recommended_defaults",
     "self_block_backward",
     "self_block_forward",
     "shapes",
     "tolerances",
+    "train",
 ]

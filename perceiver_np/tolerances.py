@@ -96,3 +96,41 @@ def float32_attention_rtol(n_keys: int, head_dim: int) -> float:
     float64: a chain of 4 dependent operations (scores, exp, weighted sum, normalisation or
     their backward), the widest a sum over max(N, dh) terms; see :func:`float32_forward_rtol`."""
     return float32_forward_rtol(4, max(n_keys, head_dim))
+
+
+# --- losses and optimizers --------------------------------------------------------------------
+
+#: An optimizer step in float64 against another implementation of the same rule (torch.optim,
+#: or the test's own transcription of the LAMB paper), compared normwise per tensor after each
+#: of a few steps. A step is ~10 elementwise operations per entry (plus, for LAMB, two norms of
+#: at most ~100 terms), so two orderings of it (torch's lerp/addcdiv against the written formula)
+#: differ by a few ulps per step, ~1e-15 relative after 5 steps. 1e-12 leaves a 1000x margin;
+#: a wrong term (a missing bias correction, decay applied to a masked tensor, Nesterov's look-
+#: ahead left out) moves the parameters by ~lr * 1e-2 or more.
+OPTIM_RTOL = 1e-12
+
+# --- position encodings -------------------------------------------------------------------------
+
+#: Two float64 computations of the same Fourier position features (ours against Hugging Face's
+#: torch code, or against a table written out by hand), compared absolutely: every feature lies
+#: in [-1, 1]. The argument pi * pos * f of sin and cos reaches pi R / 2 (352 at R = 224); the
+#: two computations take their frequencies from different linspace codes (numpy and torch agree
+#: within 3 ulps) and round the products, so the arguments differ by a few ulps of pi R / 2, and
+#: sin and cos (1-Lipschitz, accurate to < 1 ulp) pass that on: ~8 U64 pi R / 2 ~ 3e-13 at
+#: R = 224 (measured: 5.7e-14, one ulp of 352). 1e-12 holds for max_resolution up to ~700 (the
+#: tests use at most 224); a wrong frequency, band order or axis order is off by O(1).
+FOURIER_FLOAT64_ATOL = 1e-12
+
+#: Hugging Face's build_linear_positions is float32 only (torch.linspace, dtype float32): it
+#: rounds the step 2 / (n - 1), the product i * step and the sum, each of magnitude <= 1, so it
+#: is within 3 U32 of the exact grid (measured: 0.99 U32 for every n <= 2048); ours is float64.
+#: 4 U32 ~ 2.4e-7 is far below the grid spacing 2 / (n - 1) of any grid tested, so a wrong
+#: layout (axis order, 'xy' indexing, column-major flattening) still fails.
+LINEAR_POSITIONS_FLOAT32_ATOL = 4 * U32
+
+#: A statistic of n seeded random draws (a sample mean or standard deviation) may differ from
+#: its expected value by at most this many of its standard errors. The draws are seeded, so the
+#: check is deterministic; were it not, 6 standard errors would fail by chance with probability
+#: ~2e-9 (normal approximation), while a wrong distribution (e.g. an untruncated normal of std
+#: 0.02 for the trainable position init, std 0.0176 truncated) is off by 15 or more.
+SAMPLE_SIGMAS = 6.0

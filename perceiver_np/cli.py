@@ -1,0 +1,279 @@
+"""The ``perceiver-np`` command (also ``python -m perceiver_np``).
+
+    perceiver-np info --input-dim 287 --length 4096       # options, shapes, counts, FLOPs, memory
+    perceiver-np train --data train.npz --eval-data test.npz --input-dim 35 --decoder classification \\
+        --output-dim 10 --epochs 30 --out model.npz
+    perceiver-np eval --checkpoint model.npz --data test.npz
+    perceiver-np predict --checkpoint model.npz --input x.npy --out y.npy
+    perceiver-np gradcheck --input-dim 5 --latent-dim 8 --num-latents 3 --num-heads 2
+
+Every model option of :class:`perceiver_np.PerceiverConfig` is a flag (``--latent-dim``,
+``--no-final-norm``, ...) with the same default. Data files are ``.npz`` holding ``x``
+[S, N, C], ``y`` (labels [S] or targets [S, O, out]) and optionally ``mask`` [S, N]; they are
+loaded without pickle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import optim
+from .config import PerceiverConfig, cross_block_shapes, decoder_shapes, self_block_shapes
+from .model import Perceiver
+
+_SKIP = {"input_dim"}  # required, added by hand
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, required_input_dim: bool = True) -> None:
+    group = parser.add_argument_group("model options (PerceiverConfig; see docs/architecture.md)")
+    group.add_argument("--input-dim", type=int, required=required_input_dim,
+                       help="C, channels of each input position")
+    for f in dataclasses.fields(PerceiverConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        default = f.default
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"(default {default})")
+        elif "tuple" in kind:
+            group.add_argument(flag, type=int, nargs="+", default=default, help=f"(default {default})")
+        else:
+            py = int if "int" in kind else float if "float" in kind else str
+            group.add_argument(flag, type=py, default=default, help=f"(default {default})")
+
+
+def _config_from(args: argparse.Namespace) -> PerceiverConfig:
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(PerceiverConfig)}
+    if opts.get("output_index_dims") is not None:
+        opts["output_index_dims"] = tuple(opts["output_index_dims"])
+    return PerceiverConfig(**opts)
+
+
+def _load_data(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    if "x" not in data:
+        raise SystemExit(f"{path}: expected an array named 'x' [S, N, C], found {sorted(data)}")
+    return data
+
+
+def _activation_bytes(cache: Any) -> int:
+    """Bytes of every distinct array a forward's cache holds (what the backward needs)."""
+    seen: dict[int, int] = {}
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, np.ndarray):
+            base = obj if obj.base is None else obj.base
+            if isinstance(base, np.ndarray):
+                seen[id(base)] = base.nbytes
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                walk(item)
+
+    walk(cache)
+    return sum(seen.values())
+
+
+def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
+    """Floating-point operations (2 per multiply-add) of one sample's forward, by part."""
+    d, m = cfg.latent_dim, cfg.num_latents
+    parts: dict[str, int] = {}
+    if cfg.input_projection:
+        parts["input_proj"] = 2 * n * cfg.input_dim * d
+    ckv, qk, v = cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels
+    cross = 2 * (m * d * qk + n * ckv * (qk + v) + m * n * (qk + v) + m * v * d
+                 + 2 * m * d * cfg.cross_widening_factor * d)
+    parts["cross (each)"] = cross
+    sq, sv = cfg.self_qk_channels, cfg.self_v_channels
+    self_ = 2 * (m * d * (2 * sq + sv) + m * m * (sq + sv) + m * sv * d
+                 + 2 * m * d * cfg.self_widening_factor * d)
+    parts["self (each use)"] = self_
+    total = parts.get("input_proj", 0) + cfg.num_cross_layers * cross
+    total += sum(1 for kind, _ in cfg.schedule if kind == "self") * self_
+    if cfg.decoder != "pool":
+        o = cfg.decoder_queries or 1
+        cq, dqk, dv = cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v
+        dec = 2 * (o * cq * dqk + m * d * (dqk + dv) + o * m * (dqk + dv) + o * dv * cq
+                   + 2 * o * cq * cfg.decoder_widening_factor * cq + o * cq * int(cfg.output_dim or 0))
+        parts["decoder"] = dec
+        total += dec
+    parts["total"] = total
+    return parts
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cfg = _config_from(args)
+    model = Perceiver(cfg)
+    print(model.summary())
+    print("\nparameter shapes (docs/params.md):")
+    for name, shape in {**{f"cross.i.{k}": s for k, s in cross_block_shapes(cfg).items()},
+                        **{f"self.j.{k}": s for k, s in self_block_shapes(cfg).items()},
+                        **({f"decoder.{k}": s for k, s in decoder_shapes(cfg).items()}
+                           if cfg.decoder != "pool" else {})}.items():
+        print(f"  {name:<32}{shape}")
+    n = args.length
+    print(f"\nper sample at N = {n:,}:")
+    for part, flops in forward_flops(cfg, n).items():
+        print(f"  forward FLOPs {part:<16}{flops / 1e9:>12.4f} G")
+    x = np.zeros((1, n, cfg.input_dim), dtype=cfg.np_dtype)
+    queries = None
+    if cfg.decoder == "query" and cfg.query_source == "given":
+        queries = np.zeros((1, 1, cfg.decoder_query_channels), dtype=cfg.np_dtype)
+    _, cache = model.forward(x, queries=queries)
+    print(f"  activations kept for the backward: {_activation_bytes(cache) / 2**20:.2f} MiB "
+          f"({cfg.dtype}, backend {cfg.backend})")
+    return 0
+
+
+def _optimizer(args: argparse.Namespace, steps: int) -> optim.Optimizer:
+    lr: float | optim.Schedule = args.lr
+    if args.schedule == "cosine":
+        lr = optim.warmup_cosine(args.lr, max(1, int(args.warmup * steps)), steps)
+    if args.optimizer == "adamw":
+        return optim.adamw(lr, weight_decay=args.weight_decay)
+    if args.optimizer == "lamb":
+        return optim.lamb(lr, weight_decay=args.weight_decay)
+    return optim.sgd(lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Loss, fit
+
+    cfg = _config_from(args)
+    train = _load_data(args.data)
+    evald = _load_data(args.eval_data) if args.eval_data else None
+    model = Perceiver(cfg)
+    steps = args.epochs * math.ceil(len(train["x"]) / args.batch_size)
+    loss = Loss(args.loss, label_smoothing=args.label_smoothing)
+    _, history = fit(model, _optimizer(args, steps), loss, train, epochs=args.epochs,
+                         batch_size=args.batch_size, eval_data=evald, seed=args.seed,
+                         clip_norm=args.clip_norm, patience=args.patience, log_path=args.log,
+                         checkpoint_path=args.out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(history.rows[-1] if history.rows else {}))
+    return 0
+
+
+def _restore(path: Path) -> Perceiver:
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    return Perceiver(ck.config, ck.params)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import Loss, evaluate
+
+    model = _restore(args.checkpoint)
+    print(json.dumps(evaluate(model, model.params, _load_data(args.data), Loss(args.loss), args.batch_size)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = _restore(args.checkpoint)
+    x = np.load(args.input, allow_pickle=False, mmap_mode="r")
+    mask = np.load(args.mask, allow_pickle=False) if args.mask else None
+    outs = []
+    t0 = time.perf_counter()
+    for start in range(0, len(x), args.batch_size):
+        sl = slice(start, start + args.batch_size)
+        outs.append(model(np.asarray(x[sl]), None if mask is None else mask[sl]))
+    y = np.concatenate(outs)
+    np.save(args.out, y)
+    seconds = time.perf_counter() - t0
+    print(f"{len(x)} samples -> {args.out} {y.shape} in {seconds:.2f} s ({len(x) / seconds:.1f} samples/s)")
+    return 0
+
+
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    from .gradcheck import check_model
+    from .tolerances import GRADCHECK_RTOL
+
+    cfg = dataclasses.replace(_config_from(args), dtype="float64")
+    model = Perceiver(cfg)
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.batch, args.length, cfg.input_dim))
+    queries = None
+    if cfg.decoder == "query" and cfg.query_source == "given":
+        queries = rng.standard_normal((args.batch, 3, cfg.decoder_query_channels))
+    report = check_model(model, x, training=cfg.dropout > 0, max_entries=args.entries, queries=queries)
+    print(report)
+    return 0 if report.max_rel_error <= GRADCHECK_RTOL else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perceiver-np", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="a configuration's summary, shapes, counts, FLOPs, memory")
+    _add_config_flags(info)
+    info.add_argument("--length", type=int, default=1024, help="N, the input length for FLOPs and memory")
+    info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a model on an .npz dataset")
+    _add_config_flags(train)
+    train.add_argument("--data", type=Path, required=True, help=".npz with x [S, N, C], y, optional mask")
+    train.add_argument("--eval-data", type=Path, help="held-out .npz, evaluated after every epoch")
+    train.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy")
+    train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument("--optimizer", choices=("adamw", "lamb", "sgd"), default="adamw")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    train.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                       help="cosine: linear warmup then half cosine to 0")
+    train.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of all steps")
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD only")
+    train.add_argument("--nesterov", action="store_true", help="SGD only")
+    train.add_argument("--clip-norm", type=float, default=1.0, help="global gradient norm limit")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--patience", type=int, help="stop after this many epochs without a better eval loss")
+    train.add_argument("--out", type=Path, default=Path("checkpoint.npz"),
+                       help="checkpoint, written after every epoch")
+    train.add_argument("--log", type=Path, help="JSON-lines metrics log")
+    train.add_argument("--resume", action="store_true", help="continue from --out bit-identically")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss and accuracy of a checkpoint on an .npz dataset")
+    ev.add_argument("--checkpoint", type=Path, required=True)
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="run a checkpoint on x.npy, write y.npy")
+    pr.add_argument("--checkpoint", type=Path, required=True)
+    pr.add_argument("--input", type=Path, required=True, help=".npy [S, N, C] (memory-mapped)")
+    pr.add_argument("--mask", type=Path, help=".npy bool [S, N], True = keep")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.set_defaults(func=cmd_predict)
+
+    gc = sub.add_parser("gradcheck", help="finite-difference check of a configuration, in float64")
+    _add_config_flags(gc)
+    gc.add_argument("--length", type=int, default=4, help="N")
+    gc.add_argument("--batch", type=int, default=2, help="B")
+    gc.add_argument("--entries", type=int, default=4, help="entries checked per tensor")
+    gc.set_defaults(func=cmd_gradcheck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError) as err:  # bad options or data: one clear line, no traceback
+        print(f"perceiver-np {args.command}: error: {err}", file=sys.stderr)
+        return 2
