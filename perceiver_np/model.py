@@ -121,8 +121,8 @@ class Perceiver:
             from .position import fourier_position_encoding
 
             self.fixed_queries = fourier_position_encoding(
-                tuple(config.output_index_dims or ()), config.query_num_bands
-            ).astype(config.np_dtype)
+                tuple(config.output_index_dims or ()), config.query_num_bands, dtype=config.np_dtype
+            )
 
     # ---- inference ------------------------------------------------------------------------
 

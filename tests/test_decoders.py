@@ -136,3 +136,20 @@ def test_bad_decoder_calls(rng):
     _, cache = trainable.forward(x)
     with pytest.raises(ValueError, match=r"dy: expected shape \[B, O, out\]"):
         trainable.backward(np.zeros((2, 2)), cache)
+
+
+def test_fourier_queries_are_the_fourier_features_of_the_output_grid(rng):
+    from perceiver_np.position import fourier_position_encoding
+
+    fourier = _model(rng, decoder="query", output_dim=2, query_source="fourier",
+                     output_index_dims=(7,), query_num_bands=3)
+    enc = fourier_position_encoding((7,), 3, dtype=np.float64)  # [7, 1 + 2*3]
+    assert fourier.config.decoder_query_channels == enc.shape[1] == 7
+    assert "decoder.queries" not in fourier.params
+    given = pnp.Perceiver(fourier.config.replace(query_source="given", output_index_dims=None,
+                                                 query_dim=enc.shape[1]), fourier.params)
+    x = rng.normal(size=(2, 4, 5))
+    q = np.broadcast_to(enc, (2, *enc.shape))
+    assert np.array_equal(fourier(x), given(x, queries=q))
+    report = check_model(fourier, x, max_entries=6)
+    assert report.max_rel_error <= GRADCHECK_RTOL, str(report)
