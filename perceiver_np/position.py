@@ -401,15 +401,7 @@ def image_to_inputs(
     """
     _check_mode(mode)
     arr, out = _data("images", images, "[B, h, w, ch]", 4, dtype)
-    b, h, w, ch = arr.shape
-    _check_add("images", mode, ch, fourier_channels(2, num_bands, concat_pos, sine_only))
-    enc = fourier_position_encoding(
-        (h, w), num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
-        sine_only=sine_only, dtype=out,
-    )  # [N, Cp]
-    x = arr.reshape(b, h * w, ch)  # [B, h, w, ch] -> [B, N, ch]
-    y, _ = add_position_encoding(x, enc, mode)  # [B, N, ch] -> [B, N, C]
-    return y
+    return _grid_to_inputs("images", arr, out, num_bands, max_resolution, concat_pos, sine_only, mode)
 
 
 def sequence_to_inputs(
@@ -427,13 +419,28 @@ def sequence_to_inputs(
     :func:`image_to_inputs`."""
     _check_mode(mode)
     arr, out = _data("seq", seq, "[B, T, ch]", 3, dtype)
-    t, ch = arr.shape[1:]
-    _check_add("seq", mode, ch, fourier_channels(1, num_bands, concat_pos, sine_only))
+    return _grid_to_inputs("seq", arr, out, num_bands, max_resolution, concat_pos, sine_only, mode)
+
+
+def _grid_to_inputs(
+    name: str,
+    arr: np.ndarray,
+    out: np.dtype,
+    num_bands: int,
+    max_resolution: Sequence[float] | None,
+    concat_pos: bool,
+    sine_only: bool,
+    mode: str,
+) -> np.ndarray:
+    """arr: [B, *index_dims, ch] on a regular grid -> [B, N, C] with the grid's Fourier features."""
+    index_dims, ch = arr.shape[1:-1], arr.shape[-1]
+    _check_add(name, mode, ch, fourier_channels(len(index_dims), num_bands, concat_pos, sine_only))
     enc = fourier_position_encoding(
-        (t,), num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
+        index_dims, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
         sine_only=sine_only, dtype=out,
     )  # [N, Cp]
-    y, _ = add_position_encoding(arr, enc, mode)  # [B, N, ch] -> [B, N, C]
+    x = arr.reshape(arr.shape[0], -1, ch)  # [B, *index_dims, ch] -> [B, N, ch]
+    y, _ = add_position_encoding(x, enc, mode)  # [B, N, ch] -> [B, N, C]
     return y
 
 
