@@ -108,6 +108,7 @@ def cross_block_forward(
     training: bool = False,
     rng: np.random.Generator | None = None,
     backend: str = "numpy",
+    masked_rows: str = "zero",
 ) -> tuple[np.ndarray, CrossBlockCache]:
     """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
     b, m, d = z.shape
@@ -124,6 +125,7 @@ def cross_block_forward(
         training=training,
         rng=rng,
         backend=backend,
+        masked_rows=masked_rows,
     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att) if use_query_residual else att

@@ -101,7 +101,7 @@ def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
     parts["self (each use)"] = self_
     total = parts.get("input_proj", 0) + cfg.num_cross_layers * cross
     total += sum(1 for kind, _ in cfg.schedule if kind == "self") * self_
-    if cfg.decoder != "pool":
+    if cfg.decoder not in ("pool", "latents"):
         o = cfg.decoder_queries or 1
         cq, dqk, dv = cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v
         dec = 2 * (o * cq * dqk + m * d * (dqk + dv) + o * m * (dqk + dv) + o * dv * cq
@@ -120,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, shape in {**{f"cross.i.{k}": s for k, s in cross_block_shapes(cfg).items()},
                         **{f"self.j.{k}": s for k, s in self_block_shapes(cfg).items()},
                         **({f"decoder.{k}": s for k, s in decoder_shapes(cfg).items()}
-                           if cfg.decoder != "pool" else {})}.items():
+                           if cfg.decoder not in ("pool", "latents") else {})}.items():
         print(f"  {name:<32}{shape}")
     n = args.length
     print(f"\nper sample at N = {n:,}:")

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 GELU_KINDS = ("exact", "tanh")
-DECODERS = ("pool", "classification", "query")
+DECODERS = ("pool", "latents", "classification", "query")
+MASKED_ROWS = ("zero", "uniform")
 QUERY_SOURCES = ("trainable", "fourier", "given")
 BACKENDS = ("auto", "numba", "numpy")
 DTYPES = ("float32", "float64")
@@ -57,6 +58,7 @@ class PerceiverConfig:
     num_blocks: int = 1
     final_norm: bool = True
     attention_dropout: float = 0.0
+    masked_rows: str = "zero"
     # --- decoding (Perceiver IO, ARCHITECTURE.md §3) ---
     decoder: str = "pool"
     output_dim: int | None = None
@@ -173,6 +175,8 @@ class PerceiverConfig:
         (training with ``attention_dropout > 0``), which the kernel cannot do."""
         if self.backend == "numpy" or (training and self.attention_dropout > 0):
             return "numpy"
+        if kind == "cross" and self.masked_rows != "zero":
+            return "numpy"  # the kernel zeroes rows with no visible key
         if self.backend == "numba" or kind == "cross":
             return "numba"
         return "numpy"
@@ -222,6 +226,11 @@ def _validate(cfg: PerceiverConfig) -> None:
             f"backend: 'numba' has no dropout on attention probabilities, but attention_dropout "
             f"is {cfg.attention_dropout}; use backend 'auto' (the plain path where needed) or 'numpy'"
         )
+    if cfg.masked_rows not in MASKED_ROWS:
+        raise ValueError(f"masked_rows: expected one of {MASKED_ROWS}, got {cfg.masked_rows!r}")
+    if cfg.backend == "numba" and cfg.masked_rows != "zero":
+        raise ValueError("backend: 'numba' zeroes attention rows with no visible key, but "
+                         f"masked_rows is {cfg.masked_rows!r}; use backend 'auto' or 'numpy'")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {cfg.dtype!r}")
     if cfg.num_layers < cfg.num_cross_layers:
@@ -248,7 +257,7 @@ def _validate_decoder(cfg: PerceiverConfig, is_int: Any) -> None:
         raise ValueError(f"decoder: expected one of {DECODERS}, got {cfg.decoder!r}")
     if cfg.query_source not in QUERY_SOURCES:
         raise ValueError(f"query_source: expected one of {QUERY_SOURCES}, got {cfg.query_source!r}")
-    if cfg.decoder == "pool":
+    if cfg.decoder in ("pool", "latents"):
         return
     if cfg.output_dim is None:
         raise ValueError(f"output_dim: decoder {cfg.decoder!r} needs the width of its output "
@@ -354,7 +363,7 @@ def param_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({f"self.{j}.{k}": s for k, s in self_block_shapes(cfg).items()})
     if cfg.final_norm:
         shapes.update(_norm("final_norm", cfg.latent_dim))
-    if cfg.decoder != "pool":
+    if cfg.decoder not in ("pool", "latents"):
         shapes.update({f"decoder.{k}": s for k, s in decoder_shapes(cfg).items()})
     return shapes
 
@@ -391,16 +400,17 @@ def param_count(**opts: Any) -> int:
 
 
 def output_size(**opts: Any) -> int:
-    """The width of the model's output: ``latent_dim`` for the mean pool (``[B, D]``), else
+    """The width of the model's output: ``latent_dim`` for the mean pool (``[B, D]``) and the
+    latents themselves (``[B, M, D]``), else
     ``output_dim`` (``[B, output_dim]`` for classification, ``[B, O, output_dim]`` per query).
 
     Like Edifice's ``output_size/1`` it needs no ``input_dim``; the options given are validated
     as a whole when ``input_dim`` is among them."""
     if "input_dim" in opts:
         cfg = make_config(**opts)
-        return cfg.latent_dim if cfg.decoder == "pool" else int(cfg.output_dim or 0)
+        return cfg.latent_dim if cfg.decoder in ("pool", "latents") else int(cfg.output_dim or 0)
     _check_names(opts)
-    if opts.get("decoder", "pool") != "pool":
+    if opts.get("decoder", "pool") not in ("pool", "latents"):
         return int(make_config(input_dim=1, **opts).output_dim or 0)
     latent_dim = opts.get("latent_dim", PerceiverConfig.latent_dim)
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, (int, np.integer)) or latent_dim <= 0:

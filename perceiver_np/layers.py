@@ -334,12 +334,18 @@ def attention_forward(
     dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
+    masked_rows: str = "zero",
 ) -> tuple[np.ndarray, AttentionCache]:
     """Softmax attention of M queries over N keys, per batch and head.
 
     q: [B, H, M, dh], k: [B, H, N, dh], v: [B, H, N, dv], mask: [B, N] bool (True = keep)
     -> o: [B, H, M, dv]. ``scale`` defaults to 1/sqrt(dh). Masked keys get exactly zero
-    weight; a sample with no visible key gets all-zero weights, so o = 0 (DeepMind).
+    weight; a sample with no visible key gets all-zero weights, so o = 0 (DeepMind,
+    ``masked_rows="zero"``), or, with ``masked_rows="uniform"``, equal weights over all its
+    keys, as Hugging Face's additive ``finfo.min`` mask makes it (every logit of the row rounds
+    to the same constant). The backward is the derivative of this forward: such a row does not
+    depend on q or k (zero dq, dk; dv = dO / N). Autograd through HF's addition instead returns
+    P * (dP - delta) for it, which is not the derivative of HF's own (constant) forward.
     ``dropout`` drops attention probabilities (after the softmax) in training.
     """
     b, h, _, dh = q.shape  # q: [B, H, M, dh]
@@ -354,7 +360,9 @@ def attention_forward(
         expect_shape("attention mask", mask, (b, n), "[B, N]")
         s = np.where(mask[:, None, None, :], s, s.dtype.type(MASK_FILL))
     p, softmax = softmax_forward(s)
-    if mask is not None:
+    if masked_rows not in ("zero", "uniform"):
+        raise ValueError(f"masked_rows: expected 'zero' or 'uniform', got {masked_rows!r}")
+    if mask is not None and masked_rows == "zero":
         visible = np.asarray(mask.any(axis=-1))  # [B, N] -> [B]
         p = p * visible[:, None, None, None]  # a row with no visible key attends to nothing
     p_dropped, drop = dropout_forward(p, rate=dropout, training=training, rng=rng)
@@ -425,6 +433,7 @@ def mha_forward(
     training: bool = False,
     rng: np.random.Generator | None = None,
     backend: str = "numpy",
+    masked_rows: str = "zero",
 ) -> tuple[np.ndarray, MHACache]:
     """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
 
@@ -433,7 +442,8 @@ def mha_forward(
     ``out.weight [v, Dout]`` and their biases. The logit scale is 1/sqrt(qk / H).
     ``backend``: ``"numpy"``, :func:`attention_forward` above (materialises the [B, H, M, N]
     probabilities, supports their dropout); ``"numba"``, the tiled kernel through
-    :func:`perceiver_np.attention.flash_forward` (keeps only ``lse``; no probability dropout).
+    :func:`perceiver_np.attention.flash_forward` (keeps only ``lse``; no probability dropout,
+    ``masked_rows="zero"`` only). ``masked_rows``: see :func:`attention_forward`.
     """
     qk_width, v_width = params["q.weight"].shape[1], params["v.weight"].shape[1]
     if qk_width % num_heads or v_width % num_heads:
@@ -449,9 +459,13 @@ def mha_forward(
     attn: AttentionCache | FlashCache
     if backend == "numpy":
         o, attn = attention_forward(
-            qh, kh, vh, mask, dropout=attention_dropout, training=training, rng=rng
+            qh, kh, vh, mask, dropout=attention_dropout, training=training, rng=rng,
+            masked_rows=masked_rows,
         )
     elif backend == "numba":
+        if masked_rows != "zero":
+            raise ValueError("backend: 'numba' zeroes rows with no visible key; "
+                             f"masked_rows={masked_rows!r} needs backend 'numpy'")
         if training and attention_dropout > 0:
             raise ValueError(
                 "backend: 'numba' has no dropout on attention probabilities; "

@@ -8,6 +8,7 @@
         z = CrossBlock_i(z, h, mask)  or  z = SelfBlock_j(z)
     z = LN_final(z)                          (final_norm)
     decoder "pool":            y = mean_M(z)                                 [B, M, D] -> [B, D]
+    decoder "latents":         y = z                                         [B, M, D]
     decoder "query":           u = CrossBlock_dec(queries, z)                [B, O, Cq]
                                y = u @ W_out + b_out                         [B, O, Cq] -> [B, O, out]
     decoder "classification":  the same with one trainable query, y[:, 0]    [B, out]
@@ -103,7 +104,7 @@ class ModelCache(NamedTuple):
     input_proj: LinearCache | None  # x [B, N, C], weight [C, D]; None without the projection
     steps: tuple[CrossBlockCache | SelfBlockCache, ...]  # one per entry of config.schedule
     final_norm: LayerNormCache | None  # z [B, M, D]
-    head: MeanPoolCache | DecoderCache  # the mean pool (B, M, D), or the decoder's caches
+    head: MeanPoolCache | DecoderCache | None  # mean pool (B, M, D), decoder caches, or none
 
 
 class Perceiver:
@@ -182,6 +183,7 @@ class Perceiver:
                     use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                     training=training, rng=rng, backend=cfg.attention_backend("cross", training),
+                    masked_rows=cfg.masked_rows,
                 )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
                 steps.append(cross)
             else:
@@ -194,11 +196,14 @@ class Perceiver:
         final_norm = None
         if cfg.final_norm:
             z, final_norm = layernorm_forward(z, sub(p, "final_norm"))
-        head: MeanPoolCache | DecoderCache
-        if cfg.decoder == "pool":
+        head: MeanPoolCache | DecoderCache | None
+        if cfg.decoder in ("pool", "latents"):
             if queries is not None or query_mask is not None:
-                raise ValueError("queries, query_mask: the mean-pool model has no output queries")
-            y, head = mean_pool_forward(z)  # [B, M, D] -> [B, D]
+                raise ValueError(f"queries, query_mask: decoder {cfg.decoder!r} has no output queries")
+            if cfg.decoder == "pool":
+                y, head = mean_pool_forward(z)  # [B, M, D] -> [B, D]
+            else:
+                y, head = z, None  # the latents themselves (Hugging Face's last_hidden_state)
         else:
             q = self._queries(b, queries)  # [B, O, Cq]
             qmask = None
@@ -251,7 +256,10 @@ class Perceiver:
         dy = as_real_input("dy", dy, cfg.np_dtype)
         grads: Params = {name: np.zeros_like(v) for name, v in self.params.items()}
 
-        if isinstance(cache.head, MeanPoolCache):
+        if cache.head is None:
+            expect_shape("dy", dy, (b, cfg.num_latents, cfg.latent_dim), "[B, M, D]")
+            dz = dy
+        elif isinstance(cache.head, MeanPoolCache):
             expect_shape("dy", dy, (b, cfg.latent_dim), "[B, D]")
             # in the forward pass this was y = mean_M(z)
             dz, _ = mean_pool_backward(dy, cache.head)  # [B, D] -> [B, M, D]
@@ -322,13 +330,14 @@ class Perceiver:
         rows += [(f"self.{j}", self_n) for j in range(cfg.num_layers)]
         if cfg.final_norm:
             rows.append(("final_norm", _count(self.params, "final_norm.")))
-        if cfg.decoder != "pool":
+        if cfg.decoder not in ("pool", "latents"):
             rows.append(("decoder", _count(self.params, "decoder.")))
         for name, count in rows:
             lines.append(f"  {name:<24}{count:>12,}")
         lines.append(f"  {'total':<24}{self.param_count:>12,}")
         lines.append("schedule: " + " -> ".join(f"{k}.{i}" for k, i in cfg.schedule))
-        out = {"pool": f"[B, {cfg.latent_dim}]", "classification": f"[B, {cfg.output_dim}]",
+        out = {"pool": f"[B, {cfg.latent_dim}]", "latents": f"[B, {cfg.num_latents}, {cfg.latent_dim}]",
+               "classification": f"[B, {cfg.output_dim}]",
                "query": f"[B, {cfg.decoder_queries or 'O'}, {cfg.output_dim}]"}[cfg.decoder]
         lines.append(f"output:   {out} from x [B, N, {cfg.input_dim}]")
         return "\n".join(lines)

@@ -131,7 +131,7 @@ def test_bad_decoder_calls(rng):
         trainable(x, queries=np.zeros((2, 3, 8)))
     with pytest.raises(ValueError, match=r"query_mask: expected shape \[B, O\] = \(2, 5\)"):
         trainable(x, query_mask=np.ones((2, 4), dtype=bool))
-    with pytest.raises(ValueError, match="the mean-pool model has no output queries"):
+    with pytest.raises(ValueError, match=r"decoder 'pool' has no output queries"):
         pnp.build(**small_opts())(x, query_mask=np.ones((2, 4), dtype=bool))
     _, cache = trainable.forward(x)
     with pytest.raises(ValueError, match=r"dy: expected shape \[B, O, out\]"):

@@ -1,0 +1,71 @@
+"""Presets and the switches they set: masked_rows, the latents output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import perceiver_np as pnp
+from perceiver_np.gradcheck import check_model
+from perceiver_np.tolerances import FLOAT64_RTOL, GRADCHECK_RTOL
+
+from .helpers import small_opts
+
+
+@pytest.mark.parametrize("name", pnp.presets.PRESETS)
+def test_presets_build_and_run(rng, name):
+    small = {"latent_dim": 8, "num_latents": 3, "num_layers": 2, "num_blocks": 2, "num_heads": 2,
+             "cross_heads": 1, "dtype": "float64"}
+    opts = pnp.presets.preset(name, input_dim=4, **small)
+    model = pnp.build(**opts)
+    y = model(rng.normal(size=(2, 5, 4)))
+    assert np.isfinite(y).all()
+    if name == "edifice":
+        assert y.shape == (2, 8)
+        assert pnp.presets.edifice(input_dim=287) == {**pnp.recommended_defaults(), "input_dim": 287}
+    else:
+        assert y.shape == (2, 3, 8)  # the latents: DeepMind's encoder output, HF's last_hidden_state
+    with pytest.raises(ValueError, match="preset: expected one of"):
+        pnp.presets.preset("lucidrains")
+
+
+def test_preset_defaults_are_the_published_ones():
+    dm = pnp.PerceiverConfig(input_dim=3, **pnp.presets.deepmind())
+    assert (dm.gelu, dm.input_projection, dm.cross_num_heads, dm.num_heads, dm.num_blocks) == (
+        "tanh", False, 1, 8, 8)
+    assert (dm.cross_qk_channels, dm.masked_rows, dm.final_norm) == (3, "zero", False)
+    hf = pnp.PerceiverConfig(input_dim=768, **pnp.presets.hf())
+    assert (hf.gelu, hf.latent_dim, hf.num_latents, hf.num_layers, hf.dropout, hf.attention_dropout,
+            hf.masked_rows) == ("exact", 1280, 256, 26, 0.0, 0.1, "uniform")
+
+
+def test_uniform_masked_rows_attend_to_every_key(rng):
+    model = pnp.build(**small_opts(masked_rows="uniform", decoder="latents", final_norm=False,
+                                   num_layers=1))
+    for name, v in model.params.items():
+        model.params[name] = v + 0.3 * rng.normal(size=v.shape)
+    x = rng.normal(size=(2, 4, 5))
+    mask = np.array([[0, 0, 0, 0], [1, 0, 1, 1]], dtype=bool)
+    _, cache = model.forward(x, mask)
+    p = cache.steps[0].attn.attn.softmax.p  # [B, H, M, N]
+    assert np.abs(p[0] - 0.25).max() <= FLOAT64_RTOL  # uniform over all 4 keys
+    assert np.all(p[1][..., ~mask[1]] == 0)
+    zero = pnp.Perceiver(model.config.replace(masked_rows="zero", backend="numpy"), model.params)
+    assert np.array_equal(model(x, mask)[1], zero(x, mask)[1])  # only fully masked rows differ
+    assert np.abs(model(x, mask)[0] - zero(x, mask)[0]).max() > 1e-3
+    report = check_model(model, x, mask, max_entries=8)  # the backward is this forward's derivative
+    assert report.max_rel_error <= GRADCHECK_RTOL, str(report)
+    _, dx = model.backward(rng.normal(size=(2, 3, 8)), cache)
+    # the uniform row averages every key's value, the masked ones included (HF's semantics: no
+    # mask invariance for such a sample), so its masked inputs do get a gradient, through v only
+    assert np.abs(dx[0]).max() > 0
+
+
+def test_uniform_masked_rows_use_the_plain_path(rng):
+    auto = pnp.build(**small_opts(masked_rows="uniform"))
+    _, cache = auto.forward(rng.normal(size=(1, 4, 5)))
+    assert type(cache.steps[0].attn.attn).__name__ == "AttentionCache"
+    with pytest.raises(ValueError, match="backend: 'numba' zeroes attention rows"):
+        pnp.build(**small_opts(masked_rows="uniform", backend="numba"))
+    with pytest.raises(ValueError, match="masked_rows: expected one of"):
+        pnp.build(**small_opts(masked_rows="nan"))
