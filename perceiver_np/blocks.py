@@ -18,7 +18,8 @@ names of the parameter schema (docs/params.md), i.e. the model's names without t
 ``dropout`` is the rate of the dropout after the attention output projection and after the
 FFN down projection; ``attention_dropout`` drops attention probabilities. Both act only with
 ``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``backend``
-picks the attention implementation (:func:`perceiver_np.layers.mha_forward`).
+picks the attention implementation (:func:`perceiver_np.layers.mha_forward`). ``record``
+collects every intermediate activation under ``{name}.<step>.out`` (docs/verify.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .layers import (
     LayerNormCache,
     MHACache,
     Params,
+    Record,
     dropout_backward,
     dropout_forward,
     ffn_backward,
@@ -45,6 +47,7 @@ from .layers import (
     residual_backward,
     residual_forward,
     sub,
+    tap,
 )
 from .shapes import expect_shape
 
@@ -63,12 +66,17 @@ def ffn_sublayer_forward(
     dropout: float,
     training: bool,
     rng: np.random.Generator | None,
+    record: Record = None,
+    name: str = "",
 ) -> tuple[np.ndarray, FFNSublayerCache]:
     """The second half of both blocks: a: [B, M, D] -> a + Drop(FFN(LN_ffn(a))): [B, M, D]."""
     u, norm = layernorm_forward(a, sub(params, "ffn_norm"))
-    f, ffn = ffn_forward(u, sub(params, "ffn"), gelu=gelu)  # [B, M, D] -> [B, M, wD] -> [B, M, D]
+    tap(record, f"{name}.ffn_norm.out", u)
+    f, ffn = ffn_forward(u, sub(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn")
     f, drop = dropout_forward(f, rate=dropout, training=training, rng=rng)
-    return residual_forward(a, f), FFNSublayerCache(norm, ffn, drop)
+    y = residual_forward(a, f)
+    tap(record, f"{name}.out", y)
+    return y, FFNSublayerCache(norm, ffn, drop)
 
 
 def ffn_sublayer_backward(dy: np.ndarray, cache: FFNSublayerCache) -> tuple[np.ndarray, Params]:
@@ -109,12 +117,16 @@ def cross_block_forward(
     rng: np.random.Generator | None = None,
     backend: str = "numpy",
     masked_rows: str = "zero",
+    record: Record = None,
+    name: str = "cross",
 ) -> tuple[np.ndarray, CrossBlockCache]:
     """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
     b, m, d = z.shape
     expect_shape("cross_block h", h, (b, None, params["kv_norm.gamma"].shape[0]), "[B, N, Ckv]")
     zq, q_norm = layernorm_forward(z, sub(params, "q_norm"))
+    tap(record, f"{name}.q_norm.out", zq)
     hk, kv_norm = layernorm_forward(h, sub(params, "kv_norm"))
+    tap(record, f"{name}.kv_norm.out", hk)
     att, attn = mha_forward(
         zq,
         hk,
@@ -126,11 +138,14 @@ def cross_block_forward(
         rng=rng,
         backend=backend,
         masked_rows=masked_rows,
+        record=record,
+        name=f"{name}.attn",
     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att) if use_query_residual else att
+    tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
-        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng
+        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name
     )
     expect_shape("cross_block output", y, (b, m, d), "[B, M, D]")
     return y, CrossBlockCache(q_norm, kv_norm, attn, drop, use_query_residual, ffn)
@@ -182,9 +197,12 @@ def self_block_forward(
     training: bool = False,
     rng: np.random.Generator | None = None,
     backend: str = "numpy",
+    record: Record = None,
+    name: str = "self",
 ) -> tuple[np.ndarray, SelfBlockCache]:
     """z: [B, M, D] -> y: [B, M, D]."""
     u, norm = layernorm_forward(z, sub(params, "norm"))
+    tap(record, f"{name}.norm.out", u)
     att, attn = mha_forward(
         u,
         u,
@@ -194,11 +212,14 @@ def self_block_forward(
         training=training,
         rng=rng,
         backend=backend,
+        record=record,
+        name=f"{name}.attn",
     )  # [B, M, D] x [B, M, D] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att)
+    tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
-        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng
+        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name
     )
     return y, SelfBlockCache(norm, attn, drop, ffn)
 

@@ -6,6 +6,8 @@
     perceiver-np eval --checkpoint model.npz --data test.npz
     perceiver-np predict --checkpoint model.npz --input x.npy --out y.npy
     perceiver-np gradcheck --input-dim 5 --latent-dim 8 --num-latents 3 --num-heads 2
+    perceiver-np golden --preset edifice --input-dim 7 --seed 0 --out golden.npz
+    perceiver-np compare golden.npz theirs.npz [--json]
 
 Every model option of :class:`perceiver_np.PerceiverConfig` is a flag (``--latent-dim``,
 ``--no-final-norm``, ...) with the same default. Data files are ``.npz`` holding ``x``
@@ -54,9 +56,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, required_input_dim: bool 
 
 
 def _config_from(args: argparse.Namespace) -> PerceiverConfig:
+    """The flags as a config; with ``--preset``, the preset's options overridden by every flag
+    given a value other than its default."""
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(PerceiverConfig)}
     if opts.get("output_index_dims") is not None:
         opts["output_index_dims"] = tuple(opts["output_index_dims"])
+    if getattr(args, "preset", None):
+        from .presets import preset
+
+        defaults = {f.name: f.default for f in dataclasses.fields(PerceiverConfig)}
+        changed = {k: v for k, v in opts.items() if k == "input_dim" or v != defaults.get(k)}
+        opts = {**opts, **preset(args.preset), **changed}
     return PerceiverConfig(**opts)
 
 
@@ -211,6 +221,40 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.max_rel_error <= GRADCHECK_RTOL else 1
 
 
+def cmd_golden(args: argparse.Namespace) -> int:
+    from .verify import write_golden
+
+    cfg = dataclasses.replace(_config_from(args), dtype="float64", backend="numpy")
+    params = None
+    if args.params:
+        with open(args.params, "rb") as f, np.load(f, allow_pickle=False) as z:
+            params = {k: z[k].astype(np.float64) for k in z.files}
+    model = Perceiver(cfg, params)
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.batch, args.length, cfg.input_dim))
+    mask = None
+    if args.mask:  # the last sample keeps only its first half
+        mask = np.ones((args.batch, args.length), dtype=bool)
+        mask[-1, (args.length + 1) // 2:] = False
+    queries = None
+    if cfg.decoder == "query" and cfg.query_source == "given":
+        queries = rng.standard_normal((args.batch, args.num_queries, cfg.decoder_query_channels))
+    path = write_golden(args.out, model, x, mask, seed=args.seed, queries=queries)
+    with np.load(path, allow_pickle=False) as z:
+        acts = sum(1 for k in z.files if k.startswith("act/"))
+        grads = sum(1 for k in z.files if k.startswith("grad/"))
+    print(f"{path}: {acts} activations, {grads} gradients, {len(model.params)} parameters, float64")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .verify import compare
+
+    report = compare(args.golden, args.theirs)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report)
+    return 0 if report.ok else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perceiver-np", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,6 +311,26 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--batch", type=int, default=2, help="B")
     gc.add_argument("--entries", type=int, default=4, help="entries checked per tensor")
     gc.set_defaults(func=cmd_gradcheck)
+
+    go = sub.add_parser("golden", help="write a golden file: params, inputs, every activation and "
+                        "gradient in float64 (docs/verify.md)")
+    go.add_argument("--preset", choices=("edifice", "deepmind", "hf"),
+                    help="start from a preset; flags given other values override it")
+    _add_config_flags(go)
+    go.add_argument("--params", type=Path, help=".npz keyed by our schema: weights trained elsewhere")
+    go.add_argument("--batch", type=int, default=2, help="B")
+    go.add_argument("--length", type=int, default=8, help="N")
+    go.add_argument("--mask", action="store_true", help="pad the last sample to half its length")
+    go.add_argument("--num-queries", type=int, default=4, help="O, for query_source given")
+    go.add_argument("--out", type=Path, required=True)
+    go.set_defaults(func=cmd_golden)
+
+    cp = sub.add_parser("compare", help="compare another implementation's tensors with a golden "
+                        "file; exit 1 when any breaks its tolerance")
+    cp.add_argument("golden", type=Path)
+    cp.add_argument("theirs", type=Path, help=".npz with act/<name>, grad/<name> (docs/verify.md)")
+    cp.add_argument("--json", action="store_true", help="the report as JSON")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

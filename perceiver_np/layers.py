@@ -34,6 +34,15 @@ if TYPE_CHECKING:
     from .attention import FlashCache
 
 Params = dict[str, np.ndarray]
+#: Where a forward records its intermediate activations under stable names (golden files,
+#: docs/verify.md): ``None`` records nothing.
+Record = dict[str, np.ndarray] | None
+
+
+def tap(record: Record, name: str, value: np.ndarray) -> None:
+    """Keep a copy of the activation ``value`` as ``record[name]`` (nothing if ``record`` is None)."""
+    if record is not None:
+        record[name] = np.array(value, copy=True)
 
 #: LayerNorm epsilon, added to the biased variance (Edifice/Axon, DeepMind and HF all use 1e-5).
 LN_EPS = 1e-5
@@ -289,13 +298,16 @@ class FFNCache(NamedTuple):
 
 
 def ffn_forward(
-    x: np.ndarray, params: Params, *, gelu: str = "exact"
+    x: np.ndarray, params: Params, *, gelu: str = "exact", record: Record = None, name: str = "ffn"
 ) -> tuple[np.ndarray, FFNCache]:
     """x: [..., D] -> y: [..., D] through a hidden width wD.
     params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``."""
     pre, up = linear_forward(x, sub(params, "up"))  # [..., D] -> [..., wD]
+    tap(record, f"{name}.up.out", pre)
     a, act = gelu_forward(pre, approximate=gelu)
+    tap(record, f"{name}.act.out", a)
     y, down = linear_forward(a, sub(params, "down"))  # [..., wD] -> [..., D]
+    tap(record, f"{name}.down.out", y)
     return y, FFNCache(up, act, down)
 
 
@@ -335,6 +347,8 @@ def attention_forward(
     training: bool = False,
     rng: np.random.Generator | None = None,
     masked_rows: str = "zero",
+    record: Record = None,
+    name: str = "attn",
 ) -> tuple[np.ndarray, AttentionCache]:
     """Softmax attention of M queries over N keys, per batch and head.
 
@@ -359,12 +373,14 @@ def attention_forward(
     if mask is not None:
         expect_shape("attention mask", mask, (b, n), "[B, N]")
         s = np.where(mask[:, None, None, :], s, s.dtype.type(MASK_FILL))
+    tap(record, f"{name}.scores", s)
     p, softmax = softmax_forward(s)
     if masked_rows not in ("zero", "uniform"):
         raise ValueError(f"masked_rows: expected 'zero' or 'uniform', got {masked_rows!r}")
     if mask is not None and masked_rows == "zero":
         visible = np.asarray(mask.any(axis=-1))  # [B, N] -> [B]
         p = p * visible[:, None, None, None]  # a row with no visible key attends to nothing
+    tap(record, f"{name}.probs", p)
     p_dropped, drop = dropout_forward(p, rate=dropout, training=training, rng=rng)
     o = p_dropped @ v  # [B,H,M,N] @ [B,H,N,dv] -> [B,H,M,dv]
     return o, AttentionCache(q, k, v, mask, visible, softmax, drop, p_dropped, scale)
@@ -434,6 +450,8 @@ def mha_forward(
     rng: np.random.Generator | None = None,
     backend: str = "numpy",
     masked_rows: str = "zero",
+    record: Record = None,
+    name: str = "attn",
 ) -> tuple[np.ndarray, MHACache]:
     """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
 
@@ -453,6 +471,8 @@ def mha_forward(
     q, q_cache = linear_forward(xq, sub(params, "q"))  # [B, M, Cq] -> [B, M, qk]
     k, k_cache = linear_forward(xkv, sub(params, "k"))  # [B, N, Ckv] -> [B, N, qk]
     v, v_cache = linear_forward(xkv, sub(params, "v"))  # [B, N, Ckv] -> [B, N, v]
+    for part, value in (("q", q), ("k", k), ("v", v)):
+        tap(record, f"{name}.{part}.out", value)
     qh = split_heads(q, num_heads)  # [B, M, qk] -> [B, H, M, dh]
     kh = split_heads(k, num_heads)  # [B, N, qk] -> [B, H, N, dh]
     vh = split_heads(v, num_heads)  # [B, N, v] -> [B, H, N, dv]
@@ -460,7 +480,7 @@ def mha_forward(
     if backend == "numpy":
         o, attn = attention_forward(
             qh, kh, vh, mask, dropout=attention_dropout, training=training, rng=rng,
-            masked_rows=masked_rows,
+            masked_rows=masked_rows, record=record, name=name,
         )
     elif backend == "numba":
         if masked_rows != "zero":
@@ -476,7 +496,10 @@ def mha_forward(
         o, attn = flash_forward(qh, kh, vh, mask, backend="numba")
     else:
         raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r}")
-    y, out = linear_forward(merge_heads(o), sub(params, "out"))  # [B,H,M,dv] -> [B,M,v] -> [B,M,Dout]
+    o = merge_heads(o)  # [B, H, M, dv] -> [B, M, v]
+    tap(record, f"{name}.heads.out", o)
+    y, out = linear_forward(o, sub(params, "out"))  # [B, M, v] -> [B, M, Dout]
+    tap(record, f"{name}.out", y)
     return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads)
 
 

@@ -38,6 +38,7 @@ from .layers import (
     LinearCache,
     MeanPoolCache,
     Params,
+    Record,
     layernorm_backward,
     layernorm_forward,
     linear_backward,
@@ -46,6 +47,7 @@ from .layers import (
     mean_pool_forward,
     prefixed,
     sub,
+    tap,
 )
 from .shapes import as_mask, as_real_input, expect_shape
 
@@ -145,6 +147,7 @@ class Perceiver:
         *,
         queries: Any = None,
         query_mask: Any = None,
+        record: Record = None,
     ) -> tuple[np.ndarray, ModelCache]:
         """x: [B, N, C], mask: [B, N] bool -> (y, cache); y as in :meth:`__call__`.
 
@@ -152,7 +155,9 @@ class Perceiver:
         ``numpy.random.Generator``, required whenever a dropout rate is non-zero).
         ``queries`` [B, O, Cq]: the output queries, with ``query_source="given"`` (only then).
         ``query_mask`` [B, O] bool (query decoder): False outputs are exactly 0, and so is
-        everything's gradient through them.
+        everything's gradient through them. ``record`` (a dict) receives every intermediate
+        activation under a stable name (:func:`activation_names` gives them in forward order);
+        the plain attention path records scores and probabilities too, the kernel does not.
         """
         cfg, p = self.config, self.params
         x = as_real_input("x", x, cfg.np_dtype)
@@ -172,18 +177,21 @@ class Perceiver:
 
         input_proj = None
         h = x
+        tap(record, "input", x)
         if cfg.input_projection:
             h, input_proj = linear_forward(x, sub(p, "input_proj"))  # [B, N, C] -> [B, N, D]
+            tap(record, "input_proj.out", h)
+        names = step_names(cfg)
         z = np.broadcast_to(p["latents"], (b, *p["latents"].shape))  # [M, D] -> [B, M, D]
         steps: list[CrossBlockCache | SelfBlockCache] = []
-        for kind, i in cfg.schedule:
+        for (kind, i), step_name in zip(cfg.schedule, names, strict=True):
             if kind == "cross":
                 z, cross = cross_block_forward(
                     z, h, sub(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
                     use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                     training=training, rng=rng, backend=cfg.attention_backend("cross", training),
-                    masked_rows=cfg.masked_rows,
+                    masked_rows=cfg.masked_rows, record=record, name=step_name,
                 )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
                 steps.append(cross)
             else:
@@ -191,11 +199,13 @@ class Perceiver:
                     z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                     training=training, rng=rng, backend=cfg.attention_backend("self", training),
+                    record=record, name=step_name,
                 )  # [B, M, D] -> [B, M, D]
                 steps.append(self_)
         final_norm = None
         if cfg.final_norm:
             z, final_norm = layernorm_forward(z, sub(p, "final_norm"))
+            tap(record, "final_norm.out", z)
         head: MeanPoolCache | DecoderCache | None
         if cfg.decoder in ("pool", "latents"):
             if queries is not None or query_mask is not None:
@@ -216,6 +226,7 @@ class Perceiver:
                 use_query_residual=cfg.decoder_query_residual, gelu=cfg.gelu,
                 dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                 training=training, rng=rng, backend=cfg.attention_backend("cross", training),
+                record=record, name="decoder",
             )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
             y, output = linear_forward(u, sub(p, "decoder.output"))  # [B, O, Cq] -> [B, O, out]
             if qmask is not None:
@@ -223,6 +234,7 @@ class Perceiver:
             if cfg.decoder == "classification":
                 y = y[:, 0]  # [B, 1, out] -> [B, out]
             head = DecoderCache(block, output, qmask)
+        tap(record, "output", y)
         return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, head)
 
     def _queries(self, batch: int, queries: Any) -> np.ndarray:
@@ -344,6 +356,20 @@ class Perceiver:
 
     def __repr__(self) -> str:
         return f"Perceiver({self.config!r}, params={self.param_count:,})"
+
+
+def step_names(cfg: PerceiverConfig) -> list[str]:
+    """The recorded name of every step of ``cfg.schedule``: ``cross.{i}``, ``self.{j}``, and
+    ``self.{j}.use{u}`` for the u-th use of a shared self block when ``num_blocks > 1``."""
+    uses: dict[int, int] = {}
+    names = []
+    for kind, i in cfg.schedule:
+        if kind == "cross" or cfg.num_blocks == 1:
+            names.append(f"{kind}.{i}")
+        else:
+            names.append(f"self.{i}.use{uses.get(i, 0)}")
+            uses[i] = uses.get(i, 0) + 1
+    return names
 
 
 def _accumulate(total: Params, part: Params) -> None:

@@ -1,0 +1,220 @@
+"""Golden files and comparison reports: check another implementation against this one.
+
+::
+
+    write_golden("golden.npz", model64, x, mask, seed=0)      # or: perceiver-np golden ...
+    report = compare("golden.npz", "theirs.npz")              # or: perceiver-np compare ...
+    print(report); report.ok; report.first_break
+
+A golden file (``.npz``, no pickle, written atomically) holds, in float64: the config (JSON),
+the parameters ``params/<name>``, the inputs ``input/x`` (and ``input/mask``,
+``input/queries``), every intermediate activation of the forward pass ``act/<name>`` under the
+stable names of :func:`perceiver_np.model.step_names` (``cross.0.q_norm.out``,
+``cross.0.attn.scores``, ``cross.0.attn.probs``, ``self.1.ffn.up.out``, ..., ``output``), the
+loss ``L = sum(dy * output)`` with its seeded upstream gradient ``loss/dy``, and the gradient of
+every parameter ``grad/<name>`` and of the input ``grad/x``. Another port writes the same names
+(whichever it has) into its own ``.npz``; :func:`compare` reports every tensor present in both
+and names the FIRST one, in forward order, that breaks its tolerance as the likely bug site
+(then the gradients, in backward order).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import _atomic_savez  # the one atomic .npz writer (temp file, fsync, rename)
+from .config import PerceiverConfig
+from .model import Perceiver
+from .tolerances import GOLDEN_FLOAT32_RTOL, GOLDEN_FLOAT64_RTOL, GOLDEN_GRAD_FLOOR
+
+FORMAT = "perceiver_np.golden"
+VERSION = 1
+
+
+def write_golden(
+    path: str | Path,
+    model: Perceiver,
+    x: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    queries: np.ndarray | None = None,
+) -> Path:
+    """Run ``model`` (recast to float64, plain attention path) on ``x`` and write everything
+    another implementation needs to check itself: see the module docstring."""
+    cfg = model.config.replace(dtype="float64", backend="numpy")
+    ref = Perceiver(cfg, {k: v.astype(np.float64) for k, v in model.params.items()})
+    run = run_and_record(ref, x, mask, seed=seed, queries=queries)
+    arrays: dict[str, np.ndarray] = {f"params/{k}": v for k, v in ref.params.items()}
+    arrays["input/x"] = np.asarray(x, dtype=np.float64)
+    if mask is not None:
+        arrays["input/mask"] = np.asarray(mask)
+    if queries is not None:
+        arrays["input/queries"] = np.asarray(queries, dtype=np.float64)
+    arrays.update(run)
+    meta = {"format": FORMAT, "version": VERSION, "config": asdict(cfg), "seed": seed,
+            "activations": [k[4:] for k in run if k.startswith("act/")],
+            "gradients": [k[5:] for k in run if k.startswith("grad/")]}
+    arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    _atomic_savez(Path(path), arrays)
+    return Path(path)
+
+
+def run_and_record(
+    model: Perceiver,
+    x: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    queries: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """One forward and backward of ``model`` (in its own dtype), recorded under the golden
+    names: ``act/<name>`` in forward order, ``loss``, ``loss/dy`` (standard normal, seeded by
+    ``seed``), then ``grad/<name>`` in backward order and ``grad/x``. Use the model's plain
+    attention path (``backend="numpy"``) to record scores and probabilities."""
+    record: dict[str, np.ndarray] = {}
+    y, cache = model.forward(x, mask, queries=queries, record=record)
+    dy = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
+    grads, dx = model.backward(dy, cache)
+    out = {f"act/{k}": v for k, v in record.items()}
+    out["loss"] = np.asarray(np.sum(dy * y))
+    out["loss/dy"] = dy
+    out.update({f"grad/{k}": grads[k] for k in reversed(list(grads))})
+    out["grad/x"] = dx
+    return out
+
+
+def write_run(path: str | Path, model: Perceiver, x: np.ndarray, mask: np.ndarray | None = None,
+              *, seed: int = 0, queries: np.ndarray | None = None) -> Path:
+    """:func:`run_and_record` written to ``path``: a file :func:`compare` reads as "theirs"
+    (e.g. this implementation in float32, or with weights of your own)."""
+    _atomic_savez(Path(path), run_and_record(model, x, mask, seed=seed, queries=queries))
+    return Path(path)
+
+
+def _load(path: str | Path) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from err
+
+
+def read_golden(path: str | Path) -> tuple[PerceiverConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """-> (config, arrays, meta) of a golden file written by :func:`write_golden`."""
+    arrays = _load(path)
+    if "meta.json" not in arrays:
+        raise ValueError(f"{path}: not a perceiver_np golden file (no meta.json)")
+    meta = json.loads(arrays.pop("meta.json").tobytes().decode())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: expected format {FORMAT} version {VERSION}, "
+                         f"got {meta.get('format')} version {meta.get('version')}")
+    config = dict(meta["config"])
+    if config.get("output_index_dims") is not None:
+        config["output_index_dims"] = tuple(config["output_index_dims"])
+    return PerceiverConfig(**config), arrays, meta
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # "act/...", "grad/..." or "output", as in the files
+    shape: tuple[int, ...]
+    dtype: str  # of theirs
+    max_abs: float
+    max_rel: float  # max |theirs - golden| / max |golden| (normwise; gradients: floored)
+    worst_index: tuple[int, ...]
+    tolerance: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    rows: tuple[Row, ...]
+    missing: tuple[str, ...]  # in the golden file, not in theirs
+    extra: tuple[str, ...]  # in theirs, not in the golden file
+    mismatched: tuple[str, ...]  # present in both with different shapes
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched and all(r.ok for r in self.rows)
+
+    @property
+    def first_break(self) -> Row | None:
+        """The first tensor, in forward order then backward order, beyond its tolerance."""
+        return next((r for r in self.rows if not r.ok), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "first_break": None if self.first_break is None else self.first_break.name,
+                "rows": [asdict(r) for r in self.rows], "missing": list(self.missing),
+                "extra": list(self.extra), "mismatched": list(self.mismatched)}
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [6])
+        lines = [f"{'tensor':<{width}}  {'shape':<18}{'dtype':<9}{'max abs':>10}  {'max rel':>9}  "
+                 f"{'tolerance':>9}  {'worst index':<18}"]
+        for r in self.rows:
+            mark = "" if r.ok else "  BREAKS"
+            lines.append(f"{r.name:<{width}}  {r.shape!s:<18}{r.dtype:<9}{r.max_abs:>10.2e}  "
+                         f"{r.max_rel:>9.2e}  {r.tolerance:>9.1e}  {r.worst_index!s:<18}{mark}")
+        if self.missing:
+            lines.append(f"missing in theirs ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.extra:
+            lines.append(f"not in the golden file ({len(self.extra)}): {', '.join(self.extra)}")
+        if self.mismatched:
+            lines.append(f"different shapes: {', '.join(self.mismatched)}")
+        first = self.first_break
+        if first is None:
+            lines.append(f"all {len(self.rows)} tensors within tolerance")
+        else:
+            lines.append(f"first break: {first.name} (max rel {first.max_rel:.2e} > {first.tolerance:.1e}): "
+                         "the likely bug site")
+        return "\n".join(lines)
+
+
+def tolerance_for(dtype: np.dtype) -> float:
+    """The normwise relative tolerance a tensor of ``dtype`` is held to (docs/verify.md)."""
+    return GOLDEN_FLOAT64_RTOL if np.dtype(dtype) == np.float64 else GOLDEN_FLOAT32_RTOL
+
+
+def compare(golden_path: str | Path, theirs_path: str | Path) -> CompareReport:
+    """Compare ``theirs`` against a golden file: see the module docstring."""
+    _, golden, meta = read_golden(golden_path)
+    theirs = _load(theirs_path)
+    theirs.pop("meta.json", None)
+    order = ([f"act/{n}" for n in meta["activations"]] + ["loss"]
+             + [f"grad/{n}" for n in meta["gradients"]])
+    checked = [n for n in order if n in golden]
+    # gradients whose exact value is 0 (the key-projection biases) are compared against the
+    # largest gradient of the model, not against their own rounding noise
+    grad_scale = max((float(np.abs(golden[n]).max()) for n in checked if n.startswith("grad/")),
+                     default=0.0)
+    rows, mismatched = [], []
+    for name in checked:
+        if name not in theirs:
+            continue
+        g, t = golden[name], theirs[name]
+        if g.shape != t.shape:
+            mismatched.append(f"{name} {g.shape} vs {t.shape}")
+            continue
+        if t.dtype.kind not in "fiub":
+            mismatched.append(f"{name} has dtype {t.dtype.name}")
+            continue
+        diff = np.abs(t.astype(np.float64) - g)
+        scale = float(np.abs(g).max()) if g.size else 0.0
+        if name.startswith("grad/"):
+            scale = max(scale, GOLDEN_GRAD_FLOOR * grad_scale)
+        worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = max_abs / scale if scale > 0 else max_abs
+        tol = tolerance_for(t.dtype)
+        rows.append(Row(name, tuple(g.shape), t.dtype.name, max_abs, max_rel,
+                        tuple(int(i) for i in worst), tol, max_rel <= tol))
+    missing = tuple(n for n in checked if n not in theirs)
+    known = set(order) | {k for k in golden if k.startswith(("params/", "input/"))} | {"loss/dy"}
+    extra = tuple(sorted(k for k in theirs if k not in known))
+    return CompareReport(tuple(rows), missing, extra, tuple(mismatched))
