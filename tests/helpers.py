@@ -11,3 +11,17 @@ def small_opts(**overrides):
     )
     opts.update(overrides)
     return opts
+
+
+def assert_same_gradients(got, want, rtol):
+    """Every gradient of ``got`` equals ``want`` within ``rtol``, normwise per tensor. One floor
+    for all: 1e-3 of the largest gradient, because the key biases' exact gradient is 0 and both
+    sides hold only rounding noise there (GOLDEN_GRAD_FLOOR explains the same floor)."""
+    import numpy as np
+
+    from perceiver_np.tolerances import GOLDEN_GRAD_FLOOR
+
+    scale = max(np.abs(g).max() for g in want.values())
+    for name in want:
+        ref = max(np.abs(want[name]).max(), GOLDEN_GRAD_FLOOR * scale)
+        assert np.abs(got[name] - want[name]).max() <= rtol * ref, name
