@@ -16,6 +16,7 @@ from . import (
     blocks,
     checkpoint,
     gradcheck,
+    interop,
     layers,
     losses,
     optim,
@@ -24,6 +25,7 @@ from . import (
     shapes,
     tolerances,
     train,
+    verify,
 )
 from .blocks import (
     cross_block_backward,
@@ -32,6 +34,7 @@ from .blocks import (
     self_block_forward,
 )
 from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
+from .interop import from_hf, from_hf_state_dict, to_hf_state_dict
 from .model import Perceiver, build, init_params
 
 __version__ = "0.1.0"
@@ -45,8 +48,11 @@ __all__ = [
     "checkpoint",
     "cross_block_backward",
     "cross_block_forward",
+    "from_hf",
+    "from_hf_state_dict",
     "gradcheck",
     "init_params",
+    "interop",
     "layers",
     "losses",
     "optim",
@@ -59,6 +65,8 @@ __all__ = [
     "self_block_backward",
     "self_block_forward",
     "shapes",
+    "to_hf_state_dict",
     "tolerances",
     "train",
+    "verify",
 ]

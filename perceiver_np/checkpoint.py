@@ -21,11 +21,9 @@ metadata is JSON. Writes are atomic (a temporary file in the same directory, fsy
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import struct
 import tokenize
 import zipfile
@@ -37,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import atomic_savez
 from .config import PerceiverConfig, param_shapes
 
 FORMAT_NAME = "perceiver_np.checkpoint"
@@ -145,7 +144,7 @@ def save_checkpoint(
     if opt is not None:
         arrays.update({OPT_PREFIX + name: value for name, value in opt.items()})
     target = Path(path)
-    _atomic_savez(target, arrays)
+    atomic_savez(target, arrays)
     return target
 
 
@@ -206,44 +205,6 @@ def _package_version() -> str:
     from . import __version__  # deferred: the package imports its modules first
 
     return str(__version__)
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a fresh temporary file next to ``path``, fsync, rename onto ``path``.
-
-    On any failure (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    untouched. The temporary file is created with mode 0o666 minus the umask, like any new file.
-    """
-    directory = path.parent
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    tmp = directory / f".{path.name[:100]}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, flags, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            savez: Any = np.savez  # looked up at call time; typed Any: names may not be kwargs
-            savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable where the platform allows opening a directory (POSIX)."""
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # ---------------------------------------------------------------------------------------------

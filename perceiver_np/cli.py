@@ -222,14 +222,11 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
+    from .interop import load_params
     from .verify import write_golden
 
     cfg = dataclasses.replace(_config_from(args), dtype="float64", backend="numpy")
-    params = None
-    if args.params:
-        with open(args.params, "rb") as f, np.load(f, allow_pickle=False) as z:
-            params = {k: z[k].astype(np.float64) for k in z.files}
-    model = Perceiver(cfg, params)
+    model = load_params(args.params, cfg) if args.params else Perceiver(cfg)
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.batch, args.length, cfg.input_dim))
     mask = None
@@ -317,7 +314,8 @@ def parser() -> argparse.ArgumentParser:
     go.add_argument("--preset", choices=("edifice", "deepmind", "hf"),
                     help="start from a preset; flags given other values override it")
     _add_config_flags(go)
-    go.add_argument("--params", type=Path, help=".npz keyed by our schema: weights trained elsewhere")
+    go.add_argument("--params", type=Path,
+                    help=".npz or .safetensors keyed by our schema: weights trained elsewhere")
     go.add_argument("--batch", type=int, default=2, help="B")
     go.add_argument("--length", type=int, default=8, help="N")
     go.add_argument("--mask", action="store_true", help="pad the last sample to half its length")

@@ -152,3 +152,33 @@ GOLDEN_FLOAT32_RTOL = 2e-4
 #: model's largest gradient): the key-projection biases' exact gradient is 0, so both sides hold
 #: rounding noise there (~1e-17 in float64, ~1e-8 in float32 of the largest gradient).
 GOLDEN_GRAD_FLOOR = 1e-3
+
+# --- interop ---
+
+#: perceiver_np float32 against Hugging Face's PerceiverModel in float32, normwise relative
+#: (max|ours - HF| / max|HF|) on the outputs (tests/test_interop.py). Both round in float32, in
+#: different orders (our scale multiplies the logits, HF divides them; our masked logits are
+#: filled, HF's shifted by finfo.min; different GEMM blocking), so each side is off the exact
+#: result by the probabilistic bound float32_forward_rtol(depth, width): for the test models
+#: (depth <= ~20 dependent operations, widths <= 32) about 6 * 20 * 6 * 6e-8 ~ 4e-5 at worst,
+#: typically sqrt of that depth factor smaller. Measured: 9.1e-7 at most over the seven
+#: configurations. 1e-5 leaves a 10x margin over the measurement; a wrong term (a missing bias,
+#: a LayerNorm on the wrong side, tanh GELU for exact: 4.7e-4 absolute) is 1e-4 or more.
+INTEROP_FLOAT32_RTOL = 1e-5
+
+#: The same comparison in float64 (HF model .double()): two float64 computations of the same
+#: function, FLOAT64_RTOL's argument. Measured: 9.4e-16 at most.
+INTEROP_FLOAT64_RTOL = FLOAT64_RTOL
+
+#: Every parameter gradient (and the input gradient) of sum(y * dy), ours against torch autograd
+#: through HF's model, float64, normwise per tensor against max(max|g_HF|, INTEROP_GRAD_FLOOR *
+#: the largest gradient of the model). Rounding alone gives ~ depth * sqrt(width) * U64 ~ 1e-14;
+#: measured: 5.9e-13 at most (a floored key-projection bias, see below), 1e-14 elsewhere.
+#: 1e-8 is the bar asked for: 1e4 above the measurement, and a wrong backward term is O(1).
+INTEROP_GRAD_RTOL = 1e-8
+
+#: The key-projection biases have an exact gradient of 0 (they shift a whole softmax row, and a
+#: masked logit is filled or pushed to finfo.min, not shifted), so both sides return rounding
+#: noise (measured ~1e-16 of the model's largest gradient): it is compared against this fraction
+#: of the largest gradient instead of its own size, i.e. an absolute 1e-11 of it at the bar.
+INTEROP_GRAD_FLOOR = 1e-3

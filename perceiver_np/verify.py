@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import _atomic_savez  # the one atomic .npz writer (temp file, fsync, rename)
+from ._files import atomic_savez
 from .config import PerceiverConfig
 from .model import Perceiver
 from .tolerances import GOLDEN_FLOAT32_RTOL, GOLDEN_FLOAT64_RTOL, GOLDEN_GRAD_FLOOR
@@ -61,7 +61,7 @@ def write_golden(
             "activations": [k[4:] for k in run if k.startswith("act/")],
             "gradients": [k[5:] for k in run if k.startswith("grad/")]}
     arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    _atomic_savez(Path(path), arrays)
+    atomic_savez(Path(path), arrays)
     return Path(path)
 
 
@@ -93,7 +93,7 @@ def write_run(path: str | Path, model: Perceiver, x: np.ndarray, mask: np.ndarra
               *, seed: int = 0, queries: np.ndarray | None = None) -> Path:
     """:func:`run_and_record` written to ``path``: a file :func:`compare` reads as "theirs"
     (e.g. this implementation in float32, or with weights of your own)."""
-    _atomic_savez(Path(path), run_and_record(model, x, mask, seed=seed, queries=queries))
+    atomic_savez(Path(path), run_and_record(model, x, mask, seed=seed, queries=queries))
     return Path(path)
 
 

@@ -111,3 +111,14 @@ def test_not_a_golden_file(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"not a readable \.npz file"):
         verify.read_golden(tmp_path / "junk.npz")
+
+
+def test_golden_for_weights_trained_elsewhere(tmp_path):
+    cfg = pnp.PerceiverConfig(input_dim=7, latent_dim=16, num_latents=4, num_heads=2, num_layers=3,
+                              num_cross_layers=2, seed=11, dtype="float64")
+    trained = pnp.Perceiver(cfg)
+    pnp.interop.save_params(tmp_path / "w.npz", trained)
+    out = tmp_path / "g.npz"
+    assert cli(["golden", *FLAGS, "--params", str(tmp_path / "w.npz"), "--out", str(out)]) == 0
+    model, _ = _model_from(out)
+    assert all(np.array_equal(model.params[k], trained.params[k]) for k in trained.params)
