@@ -206,6 +206,24 @@ class Perceiver:
         if cfg.final_norm:
             z, final_norm = layernorm_forward(z, sub(p, "final_norm"))
             tap(record, "final_norm.out", z)
+        y, head = self.decode(z, queries=queries, query_mask=query_mask, training=training,
+                              rng=rng, record=record)
+        return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, head)
+
+    def decode(
+        self,
+        z: np.ndarray,
+        *,
+        queries: Any = None,
+        query_mask: Any = None,
+        training: bool = False,
+        rng: np.random.Generator | None = None,
+        record: Record = None,
+    ) -> tuple[np.ndarray, MeanPoolCache | DecoderCache | None]:
+        """The output head on the final (normed) latents z [B, M, D]: the mean pool, the
+        latents themselves, or a decoder. -> (y, its cache)."""
+        cfg, p = self.config, self.params
+        b = z.shape[0]
         head: MeanPoolCache | DecoderCache | None
         if cfg.decoder in ("pool", "latents"):
             if queries is not None or query_mask is not None:
@@ -235,7 +253,13 @@ class Perceiver:
                 y = y[:, 0]  # [B, 1, out] -> [B, out]
             head = DecoderCache(block, output, qmask)
         tap(record, "output", y)
-        return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, head)
+        return y, head
+
+    def encode_stream(self, chunks: Any, mask_chunks: Any = None, *, chunk_size: int = 65536) -> np.ndarray:
+        """Inference over an input streamed in chunks, never held whole (perceiver_np.stream)."""
+        from .stream import encode_stream
+
+        return encode_stream(self, chunks, mask_chunks, chunk_size=chunk_size)
 
     def _queries(self, batch: int, queries: Any) -> np.ndarray:
         """The output queries broadcast over the batch: [B, O, Cq]."""
