@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,20 +190,72 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sequences(path: Path) -> list[np.ndarray]:
+    """The arrays of an .npz of sequences [n_i, C] of different lengths, in the file's order."""
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+        seqs = [z[k] for k in z.files]
+    for k, s in zip(range(len(seqs)), seqs, strict=True):
+        if s.ndim != 2:
+            raise ValueError(f"{path}: sequence {k} must be [n, C], got shape {s.shape}")
+    return seqs
+
+
+def _pad(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences [n_i, C] -> (x [B, max n, C] zero-padded, mask [B, max n], True = real)."""
+    n = max(len(s) for s in seqs)
+    x = np.zeros((len(seqs), n, seqs[0].shape[1]), dtype=np.result_type(*seqs))
+    mask = np.zeros((len(seqs), n), dtype=bool)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    return x, mask
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     model = _restore(args.checkpoint)
-    x = np.load(args.input, allow_pickle=False, mmap_mode="r")
-    mask = np.load(args.mask, allow_pickle=False) if args.mask else None
-    outs = []
     t0 = time.perf_counter()
-    for start in range(0, len(x), args.batch_size):
-        sl = slice(start, start + args.batch_size)
-        outs.append(model(np.asarray(x[sl]), None if mask is None else mask[sl]))
-    y = np.concatenate(outs)
+    if args.stream:  # one [B, N, C] array read chunk by chunk from its memory map
+        x = np.load(args.input, allow_pickle=False, mmap_mode="r")
+        mask = np.load(args.mask, allow_pickle=False, mmap_mode="r") if args.mask else None
+        y = model.encode_stream(x, mask, chunk_size=args.chunk_size)
+        count, tokens = x.shape[0], x.shape[0] * x.shape[1]
+    else:
+        batches: Iterator[tuple[np.ndarray, np.ndarray | None]]
+        if args.input.suffix == ".npz":  # sequences of different lengths: padded and masked
+            seqs = _sequences(args.input)
+            batches = (_pad(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size))
+            count, tokens = len(seqs), sum(len(s) for s in seqs)
+        else:
+            x = np.load(args.input, allow_pickle=False, mmap_mode="r")
+            mask = np.load(args.mask, allow_pickle=False, mmap_mode="r") if args.mask else None
+            batches = ((np.asarray(x[i:i + args.batch_size]),
+                        None if mask is None else np.asarray(mask[i:i + args.batch_size]))
+                       for i in range(0, len(x), args.batch_size))
+            count, tokens = x.shape[0], x.shape[0] * x.shape[1]
+        outs = []
+        bar = _bar(math.ceil(count / args.batch_size), not args.quiet)
+        for xb, mb in batches:
+            outs.append(model(xb, mb))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        y = np.concatenate(outs)
     np.save(args.out, y)
     seconds = time.perf_counter() - t0
-    print(f"{len(x)} samples -> {args.out} {y.shape} in {seconds:.2f} s ({len(x) / seconds:.1f} samples/s)")
+    print(f"{count} samples ({tokens:,} tokens) -> {args.out} {y.shape} in {seconds:.2f} s: "
+          f"{count / seconds:.1f} samples/s, {tokens / seconds:,.0f} tokens/s")
     return 0
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="batch", leave=False)
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
@@ -296,10 +349,16 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="run a checkpoint on x.npy, write y.npy")
     pr.add_argument("--checkpoint", type=Path, required=True)
-    pr.add_argument("--input", type=Path, required=True, help=".npy [S, N, C] (memory-mapped)")
+    pr.add_argument("--input", type=Path, required=True,
+                    help=".npy [S, N, C] (memory-mapped), or .npz of sequences [n_i, C] of any lengths "
+                         "(padded and masked automatically)")
     pr.add_argument("--mask", type=Path, help=".npy bool [S, N], True = keep")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--stream", action="store_true",
+                    help="stream one long input through the encoder chunk by chunk (any N, bounded memory)")
+    pr.add_argument("--chunk-size", type=int, default=65536, help="positions per chunk with --stream")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_predict)
 
     gc = sub.add_parser("gradcheck", help="finite-difference check of a configuration, in float64")
