@@ -36,8 +36,12 @@ from .blocks import (
 from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
 from .interop import from_hf, from_hf_state_dict, to_hf_state_dict
 from .model import Perceiver, build, init_params
+from .threads import apply_environment as _apply_environment
+from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
+
+_apply_environment()
 
 __all__ = [
     "Perceiver",
@@ -50,6 +54,7 @@ __all__ = [
     "cross_block_forward",
     "from_hf",
     "from_hf_state_dict",
+    "get_num_threads",
     "gradcheck",
     "init_params",
     "interop",
@@ -64,6 +69,7 @@ __all__ = [
     "recommended_defaults",
     "self_block_backward",
     "self_block_forward",
+    "set_num_threads",
     "shapes",
     "to_hf_state_dict",
     "tolerances",
