@@ -25,3 +25,31 @@ def assert_same_gradients(got, want, rtol):
     for name in want:
         ref = max(np.abs(want[name]).max(), GOLDEN_GRAD_FLOOR * scale)
         assert np.abs(got[name] - want[name]).max() <= rtol * ref, name
+
+
+def random_model(rng, **overrides):
+    """A small float64 model (small_opts with ``overrides``) whose every parameter is moved off
+    its initial value, so that no gradient is trivially zero or one."""
+    import perceiver_np as pnp
+
+    model = pnp.build(**small_opts(**overrides))
+    for name, v in model.params.items():
+        model.params[name] = v + 0.3 * rng.normal(size=v.shape)
+    return model
+
+
+def assert_same_run(plain, other, x, rng, rtol, mask=None, training=False):
+    """``other`` gives ``plain``'s output, every parameter gradient and dx within ``rtol``
+    (normwise) for a random upstream gradient; both draw dropout from one seed. Returns the
+    caches (plain, other)."""
+    import numpy as np
+
+    y0, c0 = plain.forward(x, mask, training=training, rng=np.random.default_rng(1))
+    y1, c1 = other.forward(x, mask, training=training, rng=np.random.default_rng(1))
+    assert np.abs(y1 - y0).max() <= rtol * np.abs(y0).max()
+    dy = rng.normal(size=y0.shape)
+    g0, dx0 = plain.backward(dy, c0)
+    g1, dx1 = other.backward(dy, c1)
+    assert_same_gradients(g1, g0, rtol)
+    assert np.abs(dx1 - dx0).max() <= rtol * np.abs(dx0).max()
+    return c0, c1

@@ -10,7 +10,7 @@ import perceiver_np as pnp
 from perceiver_np.gradcheck import check_model
 from perceiver_np.tolerances import FLOAT64_RTOL, GRADCHECK_RTOL
 
-from .helpers import assert_same_gradients, small_opts
+from .helpers import assert_same_run, random_model, small_opts
 from .spec_model import spec_forward
 
 DECODERS = {
@@ -24,11 +24,7 @@ DECODERS = {
 }
 
 
-def _model(rng, **opts):
-    model = pnp.build(**small_opts(**opts))
-    for name, v in model.params.items():
-        model.params[name] = v + 0.3 * rng.normal(size=v.shape)
-    return model
+_model = random_model
 
 
 def _queries(model, rng, batch, o=6):
@@ -74,14 +70,7 @@ def test_many_queries_decoder_through_the_kernel_equals_plain_path(rng):
     plain = _model(rng, **opts, backend="numpy")
     kernel = pnp.Perceiver(plain.config.replace(backend="numba"), plain.params)
     x = rng.normal(size=(2, 9, 5))
-    y0, c0 = plain.forward(x)
-    y1, c1 = kernel.forward(x)
-    assert np.abs(y1 - y0).max() <= FLOAT64_RTOL * np.abs(y0).max()
-    dy = rng.normal(size=y0.shape)
-    g0, dx0 = plain.backward(dy, c0)
-    g1, dx1 = kernel.backward(dy, c1)
-    assert_same_gradients(g1, g0, FLOAT64_RTOL)
-    assert np.abs(dx1 - dx0).max() <= FLOAT64_RTOL * np.abs(dx0).max()
+    _, c1 = assert_same_run(plain, kernel, x, rng, FLOAT64_RTOL)
     assert type(c1.head.block.attn.attn).__name__ == "FlashCache"
 
 

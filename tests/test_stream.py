@@ -13,7 +13,7 @@ import pytest
 import perceiver_np as pnp
 from perceiver_np.tolerances import FLOAT64_RTOL, float32_forward_rtol
 
-from .helpers import small_opts
+from .helpers import random_model
 
 CASES = {
     "seed-small": {},
@@ -24,11 +24,7 @@ CASES = {
 }
 
 
-def _model(rng, **opts):
-    model = pnp.build(**small_opts(**opts))
-    for name, v in model.params.items():
-        model.params[name] = v + 0.3 * rng.normal(size=v.shape)
-    return model
+_model = random_model
 
 
 @pytest.mark.parametrize("case", list(CASES))
