@@ -18,7 +18,8 @@ names of the parameter schema (docs/params.md), i.e. the model's names without t
 ``dropout`` is the rate of the dropout after the attention output projection and after the
 FFN down projection; ``attention_dropout`` drops attention probabilities. Both act only with
 ``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``backend``
-picks the attention implementation (:func:`perceiver_np.layers.mha_forward`). ``record``
+picks the attention implementation (:func:`perceiver_np.layers.mha_forward`), ``ffn_backend``
+the GELU's (:func:`perceiver_np.layers.gelu_forward`). ``record``
 collects every intermediate activation under ``{name}.<step>.out`` (docs/verify.md).
 """
 
@@ -68,11 +69,13 @@ def ffn_sublayer_forward(
     rng: np.random.Generator | None,
     record: Record = None,
     name: str = "",
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, FFNSublayerCache]:
     """The second half of both blocks: a: [B, M, D] -> a + Drop(FFN(LN_ffn(a))): [B, M, D]."""
     u, norm = layernorm_forward(a, sub(params, "ffn_norm"))
     tap(record, f"{name}.ffn_norm.out", u)
-    f, ffn = ffn_forward(u, sub(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn")
+    f, ffn = ffn_forward(u, sub(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn",
+                         backend=backend)
     f, drop = dropout_forward(f, rate=dropout, training=training, rng=rng)
     y = residual_forward(a, f)
     tap(record, f"{name}.out", y)
@@ -119,6 +122,7 @@ def cross_block_forward(
     masked_rows: str = "zero",
     record: Record = None,
     name: str = "cross",
+    ffn_backend: str = "numpy",
 ) -> tuple[np.ndarray, CrossBlockCache]:
     """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
     b, m, d = z.shape
@@ -145,7 +149,8 @@ def cross_block_forward(
     a = residual_forward(z, att) if use_query_residual else att
     tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
-        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name
+        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name,
+        backend=ffn_backend,
     )
     expect_shape("cross_block output", y, (b, m, d), "[B, M, D]")
     return y, CrossBlockCache(q_norm, kv_norm, attn, drop, use_query_residual, ffn)
@@ -199,6 +204,7 @@ def self_block_forward(
     backend: str = "numpy",
     record: Record = None,
     name: str = "self",
+    ffn_backend: str = "numpy",
 ) -> tuple[np.ndarray, SelfBlockCache]:
     """z: [B, M, D] -> y: [B, M, D]."""
     u, norm = layernorm_forward(z, sub(params, "norm"))
@@ -219,7 +225,8 @@ def self_block_forward(
     a = residual_forward(z, att)
     tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
-        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name
+        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name,
+        backend=ffn_backend,
     )
     return y, SelfBlockCache(norm, attn, drop, ffn)
 

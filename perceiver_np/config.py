@@ -181,6 +181,11 @@ class PerceiverConfig:
             return "numba"
         return "numpy"
 
+    @property
+    def elementwise_backend(self) -> str:
+        """The GELU's implementation: the parallel kernel unless ``backend="numpy"``."""
+        return "numpy" if self.backend == "numpy" else "numba"
+
     def replace(self, **changes: Any) -> PerceiverConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)

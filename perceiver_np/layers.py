@@ -140,27 +140,38 @@ def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarra
 class GeluCache(NamedTuple):
     x: np.ndarray  # [...]
     approximate: str  # "exact" | "tanh"
+    backend: str  # "numpy" | "numba"
 
 
 def gelu_forward(
-    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact"
+    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact", backend: str = "numpy"
 ) -> tuple[np.ndarray, GeluCache]:
     """x: [...] -> y: [...]. ``exact``: x * Phi(x) with the normal CDF Phi (erf);
-    ``tanh``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). No parameters."""
+    ``tanh``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). No parameters.
+    ``backend="numba"``: the same formulas in the parallel kernels of
+    ``perceiver_np.kernels.elementwise`` (the fast path; tested equal)."""
+    if approximate not in ("exact", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'exact' or 'tanh', got {approximate!r}")
+    if backend == "numba":
+        from .kernels.elementwise import gelu_forward as fast_gelu
+
+        return fast_gelu(x, approximate), GeluCache(x, approximate, backend)
     if approximate == "exact":
         y = 0.5 * x * (1.0 + erf(x / x.dtype.type(_SQRT_2)))
     elif approximate == "tanh":
         t = np.tanh(x.dtype.type(_SQRT_2_OVER_PI) * (x + x.dtype.type(_GELU_TANH_C) * x**3))
         y = 0.5 * x * (1.0 + t)
-    else:
-        raise ValueError(f"gelu: approximate must be 'exact' or 'tanh', got {approximate!r}")
-    return y, GeluCache(x, approximate)
+    return y, GeluCache(x, approximate, backend)
 
 
 def gelu_backward(dy: np.ndarray, cache: GeluCache) -> tuple[np.ndarray, Params]:
     """dy: [...] -> dx: [...]; no parameters, so grads is ``{}``."""
-    x, approximate = cache
+    x, approximate, backend = cache
     expect_shape("gelu dy", dy, x.shape, "[...]")
+    if backend == "numba":
+        from .kernels.elementwise import gelu_backward as fast_gelu_backward
+
+        return fast_gelu_backward(dy, x, approximate), {}
     if approximate == "exact":
         # d/dx [x Phi(x)] = Phi(x) + x phi(x)
         cdf = 0.5 * (1.0 + erf(x / x.dtype.type(_SQRT_2)))
@@ -298,13 +309,19 @@ class FFNCache(NamedTuple):
 
 
 def ffn_forward(
-    x: np.ndarray, params: Params, *, gelu: str = "exact", record: Record = None, name: str = "ffn"
+    x: np.ndarray,
+    params: Params,
+    *,
+    gelu: str = "exact",
+    record: Record = None,
+    name: str = "ffn",
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, FFNCache]:
     """x: [..., D] -> y: [..., D] through a hidden width wD.
     params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``."""
     pre, up = linear_forward(x, sub(params, "up"))  # [..., D] -> [..., wD]
     tap(record, f"{name}.up.out", pre)
-    a, act = gelu_forward(pre, approximate=gelu)
+    a, act = gelu_forward(pre, approximate=gelu, backend=backend)
     tap(record, f"{name}.act.out", a)
     y, down = linear_forward(a, sub(params, "down"))  # [..., wD] -> [..., D]
     tap(record, f"{name}.down.out", y)

@@ -192,6 +192,7 @@ class Perceiver:
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                     training=training, rng=rng, backend=cfg.attention_backend("cross", training),
                     masked_rows=cfg.masked_rows, record=record, name=step_name,
+                    ffn_backend=cfg.elementwise_backend,
                 )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
                 steps.append(cross)
             else:
@@ -199,7 +200,7 @@ class Perceiver:
                     z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
                     dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                     training=training, rng=rng, backend=cfg.attention_backend("self", training),
-                    record=record, name=step_name,
+                    record=record, name=step_name, ffn_backend=cfg.elementwise_backend,
                 )  # [B, M, D] -> [B, M, D]
                 steps.append(self_)
         final_norm = None
@@ -244,7 +245,7 @@ class Perceiver:
                 use_query_residual=cfg.decoder_query_residual, gelu=cfg.gelu,
                 dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                 training=training, rng=rng, backend=cfg.attention_backend("cross", training),
-                record=record, name="decoder",
+                record=record, name="decoder", ffn_backend=cfg.elementwise_backend,
             )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
             y, output = linear_forward(u, sub(p, "decoder.output"))  # [B, O, Cq] -> [B, O, out]
             if qmask is not None:

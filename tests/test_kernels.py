@@ -297,3 +297,39 @@ def test_kernel_equals_torch_sdpa(rng):
     assert _rel(o, to.detach().numpy()) <= KERNEL_FLOAT64_RTOL
     for ours, theirs in ((dq, tq.grad), (dk, tk.grad), (dv, tv.grad)):
         assert _rel(ours, theirs.numpy()) <= KERNEL_FLOAT64_RTOL
+
+
+# --- the fast path's element-wise kernels ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["exact", "tanh"])
+def test_fast_gelu_equals_the_plain_gelu(rng, kind):
+    from perceiver_np import layers
+    from perceiver_np.tolerances import float32_forward_rtol
+
+    x = 3 * rng.normal(size=(7, 1001))
+    x[0, :6] = [-40.0, -9.0, -1e-3, 0.0, 9.0, 40.0]
+    dy = rng.normal(size=x.shape)
+    y, c = layers.gelu_forward(x, approximate=kind)
+    dx, _ = layers.gelu_backward(dy, c)
+    y_fast, c_fast = layers.gelu_forward(x, approximate=kind, backend="numba")
+    dx_fast, _ = layers.gelu_backward(dy, c_fast)
+    assert _rel(y_fast, y) <= KERNEL_FLOAT64_RTOL and _rel(dx_fast, dx) <= KERNEL_FLOAT64_RTOL
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    y32, c32 = layers.gelu_forward(x32, approximate=kind, backend="numba")
+    dx32, _ = layers.gelu_backward(dy32, c32)
+    assert y32.dtype == dx32.dtype == np.float32
+    # a handful of dependent float32 operations (polynomial, exp, products): 8 of them, width 10
+    bound = float32_forward_rtol(8, 10)
+    assert _rel(y32, y) <= bound and _rel(dx32, dx) <= bound
+    assert np.isfinite(y32).all() and np.isfinite(dx32).all()
+
+
+def test_fast_gelu_backward_equals_finite_differences(rng):
+    from perceiver_np import layers
+    from perceiver_np.gradcheck import check_layer
+
+    for kind in ("exact", "tanh"):
+        report = check_layer(layers.gelu_forward, layers.gelu_backward, 2 * rng.normal(size=(3, 17)),
+                             approximate=kind, backend="numba")
+        assert report.max_rel_error <= GRADCHECK_RTOL, str(report)

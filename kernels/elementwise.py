@@ -1,0 +1,146 @@
+"""Element-wise kernels of the fast path: GELU forward and backward, parallel and vectorised.
+
+``gelu_forward(x, approximate)`` and ``gelu_backward(dy, x, approximate)`` compute exactly the
+formulas of :func:`perceiver_np.layers.gelu_forward` / ``gelu_backward`` (tested equal):
+exact ``x * Phi(x)`` or the tanh approximation, in the input's dtype, over all cores.
+
+The plain path's exact GELU calls ``scipy.special.erf``, a scalar routine, and on a float32
+[32 x 64 x 1024] activation it costs as much as the matrix products around it. Here, in float32,
+``Phi(x) = erfc(-x / sqrt 2) / 2`` with Numerical Recipes' ``erfcc`` (a Chebyshev fit,
+fractional error below 1.2e-7 everywhere) evaluated with the vectorisable ``fast_exp``, and
+``tanh(u) = 1 - 2 / (exp(2u) + 1)`` (u clamped to [-15, 15], where tanh is +-1 in float32);
+in float64, ``math.erf`` and ``math.tanh`` (the precise path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+from numba.extending import overload
+
+from ._numba import parallel_kernel
+from .fastexp import fast_exp
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_K = math.sqrt(2.0 / math.pi)
+_C = 0.044715
+#: Numerical Recipes (2nd ed., §6.2) erfcc coefficients, t = 1 / (1 + z / 2).
+_ERFCC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+          -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+def phi_cdf(x):
+    """Phi(x), the standard normal CDF; inside Numba-compiled code the float32 version is the
+    vectorisable one."""
+    return 0.5 * (1.0 + math.erf(x * _SQRT_HALF))
+
+
+@overload(phi_cdf)
+def _phi_cdf_overload(x):  # pragma: no cover - compiled
+    from numba import types
+
+    if x == types.float32:
+        c = tuple(np.float32(v) for v in _ERFCC)
+        half, one, two, s = np.float32(0.5), np.float32(1.0), np.float32(2.0), np.float32(_SQRT_HALF)
+
+        def impl(x):
+            z = -x * s  # Phi(x) = erfc(z) / 2
+            a = abs(z)
+            t = one / (one + half * a)
+            poly = c[9]
+            poly = poly * t + c[8]
+            poly = poly * t + c[7]
+            poly = poly * t + c[6]
+            poly = poly * t + c[5]
+            poly = poly * t + c[4]
+            poly = poly * t + c[3]
+            poly = poly * t + c[2]
+            poly = poly * t + c[1]
+            poly = poly * t + c[0]
+            erfc_a = t * fast_exp(-a * a + poly)
+            erfc_z = erfc_a if z >= 0 else two - erfc_a
+            return half * erfc_z
+
+        return impl
+    return lambda x: 0.5 * (1.0 + math.erf(x * _SQRT_HALF))
+
+
+def tanh_any(u):
+    return math.tanh(u)
+
+
+@overload(tanh_any)
+def _tanh_overload(u):  # pragma: no cover - compiled
+    from numba import types
+
+    if u == types.float32:
+        one, two, limit = np.float32(1.0), np.float32(2.0), np.float32(15.0)
+
+        def impl(u):
+            u = min(max(u, -limit), limit)  # tanh(15) rounds to 1 in float32; exp stays finite
+            return one - two / (fast_exp(two * u) + one)
+
+        return impl
+    return lambda u: math.tanh(u)
+
+
+def exp_any(u):
+    return math.exp(u)
+
+
+@overload(exp_any)
+def _exp_overload(u):  # pragma: no cover - compiled
+    return lambda u: fast_exp(u)
+
+
+@parallel_kernel
+def _gelu_forward(x, y, tanh_form):  # pragma: no cover - compiled
+    """y = GELU(x) over flat contiguous arrays."""
+    k, c, half = x.dtype.type(_K), x.dtype.type(_C), x.dtype.type(0.5)
+    n = x.size
+    step = 4096
+    for block in prange((n + step - 1) // step):
+        for i in range(block * step, min(n, block * step + step)):
+            v = x[i]
+            if tanh_form:
+                y[i] = half * v * (x.dtype.type(1.0) + tanh_any(k * (v + c * v * v * v)))
+            else:
+                y[i] = v * phi_cdf(v)
+
+
+@parallel_kernel
+def _gelu_backward(dy, x, dx, tanh_form):  # pragma: no cover - compiled
+    """dx = dy * GELU'(x) over flat contiguous arrays."""
+    k, c, half = x.dtype.type(_K), x.dtype.type(_C), x.dtype.type(0.5)
+    one, three = x.dtype.type(1.0), x.dtype.type(3.0)
+    inv = x.dtype.type(_INV_SQRT_2PI)
+    n = x.size
+    step = 4096
+    for block in prange((n + step - 1) // step):
+        for i in range(block * step, min(n, block * step + step)):
+            v = x[i]
+            if tanh_form:
+                t = tanh_any(k * (v + c * v * v * v))
+                d = half * (one + t) + half * v * (one - t * t) * k * (one + three * c * v * v)
+            else:
+                d = phi_cdf(v) + v * inv * exp_any(-half * v * v)
+            dx[i] = dy[i] * d
+
+
+def gelu_forward(x: np.ndarray, approximate: str = "exact") -> np.ndarray:
+    """x: [...] -> GELU(x): [...], in x's dtype (float32 or float64)."""
+    xc = np.ascontiguousarray(x)
+    y = np.empty_like(xc)
+    _gelu_forward(xc.reshape(-1), y.reshape(-1), approximate == "tanh")
+    return y
+
+
+def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact") -> np.ndarray:
+    """dy, x: [...] -> dx = dy * GELU'(x): [...]."""
+    xc, dyc = np.ascontiguousarray(x), np.ascontiguousarray(dy, dtype=x.dtype)
+    dx = np.empty_like(xc)
+    _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), approximate == "tanh")
+    return dx
