@@ -84,7 +84,12 @@ def _cross_block_stream(
         x = as_real_input("chunk", x, dt)
         expect_shape("chunk", x, (b, None, cfg.input_dim), "[B, n, C]")
         n = x.shape[1]
-        keep = None if masks is None else as_mask(next(masks), b, n, name="mask chunk", letters="[B, n]")
+        keep = None
+        if masks is not None:
+            mask_chunk = next(masks, None)
+            if mask_chunk is None:
+                raise ValueError("mask_chunks: fewer mask chunks than input chunks")
+            keep = as_mask(mask_chunk, b, n, name="mask chunk", letters="[B, n]")
         h = x
         if cfg.input_projection:
             h, _ = linear_forward(x, sub(model.params, "input_proj"))  # [B, n, C] -> [B, n, D]
@@ -108,7 +113,8 @@ def _cross_block_stream(
     o = np.where(l_i > 0, acc / np.where(l_i > 0, l_i, 1.0), 0.0).astype(dt)  # no visible key: 0
     att, _ = linear_forward(merge_heads(o), sub(p, "attn.out"))  # [B, M, v] -> [B, M, D]
     a = z + att if cfg.use_query_residual else att
-    y, _ = ffn_sublayer_forward(a, p, gelu=cfg.gelu, dropout=0.0, training=False, rng=None)
+    y, _ = ffn_sublayer_forward(a, p, gelu=cfg.gelu, dropout=0.0, training=False, rng=None,
+                                backend=cfg.elementwise_backend)
     return y, n_seen
 
 
@@ -150,7 +156,8 @@ def encode_stream(
             n_total = n
         else:
             z, _ = self_block_forward(z, sub(model.params, f"self.{i}"), num_heads=cfg.num_heads,
-                                      gelu=cfg.gelu)
+                                      gelu=cfg.gelu, backend=cfg.attention_backend("self", False),
+                                      ffn_backend=cfg.elementwise_backend)
     if cfg.final_norm:
         z, _ = layernorm_forward(z, sub(model.params, "final_norm"))
     return model.decode(z)[0]  # the head reads the latents only: the model's own

@@ -65,6 +65,8 @@ def test_stream_errors(rng):
         _model(rng).encode_stream(iter([]))
     with pytest.raises(ValueError, match=r"chunk: expected shape \[B, n, C\]"):
         _model(rng).encode_stream(iter([x, x[:1]]))
+    with pytest.raises(ValueError, match="fewer mask chunks than input chunks"):
+        _model(rng).encode_stream(iter([x[:, :3], x[:, 3:]]), iter([np.ones((2, 3), bool)]))
     with pytest.raises(ValueError, match="masked_rows"):
         _model(rng, masked_rows="uniform").encode_stream(x)
 
