@@ -11,6 +11,7 @@ by finite differences (:mod:`perceiver_np.gradcheck`). The API mirrors Edifice's
     grads, dx = model.backward(dy, cache)            # grads keyed like model.params
 """
 
+from . import threads  # first: it configures Numba's thread pool before anything starts it
 from . import (
     attention,
     blocks,

@@ -214,9 +214,11 @@ def _pad(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def cmd_predict(args: argparse.Namespace) -> int:
     model = _restore(args.checkpoint)
     t0 = time.perf_counter()
-    if args.stream:  # one [B, N, C] array read chunk by chunk from its memory map
-        x = np.load(args.input, allow_pickle=False, mmap_mode="r")
-        mask = np.load(args.mask, allow_pickle=False, mmap_mode="r") if args.mask else None
+    if args.stream:  # one [B, N, C] array read from its file chunk by chunk
+        from .stream import NpyChunks
+
+        x = NpyChunks(args.input, args.chunk_size)  # read into one reused buffer, never whole
+        mask = NpyChunks(args.mask, args.chunk_size) if args.mask else None
         y = model.encode_stream(x, mask, chunk_size=args.chunk_size)
         count, tokens = x.shape[0], x.shape[0] * x.shape[1]
     else:

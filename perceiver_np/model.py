@@ -134,7 +134,32 @@ class Perceiver:
     ) -> np.ndarray:
         """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y: [B, D] (mean pool),
         [B, out] (classification) or [B, O, out] (query decoder)."""
-        return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
+        if not self.uses_fast_path:
+            return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
+        from . import fast
+
+        x, mask = self._check_input(x, mask)
+        z = fast.encode(self, x, mask)  # [B, N, C] -> [B, M, D]
+        return self.decode(z, queries=queries, query_mask=query_mask)[0]
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether inference (``model(x)``) runs :mod:`perceiver_np.fast`: unless
+        ``backend="numpy"`` (the plain path, for teaching) or ``masked_rows="uniform"`` (which
+        the attention kernel does not do)."""
+        return self.config.backend != "numpy" and self.config.masked_rows == "zero"
+
+    def _check_input(self, x: Any, mask: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """x -> float array [B, N, C] of the model's dtype, mask -> bool [B, N] or None."""
+        cfg = self.config
+        x = as_real_input("x", x, cfg.np_dtype)
+        if x.ndim != 3:
+            raise ValueError(f"x: expected shape [B, N, C] with C = {cfg.input_dim}, got {x.shape}")
+        expect_shape("x", x, (None, None, cfg.input_dim), "[B, N, C]")
+        b, n, _ = x.shape
+        if b == 0 or n == 0:
+            raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
+        return x, as_mask(mask, b, n)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -160,14 +185,8 @@ class Perceiver:
         the plain attention path records scores and probabilities too, the kernel does not.
         """
         cfg, p = self.config, self.params
-        x = as_real_input("x", x, cfg.np_dtype)
-        if x.ndim != 3:
-            raise ValueError(f"x: expected shape [B, N, C] with C = {cfg.input_dim}, got {x.shape}")
-        expect_shape("x", x, (None, None, cfg.input_dim), "[B, N, C]")
+        x, mask = self._check_input(x, mask)
         b, n, _ = x.shape
-        if b == 0 or n == 0:
-            raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
-        mask = as_mask(mask, b, n)
         if training and (cfg.dropout > 0 or cfg.attention_dropout > 0):
             if not isinstance(rng, np.random.Generator):
                 raise ValueError(

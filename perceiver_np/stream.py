@@ -3,12 +3,16 @@
 ::
 
     y = encode_stream(model, chunks)               # chunks: [B, n_i, C] arrays, one pass per cross block
+    y = encode_stream(model, NpyChunks("x.npy", chunk_size=65536))   # a file read in chunks
     y = encode_stream(model, np.load("x.npy", mmap_mode="r"), chunk_size=65536)
 
 Inference only. Each cross-attention keeps, per latent and head, the online-softmax state of
-docs/kernel.md, running max ``m_i``, running sum ``l_i`` and accumulator ``acc``, and folds
-the input in chunk by chunk: the input projection, the key/value LayerNorm and projections and
-the scores of one chunk at a time. Extra memory grows with the chunk, not with N. The result
+docs/kernel.md (running max, running sum and accumulator) and folds the input in chunk by
+chunk: the input projection, the key/value LayerNorm and projections and the attention of one
+chunk at a time, with the pieces of :mod:`perceiver_np.fast` (the plain ones with
+``backend="numpy"``). Extra memory grows with the chunk, not with N. :class:`NpyChunks` reads a
+``.npy`` file into one reused buffer, so not even the page cache's copy of the file counts
+against the process (a memory map's pages do, once touched). The result
 equals :meth:`Perceiver.forward` up to rounding (tests/test_stream.py). With
 ``num_cross_layers > 1`` the input is streamed once per cross block, so ``chunks`` must then be
 an array (memory-mapped or not) or a callable returning a fresh iterable.
@@ -16,13 +20,16 @@ an array (memory-mapped or not) or a callable returning a fresh iterable.
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from . import fast
+from .attention import attention_forward as plain_attention_forward
 from .blocks import ffn_sublayer_forward, self_block_forward
+from .kernels import attention_forward, gemm, rows
 from .layers import (
     MASK_FILL,
     Params,
@@ -38,6 +45,48 @@ from .shapes import as_mask, as_real_input, expect_shape
 Chunks = np.ndarray | Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]]
 
 
+class NpyChunks:
+    """A ``.npy`` file of shape [B, N, C] (or [B, N] for masks) as a re-iterable of chunks
+    [B, n, C] along N, read with ``readinto`` into one buffer that every chunk reuses: a
+    chunk is valid until the next one is read (the streaming encoder uses each once). No
+    pickle: object arrays are refused, like ``np.load(allow_pickle=False)``."""
+
+    def __init__(self, path: str, chunk_size: int = 65536) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
+        self.path, self.chunk_size = str(path), int(chunk_size)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype.hasobject:
+            raise ValueError(f"{self.path}: object arrays are not loaded (they need pickle)")
+        if fortran or len(shape) not in (2, 3):
+            raise ValueError(f"{self.path}: expected a C-order array [B, N, C] or [B, N], got shape "
+                             f"{shape}{' in Fortran order' if fortran else ''}")
+        self.shape, self.dtype = tuple(shape), dtype
+        size = self.offset + int(np.prod(shape)) * dtype.itemsize
+        if os.path.getsize(self.path) < size:
+            raise ValueError(f"{self.path}: truncated, expected {size} bytes for shape {shape}")
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        b, n = self.shape[0], self.shape[1]
+        row = int(np.prod(self.shape[2:], dtype=np.int64))  # elements per position
+        buf = np.empty((b, min(self.chunk_size, n), *self.shape[2:]), dtype=self.dtype)
+        with open(self.path, "rb") as f:
+            for start in range(0, n, self.chunk_size):
+                size = min(self.chunk_size, n - start)
+                out = buf[:, :size]
+                for i in range(b):  # sample i's positions [start, start + size): contiguous on disk
+                    f.seek(self.offset + (i * n + start) * row * self.dtype.itemsize)
+                    view = memoryview(out[i]).cast("B")  # buf[i, :size] is contiguous too
+                    if f.readinto(view) != view.nbytes:
+                        raise ValueError(f"{self.path}: truncated while reading")
+                yield out
+
+
 def _passes(
     source: Any, chunk_size: int, name: str = "chunks", letters: str = "[B, N, C]"
 ) -> Callable[[], Iterator[np.ndarray]]:
@@ -46,6 +95,8 @@ def _passes(
         if source.ndim != letters.count(",") + 1:
             raise ValueError(f"{name}: expected an array {letters}, got shape {source.shape}")
         return lambda: (source[:, i:i + chunk_size] for i in range(0, source.shape[1], chunk_size))
+    if isinstance(source, NpyChunks):
+        return lambda: iter(source)
     if callable(source):
         return lambda: iter(source())
     once = iter(source)
@@ -65,20 +116,29 @@ def _cross_block_stream(
     model: Perceiver, i: int, z: np.ndarray, chunks: Iterator[np.ndarray],
     masks: Iterator[np.ndarray] | None,
 ) -> tuple[np.ndarray, int]:
-    """Cross block ``i`` over the streamed input: z [B, M, D] -> ([B, M, D], N seen)."""
+    """Cross block ``i`` over the streamed input: z [B, M, D] -> ([B, M, D], N seen).
+
+    Each chunk's attention is computed whole, ``(o_c, lse_c)`` [B, H, M, dv], [B, H, M] (the
+    kernel on the fast path, :mod:`perceiver_np.attention` on the plain one), and folded into
+    the running state in float64: ``m = max(m, lse_c)``, ``l = l exp(m_old - m) + exp(lse_c - m)``,
+    ``acc = acc exp(m_old - m) + exp(lse_c - m) o_c``; at the end ``o = acc / l``. This is the
+    kernel's own merge of its splits of N (docs/kernel.md): a softmax over the union of the
+    chunks' keys is the exp(lse)-weighted mean of the chunks' softmaxes."""
     cfg = model.config
     p: Params = sub(model.params, f"cross.{i}")
     heads = cfg.cross_num_heads
     dt = cfg.np_dtype
+    fast_path = model.uses_fast_path
+    b, m_len, d = z.shape
+    z = np.array(z, order="C")  # owned and C-contiguous: the fast tail updates it in place
     zq, _ = layernorm_forward(z, sub(p, "q_norm"))
     q, _ = linear_forward(zq, sub(p, "attn.q"))  # [B, M, D] -> [B, M, qk]
-    qh = split_heads(q, heads)  # [B, M, qk] -> [B, H, M, dh]
-    scale = dt.type(1.0 / math.sqrt(qh.shape[-1]))
-    b, _, m_len, _ = qh.shape
+    qh = np.ascontiguousarray(split_heads(q, heads))  # [B, M, qk] -> [B, H, M, dh]
     dv = cfg.cross_v_channels // heads
-    m_i = np.full((b, heads, m_len, 1), MASK_FILL, dtype=dt)  # running max
-    l_i = np.zeros((b, heads, m_len, 1), dtype=np.float64)  # running sum (float64: N terms)
-    acc = np.zeros((b, heads, m_len, dv), dtype=np.float64)  # running P V
+    m_run = np.full((b, heads, m_len), MASK_FILL, dtype=np.float64)  # running max of lse
+    l_run = np.zeros((b, heads, m_len), dtype=np.float64)  # running sum of exp(lse - m)
+    acc = np.zeros((b, heads, m_len, dv), dtype=np.float64)  # running sum of exp(lse - m) o
+    visible = np.zeros(b, dtype=bool)  # [B]: a sample that saw any key
     n_seen = 0
     for x in chunks:
         x = as_real_input("chunk", x, dt)
@@ -90,27 +150,37 @@ def _cross_block_stream(
             if mask_chunk is None:
                 raise ValueError("mask_chunks: fewer mask chunks than input chunks")
             keep = as_mask(mask_chunk, b, n, name="mask chunk", letters="[B, n]")
-        h = x
-        if cfg.input_projection:
-            h, _ = linear_forward(x, sub(model.params, "input_proj"))  # [B, n, C] -> [B, n, D]
-        hk, _ = layernorm_forward(h, sub(p, "kv_norm"))
-        k, _ = linear_forward(hk, sub(p, "attn.k"))  # [B, n, Ckv] -> [B, n, qk]
-        v, _ = linear_forward(hk, sub(p, "attn.v"))  # [B, n, Ckv] -> [B, n, v]
-        s = (qh @ split_heads(k, heads).transpose(0, 1, 3, 2)) * scale  # [B, H, M, n]
-        if keep is not None:
-            s = np.where(keep[:, None, None, :], s, dt.type(MASK_FILL))
-        m_new = np.maximum(m_i, s.max(axis=-1, keepdims=True))
-        e = np.exp(s - m_new)  # [B, H, M, n]
-        if keep is not None:
-            e = e * keep[:, None, None, :]  # masked keys: exactly 0
-        alpha = np.exp(m_i - m_new)  # rescale what was kept: exp(m_old - m_new) <= 1
-        l_i = l_i * alpha + e.sum(axis=-1, keepdims=True)
-        acc = acc * alpha + e @ split_heads(v, heads)  # [B,H,M,n] @ [B,H,n,dv] -> [B,H,M,dv]
-        m_i = m_new
+        visible |= True if keep is None else keep.any(axis=1)
+        if fast_path:  # the pieces of perceiver_np.fast: no b_k (softmax-invariant), b_v at the end
+            x2 = np.ascontiguousarray(x).reshape(b * n, -1)
+            h = gemm.matmul(x2, model.params["input_proj.weight"]) if cfg.input_projection else x2
+            bias = model.params["input_proj.bias"] if cfg.input_projection else None
+            hk = rows.layernorm(h, p["kv_norm.gamma"], p["kv_norm.beta"], bias=bias,
+                                out=h if cfg.input_projection else None)  # [B*n, Ckv]
+            k, v = gemm.project_heads(hk.reshape(b, n, -1), [p["attn.k.weight"], p["attn.v.weight"]],
+                                      heads)  # [B, n, Ckv] -> [B, H, n, dh], [B, H, n, dv]
+            o_c, lse_c = attention_forward(qh, k, v, keep)
+        else:
+            h = x
+            if cfg.input_projection:
+                h, _ = linear_forward(x, sub(model.params, "input_proj"))  # [B, n, C] -> [B, n, D]
+            hk, _ = layernorm_forward(h, sub(p, "kv_norm"))
+            k, _ = linear_forward(hk, sub(p, "attn.k"))  # [B, n, Ckv] -> [B, n, qk]
+            v, _ = linear_forward(hk, sub(p, "attn.v"))  # [B, n, Ckv] -> [B, n, v]
+            o_c, lse_c = plain_attention_forward(qh, split_heads(k, heads), split_heads(v, heads), keep)
+        m_new = np.maximum(m_run, lse_c)
+        alpha = np.exp(m_run - m_new)  # rescale what was kept: exp(m_old - m_new) <= 1
+        weight = np.exp(lse_c - m_new)  # this chunk's share (0 where it had no visible key)
+        l_run = l_run * alpha + weight
+        acc = acc * alpha[..., None] + weight[..., None] * o_c
+        m_run = m_new
         n_seen += n
     if n_seen == 0:
         raise ValueError("chunks: the input is empty (N = 0)")
-    o = np.where(l_i > 0, acc / np.where(l_i > 0, l_i, 1.0), 0.0).astype(dt)  # no visible key: 0
+    o = np.where(visible[:, None, None, None], acc / l_run[..., None], 0.0).astype(dt)  # [B, H, M, dv]
+    if fast_path:
+        return fast.attention_tail(z, o, visible, p, query_residual=cfg.use_query_residual,
+                                   gelu=cfg.gelu), n_seen
     att, _ = linear_forward(merge_heads(o), sub(p, "attn.out"))  # [B, M, v] -> [B, M, D]
     a = z + att if cfg.use_query_residual else att
     y, _ = ffn_sublayer_forward(a, p, gelu=cfg.gelu, dropout=0.0, training=False, rng=None,
@@ -154,6 +224,8 @@ def encode_stream(
             if n_total is not None and n != n_total:
                 raise ValueError(f"chunks: the input changed length between passes ({n_total} then {n})")
             n_total = n
+        elif model.uses_fast_path:
+            z = fast.self_block(z, sub(model.params, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu)
         else:
             z, _ = self_block_forward(z, sub(model.params, f"self.{i}"), num_heads=cfg.num_heads,
                                       gelu=cfg.gelu, backend=cfg.attention_backend("self", False),

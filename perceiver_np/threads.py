@@ -7,6 +7,12 @@
 Numba's pool runs the kernels (``kernels/``); BLAS's runs NumPy's and SciPy's matrix products
 (the layers' projections). The two never run inside each other (no kernel calls BLAS), so
 setting both to the core count uses every core without oversubscribing them.
+
+Numba's OpenMP pool waits passively (``OMP_WAIT_POLICY=PASSIVE``, set here unless the
+environment already sets it, before Numba starts its pool): with OpenMP's default, its threads
+spin after each kernel and a BLAS product started in that window ran at half speed on this
+machine's two cores (docs/performance.md). The fast path runs its products on Numba's pool too
+(:mod:`perceiver_np.kernels.gemm`), so no pool spins while another computes.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import os
 from typing import Any
 
 ENV = "PERCEIVER_NP_NUM_THREADS"
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when Numba's OpenMP pool starts
 
 
 def set_num_threads(n: int) -> None:

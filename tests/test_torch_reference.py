@@ -39,7 +39,7 @@ ZERO_GRADIENT_FLOOR = 1e-3
 #: The options of the reference's ``forward``, taken from perceiver_np's config by name.
 REF_OPTIONS = [
     name for name, p in inspect.signature(ref.forward).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "queries"
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("queries", "fused")
 ]
 
 #: "Clearly different": a gap this many times the tolerance is no rounding difference.
@@ -225,6 +225,36 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "masked",
     ),
 }
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_reference_equals_the_plain_reference(variant: str) -> None:
+    """The benchmark's baseline (``fused=True``: F.linear, F.layer_norm, F.gelu, SDPA) computes
+    the reference's function, masks and fully masked samples included, forward and backward."""
+    extra, mask_kind = VARIANTS[variant]
+    rng = np.random.default_rng(len(variant))
+    model = pnp.build(**small_opts(num_layers=4, num_cross_layers=3, **extra))
+    randomise(model, rng)
+    x = torch.from_numpy(rng.standard_normal((B, N, model.config.input_dim)))
+    mask = make_mask(mask_kind, B, N)
+    tmask = None if mask is None else torch.from_numpy(mask)
+    outs = []
+    for fused in (False, True):
+        tparams = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in model.params.items()}
+        y = ref.forward(tparams, x, tmask, fused=fused, **ref_options(model.config))
+        dy = torch.from_numpy(np.random.default_rng(7).standard_normal(tuple(y.shape)))
+        grads = torch.autograd.grad((y * dy).sum(), list(tparams.values()))
+        outs.append((y.detach().numpy(), [g.numpy() for g in grads]))
+    (y0, g0), (y1, g1) = outs
+    assert normwise(y1, y0) <= FLOAT64_RTOL
+    # Relative to the tensor, but never to less than ZERO_GRADIENT_FLOOR of the largest gradient:
+    # the two differ only in summation order, and a tensor far below that (1e-7 of the largest,
+    # in one of these models a nearly saturated softmax's query weights) is a cancellation whose
+    # rounding is relative to the terms that cancelled.
+    gmax = max(float(np.max(np.abs(g))) for g in g0)
+    for name, a, b in zip(model.params, g1, g0, strict=True):
+        scale = max(float(np.max(np.abs(b))), ZERO_GRADIENT_FLOOR * gmax)
+        assert normwise(a, b, scale) <= FLOAT64_RTOL, name
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

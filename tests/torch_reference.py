@@ -18,6 +18,11 @@ from torch autograd, so a test can hold perceiver_np's hand-written backward aga
     classification:  the same with one query, y[:, 0]                 [B, out]
 
 Nothing here draws random numbers: this is inference (dropout is the identity).
+
+``fused=True`` computes the same functions with torch's own kernels (``F.linear``,
+``F.layer_norm``, ``F.gelu``, ``F.scaled_dot_product_attention``): the model a PyTorch user would
+write, and the baseline of benchmarks/bench_model.py. tests/test_torch_reference.py holds the two
+variants equal.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 #: LayerNorm epsilon (ARCHITECTURE.md §1), with the biased variance.
 LN_EPS = 1e-5
@@ -50,20 +56,27 @@ def self_groups(num_layers: int, num_cross_layers: int) -> list[list[int]]:
 # ---- layers ------------------------------------------------------------------------------------
 
 
-def linear(x: torch.Tensor, get: Getter, name: str) -> torch.Tensor:
+def linear(x: torch.Tensor, get: Getter, name: str, fused: bool = False) -> torch.Tensor:
     """``x @ W + b`` with ``W = <name>.weight [in, out]``, ``b = <name>.bias [out]``."""
+    if fused:
+        return torch.addmm(get(f"{name}.bias"), x.reshape(-1, x.shape[-1]),
+                           get(f"{name}.weight")).reshape(*x.shape[:-1], -1)
     return x @ get(f"{name}.weight") + get(f"{name}.bias")
 
 
-def layer_norm(x: torch.Tensor, get: Getter, name: str) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, get: Getter, name: str, fused: bool = False) -> torch.Tensor:
     """``gamma * (x - mean) / sqrt(var + eps) + beta`` over the last axis, biased variance."""
+    if fused:
+        return F.layer_norm(x, x.shape[-1:], get(f"{name}.gamma"), get(f"{name}.beta"), LN_EPS)
     mean = x.mean(dim=-1, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
     return get(f"{name}.gamma") * (x - mean) / torch.sqrt(var + LN_EPS) + get(f"{name}.beta")
 
 
-def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
+def gelu(x: torch.Tensor, kind: str, fused: bool = False) -> torch.Tensor:
     """``"exact"``: x Phi(x) with the erf; ``"tanh"``: the tanh approximation."""
+    if fused and kind in ("exact", "tanh"):
+        return F.gelu(x, approximate="none" if kind == "exact" else "tanh")
     if kind == "exact":
         return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     if kind == "tanh":
@@ -86,15 +99,23 @@ def mha(
     name: str,
     heads: int,
     mask: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Multi-head attention: queries from xq [B, M, Cq], keys/values from xkv [B, N, Ckv].
 
     ``mask`` [B, N] bool, True = keep. Masked keys get weight exactly 0; a sample with no visible
     key gets all-zero weights, so its output is the output projection's bias.
     """
-    q = split_heads(linear(xq, get, f"{name}.q"), heads)  # [B, H, M, dh]
-    k = split_heads(linear(xkv, get, f"{name}.k"), heads)  # [B, H, N, dh]
-    v = split_heads(linear(xkv, get, f"{name}.v"), heads)  # [B, H, N, dv]
+    q = split_heads(linear(xq, get, f"{name}.q", fused), heads)  # [B, H, M, dh]
+    k = split_heads(linear(xkv, get, f"{name}.k", fused), heads)  # [B, H, N, dh]
+    v = split_heads(linear(xkv, get, f"{name}.v", fused), heads)  # [B, H, N, dv]
+    if fused:
+        keep = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, N]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # [B, H, M, dv]
+        if mask is not None:  # no visible key: SDPA gives NaN, the definition 0
+            o = torch.where(mask.any(dim=-1)[:, None, None, None], o, torch.zeros_like(o))
+        b, h, m, dv = o.shape
+        return linear(o.transpose(1, 2).reshape(b, m, h * dv), get, f"{name}.out", fused)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, M, N], 1/sqrt(qk/H)
     if mask is None:
         p = torch.softmax(scores, dim=-1)
@@ -112,8 +133,9 @@ def mha(
     return linear(o, get, f"{name}.out")
 
 
-def ffn(x: torch.Tensor, get: Getter, name: str, gelu_kind: str) -> torch.Tensor:
-    return linear(gelu(linear(x, get, f"{name}.up"), gelu_kind), get, f"{name}.down")
+def ffn(x: torch.Tensor, get: Getter, name: str, gelu_kind: str, fused: bool = False) -> torch.Tensor:
+    up = linear(x, get, f"{name}.up", fused)
+    return linear(gelu(up, gelu_kind, fused), get, f"{name}.down", fused)
 
 
 # ---- blocks ------------------------------------------------------------------------------------
@@ -129,21 +151,25 @@ def cross_block(
     mask: torch.Tensor | None,
     query_residual: bool,
     gelu_kind: str,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Pre-LN cross block: z [B, M, D] attends to h [B, N, Ckv] -> [B, M, D]."""
     att = mha(
-        layer_norm(z, get, f"{prefix}.q_norm"), layer_norm(h, get, f"{prefix}.kv_norm"),
-        get, f"{prefix}.attn", heads, mask,
+        layer_norm(z, get, f"{prefix}.q_norm", fused), layer_norm(h, get, f"{prefix}.kv_norm", fused),
+        get, f"{prefix}.attn", heads, mask, fused,
     )
     a = z + att if query_residual else att
-    return a + ffn(layer_norm(a, get, f"{prefix}.ffn_norm"), get, f"{prefix}.ffn", gelu_kind)
+    u = layer_norm(a, get, f"{prefix}.ffn_norm", fused)
+    return a + ffn(u, get, f"{prefix}.ffn", gelu_kind, fused)
 
 
-def self_block(z: torch.Tensor, get: Getter, prefix: str, *, heads: int, gelu_kind: str) -> torch.Tensor:
+def self_block(
+    z: torch.Tensor, get: Getter, prefix: str, *, heads: int, gelu_kind: str, fused: bool = False
+) -> torch.Tensor:
     """Pre-LN self block: [B, M, D] -> [B, M, D]."""
-    u = layer_norm(z, get, f"{prefix}.norm")
-    a = z + mha(u, u, get, f"{prefix}.attn", heads)
-    return a + ffn(layer_norm(a, get, f"{prefix}.ffn_norm"), get, f"{prefix}.ffn", gelu_kind)
+    u = layer_norm(z, get, f"{prefix}.norm", fused)
+    a = z + mha(u, u, get, f"{prefix}.attn", heads, fused=fused)
+    return a + ffn(layer_norm(a, get, f"{prefix}.ffn_norm", fused), get, f"{prefix}.ffn", gelu_kind, fused)
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -167,6 +193,7 @@ def forward(
     decoder_heads: int = 1,
     decoder_query_residual: bool = False,
     queries: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """x [B, N, C], mask [B, N] bool (True = keep) or None -> y ([B, D], [B, out] or [B, O, out]).
 
@@ -182,20 +209,20 @@ def forward(
         used.add(name)
         return params[name]
 
-    h = linear(x, get, "input_proj") if input_projection else x  # [B, N, C] -> [B, N, D]
+    h = linear(x, get, "input_proj", fused) if input_projection else x  # [B, N, C] -> [B, N, D]
     latents = get("latents")  # [M, D]
     z = latents.expand(x.shape[0], *latents.shape)  # [B, M, D]
     cross_h = num_heads if cross_heads is None else cross_heads
     for c, group in enumerate(self_groups(num_layers, num_cross_layers)):
         z = cross_block(
             z, h, get, f"cross.{c}", heads=cross_h, mask=mask,
-            query_residual=use_query_residual, gelu_kind=gelu,
+            query_residual=use_query_residual, gelu_kind=gelu, fused=fused,
         )
         for _ in range(num_blocks):  # the repeats share the group's weights
             for j in group:
-                z = self_block(z, get, f"self.{j}", heads=num_heads, gelu_kind=gelu)
+                z = self_block(z, get, f"self.{j}", heads=num_heads, gelu_kind=gelu, fused=fused)
     if final_norm:
-        z = layer_norm(z, get, "final_norm")
+        z = layer_norm(z, get, "final_norm", fused)
     if decoder == "pool":
         y = z.mean(dim=1)  # [B, D]
     elif decoder in ("query", "classification"):
@@ -204,9 +231,9 @@ def forward(
             q = q.expand(x.shape[0], *q.shape)  # [O, Cq] -> [B, O, Cq]
         u = cross_block(
             q, z, get, "decoder", heads=decoder_heads, mask=None,
-            query_residual=decoder_query_residual, gelu_kind=gelu,
+            query_residual=decoder_query_residual, gelu_kind=gelu, fused=fused,
         )  # [B, O, Cq]
-        y = linear(u, get, "decoder.output")  # [B, O, out]
+        y = linear(u, get, "decoder.output", fused)  # [B, O, out]
         if decoder == "classification":
             if y.shape[1] != 1:
                 raise ValueError(f"classification decodes one query, got {y.shape[1]}")

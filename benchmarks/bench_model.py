@@ -1,0 +1,474 @@
+"""Head-to-head: the whole seed model, perceiver_np against the same model in PyTorch (issue 6).
+
+    python benchmarks/bench_model.py                 # the full grid (make bench), ~10 minutes
+    python benchmarks/bench_model.py --quick         # smaller shapes, fewer rounds
+
+Both systems run the seed configuration (input_dim 287, D 256, M 64, 4 self layers, 4 heads,
+float32) with the same weights: perceiver_np's ``pnp.build(input_dim=287)`` and the test
+suite's PyTorch implementation (tests/torch_reference.py) in its ``fused=True`` form (F.linear,
+F.layer_norm, F.gelu, scaled_dot_product_attention: the model a PyTorch user would write),
+eager, under ``torch.inference_mode`` for inference. Each system lives in a worker process of its
+own, with its own thread pool set to the same number of threads; the driver asks them for one
+run at a time, alternating which goes first, so each round's two times are taken under the same
+load and their ratio (torch time / our time) is paired. Every figure is from this run:
+
+- the machine's sgemm peak (NumPy float32 4096^3, best of 3) and each system's FLOP/s against it
+  (the model's FLOPs from ``perceiver_np.cli.forward_flops``; a training step counted as 3x the
+  forward's, the backward's two products per forward product);
+- peak RSS: each worker's resident-set high-water mark (VmHWM, reset through
+  /proc/self/clear_refs before the shape), so inputs, activations and the libraries all count;
+- the outputs (inference) or the first step's loss (training) of the two systems, compared, so
+  the two really compute the same model;
+- the first-call JIT compile and the cached load of perceiver_np, each in a fresh process.
+
+Inference at B = 1 streams the input for ours (``encode_stream`` over ``NpyChunks``, the file
+read chunk by chunk) and hands torch the whole array already in memory (its load not timed).
+The training step is forward, cross-entropy over the pooled 256 features as logits, backward
+and AdamW (the same decay mask), with dropout 0 in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = {"input_dim": 287, "dtype": "float32"}
+INFER_B32 = [256, 1024, 4096, 16384]
+STREAM_B1 = [1 << 16, 1 << 18, 1 << 20]
+TRAIN_B32 = [256, 1024, 4096]
+CHUNK = 1 << 16
+
+
+# ---- the workers ---------------------------------------------------------------------------
+
+
+def rss_high_water() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def rss_now() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def inputs(b: int, n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((b, n, SEED["input_dim"]), dtype=np.float32)
+
+
+def labels(b: int) -> np.ndarray:
+    return np.random.default_rng(b).integers(0, 256, size=b)
+
+
+class Ours:
+    def __init__(self, threads: int) -> None:
+        import perceiver_np as pnp
+        from perceiver_np import optim, train
+
+        pnp.set_num_threads(threads)
+        self.pnp, self.optim, self.train = pnp, optim, train
+        self.model = pnp.build(**SEED, dropout=0.0)
+        self.job: Any = None
+
+    def setup(self, kind: str, b: int, n: int, path: str | None) -> None:
+        from perceiver_np.stream import NpyChunks
+
+        if kind == "infer":
+            x = inputs(b, n)
+            self.job = lambda: self.model(x)
+        elif kind == "stream":
+            chunks = NpyChunks(path, CHUNK)
+            self.job = lambda: self.model.encode_stream(chunks)
+        else:
+            model = self.pnp.build(**SEED, dropout=0.0)
+            batch = {"x": inputs(b, n), "y": labels(b)}
+            opt = self.optim.adamw(1e-4)
+            loss = self.train.Loss("cross_entropy")
+            state = [self.train.init_state(model, opt)]
+            rng = np.random.default_rng(0)
+
+            def step() -> np.ndarray:
+                value, _, state[0] = self.train.train_step(model, batch, loss, opt, state[0], rng)
+                return np.array([value])
+
+            self.job = step
+
+    def run(self) -> np.ndarray:
+        return np.asarray(self.job())
+
+
+class Torch:
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        sys.path.insert(0, str(ROOT))
+        from tests import torch_reference
+
+        import perceiver_np as pnp
+
+        torch.set_num_threads(threads)
+        self.torch, self.ref = torch, torch_reference
+        self.params = pnp.build(**SEED, dropout=0.0).params
+        self.job: Any = None
+
+    def setup(self, kind: str, b: int, n: int, path: str | None) -> None:
+        torch, ref = self.torch, self.ref
+        from perceiver_np.optim import default_decay_mask
+
+        if kind in ("infer", "stream"):
+            x = torch.from_numpy(inputs(b, n) if kind == "infer" else np.load(path))
+            tp = {k: torch.from_numpy(v) for k, v in self.params.items()}
+
+            def infer() -> np.ndarray:
+                with torch.inference_mode():
+                    return ref.forward(tp, x, fused=True).numpy()
+
+            self.job = infer
+        else:
+            x, y = torch.from_numpy(inputs(b, n)), torch.from_numpy(labels(b))
+            tp = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in self.params.items()}
+            groups = [{"params": [p for k, p in tp.items() if default_decay_mask(k)], "weight_decay": 0.01},
+                      {"params": [p for k, p in tp.items() if not default_decay_mask(k)], "weight_decay": 0.0}]
+            opt = torch.optim.AdamW(groups, lr=1e-4)
+
+            def step() -> np.ndarray:
+                loss = torch.nn.functional.cross_entropy(ref.forward(tp, x, fused=True), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return np.array([loss.item()])
+
+            self.job = step
+
+    def run(self) -> np.ndarray:
+        return np.asarray(self.job())
+
+
+def worker(system: str, threads: int) -> None:
+    impl = Ours(threads) if system == "ours" else Torch(threads)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # only the protocol on stdout
+    for line in sys.stdin:
+        msg = json.loads(line)
+        reply: dict[str, Any] = {}
+        if msg["cmd"] == "setup":
+            impl.job = None
+            gc.collect()
+            impl.setup(msg["kind"], msg["b"], msg["n"], msg.get("path"))
+            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts here
+            reply = {"rss": rss_now()}
+        elif msg["cmd"] == "run":
+            t0 = time.perf_counter()
+            y = impl.run()
+            reply = {"time": time.perf_counter() - t0, "y": y.reshape(-1)[:4096].astype(float).tolist()}
+        elif msg["cmd"] == "peak":
+            reply = {"peak": rss_high_water()}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, system: str, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", system, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+
+    def ask(self, **msg: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def sgemm_peak(repeats: int = 3) -> float:
+    a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096**3 / best / 1e9
+
+
+def compile_and_load() -> dict[str, float]:
+    """Import, build the seed model, one forward and one training step, in a fresh process
+    with an empty Numba cache (compile), then again with that cache (cached load)."""
+    script = textwrap.dedent("""
+        import time
+        t0 = time.perf_counter()
+        import numpy as np
+        import perceiver_np as pnp
+        from perceiver_np import optim, train
+        m = pnp.build(input_dim=287, dropout=0.0)
+        x = np.ones((1, 300, 287), np.float32)
+        m(x)
+        t1 = time.perf_counter()
+        opt = optim.adamw(1e-3)
+        train.train_step(m, {"x": x, "y": np.zeros(1, int)}, train.Loss(), opt,
+                         train.init_state(m, opt), np.random.default_rng(0))
+        t2 = time.perf_counter()
+        print(t1 - t0, t2 - t1)
+    """)
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("compile", "cached load"):
+            res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                 text=True, check=True, cwd=ROOT)
+            infer, step = (float(v) for v in res.stdout.split())
+            out[label + " (inference)"] = infer
+            out[label + " (training step)"] = step
+    return out
+
+
+def write_npy(path: Path, n: int) -> None:
+    """[1, n, 287] float32 standard normal, written in pieces (never whole in memory)."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(1, n, SEED["input_dim"]))
+    rng = np.random.default_rng(n)
+    for i in range(0, n, CHUNK):
+        arr[0, i:i + CHUNK] = rng.standard_normal((min(CHUNK, n - i), SEED["input_dim"]), dtype=np.float32)
+    arr.flush()
+    del arr
+
+
+def stats(xs: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(xs)
+    return float(np.min(a)), float(np.median(a)), float(np.max(a))
+
+
+def fmt3(t: tuple[float, float, float], scale: float = 1.0, digits: int = 2) -> str:
+    lo, med, hi = (v * scale for v in t)
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def run_shape(ours: Worker, torch_: Worker, kind: str, b: int, n: int, rounds: int,
+              path: str | None, flops: float, peak: float) -> dict[str, Any]:
+    rss = {"ours": ours.ask(cmd="setup", kind=kind, b=b, n=n, path=path)["rss"],
+           "torch": torch_.ask(cmd="setup", kind=kind, b=b, n=n, path=path)["rss"]}
+    first = {"ours": ours.ask(cmd="run"), "torch": torch_.ask(cmd="run")}  # warm-up, and the check
+    yo, yt = np.asarray(first["ours"]["y"]), np.asarray(first["torch"]["y"])
+    agree = float(np.max(np.abs(yo - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    for r in range(rounds):
+        order = (("ours", ours), ("torch", torch_)) if r % 2 == 0 else (("torch", torch_), ("ours", ours))
+        for name, w in order:
+            times[name].append(w.ask(cmd="run")["time"])
+    peaks = {"ours": ours.ask(cmd="peak")["peak"], "torch": torch_.ask(cmd="peak")["peak"]}
+    ratios = [t / o for t, o in zip(times["torch"], times["ours"], strict=True)]
+    row = {"kind": kind, "b": b, "n": n, "times": times, "ratios": ratios, "peak": peaks,
+           "rss_before": rss, "agree": agree, "flops": flops,
+           "fraction": {k: flops / float(np.median(v)) / (peak * 1e9) for k, v in times.items()}}
+    print(f"  {kind} B {b} N {n}: ours {fmt3(stats(times['ours']), 1e3, 0)} ms, torch "
+          f"{fmt3(stats(times['torch']), 1e3, 0)} ms, ratio {fmt3(stats(ratios))}", flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| run | B | N | ours ms | torch ms | ours tokens/s | torch tokens/s | ratio torch/ours "
+            "| ours % peak | torch % peak | peak RSS MB ours / torch | outputs agree |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    names = {"infer": "inference", "stream": "inference (ours streaming)", "train": "training step"}
+    for r in rows:
+        to, tt = stats(r["times"]["ours"]), stats(r["times"]["torch"])
+        tokens = r["b"] * r["n"]
+        out.append(
+            f"| {names[r['kind']]} | {r['b']} | {r['n']} | {fmt3(to, 1e3, 0)} | {fmt3(tt, 1e3, 0)} "
+            f"| {tokens / to[1]:,.0f} | {tokens / tt[1]:,.0f} | {fmt3(stats(r['ratios']))} "
+            f"| {100 * r['fraction']['ours']:.0f}% | {100 * r['fraction']['torch']:.0f}% "
+            f"| {r['peak']['ours'] / 2**20:,.0f} / {r['peak']['torch'] / 2**20:,.0f} "
+            f"| {r['agree']:.1e} |"
+        )
+    return "\n".join(out)
+
+
+def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    out = []
+    infer = [r for r in rows if r["kind"] in ("infer", "stream")]
+    train = [r for r in rows if r["kind"] == "train"]
+    if infer:
+        worst = min(infer, key=lambda r: float(np.median(r["ratios"])))
+        w = float(np.median(worst["ratios"]))
+        out.append(f"inference >= 1.0x torch at every shape: worst median {w:.2f}x "
+                   f"({worst['kind']} B {worst['b']} N {worst['n']}) -> {verdict(w >= 1.0)}")
+        big = [r for r in infer if r["n"] >= 4096]
+        if big:
+            f = min(r["fraction"]["ours"] for r in big)
+            out.append(f"inference >= 60% of the sgemm peak at N >= 4k: worst {100 * f:.0f}% -> "
+                       f"{verdict(f >= 0.6)}")
+    for r in rows:
+        if r["kind"] == "stream" and r["n"] == 1 << 20:
+            q = r["peak"]["ours"] / r["peak"]["torch"]
+            out.append(f"B = 1, N = 1M: our streaming peak RSS {r['peak']['ours'] / 2**20:,.0f} MB = "
+                       f"{q:.2f} of torch's {r['peak']['torch'] / 2**20:,.0f} MB (<= 0.25) -> "
+                       f"{verdict(q <= 0.25)}")
+    if train:
+        worst = min(train, key=lambda r: float(np.median(r["ratios"])))
+        w = float(np.median(worst["ratios"]))
+        out.append(f"training step >= 0.75x torch (goal 1.0x): worst median {w:.2f}x "
+                   f"(B {worst['b']} N {worst['n']}) -> {verdict(w >= 0.75)}")
+    for kind, b in (("infer", 32), ("stream", 1)):
+        series = sorted((r for r in rows if r["kind"] == kind and r["b"] == b and r["n"] >= 4096),
+                        key=lambda r: r["n"])
+        growth = [float(np.median(c["times"]["ours"]) / np.median(a["times"]["ours"]))
+                  for a, c in zip(series, series[1:], strict=False) if c["n"] == 4 * a["n"]]
+        if growth:
+            out.append(f"linear in N ({kind}, B {b}): time(4N)/time(N) max {max(growth):.2f} (<= 4.4) "
+                       f"-> {verdict(max(growth) <= 4.4)}")
+    out.append("first-call compile and cached load, fresh processes: " +
+               ", ".join(f"{k} {v:.1f} s" for k, v in load.items()))
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    titles = {("infer", 32): "inference, B = 32", ("stream", 1): "inference, B = 1 (ours streaming)",
+              ("train", 32): "training step, B = 32"}
+    for ax, (key, title) in zip(axes, titles.items(), strict=True):
+        series = sorted((r for r in rows if (r["kind"], r["b"]) == key), key=lambda r: r["n"])
+        if not series:
+            continue
+        ns = [r["n"] for r in series]
+        for name, style, label in (("ours", "o-", "perceiver_np"), ("torch", "^--", "PyTorch eager")):
+            ax.loglog(ns, [1e3 * float(np.median(r["times"][name])) for r in series], style, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("N (input length)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time (ms, median)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine(threads: int) -> dict[str, str]:
+    import numba
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "threads (each system)": str(threads),
+            "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = "not installed"
+    return info
+
+
+def write_markdown(path: Path, text: str) -> None:
+    header = ("# Performance: the whole model against PyTorch\n\n```sh\nmake bench   "
+              "# benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png\n"
+              "```\n\nWritten by that command (the method is in the script's docstring); the plot is "
+              "![time against N, both systems](model_time.png). The tiled attention kernel on its "
+              "own: [performance-kernel.md](performance-kernel.md). One run on this machine:\n\n")
+    from perceiver_np._files import atomic_write
+
+    atomic_write(path, (header + text + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N <= 4k (B = 32) and <= 256k (B = 1)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.threads)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from perceiver_np import build
+    from perceiver_np.cli import forward_flops
+
+    cfg = build(**SEED).config
+    info = machine(args.threads)
+    peak = sgemm_peak()
+    load = compile_and_load()
+    infer_ns = [n for n in INFER_B32 if not args.quick or n <= 4096]
+    stream_ns = [n for n in STREAM_B1 if not args.quick or n <= 1 << 18]
+    train_ns = [n for n in TRAIN_B32 if not args.quick or n <= 1024]
+    ours, torch_ = Worker("ours", args.threads), Worker("torch", args.threads)
+    rows = []
+    try:
+        for n in infer_ns:
+            rows.append(run_shape(ours, torch_, "infer", 32, n, args.rounds, None,
+                                  32 * forward_flops(cfg, n)["total"], peak))
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in stream_ns:
+                path = Path(tmp) / f"x{n}.npy"
+                write_npy(path, n)
+                rows.append(run_shape(ours, torch_, "stream", 1, n, args.rounds, str(path),
+                                      forward_flops(cfg, n)["total"], peak))
+                path.unlink()
+        for n in train_ns:
+            rows.append(run_shape(ours, torch_, "train", 32, n, args.rounds, None,
+                                  3 * 32 * forward_flops(cfg, n)["total"], peak))
+    finally:
+        ours.close()
+        torch_.close()
+    report = [
+        "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        f"- sgemm peak (NumPy float32 4096^3, best of 3, this run): {peak:.0f} GFLOP/s",
+        f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
+        "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
+        "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); outputs agree = max "
+        "|ours - torch| / max |torch| over the outputs (training: the first step's loss)",
+        "",
+        table(rows),
+        "",
+        "Targets, as this run measured them:",
+        "",
+        *("- " + t for t in targets(rows, load)),
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.markdown:
+        write_markdown(args.markdown, text)
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Matrix products on Numba's thread pool: single-threaded BLAS calls on disjoint row blocks.
+
+::
+
+    y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F]
+    k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
+
+Why not ``a @ w`` with BLAS's own threads: on a machine with as many threads as cores, an
+OpenBLAS worker keeps spinning for ~0.1 s after each product (its ``THREAD_TIMEOUT``), and a
+Numba kernel started in that window shares a core with it: measured here, a row kernel right
+after a product took 2x its time (KERNEL-NOTES-style measurement in docs/performance.md). With
+every product and every kernel of the fast path on Numba's pool, one pool owns the cores and
+nothing spins between steps. Each work item is one ``np.dot`` (BLAS sgemm/dgemm through SciPy's
+BLAS, which the wrapper limits to one thread for the call, so the two pools never stack) on its
+own block of rows: the parallel loops write disjoint outputs. Measured: 205-245 GFLOP/s on the
+fast path's shapes, as NumPy's two-threaded products.
+
+``project_heads`` computes several projections of the same input in one wide product per block
+of rows and writes each head's columns straight into the [B, H, S, d] layout of the attention
+kernel, while the block is still in cache: no [B, S, H*d] intermediate in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from numba import prange
+
+from ._numba import parallel_kernel
+
+#: Fewest rows in one BLAS call: below this the call overhead outweighs splitting further.
+MIN_BLOCK_ROWS = 64
+#: Rows per work item of ``project_heads``: its [rows, H*(d0 + d1 + d2)] product stays in L2
+#: (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts.
+PROJECT_BLOCK_ROWS = 256
+
+
+@parallel_kernel
+def _matmul_rows(a, w, out, block):  # pragma: no cover - compiled
+    """out[lo:hi] = a[lo:hi] @ w for each block of rows (a [R, K], w [K, F], out [R, F])."""
+    r = a.shape[0]
+    for i in prange((r + block - 1) // block):
+        lo = i * block
+        hi = min(r, lo + block)
+        np.dot(a[lo:hi], w, out[lo:hi])
+
+
+@parallel_kernel
+def _project_heads(x, w, out0, out1, out2, n_out, block):  # pragma: no cover - compiled
+    """For each block of rows of each sample: t = x[b, lo:hi] @ w, one wide product into a
+    per-item buffer, then its column groups scattered into the head layouts:
+    out_j[b, h, lo:hi] = t[:, (offset_j + h*d_j) : (offset_j + (h+1)*d_j)].
+    x [B, S, K], w [K, H*(d0 + d1 + d2)], out_j [B, H, S, d_j] (j < n_out)."""
+    nb_, s = x.shape[0], x.shape[1]
+    heads = out0.shape[1]
+    n_blocks = (s + block - 1) // block
+    for item in prange(nb_ * n_blocks):
+        b = item // n_blocks
+        lo = (item % n_blocks) * block
+        hi = min(s, lo + block)
+        t = np.dot(x[b, lo:hi], w)  # [rows, H*(d0 + d1 + d2)]
+        col = 0
+        for j in range(n_out):
+            out = out0 if j == 0 else (out1 if j == 1 else out2)
+            d = out.shape[3]
+            for h in range(heads):
+                for r in range(hi - lo):
+                    for c in range(d):
+                        out[b, h, lo + r, c] = t[r, col + c]
+                col += d
+
+
+_controller = None
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Every loaded BLAS on one thread for the duration (threadpoolctl); restored after."""
+    global _controller
+    if _controller is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: load it first)
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def _threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | None = None) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.ndim != ndim:
+        got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name}: expected an array {letters}, got {got}")
+    if a.dtype not in (np.float32, np.float64) or (dtype is not None and a.dtype != dtype):
+        raise TypeError(f"{name}: expected dtype {dtype or 'float32 or float64'}, got {a.dtype.name}")
+    return np.ascontiguousarray(a)
+
+
+def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """a: [R, K] @ w: [K, F] -> [R, F], in a's dtype."""
+    a = _check("a", a, 2, "[R, K]")
+    w = _check("w", w, 2, "[K, F]", a.dtype)
+    if w.shape[0] != a.shape[1]:
+        raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
+    out = np.empty((a.shape[0], w.shape[1]), dtype=a.dtype)
+    block = max(MIN_BLOCK_ROWS, math.ceil(a.shape[0] / _threads()))
+    with single_threaded_blas():
+        _matmul_rows(a, w, out, block)
+    return out
+
+
+def project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int) -> list[np.ndarray]:
+    """x: [B, S, K] @ each w_j: [K, H*d_j] (one to three of them) -> [B, H, S, d_j] each: the
+    projections of every head, written in the attention kernel's layout."""
+    x = _check("x", x, 3, "[B, S, K]")
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"weights: expected 1 to 3 matrices, got {len(weights)}")
+    ws = [_check(f"weights[{j}]", w, 2, "[K, H*d]", x.dtype) for j, w in enumerate(weights)]
+    b, s, k = x.shape
+    for j, w in enumerate(ws):
+        if w.shape[0] != k or w.shape[1] % heads:
+            raise ValueError(f"weights[{j}]: expected shape ({k}, H*d) with H = {heads}, got {w.shape}")
+    outs = [np.empty((b, heads, s, w.shape[1] // heads), dtype=x.dtype) for w in ws]
+    dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
+    padded = outs + [dummy] * (3 - len(outs))
+    w_all = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]  # [K, H*(d0 + d1 + d2)]
+    with single_threaded_blas():
+        _project_heads(x, w_all, padded[0], padded[1], padded[2], len(outs), PROJECT_BLOCK_ROWS)
+    return outs

@@ -1,0 +1,172 @@
+"""Row-wise fused kernels of the fast inference path (perceiver_np.fast), parallel over rows.
+
+Each kernel does in one pass over a [R, F] array what the plain path does in several, with the
+plain path's formulas (tested equal, tests/test_fast.py)::
+
+    layernorm(x, gamma, beta, bias=None, out=None)   out = LN(x + bias)            [R, F]
+    residual_layernorm(z, t, bias, gamma, beta)     z += t + bias; return LN(z)   [R, F]
+    residual(z, t, bias)                            z += t + bias                 [R, F]
+    bias_gelu(h, bias, approximate)                 h = GELU(h + bias)            [R, F]
+
+LN is the plain path's LayerNorm: ``(x - mean) / sqrt(var + LN_EPS) * gamma + beta`` with the
+biased variance. The row's mean and variance are summed in float64 whatever the dtype (two
+passes over the row, which is in L1), so float32 rows are normalised at least as accurately as
+by the plain path's float32 reductions. ``out`` may be ``x`` itself: a row is read whole before
+any of it is written. Wrappers check shapes and dtypes and take contiguous arrays only, so no
+kernel ever sees a broadcast or a strided view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from perceiver_np.layers import LN_EPS
+
+from ._numba import parallel_kernel
+from .elementwise import phi_cdf, tanh_any
+
+_K = 0.7978845608028654  # sqrt(2 / pi)
+_C = 0.044715
+
+
+@parallel_kernel
+def _layernorm_rows(x, bias, has_bias, gamma, beta, out):  # pragma: no cover - compiled
+    """out[r] = LN(x[r] + bias) for every row r of x [R, F]; out may alias x."""
+    rows, f = x.shape
+    eps = np.float64(LN_EPS)
+    for r in prange(rows):
+        s = 0.0
+        for j in range(f):
+            v = x[r, j] + bias[j] if has_bias else x[r, j]
+            s += np.float64(v)
+        mean = s / f
+        ss = 0.0
+        for j in range(f):
+            v = x[r, j] + bias[j] if has_bias else x[r, j]
+            d = np.float64(v) - mean
+            ss += d * d
+        rstd = 1.0 / np.sqrt(ss / f + eps)
+        m, rs = x.dtype.type(mean), x.dtype.type(rstd)
+        for j in range(f):
+            v = x[r, j] + bias[j] if has_bias else x[r, j]
+            out[r, j] = (v - m) * rs * gamma[j] + beta[j]
+
+
+@parallel_kernel
+def _residual_layernorm_rows(z, t, bias, gamma, beta, out):  # pragma: no cover - compiled
+    """z[r] += t[r] + bias, then out[r] = LN(z[r]), for every row r of z [R, F]."""
+    rows, f = z.shape
+    eps = np.float64(LN_EPS)
+    for r in prange(rows):
+        s = 0.0
+        for j in range(f):
+            v = z[r, j] + (t[r, j] + bias[j])
+            z[r, j] = v
+            s += np.float64(v)
+        mean = s / f
+        ss = 0.0
+        for j in range(f):
+            d = np.float64(z[r, j]) - mean
+            ss += d * d
+        rstd = 1.0 / np.sqrt(ss / f + eps)
+        m, rs = z.dtype.type(mean), z.dtype.type(rstd)
+        for j in range(f):
+            out[r, j] = (z[r, j] - m) * rs * gamma[j] + beta[j]
+
+
+@parallel_kernel
+def _residual_rows(z, t, bias):  # pragma: no cover - compiled
+    """z[r] += t[r] + bias for every row r of z [R, F]."""
+    rows, f = z.shape
+    for r in prange(rows):
+        for j in range(f):
+            z[r, j] += t[r, j] + bias[j]
+
+
+@parallel_kernel
+def _bias_gelu_rows(h, bias, tanh_form):  # pragma: no cover - compiled
+    """h[r] = GELU(h[r] + bias) in place, for every row r of h [R, F]."""
+    rows, f = h.shape
+    k, c, half, one = h.dtype.type(_K), h.dtype.type(_C), h.dtype.type(0.5), h.dtype.type(1.0)
+    for r in prange(rows):
+        for j in range(f):
+            v = h[r, j] + bias[j]
+            if tanh_form:
+                h[r, j] = half * v * (one + tanh_any(k * (v + c * v * v * v)))
+            else:
+                h[r, j] = v * phi_cdf(v)
+
+
+def _rows(name: str, a: np.ndarray, f: int | None = None, dtype: np.dtype | None = None) -> np.ndarray:
+    """Check that ``a`` is a C-contiguous float [R, F] array (of width f, of dtype) and return it."""
+    if not isinstance(a, np.ndarray) or a.ndim != 2:
+        got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name}: expected a 2-D array [R, F], got {got}")
+    if a.dtype not in (np.float32, np.float64) or (dtype is not None and a.dtype != dtype):
+        raise TypeError(f"{name}: expected dtype {dtype or 'float32 or float64'}, got {a.dtype.name}")
+    if f is not None and a.shape[1] != f:
+        raise ValueError(f"{name}: expected F = {f} columns, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    return a
+
+
+def _vector(name: str, a: np.ndarray, f: int, dtype: np.dtype) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.shape != (f,):
+        got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name}: expected shape ({f},), got {got}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype.name}, got {a.dtype.name}")
+    return np.ascontiguousarray(a)
+
+
+def layernorm(
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bias: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """x: [R, F] -> LN(x + bias): [R, F] (into ``out``, which may be ``x``)."""
+    x = _rows("x", x)
+    f, dt = x.shape[1], x.dtype
+    gamma, beta = _vector("gamma", gamma, f, dt), _vector("beta", beta, f, dt)
+    has_bias = bias is not None
+    b = _vector("bias", bias, f, dt) if bias is not None else gamma
+    out = np.empty_like(x) if out is None else _rows("out", out, f, dt)
+    if out.shape != x.shape:
+        raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
+    _layernorm_rows(x, b, has_bias, gamma, beta, out)
+    return out
+
+
+def residual_layernorm(
+    z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray
+) -> np.ndarray:
+    """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F]."""
+    z = _rows("z", z)
+    f, dt = z.shape[1], z.dtype
+    t = _rows("t", t, f, dt)
+    if t.shape != z.shape:
+        raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
+    out = np.empty_like(z)
+    _residual_layernorm_rows(z, t, _vector("bias", bias, f, dt), _vector("gamma", gamma, f, dt),
+                             _vector("beta", beta, f, dt), out)
+    return out
+
+
+def residual(z: np.ndarray, t: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """z: [R, F] += t [R, F] + bias [F] in place; returns z."""
+    z = _rows("z", z)
+    t = _rows("t", t, z.shape[1], z.dtype)
+    if t.shape != z.shape:
+        raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
+    _residual_rows(z, t, _vector("bias", bias, z.shape[1], z.dtype))
+    return z
+
+
+def bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> np.ndarray:
+    """h: [R, F] = GELU(h + bias [F]) in place; returns h."""
+    if approximate not in ("exact", "tanh"):
+        raise ValueError(f"approximate: expected 'exact' or 'tanh', got {approximate!r}")
+    h = _rows("h", h)
+    _bias_gelu_rows(h, _vector("bias", bias, h.shape[1], h.dtype), approximate == "tanh")
+    return h
