@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -51,6 +52,9 @@ INFER_B32 = [256, 1024, 4096, 16384]
 STREAM_B1 = [1 << 16, 1 << 18, 1 << 20]
 TRAIN_B32 = [256, 1024, 4096]
 CHUNK = 1 << 16
+#: Seconds of quiet before each timed run: long enough for the other system's thread pools to
+#: stop spinning (OpenBLAS spins ~0.1 s after a product, OpenMP less) and go to sleep.
+SETTLE = 0.25
 
 
 # ---- the workers ---------------------------------------------------------------------------
@@ -114,9 +118,8 @@ class Torch:
         import torch
 
         sys.path.insert(0, str(ROOT))
-        from tests import torch_reference
-
         import perceiver_np as pnp
+        from tests import torch_reference
 
         torch.set_num_threads(threads)
         self.torch, self.ref = torch, torch_reference
@@ -139,8 +142,9 @@ class Torch:
         else:
             x, y = torch.from_numpy(inputs(b, n)), torch.from_numpy(labels(b))
             tp = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in self.params.items()}
-            groups = [{"params": [p for k, p in tp.items() if default_decay_mask(k)], "weight_decay": 0.01},
-                      {"params": [p for k, p in tp.items() if not default_decay_mask(k)], "weight_decay": 0.0}]
+            decay = [p for k, p in tp.items() if default_decay_mask(k)]
+            rest = [p for k, p in tp.items() if not default_decay_mask(k)]
+            groups = [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
             opt = torch.optim.AdamW(groups, lr=1e-4)
 
             def step() -> np.ndarray:
@@ -277,6 +281,7 @@ def run_shape(ours: Worker, torch_: Worker, kind: str, b: int, n: int, rounds: i
     for r in range(rounds):
         order = (("ours", ours), ("torch", torch_)) if r % 2 == 0 else (("torch", torch_), ("ours", ours))
         for name, w in order:
+            time.sleep(SETTLE)
             times[name].append(w.ask(cmd="run")["time"])
     peaks = {"ours": ours.ask(cmd="peak")["peak"], "torch": torch_.ask(cmd="peak")["peak"]}
     ratios = [t / o for t, o in zip(times["torch"], times["ours"], strict=True)]
@@ -338,7 +343,7 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
         series = sorted((r for r in rows if r["kind"] == kind and r["b"] == b and r["n"] >= 4096),
                         key=lambda r: r["n"])
         growth = [float(np.median(c["times"]["ours"]) / np.median(a["times"]["ours"]))
-                  for a, c in zip(series, series[1:], strict=False) if c["n"] == 4 * a["n"]]
+                  for a, c in itertools.pairwise(series) if c["n"] == 4 * a["n"]]
         if growth:
             out.append(f"linear in N ({kind}, B {b}): time(4N)/time(N) max {max(growth):.2f} (<= 4.4) "
                        f"-> {verdict(max(growth) <= 4.4)}")
@@ -399,17 +404,20 @@ def write_markdown(path: Path, text: str) -> None:
               "own: [performance-kernel.md](performance-kernel.md). One run on this machine:\n\n")
     from perceiver_np._files import atomic_write
 
-    atomic_write(path, (header + text + "\n").encode())
+    atomic_write(path, lambda f: f.write((header + text + "\n").encode()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N <= 4k (B = 32) and <= 256k (B = 1)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--kinds", default="infer,stream,train",
+                        help="comma-separated subset of infer (B = 32), stream (B = 1), train")
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -422,10 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build(**SEED).config
     info = machine(args.threads)
     peak = sgemm_peak()
-    load = compile_and_load()
-    infer_ns = [n for n in INFER_B32 if not args.quick or n <= 4096]
-    stream_ns = [n for n in STREAM_B1 if not args.quick or n <= 1 << 18]
-    train_ns = [n for n in TRAIN_B32 if not args.quick or n <= 1024]
+    load = compile_and_load() if not args.quick else {}
+    kinds = set(args.kinds.split(","))
+    infer_ns = [n for n in INFER_B32 if "infer" in kinds and (not args.quick or n <= 4096)]
+    stream_ns = [n for n in STREAM_B1 if "stream" in kinds and (not args.quick or n <= 1 << 18)]
+    train_ns = [n for n in TRAIN_B32 if "train" in kinds and (not args.quick or n <= 1024)]
     ours, torch_ = Worker("ours", args.threads), Worker("torch", args.threads)
     rows = []
     try:

@@ -10,9 +10,13 @@ from .attention import (
     BACKWARD_BLOCK_N,
     FORWARD_BLOCK_M,
     FORWARD_BLOCK_N,
+    ChunkState,
     attention_backward,
     attention_forward,
     choose_splits,
+    chunk_state,
+    finish_chunks,
+    merge_chunk,
 )
 
 __all__ = [
@@ -20,7 +24,11 @@ __all__ = [
     "BACKWARD_BLOCK_N",
     "FORWARD_BLOCK_M",
     "FORWARD_BLOCK_N",
+    "ChunkState",
     "attention_backward",
     "attention_forward",
     "choose_splits",
+    "chunk_state",
+    "finish_chunks",
+    "merge_chunk",
 ]

@@ -34,6 +34,7 @@ Every parallel loop writes disjoint outputs; the reductions over splits are pass
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import prange
@@ -179,6 +180,57 @@ def _forward_merge(part_m, part_l, part_acc, o, lse):  # pragma: no cover - comp
                 lse[b, h, i] = m + np.log(ell)
             else:  # no visible key: zero output (its accumulator is zero already)
                 lse[b, h, i] = neg
+
+
+@parallel_kernel
+def _merge_chunk(m_run, l_run, acc, o_c, lse_c):  # pragma: no cover - compiled
+    """Fold one chunk of keys' (o_c, lse_c) into the running state, in float64:
+    m = max(m, lse_c); l = l exp(m_old - m) + exp(lse_c - m); acc = acc exp(m_old - m) + exp(lse_c - m) o_c.
+    m_run, l_run: [B, H, M] float64; acc: [B, H, M, dv] float64; o_c [B, H, M, dv], lse_c [B, H, M]."""
+    nb, nh, m_len = m_run.shape
+    dv = acc.shape[3]
+    for bh in prange(nb * nh):
+        b = bh // nh
+        h = bh % nh
+        for i in range(m_len):
+            lc = np.float64(lse_c[b, h, i])
+            m_new = max(m_run[b, h, i], lc)
+            alpha = np.exp(m_run[b, h, i] - m_new)
+            w = np.exp(lc - m_new)
+            l_run[b, h, i] = l_run[b, h, i] * alpha + w
+            for e in range(dv):
+                acc[b, h, i, e] = acc[b, h, i, e] * alpha + w * o_c[b, h, i, e]
+            m_run[b, h, i] = m_new
+
+
+class ChunkState(NamedTuple):
+    """The running online-softmax state of attention over keys that arrive in chunks."""
+
+    m: np.ndarray  # [B, H, M] float64, running max of the chunks' lse
+    l: np.ndarray  # [B, H, M] float64, running sum of exp(lse_c - m)  # noqa: E741
+    acc: np.ndarray  # [B, H, M, dv] float64, running sum of exp(lse_c - m) o_c
+
+
+def chunk_state(b: int, h: int, m: int, dv: int) -> ChunkState:
+    """The state before any chunk: no key seen (m at MASK_FILL, l and acc 0)."""
+    return ChunkState(np.full((b, h, m), MASK_FILL), np.zeros((b, h, m)), np.zeros((b, h, m, dv)))
+
+
+def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
+    """Fold one chunk's ``attention_forward`` result (o_c [B, H, M, dv], lse_c [B, H, M]) into
+    ``state``, in place: a softmax over the union of the chunks' keys is the
+    exp(lse)-weighted mean of the chunks' softmaxes (the merge of pass 2, across calls)."""
+    expect = state.acc.shape
+    if o_c.shape != expect or lse_c.shape != expect[:3]:
+        raise ValueError(f"o_c, lse_c: expected shapes {expect} and {expect[:3]}, got {o_c.shape} "
+                         f"and {lse_c.shape}")
+    _merge_chunk(state.m, state.l, state.acc, np.ascontiguousarray(o_c), np.ascontiguousarray(lse_c))
+
+
+def finish_chunks(state: ChunkState, dtype: np.dtype) -> np.ndarray:
+    """o = acc / l: [B, H, M, dv] in ``dtype``; 0 for a query that saw no visible key (its acc
+    is 0: every chunk gave it o_c = 0)."""
+    return (state.acc / np.where(state.l > 0, state.l, 1.0)[..., None]).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

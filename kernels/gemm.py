@@ -3,6 +3,7 @@
 ::
 
     y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F]
+    y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
 
 Why not ``a @ w`` with BLAS's own threads: on a machine with as many threads as cores, an
@@ -49,27 +50,38 @@ def _matmul_rows(a, w, out, block):  # pragma: no cover - compiled
 
 
 @parallel_kernel
-def _project_heads(x, w, out0, out1, out2, n_out, block):  # pragma: no cover - compiled
-    """For each block of rows of each sample: t = x[b, lo:hi] @ w, one wide product into a
-    per-item buffer, then its column groups scattered into the head layouts:
-    out_j[b, h, lo:hi] = t[:, (offset_j + h*d_j) : (offset_j + (h+1)*d_j)].
-    x [B, S, K], w [K, H*(d0 + d1 + d2)], out_j [B, H, S, d_j] (j < n_out)."""
+def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
+    """out[b, lo:hi] = x[b, lo:hi] @ w for each block of rows of each sample; x [B, S, K] may
+    be a strided view (a chunk of a longer input): each block is copied contiguous first."""
     nb_, s = x.shape[0], x.shape[1]
-    heads = out0.shape[1]
     n_blocks = (s + block - 1) // block
     for item in prange(nb_ * n_blocks):
         b = item // n_blocks
         lo = (item % n_blocks) * block
         hi = min(s, lo + block)
-        t = np.dot(x[b, lo:hi], w)  # [rows, H*(d0 + d1 + d2)]
+        np.dot(np.ascontiguousarray(x[b, lo:hi]), w, out[b, lo:hi])
+
+
+@parallel_kernel
+def _project_heads(x, w, out0, out1, out2, n_out, block):  # pragma: no cover - compiled
+    """For each block of rows of x flattened to [B*S, K]: t = x[lo:hi] @ w, one wide product
+    into a per-item buffer, then its column groups scattered into the head layouts,
+    out_j[b, h, s] = t[r - lo, offset_j + h*d_j : offset_j + (h+1)*d_j] for row r = b*S + s.
+    x [B*S, K], w [K, H*(d0 + d1 + d2)], out_j [B, H, S, d_j] (j < n_out)."""
+    rows, s = x.shape[0], out0.shape[2]
+    heads = out0.shape[1]
+    for item in prange((rows + block - 1) // block):
+        lo = item * block
+        hi = min(rows, lo + block)
+        t = np.dot(x[lo:hi], w)  # [hi - lo, H*(d0 + d1 + d2)]
         col = 0
         for j in range(n_out):
             out = out0 if j == 0 else (out1 if j == 1 else out2)
             d = out.shape[3]
             for h in range(heads):
-                for r in range(hi - lo):
-                    for c in range(d):
-                        out[b, h, lo + r, c] = t[r, col + c]
+                for r in range(lo, hi):
+                    b = r // s
+                    out[b, h, r - b * s, :] = t[r - lo, col:col + d]  # d contiguous values
                 col += d
 
 
@@ -117,6 +129,24 @@ def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x: [B, S, K] (any strides; each sample's rows are read a block at a time) @ w: [K, F]
+    -> [B, S, F] contiguous, in x's dtype."""
+    if not isinstance(x, np.ndarray) or x.ndim != 3:
+        got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"x: expected an array [B, S, K], got {got}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype.name}")
+    w = _check("w", w, 2, "[K, F]", x.dtype)
+    if w.shape[0] != x.shape[2]:
+        raise ValueError(f"w: expected shape ({x.shape[2]}, F) to match x {x.shape}, got {w.shape}")
+    b, s, _ = x.shape
+    out = np.empty((b, s, w.shape[1]), dtype=x.dtype)
+    with single_threaded_blas():
+        _matmul_batched(x, w, out, PROJECT_BLOCK_ROWS)
+    return out
+
+
 def project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int) -> list[np.ndarray]:
     """x: [B, S, K] @ each w_j: [K, H*d_j] (one to three of them) -> [B, H, S, d_j] each: the
     projections of every head, written in the attention kernel's layout."""
@@ -133,5 +163,6 @@ def project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int) -> list[
     padded = outs + [dummy] * (3 - len(outs))
     w_all = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]  # [K, H*(d0 + d1 + d2)]
     with single_threaded_blas():
-        _project_heads(x, w_all, padded[0], padded[1], padded[2], len(outs), PROJECT_BLOCK_ROWS)
+        _project_heads(x.reshape(b * s, k), w_all, padded[0], padded[1], padded[2], len(outs),
+                       PROJECT_BLOCK_ROWS)
     return outs

@@ -11,7 +11,6 @@ by finite differences (:mod:`perceiver_np.gradcheck`). The API mirrors Edifice's
     grads, dx = model.backward(dy, cache)            # grads keyed like model.params
 """
 
-from . import threads  # first: it configures Numba's thread pool before anything starts it
 from . import (
     attention,
     blocks,
@@ -24,6 +23,7 @@ from . import (
     position,
     presets,
     shapes,
+    threads,
     tolerances,
     train,
     verify,
@@ -72,6 +72,7 @@ __all__ = [
     "self_block_forward",
     "set_num_threads",
     "shapes",
+    "threads",
     "to_hf_state_dict",
     "tolerances",
     "train",

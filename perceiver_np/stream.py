@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from . import fast
-from .attention import attention_forward as plain_attention_forward
+from .attention import attention_forward
 from .blocks import ffn_sublayer_forward, self_block_forward
-from .kernels import attention_forward, gemm, rows
 from .layers import (
     MASK_FILL,
     Params,
@@ -112,75 +111,74 @@ def _passes(
     return single
 
 
+def _validated(
+    chunks: Iterator[np.ndarray], masks: Iterator[np.ndarray] | None, b: int, model: Perceiver
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(x_c [B, n, C] of the model's dtype, mask_c [B, n] bool or None) per chunk, checked."""
+    cfg = model.config
+    for x in chunks:
+        x = as_real_input("chunk", x, cfg.np_dtype)
+        expect_shape("chunk", x, (b, None, cfg.input_dim), "[B, n, C]")
+        keep = None
+        if masks is not None:
+            mask_chunk = next(masks, None)
+            if mask_chunk is None:
+                raise ValueError("mask_chunks: fewer mask chunks than input chunks")
+            keep = as_mask(mask_chunk, b, x.shape[1], name="mask chunk", letters="[B, n]")
+        yield x, keep
+
+
 def _cross_block_stream(
     model: Perceiver, i: int, z: np.ndarray, chunks: Iterator[np.ndarray],
     masks: Iterator[np.ndarray] | None,
 ) -> tuple[np.ndarray, int]:
     """Cross block ``i`` over the streamed input: z [B, M, D] -> ([B, M, D], N seen).
 
-    Each chunk's attention is computed whole, ``(o_c, lse_c)`` [B, H, M, dv], [B, H, M] (the
-    kernel on the fast path, :mod:`perceiver_np.attention` on the plain one), and folded into
-    the running state in float64: ``m = max(m, lse_c)``, ``l = l exp(m_old - m) + exp(lse_c - m)``,
-    ``acc = acc exp(m_old - m) + exp(lse_c - m) o_c``; at the end ``o = acc / l``. This is the
-    kernel's own merge of its splits of N (docs/kernel.md): a softmax over the union of the
-    chunks' keys is the exp(lse)-weighted mean of the chunks' softmaxes."""
+    The fast path is :func:`perceiver_np.fast.cross_block`, which takes its input in chunks
+    anyway. The plain path computes each chunk's attention ``(o_c, lse_c)`` with
+    :mod:`perceiver_np.attention` and folds it into a running state in float64:
+    ``m = max(m, lse_c)``, ``l = l exp(m_old - m) + exp(lse_c - m)``,
+    ``acc = acc exp(m_old - m) + exp(lse_c - m) o_c``; at the end ``o = acc / l``. A softmax
+    over the union of the chunks' keys is the exp(lse)-weighted mean of the chunks' softmaxes."""
     cfg = model.config
     p: Params = sub(model.params, f"cross.{i}")
     heads = cfg.cross_num_heads
-    dt = cfg.np_dtype
-    fast_path = model.uses_fast_path
-    b, m_len, d = z.shape
-    z = np.array(z, order="C")  # owned and C-contiguous: the fast tail updates it in place
+    b = z.shape[0]
+    pairs = _validated(chunks, masks, b, model)
+    if model.uses_fast_path:
+        proj = cfg.input_projection
+        return fast.cross_block(
+            np.array(z, order="C"), pairs, p, num_heads=heads,
+            in_weight=model.params["input_proj.weight"] if proj else None,
+            in_bias=model.params["input_proj.bias"] if proj else None,
+            use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
+        )
     zq, _ = layernorm_forward(z, sub(p, "q_norm"))
     q, _ = linear_forward(zq, sub(p, "attn.q"))  # [B, M, D] -> [B, M, qk]
-    qh = np.ascontiguousarray(split_heads(q, heads))  # [B, M, qk] -> [B, H, M, dh]
-    dv = cfg.cross_v_channels // heads
+    qh = split_heads(q, heads)  # [B, M, qk] -> [B, H, M, dh]
+    m_len, dv = qh.shape[2], cfg.cross_v_channels // heads
     m_run = np.full((b, heads, m_len), MASK_FILL, dtype=np.float64)  # running max of lse
     l_run = np.zeros((b, heads, m_len), dtype=np.float64)  # running sum of exp(lse - m)
     acc = np.zeros((b, heads, m_len, dv), dtype=np.float64)  # running sum of exp(lse - m) o
-    visible = np.zeros(b, dtype=bool)  # [B]: a sample that saw any key
     n_seen = 0
-    for x in chunks:
-        x = as_real_input("chunk", x, dt)
-        expect_shape("chunk", x, (b, None, cfg.input_dim), "[B, n, C]")
-        n = x.shape[1]
-        keep = None
-        if masks is not None:
-            mask_chunk = next(masks, None)
-            if mask_chunk is None:
-                raise ValueError("mask_chunks: fewer mask chunks than input chunks")
-            keep = as_mask(mask_chunk, b, n, name="mask chunk", letters="[B, n]")
-        visible |= True if keep is None else keep.any(axis=1)
-        if fast_path:  # the pieces of perceiver_np.fast: no b_k (softmax-invariant), b_v at the end
-            x2 = np.ascontiguousarray(x).reshape(b * n, -1)
-            h = gemm.matmul(x2, model.params["input_proj.weight"]) if cfg.input_projection else x2
-            bias = model.params["input_proj.bias"] if cfg.input_projection else None
-            hk = rows.layernorm(h, p["kv_norm.gamma"], p["kv_norm.beta"], bias=bias,
-                                out=h if cfg.input_projection else None)  # [B*n, Ckv]
-            k, v = gemm.project_heads(hk.reshape(b, n, -1), [p["attn.k.weight"], p["attn.v.weight"]],
-                                      heads)  # [B, n, Ckv] -> [B, H, n, dh], [B, H, n, dv]
-            o_c, lse_c = attention_forward(qh, k, v, keep)
-        else:
-            h = x
-            if cfg.input_projection:
-                h, _ = linear_forward(x, sub(model.params, "input_proj"))  # [B, n, C] -> [B, n, D]
-            hk, _ = layernorm_forward(h, sub(p, "kv_norm"))
-            k, _ = linear_forward(hk, sub(p, "attn.k"))  # [B, n, Ckv] -> [B, n, qk]
-            v, _ = linear_forward(hk, sub(p, "attn.v"))  # [B, n, Ckv] -> [B, n, v]
-            o_c, lse_c = plain_attention_forward(qh, split_heads(k, heads), split_heads(v, heads), keep)
+    for x, keep in pairs:
+        h = x
+        if cfg.input_projection:
+            h, _ = linear_forward(x, sub(model.params, "input_proj"))  # [B, n, C] -> [B, n, D]
+        hk, _ = layernorm_forward(h, sub(p, "kv_norm"))
+        k, _ = linear_forward(hk, sub(p, "attn.k"))  # [B, n, Ckv] -> [B, n, qk]
+        v, _ = linear_forward(hk, sub(p, "attn.v"))  # [B, n, Ckv] -> [B, n, v]
+        o_c, lse_c = attention_forward(qh, split_heads(k, heads), split_heads(v, heads), keep)
         m_new = np.maximum(m_run, lse_c)
         alpha = np.exp(m_run - m_new)  # rescale what was kept: exp(m_old - m_new) <= 1
         weight = np.exp(lse_c - m_new)  # this chunk's share (0 where it had no visible key)
         l_run = l_run * alpha + weight
         acc = acc * alpha[..., None] + weight[..., None] * o_c
         m_run = m_new
-        n_seen += n
+        n_seen += x.shape[1]
     if n_seen == 0:
         raise ValueError("chunks: the input is empty (N = 0)")
-    o = np.where(visible[:, None, None, None], acc / l_run[..., None], 0.0).astype(dt)  # [B, H, M, dv]
-    if fast_path:
-        return fast.attention_tail(z, o, visible, p, query_residual=cfg.use_query_residual,
-                                   gelu=cfg.gelu), n_seen
+    o = (acc / np.where(l_run > 0, l_run, 1.0)[..., None]).astype(cfg.np_dtype)  # [B, H, M, dv]
     att, _ = linear_forward(merge_heads(o), sub(p, "attn.out"))  # [B, M, v] -> [B, M, D]
     a = z + att if cfg.use_query_residual else att
     y, _ = ffn_sublayer_forward(a, p, gelu=cfg.gelu, dropout=0.0, training=False, rng=None,
@@ -230,7 +228,9 @@ def encode_stream(
             z, _ = self_block_forward(z, sub(model.params, f"self.{i}"), num_heads=cfg.num_heads,
                                       gelu=cfg.gelu, backend=cfg.attention_backend("self", False),
                                       ffn_backend=cfg.elementwise_backend)
-    if cfg.final_norm:
+    if model.uses_fast_path:
+        z = fast.final_norm(model, z)
+    elif cfg.final_norm:
         z, _ = layernorm_forward(z, sub(model.params, "final_norm"))
     return model.decode(z)[0]  # the head reads the latents only: the model's own
 

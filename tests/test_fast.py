@@ -1,0 +1,232 @@
+"""The fast inference path (perceiver_np.fast, what ``model(x)`` runs) against the reference
+forward, and its kernels (kernels/rows.py, kernels/gemm.py, the chunk merge) against plain NumPy.
+
+float64: within FAST_FLOAT64_RTOL; float32: within the float32 bound of tolerances.py. Inputs
+are cut into many chunks (CHUNK_ROWS made small) so the chunk merge is exercised, with masks
+that hide a whole sample and whole chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from perceiver_np.kernels import attention_forward, chunk_state, finish_chunks, gemm, merge_chunk, rows
+
+import perceiver_np as pnp
+from perceiver_np import fast
+from perceiver_np.layers import gelu_forward, layernorm_forward
+from perceiver_np.stream import NpyChunks
+from perceiver_np.tolerances import FAST_FLOAT64_RTOL, float32_forward_rtol
+
+from .helpers import random_model
+
+CASES = {
+    "seed-small": {},
+    "three-cross-shared": {"num_cross_layers": 3, "num_layers": 4, "num_blocks": 2},
+    "raw-input-tanh-no-residual-no-final-norm": {
+        "input_projection": False, "cross_heads": 1, "gelu": "tanh", "use_query_residual": False,
+        "final_norm": False,
+    },
+    "channels-heads-widening": {"qk_channels": 6, "v_channels": 4, "cross_heads": 1,
+                                "cross_widening_factor": 2, "self_widening_factor": 3},
+    "classification": {"decoder": "classification", "output_dim": 3},
+    "query-decoder": {"decoder": "query", "output_dim": 2, "num_outputs": 6},
+    "latents": {"decoder": "latents"},
+}
+
+
+def relerr(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def ragged_mask(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
+    """Random padding; sample 1 sees nothing; sample 0 sees only its last positions, so its
+    first chunks are wholly masked."""
+    mask = rng.random((b, n)) < 0.7
+    mask[1] = False
+    mask[0, : n - 3] = False
+    return mask
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 16384], ids=["many-chunks", "one-chunk"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_path_equals_the_reference_forward_float64(rng, monkeypatch, case, chunk_rows):
+    monkeypatch.setattr(fast, "CHUNK_ROWS", chunk_rows)  # B = 3: one position per chunk, or all
+    model = random_model(rng, **CASES[case])
+    assert model.uses_fast_path
+    x = rng.normal(size=(3, 23, model.config.input_dim))
+    for mask in (None, ragged_mask(rng, 3, 23)):
+        want = model.forward(x, mask)[0]
+        got = model(x, mask)
+        assert relerr(got, want) <= FAST_FLOAT64_RTOL
+        if mask is not None:
+            assert np.array_equal(model(x * (1 + 3 * ~mask[..., None]), mask), got)  # padding ignored
+
+
+def test_fast_path_float32_within_float32_rounding(rng):
+    """The seed model in float32 on the fast path against the float64 plain path."""
+    m64 = pnp.build(input_dim=287, dtype="float64", backend="numpy")
+    m32 = pnp.build(input_dim=287)
+    assert m32.uses_fast_path and not m64.uses_fast_path
+    x = rng.normal(size=(2, 3000, 287))
+    mask = rng.random((2, 3000)) < 0.9
+    self_steps = sum(1 for kind, _ in m64.config.schedule if kind == "self")
+    depth = 1 + 12 * m64.config.num_cross_layers + 11 * self_steps + 2
+    y64 = m64(x, mask)
+    assert relerr(m32(x.astype(np.float32), mask), y64) <= float32_forward_rtol(depth, 3000)
+
+
+def test_numpy_backend_keeps_the_plain_path(rng):
+    model = random_model(rng, backend="numpy")
+    assert not model.uses_fast_path
+    x = rng.normal(size=(2, 7, 5))
+    assert np.array_equal(model(x), model.forward(x)[0])
+    assert not random_model(rng, masked_rows="uniform").uses_fast_path  # the kernel zeroes rows
+
+
+def test_fast_blocks_refuse_latents_they_cannot_update_in_place(rng):
+    model = random_model(rng)
+    z = np.broadcast_to(model.params["latents"], (2, *model.params["latents"].shape))
+    with pytest.raises(ValueError, match="z: expected a writeable C-contiguous array"):
+        fast.self_block(z, pnp.layers.sub(model.params, "self.0"), num_heads=2, gelu="exact")
+
+
+# ---- the row kernels ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_row_kernels_equal_the_plain_layers(rng, dtype):
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else 8 * np.finfo(np.float32).eps
+    r, f = 37, 24
+    x = (3 + rng.normal(size=(r, f))).astype(dtype)
+    t = rng.normal(size=(r, f)).astype(dtype)
+    bias, gamma, beta = (rng.normal(size=f).astype(dtype) for _ in range(3))
+    ln = {"gamma": gamma, "beta": beta}
+    want = layernorm_forward(x + bias, ln)[0]
+    assert relerr(rows.layernorm(x, gamma, beta, bias=bias), want) <= tol
+    assert relerr(rows.layernorm(x, gamma, beta), layernorm_forward(x, ln)[0]) <= tol
+    inplace = x.copy()
+    rows.layernorm(inplace, gamma, beta, bias=bias, out=inplace)
+    assert relerr(inplace, want) <= tol
+    z = x.copy()
+    u = rows.residual_layernorm(z, t, bias, gamma, beta)
+    assert relerr(z, x + t + bias) <= tol
+    assert relerr(u, layernorm_forward(x + t + bias, ln)[0]) <= tol
+    z = x.copy()
+    assert relerr(rows.residual(z, t, bias), x + t + bias) <= tol
+    for kind in ("exact", "tanh"):
+        h = t.copy()
+        rows.bias_gelu(h, bias, kind)
+        assert relerr(h, gelu_forward(t + bias, approximate=kind)[0]) <= tol
+
+
+def test_row_kernels_name_bad_arguments(rng):
+    x = rng.normal(size=(4, 3))
+    g = np.ones(3)
+    with pytest.raises(ValueError, match=r"gamma: expected shape \(3,\), got \(4,\)"):
+        rows.layernorm(x, np.ones(4), g)
+    with pytest.raises(TypeError, match="beta: expected dtype float64, got float32"):
+        rows.layernorm(x, g, g.astype(np.float32))
+    with pytest.raises(ValueError, match="x: expected a C-contiguous array"):
+        rows.layernorm(x[:, ::2], g[:2], g[:2])
+    with pytest.raises(ValueError, match=r"t: expected shape \(4, 3\), got \(2, 3\)"):
+        rows.residual(x.copy(), x[:2].copy(), g)
+    with pytest.raises(ValueError, match="approximate: expected 'exact' or 'tanh'"):
+        rows.bias_gelu(x.copy(), g, "erf")
+
+
+# ---- the products ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_products_equal_numpy(rng, dtype):
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(1, 40)
+    x = rng.normal(size=(3, 300, 40)).astype(dtype)
+    w = rng.normal(size=(40, 12)).astype(dtype)
+    assert relerr(gemm.matmul(x.reshape(-1, 40), w), x.reshape(-1, 40) @ w) <= tol
+    view = x[:, 7:251]  # a strided chunk of a longer input
+    assert relerr(gemm.matmul_batched(view, w), view @ w) <= tol
+    wk, wv, wq = (rng.normal(size=(40, 3 * d)).astype(dtype) for d in (4, 5, 4))
+    k, v, q = gemm.project_heads(x, [wk, wv, wq], 3)
+    for got, wj, d in ((k, wk, 4), (v, wv, 5), (q, wq, 4)):
+        want = (x @ wj).reshape(3, 300, 3, d).transpose(0, 2, 1, 3)  # [B, S, H*d] -> [B, H, S, d]
+        assert got.shape == want.shape and got.flags.c_contiguous
+        assert relerr(got, want) <= tol
+
+
+def test_products_name_bad_arguments(rng):
+    x = rng.normal(size=(2, 5, 4))
+    with pytest.raises(ValueError, match=r"w: expected shape \(4, F\)"):
+        gemm.matmul(x[0], np.ones((3, 2)))
+    with pytest.raises(TypeError, match="w: expected dtype float64, got float32"):
+        gemm.matmul_batched(x, np.ones((4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected shape \(4, H\*d\) with H = 2"):
+        gemm.project_heads(x, [np.ones((4, 2)), np.ones((4, 3))], 2)
+
+
+# ---- the chunk merge ------------------------------------------------------------------------
+
+
+def test_merged_chunks_equal_attention_over_the_whole_input(rng):
+    b, h, m, n, d = 2, 3, 5, 40, 4
+    q, k, v = (rng.normal(size=s) for s in ((b, h, m, d), (b, h, n, d), (b, h, n, d)))
+    mask = rng.random((b, n)) < 0.6
+    mask[0, :20] = False  # sample 0's first two chunks see nothing
+    mask[1] = False  # sample 1 sees nothing at all
+    want, _ = attention_forward(q, k, v, mask)
+    state = chunk_state(b, h, m, d)
+    for i in range(0, n, 10):
+        o_c, lse_c = attention_forward(q, k[:, :, i:i + 10], v[:, :, i:i + 10], mask[:, i:i + 10])
+        merge_chunk(state, o_c, lse_c)
+    got = finish_chunks(state, np.float64)
+    assert np.abs(got - want).max() <= FAST_FLOAT64_RTOL * np.abs(want).max()
+    assert np.all(got[1] == 0.0)
+    with pytest.raises(ValueError, match="o_c, lse_c: expected shapes"):
+        merge_chunk(state, o_c[:, :1], lse_c)
+
+
+# ---- reading .npy files in chunks -----------------------------------------------------------
+
+
+def test_npy_chunks_stream_equals_the_forward(rng, tmp_path):
+    model = random_model(rng, num_cross_layers=2, num_layers=3)
+    x = rng.normal(size=(3, 37, 5))
+    mask = ragged_mask(rng, 3, 37)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "m.npy", mask)
+    want = model(x, mask)
+    for size in (1, 5, 100):
+        got = model.encode_stream(NpyChunks(tmp_path / "x.npy", size), NpyChunks(tmp_path / "m.npy", size))
+        assert relerr(got, want) <= FAST_FLOAT64_RTOL
+
+
+def test_npy_chunks_refuse_what_they_cannot_read(tmp_path):
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((2, 3, 4))))
+    with pytest.raises(ValueError, match="Fortran order"):
+        NpyChunks(tmp_path / "f.npy")
+    np.save(tmp_path / "o.npy", np.array([[None]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        NpyChunks(tmp_path / "o.npy")
+    np.save(tmp_path / "t.npy", np.ones((2, 3, 4)))
+    data = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        NpyChunks(tmp_path / "t.npy")
+    with pytest.raises(ValueError, match="chunk_size: expected a positive integer"):
+        NpyChunks(tmp_path / "f.npy", 0)
+
+
+def test_numba_pool_waits_passively_unless_told_otherwise():
+    """threads.py sets OMP_WAIT_POLICY before Numba's pool starts (docs/performance.md says
+    why); a value the environment already has is kept."""
+    code = "import os, perceiver_np; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
