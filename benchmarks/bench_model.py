@@ -13,7 +13,7 @@ run at a time, alternating which goes first, so each round's two times are taken
 load and their ratio (torch time / our time) is paired. Every figure is from this run:
 
 - the machine's sgemm peak (NumPy float32 4096^3, best of 3) and each system's FLOP/s against it
-  (the model's FLOPs from ``perceiver_np.cli.forward_flops``; a training step counted as 3x the
+  (the model's FLOPs from ``perceiver_np.cost.forward_flops``; a training step counted as 3x the
   forward's, the backward's two products per forward product);
 - peak RSS: each worker's resident-set high-water mark (VmHWM, reset through
   /proc/self/clear_refs before the shape), so inputs, activations and the libraries all count;
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     from perceiver_np import build
-    from perceiver_np.cli import forward_flops
+    from perceiver_np.cost import forward_flops
 
     cfg = build(**SEED).config
     info = machine(args.threads)

@@ -23,6 +23,10 @@ never stack on top of Numba's.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import numba
 from numba import njit
 
 FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
@@ -31,3 +35,23 @@ FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 parallel_kernel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 #: Decorator for the serial helpers the kernels call (inlined by LLVM).
 serial_kernel = njit(cache=True, fastmath=FASTMATH, nogil=True)
+
+#: Below this many elements, a row or element-wise kernel runs on the calling thread alone:
+#: waking the pool costs ~45 us per call here (measured with the passive wait policy), more
+#: than the whole kernel's work on such an array (~2 us on one thread for [6, 8]).
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+@contextlib.contextmanager
+def threads_for(elements: int) -> Iterator[None]:
+    """Run the kernels called inside on one thread when ``elements`` is small (Numba's thread
+    count is per calling thread, so other threads are not affected)."""
+    if elements >= PARALLEL_MIN_ELEMENTS:
+        yield
+        return
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(n)

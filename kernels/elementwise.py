@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
-from ._numba import parallel_kernel
+from ._numba import parallel_kernel, threads_for
 from .fastexp import fast_exp
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -134,7 +134,8 @@ def gelu_forward(x: np.ndarray, approximate: str = "exact") -> np.ndarray:
     """x: [...] -> GELU(x): [...], in x's dtype (float32 or float64)."""
     xc = np.ascontiguousarray(x)
     y = np.empty_like(xc)
-    _gelu_forward(xc.reshape(-1), y.reshape(-1), approximate == "tanh")
+    with threads_for(xc.size):
+        _gelu_forward(xc.reshape(-1), y.reshape(-1), approximate == "tanh")
     return y
 
 
@@ -142,5 +143,6 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact") -> 
     """dy, x: [...] -> dx = dy * GELU'(x): [...]."""
     xc, dyc = np.ascontiguousarray(x), np.ascontiguousarray(dy, dtype=x.dtype)
     dx = np.empty_like(xc)
-    _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), approximate == "tanh")
+    with threads_for(xc.size):
+        _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), approximate == "tanh")
     return dx

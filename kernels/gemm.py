@@ -3,6 +3,7 @@
 ::
 
     y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F]
+    g = matmul_tn(a, dy)          a [R, I], dy [R, O] -> a.T @ dy [I, O] (per-thread partial sums)
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
 
@@ -32,6 +33,10 @@ from numba import prange
 
 from ._numba import parallel_kernel
 
+#: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
+#: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no
+#: worker wakes or spins, and waking Numba's pool would cost more than the product (~45 us).
+SMALL_PRODUCT = 1 << 18
 #: Fewest rows in one BLAS call: below this the call overhead outweighs splitting further.
 MIN_BLOCK_ROWS = 64
 #: Rows per work item of ``project_heads``: its [rows, H*(d0 + d1 + d2)] product stays in L2
@@ -47,6 +52,20 @@ def _matmul_rows(a, w, out, block):  # pragma: no cover - compiled
         lo = i * block
         hi = min(r, lo + block)
         np.dot(a[lo:hi], w, out[lo:hi])
+
+
+@parallel_kernel
+def _matmul_tn_partial(a, b, part, block):  # pragma: no cover - compiled
+    """part[t] = a[lo:hi].T @ b[lo:hi] for the t-th block of rows (a [R, I], b [R, O],
+    part [T, I, O]): one partial sum per work item, summed by the caller (a pass of its own)."""
+    r = a.shape[0]
+    for t in prange(part.shape[0]):
+        lo = t * block
+        hi = min(r, lo + block)
+        if lo < hi:
+            np.dot(a[lo:hi].T, b[lo:hi], part[t])
+        else:
+            part[t][:] = 0.0
 
 
 @parallel_kernel
@@ -122,11 +141,29 @@ def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     w = _check("w", w, 2, "[K, F]", a.dtype)
     if w.shape[0] != a.shape[1]:
         raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
+    if a.shape[0] * a.shape[1] * w.shape[1] < SMALL_PRODUCT:
+        return a @ w
     out = np.empty((a.shape[0], w.shape[1]), dtype=a.dtype)
     block = max(MIN_BLOCK_ROWS, math.ceil(a.shape[0] / _threads()))
     with single_threaded_blas():
         _matmul_rows(a, w, out, block)
     return out
+
+
+def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a: [R, I], b: [R, O] -> a.T @ b: [I, O] (a weight's gradient: a sum over the R rows),
+    as one partial product per thread over its rows, then their sum."""
+    a = _check("a", a, 2, "[R, I]")
+    b = _check("b", b, 2, "[R, O]", a.dtype)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"b: expected {a.shape[0]} rows like a, got shape {b.shape}")
+    if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT:
+        return a.T @ b
+    items = max(1, min(_threads(), a.shape[0] // MIN_BLOCK_ROWS))
+    part = np.empty((items, a.shape[1], b.shape[1]), dtype=a.dtype)
+    with single_threaded_blas():
+        _matmul_tn_partial(a, b, part, math.ceil(a.shape[0] / items))
+    return part[0] if items == 1 else part.sum(axis=0)
 
 
 def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -141,6 +178,8 @@ def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if w.shape[0] != x.shape[2]:
         raise ValueError(f"w: expected shape ({x.shape[2]}, F) to match x {x.shape}, got {w.shape}")
     b, s, _ = x.shape
+    if b * s * x.shape[2] * w.shape[1] < SMALL_PRODUCT:
+        return np.ascontiguousarray(x @ w)
     out = np.empty((b, s, w.shape[1]), dtype=x.dtype)
     with single_threaded_blas():
         _matmul_batched(x, w, out, PROJECT_BLOCK_ROWS)
@@ -158,6 +197,8 @@ def project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int) -> list[
     for j, w in enumerate(ws):
         if w.shape[0] != k or w.shape[1] % heads:
             raise ValueError(f"weights[{j}]: expected shape ({k}, H*d) with H = {heads}, got {w.shape}")
+    if b * s * k * sum(w.shape[1] for w in ws) < SMALL_PRODUCT:  # [B, S, H*d] -> [B, H, S, d]
+        return [np.ascontiguousarray((x @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)) for w in ws]
     outs = [np.empty((b, heads, s, w.shape[1] // heads), dtype=x.dtype) for w in ws]
     dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
     padded = outs + [dummy] * (3 - len(outs))

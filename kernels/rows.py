@@ -7,6 +7,8 @@ plain path's formulas (tested equal, tests/test_fast.py)::
     residual_layernorm(z, t, bias, gamma, beta)     z += t + bias; return LN(z)   [R, F]
     residual(z, t, bias)                            z += t + bias                 [R, F]
     bias_gelu(h, bias, approximate)                 h = GELU(h + bias)            [R, F]
+    layernorm_train(x, gamma, beta)                 -> y, xhat [R, F], rstd [R, 1]  (training)
+    layernorm_backward(dy, xhat, rstd, gamma)       -> dx [R, F], dgamma [F], dbeta [F]
 
 LN is the plain path's LayerNorm: ``(x - mean) / sqrt(var + LN_EPS) * gamma + beta`` with the
 biased variance. The row's mean and variance are summed in float64 whatever the dtype (two
@@ -23,7 +25,7 @@ from numba import prange
 
 from perceiver_np.layers import LN_EPS
 
-from ._numba import parallel_kernel
+from ._numba import parallel_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any
 
 _K = 0.7978845608028654  # sqrt(2 / pi)
@@ -98,6 +100,54 @@ def _bias_gelu_rows(h, bias, tanh_form):  # pragma: no cover - compiled
                 h[r, j] = v * phi_cdf(v)
 
 
+@parallel_kernel
+def _layernorm_train_rows(x, gamma, beta, y, xhat, rstd):  # pragma: no cover - compiled
+    """y[r] = LN(x[r]), keeping xhat[r] = (x[r] - mean) * rstd[r] for the backward."""
+    rows, f = x.shape
+    eps = np.float64(LN_EPS)
+    for r in prange(rows):
+        s = 0.0
+        for j in range(f):
+            s += np.float64(x[r, j])
+        mean = s / f
+        ss = 0.0
+        for j in range(f):
+            d = np.float64(x[r, j]) - mean
+            ss += d * d
+        rs = 1.0 / np.sqrt(ss / f + eps)
+        rstd[r, 0] = rs
+        m, rs_t = x.dtype.type(mean), x.dtype.type(rs)
+        for j in range(f):
+            xh = (x[r, j] - m) * rs_t
+            xhat[r, j] = xh
+            y[r, j] = xh * gamma[j] + beta[j]
+
+
+@parallel_kernel
+def _layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dgamma_part, dbeta_part, block):  # pragma: no cover
+    """Per row: dxhat = dy * gamma, dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
+    per work item t (a block of rows): its own partial sums dgamma_part[t] = sum dy xhat and
+    dbeta_part[t] = sum dy (summed by the caller: a pass of their own)."""
+    rows, f = dy.shape
+    for t in prange(dgamma_part.shape[0]):
+        for j in range(f):
+            dgamma_part[t, j] = 0.0
+            dbeta_part[t, j] = 0.0
+        for r in range(t * block, min(rows, (t + 1) * block)):
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(f):
+                g = np.float64(dy[r, j]) * gamma[j]
+                s1 += g
+                s2 += g * xhat[r, j]
+                dgamma_part[t, j] += dy[r, j] * xhat[r, j]
+                dbeta_part[t, j] += dy[r, j]
+            m1, m2 = dy.dtype.type(s1 / f), dy.dtype.type(s2 / f)
+            rs = rstd[r, 0]
+            for j in range(f):
+                dx[r, j] = rs * (dy[r, j] * gamma[j] - m1 - xhat[r, j] * m2)
+
+
 def _rows(name: str, a: np.ndarray, f: int | None = None, dtype: np.dtype | None = None) -> np.ndarray:
     """Check that ``a`` is a C-contiguous float [R, F] array (of width f, of dtype) and return it."""
     if not isinstance(a, np.ndarray) or a.ndim != 2:
@@ -134,7 +184,8 @@ def layernorm(
     out = np.empty_like(x) if out is None else _rows("out", out, f, dt)
     if out.shape != x.shape:
         raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
-    _layernorm_rows(x, b, has_bias, gamma, beta, out)
+    with threads_for(x.size):
+        _layernorm_rows(x, b, has_bias, gamma, beta, out)
     return out
 
 
@@ -148,8 +199,9 @@ def residual_layernorm(
     if t.shape != z.shape:
         raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
     out = np.empty_like(z)
-    _residual_layernorm_rows(z, t, _vector("bias", bias, f, dt), _vector("gamma", gamma, f, dt),
-                             _vector("beta", beta, f, dt), out)
+    with threads_for(z.size):
+        _residual_layernorm_rows(z, t, _vector("bias", bias, f, dt), _vector("gamma", gamma, f, dt),
+                                 _vector("beta", beta, f, dt), out)
     return out
 
 
@@ -159,7 +211,8 @@ def residual(z: np.ndarray, t: np.ndarray, bias: np.ndarray) -> np.ndarray:
     t = _rows("t", t, z.shape[1], z.dtype)
     if t.shape != z.shape:
         raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
-    _residual_rows(z, t, _vector("bias", bias, z.shape[1], z.dtype))
+    with threads_for(z.size):
+        _residual_rows(z, t, _vector("bias", bias, z.shape[1], z.dtype))
     return z
 
 
@@ -168,5 +221,43 @@ def bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> np
     if approximate not in ("exact", "tanh"):
         raise ValueError(f"approximate: expected 'exact' or 'tanh', got {approximate!r}")
     h = _rows("h", h)
-    _bias_gelu_rows(h, _vector("bias", bias, h.shape[1], h.dtype), approximate == "tanh")
+    with threads_for(h.size):
+        _bias_gelu_rows(h, _vector("bias", bias, h.shape[1], h.dtype), approximate == "tanh")
     return h
+
+
+def layernorm_train(
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x: [R, F] -> (y = LN(x) [R, F], xhat [R, F], rstd [R, 1]): the plain path's
+    ``layernorm_forward`` and its cache in one pass."""
+    x = _rows("x", x)
+    f, dt = x.shape[1], x.dtype
+    y, xhat = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty((x.shape[0], 1), dtype=dt)
+    with threads_for(x.size):
+        _layernorm_train_rows(x, _vector("gamma", gamma, f, dt), _vector("beta", beta, f, dt), y, xhat, rstd)
+    return y, xhat, rstd
+
+
+def layernorm_backward(
+    dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dy, xhat: [R, F], rstd: [R, 1] -> (dx [R, F], dgamma [F], dbeta [F]); the sums over rows
+    are per-thread partials first (float32 partials of at most R / threads rows each)."""
+    import numba
+
+    dy = _rows("dy", np.ascontiguousarray(dy))
+    f, dt = dy.shape[1], dy.dtype
+    xhat = _rows("xhat", xhat, f, dt)
+    if xhat.shape != dy.shape or rstd.shape != (dy.shape[0], 1):
+        raise ValueError(f"xhat, rstd: expected shapes {dy.shape} and ({dy.shape[0]}, 1), got "
+                         f"{xhat.shape} and {rstd.shape}")
+    items = max(1, min(int(numba.get_num_threads()), dy.shape[0] // 64))
+    block = -(-dy.shape[0] // items)
+    dx = np.empty_like(dy)
+    dgamma, dbeta = np.empty((items, f), dtype=dt), np.empty((items, f), dtype=dt)
+    with threads_for(dy.size):
+        _layernorm_backward_rows(dy, xhat, np.ascontiguousarray(rstd, dtype=dt),
+                                 _vector("gamma", gamma, f, dt), dx, dgamma, dbeta, block)
+    return dx, dgamma.sum(axis=0), dbeta.sum(axis=0)

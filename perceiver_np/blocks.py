@@ -19,7 +19,8 @@ names of the parameter schema (docs/params.md), i.e. the model's names without t
 FFN down projection; ``attention_dropout`` drops attention probabilities. Both act only with
 ``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``backend``
 picks the attention implementation (:func:`perceiver_np.layers.mha_forward`), ``ffn_backend``
-the GELU's (:func:`perceiver_np.layers.gelu_forward`). ``record``
+the GELU's (:func:`perceiver_np.layers.gelu_forward`), every projection's
+(:func:`perceiver_np.layers.linear_forward`) and every LayerNorm's. ``record``
 collects every intermediate activation under ``{name}.<step>.out`` (docs/verify.md).
 """
 
@@ -72,7 +73,7 @@ def ffn_sublayer_forward(
     backend: str = "numpy",
 ) -> tuple[np.ndarray, FFNSublayerCache]:
     """The second half of both blocks: a: [B, M, D] -> a + Drop(FFN(LN_ffn(a))): [B, M, D]."""
-    u, norm = layernorm_forward(a, sub(params, "ffn_norm"))
+    u, norm = layernorm_forward(a, sub(params, "ffn_norm"), backend)
     tap(record, f"{name}.ffn_norm.out", u)
     f, ffn = ffn_forward(u, sub(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn",
                          backend=backend)
@@ -127,9 +128,9 @@ def cross_block_forward(
     """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
     b, m, d = z.shape
     expect_shape("cross_block h", h, (b, None, params["kv_norm.gamma"].shape[0]), "[B, N, Ckv]")
-    zq, q_norm = layernorm_forward(z, sub(params, "q_norm"))
+    zq, q_norm = layernorm_forward(z, sub(params, "q_norm"), ffn_backend)
     tap(record, f"{name}.q_norm.out", zq)
-    hk, kv_norm = layernorm_forward(h, sub(params, "kv_norm"))
+    hk, kv_norm = layernorm_forward(h, sub(params, "kv_norm"), ffn_backend)
     tap(record, f"{name}.kv_norm.out", hk)
     att, attn = mha_forward(
         zq,
@@ -144,6 +145,7 @@ def cross_block_forward(
         masked_rows=masked_rows,
         record=record,
         name=f"{name}.attn",
+        linear_backend=ffn_backend,
     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att) if use_query_residual else att
@@ -207,7 +209,7 @@ def self_block_forward(
     ffn_backend: str = "numpy",
 ) -> tuple[np.ndarray, SelfBlockCache]:
     """z: [B, M, D] -> y: [B, M, D]."""
-    u, norm = layernorm_forward(z, sub(params, "norm"))
+    u, norm = layernorm_forward(z, sub(params, "norm"), ffn_backend)
     tap(record, f"{name}.norm.out", u)
     att, attn = mha_forward(
         u,
@@ -220,6 +222,7 @@ def self_block_forward(
         backend=backend,
         record=record,
         name=f"{name}.attn",
+        linear_backend=ffn_backend,
     )  # [B, M, D] x [B, M, D] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att)

@@ -1,6 +1,6 @@
 """The ``perceiver-np`` command (also ``python -m perceiver_np``).
 
-    perceiver-np info --input-dim 287 --length 4096       # options, shapes, counts, FLOPs, memory
+    perceiver-np info --input-dim 287 --length 4096       # options, shapes, counts, FLOPs, memory, vs O(N^2)
     perceiver-np train --data train.npz --eval-data test.npz --input-dim 35 --decoder classification \\
         --output-dim 10 --epochs 30 --out model.npz
     perceiver-np eval --checkpoint model.npz --data test.npz
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import optim
+from . import cost, optim
 from .config import PerceiverConfig, cross_block_shapes, decoder_shapes, self_block_shapes
 from .model import Perceiver
 
@@ -79,50 +79,6 @@ def _load_data(path: Path) -> dict[str, np.ndarray]:
     return data
 
 
-def _activation_bytes(cache: Any) -> int:
-    """Bytes of every distinct array a forward's cache holds (what the backward needs)."""
-    seen: dict[int, int] = {}
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, np.ndarray):
-            base = obj if obj.base is None else obj.base
-            if isinstance(base, np.ndarray):
-                seen[id(base)] = base.nbytes
-        elif isinstance(obj, (tuple, list)):
-            for item in obj:
-                walk(item)
-
-    walk(cache)
-    return sum(seen.values())
-
-
-def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
-    """Floating-point operations (2 per multiply-add) of one sample's forward, by part."""
-    d, m = cfg.latent_dim, cfg.num_latents
-    parts: dict[str, int] = {}
-    if cfg.input_projection:
-        parts["input_proj"] = 2 * n * cfg.input_dim * d
-    ckv, qk, v = cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels
-    cross = 2 * (m * d * qk + n * ckv * (qk + v) + m * n * (qk + v) + m * v * d
-                 + 2 * m * d * cfg.cross_widening_factor * d)
-    parts["cross (each)"] = cross
-    sq, sv = cfg.self_qk_channels, cfg.self_v_channels
-    self_ = 2 * (m * d * (2 * sq + sv) + m * m * (sq + sv) + m * sv * d
-                 + 2 * m * d * cfg.self_widening_factor * d)
-    parts["self (each use)"] = self_
-    total = parts.get("input_proj", 0) + cfg.num_cross_layers * cross
-    total += sum(1 for kind, _ in cfg.schedule if kind == "self") * self_
-    if cfg.decoder not in ("pool", "latents"):
-        o = cfg.decoder_queries or 1
-        cq, dqk, dv = cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v
-        dec = 2 * (o * cq * dqk + m * d * (dqk + dv) + o * m * (dqk + dv) + o * dv * cq
-                   + 2 * o * cq * cfg.decoder_widening_factor * cq + o * cq * int(cfg.output_dim or 0))
-        parts["decoder"] = dec
-        total += dec
-    parts["total"] = total
-    return parts
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = _config_from(args)
     model = Perceiver(cfg)
@@ -134,16 +90,35 @@ def cmd_info(args: argparse.Namespace) -> int:
                            if cfg.decoder not in ("pool", "latents") else {})}.items():
         print(f"  {name:<32}{shape}")
     n = args.length
-    print(f"\nper sample at N = {n:,}:")
-    for part, flops in forward_flops(cfg, n).items():
-        print(f"  forward FLOPs {part:<16}{flops / 1e9:>12.4f} G")
-    x = np.zeros((1, n, cfg.input_dim), dtype=cfg.np_dtype)
-    queries = None
-    if cfg.decoder == "query" and cfg.query_source == "given":
-        queries = np.zeros((1, 1, cfg.decoder_query_channels), dtype=cfg.np_dtype)
-    _, cache = model.forward(x, queries=queries)
-    print(f"  activations kept for the backward: {_activation_bytes(cache) / 2**20:.2f} MiB "
-          f"({cfg.dtype}, backend {cfg.backend})")
+    print(f"\nforward FLOPs per sample as functions of N (2 per multiply-add; a training step is "
+          f"about 3x), and at N = {n:,}:")
+    at_0, at_1 = cost.forward_flops(cfg, 0), cost.forward_flops(cfg, 1)
+    at_n = cost.forward_flops(cfg, n)
+    for part in at_0:
+        a, b = at_1[part] - at_0[part], at_0[part]
+        print(f"  {part:<24}{a:>12,} N + {b:>14,}  = {at_n[part] / 1e9:>10.4f} GFLOP")
+    item = cfg.np_dtype.itemsize
+    a, b = cost.training_bytes_line(cfg)
+    print(f"\nactivation memory ({cfg.dtype}):")
+    print(f"  training, kept for the backward: {a:,} N + {b:,} bytes per sample "
+          f"= {(a * n + b) / 2**20:.2f} MiB at N = {n:,}")
+    for batch in (1, 32):
+        extra = cost.inference_extra_bytes(cfg, batch, n)
+        held = batch * n * cfg.input_dim * item / 2**20
+        same = cfg.num_cross_layers == 1 or not cfg.input_projection
+        print(f"  inference (fast path), B = {batch}: the input {held:,.2f} MiB + at most "
+              f"{extra / 2**20:,.2f} MiB of buffers at N = {n:,}"
+              + (" (the same for any larger N)" if same else ""))
+    layers = cost.transformer_layers(cfg)
+    width = cfg.latent_dim if cfg.input_projection else cfg.input_dim
+    print(f"\nagainst a standard transformer on the same input ({layers} layers of width {width}, full "
+          f"self-attention over the N positions: O(N^2); the Perceiver: O(N M + M^2), "
+          f"M = {cfg.num_latents}):")
+    print(f"  {'N':>9}  {'Perceiver GFLOP':>16}  {'transformer GFLOP':>18}  {'transformer / Perceiver':>24}")
+    for length in sorted({64, 256, 1024, 4096, 16384, 65536, n}):
+        p_f, t_f = cost.forward_flops(cfg, length)["total"], cost.transformer_flops(cfg, length)
+        print(f"  {length:>9,}  {p_f / 1e9:>16.3f}  {t_f / 1e9:>18.3f}  {t_f / p_f:>24.2f}")
+    print(f"  crossover: the Perceiver costs less from N = {cost.crossover(cfg):,} on")
     return 0
 
 

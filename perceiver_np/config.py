@@ -183,7 +183,9 @@ class PerceiverConfig:
 
     @property
     def elementwise_backend(self) -> str:
-        """The GELU's implementation: the parallel kernel unless ``backend="numpy"``."""
+        """The implementation of the GELU, every projection and every LayerNorm: the parallel
+        kernels (:mod:`perceiver_np.kernels.elementwise`, ``.gemm``, products on Numba's thread
+        pool, and ``.rows``) unless ``backend="numpy"``."""
         return "numpy" if self.backend == "numpy" else "numba"
 
     def replace(self, **changes: Any) -> PerceiverConfig:

@@ -113,7 +113,8 @@ def cross_block(
     first: tuple[np.ndarray, np.ndarray] | None = None
     visible = np.zeros(b, dtype=bool)  # [B]: the sample saw a key
     n_total = 0
-    for x_c, mask_c in chunks:
+    size = chunk_positions(b)
+    for x_c, mask_c in (piece for chunk in chunks for piece in chunks_of(*chunk, size)):
         n = x_c.shape[1]
         if in_weight is not None:
             h = gemm.matmul_batched(x_c, in_weight)  # [B, n, C] -> [B, n, D] (b_in in the LN)

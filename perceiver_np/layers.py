@@ -66,27 +66,44 @@ _GELU_TANH_C = 0.044715
 class LinearCache(NamedTuple):
     x: np.ndarray  # [..., in]  the layer's input
     weight: np.ndarray  # [in, out]
+    backend: str  # "numpy" | "numba", as in the forward
 
 
-def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
-    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out]."""
+def linear_forward(
+    x: np.ndarray, params: Params, backend: str = "numpy"
+) -> tuple[np.ndarray, LinearCache]:
+    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out].
+    ``backend="numba"``: the same products on Numba's thread pool
+    (:mod:`perceiver_np.kernels.gemm`, one pool for products and kernels; tested equal)."""
     w, b = params["weight"], params["bias"]
     expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
     expect_shape("linear bias", b, (w.shape[1],), "[out]")
-    y = x @ w + b  # [..., in] -> [..., out]
-    return y, LinearCache(x, w)
+    if backend == "numba":
+        from .kernels import gemm
+
+        y = gemm.matmul(x.reshape(-1, w.shape[0]), w).reshape(*x.shape[:-1], w.shape[1])
+        y += b
+    else:
+        y = x @ w + b  # [..., in] -> [..., out]
+    return y, LinearCache(x, w, backend)
 
 
 def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
     """dy: [..., out] -> dx: [..., in]; grads weight [in, out], bias [out]."""
-    x, w = cache
+    x, w, backend = cache
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     # in the forward pass this was y = x @ W + b
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]   (R = product of leading axes)
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
-    dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
+    if backend == "numba":
+        from .kernels import gemm
+
+        dweight = gemm.matmul_tn(x2, dy2)  # [in, R] @ [R, out] -> [in, out]
+        dx = gemm.matmul(dy2, w.T).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
+    else:
+        dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
+        dx = dy @ w.T  # [..., out] -> [..., in]
     dbias = dy2.sum(axis=0)  # [R, out] -> [out]
-    dx = dy @ w.T  # [..., out] -> [..., in]
     return dx, {"weight": dweight, "bias": dbias}
 
 
@@ -99,25 +116,44 @@ class LayerNormCache(NamedTuple):
     xhat: np.ndarray  # [..., F]  normalised input (x - mean) * rstd
     rstd: np.ndarray  # [..., 1]  1 / sqrt(var + eps), biased variance
     gamma: np.ndarray  # [F]
+    backend: str  # "numpy" | "numba", as in the forward
 
 
-def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerNormCache]:
-    """x: [..., F] -> y: [..., F]; params gamma [F], beta [F]; biased variance, eps = LN_EPS."""
+def layernorm_forward(
+    x: np.ndarray, params: Params, backend: str = "numpy"
+) -> tuple[np.ndarray, LayerNormCache]:
+    """x: [..., F] -> y: [..., F]; params gamma [F], beta [F]; biased variance, eps = LN_EPS.
+    ``backend="numba"``: the same in one parallel pass (:func:`perceiver_np.kernels.rows.layernorm_train`)."""
     gamma, beta = params["gamma"], params["beta"]
     expect_shape("layernorm x", x, (*x.shape[:-1], gamma.shape[0]), "[..., F]")
+    if backend == "numba":
+        from .kernels import rows
+
+        f = gamma.shape[0]
+        y2, xhat2, rstd2 = rows.layernorm_train(np.ascontiguousarray(x).reshape(-1, f), gamma, beta)
+        lead = x.shape[:-1]
+        return y2.reshape(x.shape), LayerNormCache(xhat2.reshape(x.shape), rstd2.reshape(*lead, 1),
+                                                   gamma, backend)
     mean = x.mean(axis=-1, keepdims=True)  # [..., F] -> [..., 1]
     xc = x - mean
     var = (xc * xc).mean(axis=-1, keepdims=True)  # [..., F] -> [..., 1]
     rstd = 1.0 / np.sqrt(var + x.dtype.type(LN_EPS))
     xhat = xc * rstd
     y = xhat * gamma + beta
-    return y, LayerNormCache(xhat, rstd, gamma)
+    return y, LayerNormCache(xhat, rstd, gamma, backend)
 
 
 def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarray, Params]:
     """dy: [..., F] -> dx: [..., F]; grads gamma [F], beta [F]."""
-    xhat, rstd, gamma = cache
+    xhat, rstd, gamma, backend = cache
     expect_shape("layernorm dy", dy, xhat.shape, "[..., F]")
+    if backend == "numba":
+        from .kernels import rows
+
+        f = gamma.shape[0]
+        dx2, dgamma, dbeta = rows.layernorm_backward(dy.reshape(-1, f), xhat.reshape(-1, f),
+                                                     rstd.reshape(-1, 1), gamma)
+        return dx2.reshape(dy.shape), {"gamma": dgamma, "beta": dbeta}
     lead = tuple(range(dy.ndim - 1))
     # in the forward pass this was y = xhat * gamma + beta
     dgamma = (dy * xhat).sum(axis=lead)  # [..., F] -> [F]
@@ -318,12 +354,13 @@ def ffn_forward(
     backend: str = "numpy",
 ) -> tuple[np.ndarray, FFNCache]:
     """x: [..., D] -> y: [..., D] through a hidden width wD.
-    params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``."""
-    pre, up = linear_forward(x, sub(params, "up"))  # [..., D] -> [..., wD]
+    params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``.
+    ``backend`` picks the products' and the GELU's implementation."""
+    pre, up = linear_forward(x, sub(params, "up"), backend)  # [..., D] -> [..., wD]
     tap(record, f"{name}.up.out", pre)
     a, act = gelu_forward(pre, approximate=gelu, backend=backend)
     tap(record, f"{name}.act.out", a)
-    y, down = linear_forward(a, sub(params, "down"))  # [..., wD] -> [..., D]
+    y, down = linear_forward(a, sub(params, "down"), backend)  # [..., wD] -> [..., D]
     tap(record, f"{name}.down.out", y)
     return y, FFNCache(up, act, down)
 
@@ -469,6 +506,7 @@ def mha_forward(
     masked_rows: str = "zero",
     record: Record = None,
     name: str = "attn",
+    linear_backend: str = "numpy",
 ) -> tuple[np.ndarray, MHACache]:
     """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
 
@@ -479,15 +517,16 @@ def mha_forward(
     probabilities, supports their dropout); ``"numba"``, the tiled kernel through
     :func:`perceiver_np.attention.flash_forward` (keeps only ``lse``; no probability dropout,
     ``masked_rows="zero"`` only). ``masked_rows``: see :func:`attention_forward`.
+    ``linear_backend``: the projections' implementation (:func:`linear_forward`).
     """
     qk_width, v_width = params["q.weight"].shape[1], params["v.weight"].shape[1]
     if qk_width % num_heads or v_width % num_heads:
         raise ValueError(
             f"num_heads: {num_heads} must divide the qk width {qk_width} and v width {v_width}"
         )
-    q, q_cache = linear_forward(xq, sub(params, "q"))  # [B, M, Cq] -> [B, M, qk]
-    k, k_cache = linear_forward(xkv, sub(params, "k"))  # [B, N, Ckv] -> [B, N, qk]
-    v, v_cache = linear_forward(xkv, sub(params, "v"))  # [B, N, Ckv] -> [B, N, v]
+    q, q_cache = linear_forward(xq, sub(params, "q"), linear_backend)  # [B, M, Cq] -> [B, M, qk]
+    k, k_cache = linear_forward(xkv, sub(params, "k"), linear_backend)  # [B, N, Ckv] -> [B, N, qk]
+    v, v_cache = linear_forward(xkv, sub(params, "v"), linear_backend)  # [B, N, Ckv] -> [B, N, v]
     for part, value in (("q", q), ("k", k), ("v", v)):
         tap(record, f"{name}.{part}.out", value)
     qh = split_heads(q, num_heads)  # [B, M, qk] -> [B, H, M, dh]
@@ -515,7 +554,7 @@ def mha_forward(
         raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r}")
     o = merge_heads(o)  # [B, H, M, dv] -> [B, M, v]
     tap(record, f"{name}.heads.out", o)
-    y, out = linear_forward(o, sub(params, "out"))  # [B, M, v] -> [B, M, Dout]
+    y, out = linear_forward(o, sub(params, "out"), linear_backend)  # [B, M, v] -> [B, M, Dout]
     tap(record, f"{name}.out", y)
     return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads)
 

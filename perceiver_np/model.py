@@ -198,7 +198,9 @@ class Perceiver:
         h = x
         tap(record, "input", x)
         if cfg.input_projection:
-            h, input_proj = linear_forward(x, sub(p, "input_proj"))  # [B, N, C] -> [B, N, D]
+            h, input_proj = linear_forward(
+                x, sub(p, "input_proj"), cfg.elementwise_backend
+            )  # [B, N, C] -> [B, N, D]
             tap(record, "input_proj.out", h)
         names = step_names(cfg)
         z = np.broadcast_to(p["latents"], (b, *p["latents"].shape))  # [M, D] -> [B, M, D]
@@ -224,7 +226,7 @@ class Perceiver:
                 steps.append(self_)
         final_norm = None
         if cfg.final_norm:
-            z, final_norm = layernorm_forward(z, sub(p, "final_norm"))
+            z, final_norm = layernorm_forward(z, sub(p, "final_norm"), cfg.elementwise_backend)
             tap(record, "final_norm.out", z)
         y, head = self.decode(z, queries=queries, query_mask=query_mask, training=training,
                               rng=rng, record=record)
@@ -266,7 +268,9 @@ class Perceiver:
                 training=training, rng=rng, backend=cfg.attention_backend("cross", training),
                 record=record, name="decoder", ffn_backend=cfg.elementwise_backend,
             )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
-            y, output = linear_forward(u, sub(p, "decoder.output"))  # [B, O, Cq] -> [B, O, out]
+            y, output = linear_forward(
+                u, sub(p, "decoder.output"), cfg.elementwise_backend
+            )  # [B, O, Cq] -> [B, O, out]
             if qmask is not None:
                 y = y * qmask[..., None]
             if cfg.decoder == "classification":

@@ -18,7 +18,7 @@ from perceiver_np.kernels import attention_forward, chunk_state, finish_chunks, 
 
 import perceiver_np as pnp
 from perceiver_np import fast
-from perceiver_np.layers import gelu_forward, layernorm_forward
+from perceiver_np.layers import gelu_forward, layernorm_backward, layernorm_forward
 from perceiver_np.stream import NpyChunks
 from perceiver_np.tolerances import FAST_FLOAT64_RTOL, float32_forward_rtol
 
@@ -98,10 +98,11 @@ def test_fast_blocks_refuse_latents_they_cannot_update_in_place(rng):
 # ---- the row kernels ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("r", [37, 2000], ids=["one-thread", "parallel"])  # PARALLEL_MIN_ELEMENTS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_row_kernels_equal_the_plain_layers(rng, dtype):
+def test_row_kernels_equal_the_plain_layers(rng, dtype, r):
     tol = FAST_FLOAT64_RTOL if dtype == np.float64 else 8 * np.finfo(np.float32).eps
-    r, f = 37, 24
+    f = 24
     x = (3 + rng.normal(size=(r, f))).astype(dtype)
     t = rng.normal(size=(r, f)).astype(dtype)
     bias, gamma, beta = (rng.normal(size=f).astype(dtype) for _ in range(3))
@@ -122,6 +123,16 @@ def test_row_kernels_equal_the_plain_layers(rng, dtype):
         h = t.copy()
         rows.bias_gelu(h, bias, kind)
         assert relerr(h, gelu_forward(t + bias, approximate=kind)[0]) <= tol
+    # the training LayerNorm: forward with its cache, backward with a random upstream gradient
+    y, xhat, rstd = rows.layernorm_train(x, gamma, beta)
+    want_y, cache = layernorm_forward(x, ln)
+    assert relerr(y, want_y) <= tol and relerr(xhat, cache.xhat) <= tol and relerr(rstd, cache.rstd) <= tol
+    dy = rng.normal(size=(r, f)).astype(dtype)
+    dx, dgamma, dbeta = rows.layernorm_backward(dy, xhat, rstd, gamma)
+    want_dx, want_g = layernorm_backward(dy, cache)
+    sum_tol = tol if dtype == np.float64 else float32_forward_rtol(2, r)  # sums over the r rows
+    assert relerr(dx, want_dx) <= tol
+    assert relerr(dgamma, want_g["gamma"]) <= sum_tol and relerr(dbeta, want_g["beta"]) <= sum_tol
 
 
 def test_row_kernels_name_bad_arguments(rng):
@@ -150,6 +161,13 @@ def test_products_equal_numpy(rng, dtype):
     assert relerr(gemm.matmul(x.reshape(-1, 40), w), x.reshape(-1, 40) @ w) <= tol
     view = x[:, 7:251]  # a strided chunk of a longer input
     assert relerr(gemm.matmul_batched(view, w), view @ w) <= tol
+    dy = rng.normal(size=(900, 12)).astype(dtype)
+    a = x.reshape(-1, 40)
+    sum_tol = tol if dtype == np.float64 else float32_forward_rtol(1, 900)  # a sum over 900 rows
+    assert relerr(gemm.matmul_tn(a, dy), a.T @ dy) <= sum_tol
+    small = x[:1, :5]  # below SMALL_PRODUCT: NumPy on the calling thread, same results
+    assert relerr(gemm.matmul(small[0], w), small[0] @ w) <= tol
+    assert relerr(gemm.matmul_tn(small[0], small[0] @ w), small[0].T @ (small[0] @ w)) <= tol
     wk, wv, wq = (rng.normal(size=(40, 3 * d)).astype(dtype) for d in (4, 5, 4))
     k, v, q = gemm.project_heads(x, [wk, wv, wq], 3)
     for got, wj, d in ((k, wk, 4), (v, wv, 5), (q, wq, 4)):

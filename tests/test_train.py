@@ -123,7 +123,8 @@ def test_bad_loss_name():
 def test_cli_info_and_gradcheck(capsys):
     assert cli(["info", "--input-dim", "287", "--length", "256"]) == 0
     out = capsys.readouterr().out
-    assert "4,039,936" in out and "forward FLOPs" in out and "activations kept" in out
+    assert "4,039,936" in out and "forward FLOPs" in out and "kept for the backward" in out
+    assert "crossover: the Perceiver costs less from N = " in out
     assert cli(["gradcheck", "--input-dim", "5", "--latent-dim", "8", "--num-latents", "3",
                 "--num-heads", "2", "--num-layers", "1", "--dropout", "0"]) == 0
     assert "worst:" in capsys.readouterr().out
