@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck demo bench clean
+.PHONY: test lint typecheck demo bench bench-model bench-kernel clean
 
 # dev: the test tools; compare: torch (the CPU build this machine keeps on disk, pinned) and
 # transformers, so that the cross-checks against them run instead of skipping.
@@ -35,9 +35,15 @@ $(VENV)/.demo: $(STAMP)
 demo: $(VENV)/.demo
 	$(PY) -m perceiver_np.demo --out demo_out
 
-# The kernel benchmark: prints its table and writes docs/performance.md and its plot.
-bench: $(VENV)/.bench
-	$(PY) benchmarks/bench_attention.py --markdown docs/performance.md --plot docs/attention_time.png
+# The benchmarks: the whole model against PyTorch (docs/performance.md, ~10 min), then the tiled
+# attention kernel on its own (docs/performance-kernel.md, ~15 min). Each prints its table too.
+bench: bench-model bench-kernel
+
+bench-model: $(VENV)/.bench
+	$(PY) benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png
+
+bench-kernel: $(VENV)/.bench
+	$(PY) benchmarks/bench_attention.py --markdown docs/performance-kernel.md --plot docs/attention_time.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis *.egg-info

@@ -1,6 +1,6 @@
 """Benchmark of the tiled attention kernel against the plain NumPy path and PyTorch's SDPA.
 
-    python benchmarks/bench_attention.py            # the full grid (make bench), ~15 minutes
+    python benchmarks/bench_attention.py            # the full grid (make bench-kernel), ~15 minutes
     python benchmarks/bench_attention.py --quick    # B = 1, N <= 64k
 
 Every figure is measured in this run: the machine's sgemm peak (NumPy float32 matmul), then for
@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(report)
     print(text)
     if args.markdown:
-        header = ("# Performance of the tiled attention kernel\n\n```sh\nmake bench   "
-                  "# benchmarks/bench_attention.py --markdown docs/performance.md "
+        header = ("# Performance of the tiled attention kernel\n\n```sh\nmake bench-kernel   "
+                  "# benchmarks/bench_attention.py --markdown docs/performance-kernel.md "
                   "--plot docs/attention_time.png\n```\n\nWritten by that command; the plot is "
                   "![forward time against N](attention_time.png). One run on this machine:\n\n")
         lines = text.splitlines()
