@@ -19,6 +19,7 @@ from . import (
     interop,
     layers,
     losses,
+    memory,
     optim,
     position,
     presets,
@@ -36,6 +37,7 @@ from .blocks import (
 )
 from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
 from .interop import from_hf, from_hf_state_dict, to_hf_state_dict
+from .memory import apply_environment as _keep_memory
 from .model import Perceiver, build, init_params
 from .threads import apply_environment as _apply_environment
 from .threads import get_num_threads, set_num_threads
@@ -43,6 +45,7 @@ from .threads import get_num_threads, set_num_threads
 __version__ = "0.1.0"
 
 _apply_environment()
+_keep_memory()
 
 __all__ = [
     "Perceiver",
@@ -61,6 +64,7 @@ __all__ = [
     "interop",
     "layers",
     "losses",
+    "memory",
     "optim",
     "output_size",
     "param_count",

@@ -248,3 +248,19 @@ def test_numba_pool_waits_passively_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_freed_memory_is_kept_unless_told_otherwise():
+    """perceiver_np.memory (docs/fast.md): applied on import with glibc, skipped with
+    PERCEIVER_NP_KEEP_MEMORY=0, and a bad value is an error that names the variable."""
+    code = "import perceiver_np; print(perceiver_np.memory.keeping)"
+    env = {k: v for k, v in os.environ.items() if k != "PERCEIVER_NP_KEEP_MEMORY"}
+    glibc = pnp.memory._libc() is not None
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(glibc)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PERCEIVER_NP_KEEP_MEMORY": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "PERCEIVER_NP_KEEP_MEMORY": "yes"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "PERCEIVER_NP_KEEP_MEMORY: expected 0 or 1, got 'yes'" in bad.stderr

@@ -1,0 +1,72 @@
+"""Freed memory kept for reuse: glibc's malloc told not to hand large blocks back at once.
+
+::
+
+    import perceiver_np                 # applies keep_freed_memory() (Linux with glibc)
+    PERCEIVER_NP_KEEP_MEMORY=0 python   # ... unless the environment says no
+
+By default glibc serves every allocation above an adaptive threshold (128 KiB to 32 MiB) with a
+fresh ``mmap`` and unmaps it on ``free``, and trims the heap's free top. A model's forward and
+backward allocate and free activations of tens to hundreds of MiB on every call, so each call
+faulted its memory in afresh, page by page, and the kernel zeroed it: measured here on a
+float32 seed-model training step at B = 32, N = 4096, 192k page faults, 28% of the CPU time in
+the kernel, and a step of 1.6-1.9 s (and as slow as 3.6 s when the machine was busy) instead of
+1.34-1.39 s with the memory kept (46k faults; docs/fast.md). With :func:`keep_freed_memory`,
+blocks up to 1 GiB come from the heap and freed memory stays mapped for the next call: the
+process's resident size then stays near its high-water mark instead of falling back between
+calls. The peak is unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+ENV = "PERCEIVER_NP_KEEP_MEMORY"
+#: mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Allocations up to this size come from the heap (mallopt takes an int: at most 2**31 - 1).
+MMAP_THRESHOLD = 1 << 30
+#: Free memory at the heap's top is returned to the system only beyond this.
+TRIM_THRESHOLD = 2**31 - 1
+#: glibc's own defaults, restored by ``keep_freed_memory(False)`` (its adaptive threshold,
+#: once a value is set, does not come back).
+_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+
+keeping = False  # whether this process has applied keep_freed_memory(True)
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Keep (``True``) or return (``False``) freed memory; returns whether glibc accepted it
+    (``False`` without glibc, where nothing changes)."""
+    global keeping
+    libc = _libc()
+    if libc is None:
+        return False
+    mmap_t, trim_t = ((MMAP_THRESHOLD, TRIM_THRESHOLD) if enable
+                      else (_DEFAULT_MMAP_THRESHOLD, _DEFAULT_TRIM_THRESHOLD))
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_t)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_t))
+    keeping = enable and ok
+    return ok
+
+
+def apply_environment() -> None:
+    """On ``import perceiver_np``: keep freed memory unless ``PERCEIVER_NP_KEEP_MEMORY=0``."""
+    value = os.environ.get(ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV}: expected 0 or 1, got {value!r}")
+    if value == "1":
+        keep_freed_memory(True)
