@@ -19,10 +19,6 @@ import itertools
 import json
 import os
 import platform
-import re
-import subprocess
-import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -30,6 +26,13 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from _common import (  # benchmarks/
+    compile_then_cached,
+    finish_plot,
+    reset_high_water,
+    rss_high_water,
+    rss_now,
+)
 
 from perceiver_np import attention as plain
 from perceiver_np import kernels
@@ -53,18 +56,6 @@ class Stats:
     def fmt(self, scale: float = 1e3, digits: int = 1) -> str:
         s = np.asarray(self.samples) * scale
         return f"{np.median(s):.{digits}f} ({s.min():.{digits}f}–{s.max():.{digits}f})"
-
-
-def rss_high_water() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def rss_now() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def reset_high_water() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def timed(fn) -> float:
@@ -95,15 +86,7 @@ def compile_and_load_times() -> dict[str, float]:
         t2 = time.perf_counter()
         print(t1 - t0, t2 - t1)
     """)
-    out = {}
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        for label in ("compile", "cached load"):
-            res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                                 text=True, check=True)
-            fwd, bwd = (float(x) for x in res.stdout.split())
-            out[label] = fwd + bwd
-    return out
+    return {label: sum(times) for label, times in compile_then_cached(script).items()}
 
 
 def machine() -> dict[str, str]:
@@ -297,11 +280,7 @@ def plot(rows: list[dict], path: Path) -> None:
                           "numpy": "plain NumPy path", "torch": "torch SDPA"}[name])
         ax.set_title(f"forward, fp32, B = 1, H = {H}, M = {m}, dh = {DH}")
         ax.set_xlabel("N (keys)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("time (ms, median)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish_plot(fig, axes, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,12 @@ float32) with the same weights: perceiver_np's ``pnp.build(input_dim=287)`` and 
 suite's PyTorch implementation (tests/torch_reference.py) in its ``fused=True`` form (F.linear,
 F.layer_norm, F.gelu, scaled_dot_product_attention: the model a PyTorch user would write),
 eager, under ``torch.inference_mode`` for inference. Each system lives in a worker process of its
-own, with its own thread pool set to the same number of threads; the driver asks them for one
-run at a time, alternating which goes first, so each round's two times are taken under the same
-load and their ratio (torch time / our time) is paired. Every figure is from this run:
+own (fresh for every shape), with its own thread pool set to the same number of threads; the
+driver asks them for one run at a time, each going first in turn, so each round's times are taken
+under the same load and their ratio (torch time / our time) is paired. torch runs with glibc's
+default malloc, as PyTorch users run it; a third worker runs torch with freed memory kept, as
+``import perceiver_np`` keeps it (perceiver_np.memory), to show what that setting alone gives
+torch. Every figure is from this run:
 
 - the machine's sgemm peak (NumPy float32 4096^3, best of 3) and each system's FLOP/s against it
   (the model's FLOPs from ``perceiver_np.cost.forward_flops``; a training step counted as 3x the
@@ -35,7 +38,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -45,27 +47,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (  # benchmarks/
+    compile_then_cached,
+    finish_plot,
+    reset_high_water,
+    rss_high_water,
+    rss_now,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = {"input_dim": 287, "dtype": "float32"}
 INFER_B32 = [256, 1024, 4096, 16384]
 STREAM_B1 = [1 << 16, 1 << 18, 1 << 20]
 TRAIN_B32 = [256, 1024, 4096]
-CHUNK = 1 << 16
+CHUNK = 1 << 16  # positions per piece when writing the input files
 #: Seconds of quiet before each timed run: long enough for the other system's thread pools to
 #: stop spinning (OpenBLAS spins ~0.1 s after a product, OpenMP less) and go to sleep.
 SETTLE = 0.25
 
 
 # ---- the workers ---------------------------------------------------------------------------
-
-
-def rss_high_water() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def rss_now() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def inputs(b: int, n: int) -> np.ndarray:
@@ -93,7 +94,7 @@ class Ours:
             x = inputs(b, n)
             self.job = lambda: self.model(x)
         elif kind == "stream":
-            chunks = NpyChunks(path, CHUNK)
+            chunks = NpyChunks(path)  # DEFAULT_CHUNK positions at a time
             self.job = lambda: self.model.encode_stream(chunks)
         else:
             model = self.pnp.build(**SEED, dropout=0.0)
@@ -171,7 +172,7 @@ def worker(system: str, threads: int) -> None:
             impl.job = None
             gc.collect()
             impl.setup(msg["kind"], msg["b"], msg["n"], msg.get("path"))
-            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts here
+            reset_high_water()  # the high-water mark starts here
             reply = {"rss": rss_now()}
         elif msg["cmd"] == "run":
             t0 = time.perf_counter()
@@ -186,11 +187,19 @@ def worker(system: str, threads: int) -> None:
 # ---- the driver ----------------------------------------------------------------------------
 
 
+#: The systems: perceiver_np; torch as a PyTorch user runs it (glibc's default malloc: the
+#: worker imports perceiver_np for the weights, so it opts out of perceiver_np.memory); and torch
+#: with freed memory kept too, to show what the allocator setting alone is worth to torch.
+SYSTEMS = {"ours": ("ours", "1"), "torch": ("torch", "0"), "torch_kept": ("torch", "1")}
+
+
 class Worker:
     def __init__(self, system: str, threads: int) -> None:
+        impl, keep = SYSTEMS[system]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", system, "--threads", str(threads)],
+            [sys.executable, __file__, "--worker", impl, "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "PERCEIVER_NP_KEEP_MEMORY": keep},
         )
 
     def ask(self, **msg: Any) -> dict[str, Any]:
@@ -239,14 +248,9 @@ def compile_and_load() -> dict[str, float]:
         print(t1 - t0, t2 - t1)
     """)
     out = {}
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        for label in ("compile", "cached load"):
-            res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                                 text=True, check=True, cwd=ROOT)
-            infer, step = (float(v) for v in res.stdout.split())
-            out[label + " (inference)"] = infer
-            out[label + " (training step)"] = step
+    for label, (infer, step) in compile_then_cached(script, ROOT).items():
+        out[label + " (inference)"] = infer
+        out[label + " (training step)"] = step
     return out
 
 
@@ -270,32 +274,34 @@ def fmt3(t: tuple[float, float, float], scale: float = 1.0, digits: int = 2) -> 
     return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-def run_shape(ours: Worker, torch_: Worker, kind: str, b: int, n: int, rounds: int,
+def run_shape(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int,
               path: str | None, flops: float, peak: float) -> dict[str, Any]:
-    rss = {"ours": ours.ask(cmd="setup", kind=kind, b=b, n=n, path=path)["rss"],
-           "torch": torch_.ask(cmd="setup", kind=kind, b=b, n=n, path=path)["rss"]}
-    first = {"ours": ours.ask(cmd="run"), "torch": torch_.ask(cmd="run")}  # warm-up, and the check
-    yo, yt = np.asarray(first["ours"]["y"]), np.asarray(first["torch"]["y"])
-    agree = float(np.max(np.abs(yo - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
-    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    rss = {k: w.ask(cmd="setup", kind=kind, b=b, n=n, path=path)["rss"] for k, w in workers.items()}
+    first = {k: np.asarray(w.ask(cmd="run")["y"]) for k, w in workers.items()}  # warm-up, the check
+    yt = first["torch"]
+    agree = float(np.max(np.abs(first["ours"] - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
+    times: dict[str, list[float]] = {k: [] for k in workers}
+    names = list(workers)
     for r in range(rounds):
-        order = (("ours", ours), ("torch", torch_)) if r % 2 == 0 else (("torch", torch_), ("ours", ours))
-        for name, w in order:
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
             time.sleep(SETTLE)
-            times[name].append(w.ask(cmd="run")["time"])
-    peaks = {"ours": ours.ask(cmd="peak")["peak"], "torch": torch_.ask(cmd="peak")["peak"]}
-    ratios = [t / o for t, o in zip(times["torch"], times["ours"], strict=True)]
-    row = {"kind": kind, "b": b, "n": n, "times": times, "ratios": ratios, "peak": peaks,
-           "rss_before": rss, "agree": agree, "flops": flops,
+            times[name].append(workers[name].ask(cmd="run")["time"])
+    peaks = {k: w.ask(cmd="peak")["peak"] for k, w in workers.items()}
+    ratios = {k: [t / o for t, o in zip(times[k], times["ours"], strict=True)] for k in names if k != "ours"}
+    row = {"kind": kind, "b": b, "n": n, "times": times, "ratios": ratios["torch"],
+           "ratios_kept": ratios["torch_kept"], "peak": peaks, "rss_before": rss, "agree": agree,
+           "flops": flops,
            "fraction": {k: flops / float(np.median(v)) / (peak * 1e9) for k, v in times.items()}}
     print(f"  {kind} B {b} N {n}: ours {fmt3(stats(times['ours']), 1e3, 0)} ms, torch "
-          f"{fmt3(stats(times['torch']), 1e3, 0)} ms, ratio {fmt3(stats(ratios))}", flush=True)
+          f"{fmt3(stats(times['torch']), 1e3, 0)} ms, ratio {fmt3(stats(ratios['torch']))}; torch, "
+          f"memory kept {fmt3(stats(times['torch_kept']), 1e3, 0)} ms", flush=True)
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| run | B | N | ours ms | torch ms | ours tokens/s | torch tokens/s | ratio torch/ours "
-            "| ours % peak | torch % peak | peak RSS MB ours / torch | outputs agree |")
+            "| ours % peak | torch % peak | peak RSS MB ours / torch | ours extra MB | outputs agree "
+            "| torch, memory kept: ms | ratio |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     names = {"infer": "inference", "stream": "inference (ours streaming)", "train": "training step"}
     for r in rows:
@@ -306,7 +312,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {tokens / to[1]:,.0f} | {tokens / tt[1]:,.0f} | {fmt3(stats(r['ratios']))} "
             f"| {100 * r['fraction']['ours']:.0f}% | {100 * r['fraction']['torch']:.0f}% "
             f"| {r['peak']['ours'] / 2**20:,.0f} / {r['peak']['torch'] / 2**20:,.0f} "
-            f"| {r['agree']:.1e} |"
+            f"| {(r['peak']['ours'] - r['rss_before']['ours']) / 2**20:,.0f} | {r['agree']:.1e} "
+            f"| {fmt3(stats(r['times']['torch_kept']), 1e3, 0)} | {fmt3(stats(r['ratios_kept']))} |"
         )
     return "\n".join(out)
 
@@ -334,6 +341,9 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
             out.append(f"B = 1, N = 1M: our streaming peak RSS {r['peak']['ours'] / 2**20:,.0f} MB = "
                        f"{q:.2f} of torch's {r['peak']['torch'] / 2**20:,.0f} MB (<= 0.25) -> "
                        f"{verdict(q <= 0.25)}")
+            extra = (r["peak"]["ours"] - r["rss_before"]["ours"]) / 2**20
+            out.append(f"B = 1, N = 1M (1.1 GB on disk): extra memory of the streaming encoder over "
+                       f"the idle worker {extra:,.0f} MB (< 256) -> {verdict(extra < 256)}")
     if train:
         worst = min(train, key=lambda r: float(np.median(r["ratios"])))
         w = float(np.median(worst["ratios"]))
@@ -357,6 +367,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     titles = {("infer", 32): "inference, B = 32", ("stream", 1): "inference, B = 1 (ours streaming)",
@@ -366,15 +377,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if not series:
             continue
         ns = [r["n"] for r in series]
-        for name, style, label in (("ours", "o-", "perceiver_np"), ("torch", "^--", "PyTorch eager")):
+        for name, style, label in (("ours", "o-", "perceiver_np"), ("torch", "^--", "PyTorch eager"),
+                                   ("torch_kept", "v:", "PyTorch eager, freed memory kept")):
             ax.loglog(ns, [1e3 * float(np.median(r["times"][name])) for r in series], style, label=label)
         ax.set_title(title)
         ax.set_xlabel("N (input length)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("time (ms, median)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.set_xticks(ns, [f"{n // 1024}k" if n >= 1024 else str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    finish_plot(fig, axes, path)
 
 
 def machine(threads: int) -> dict[str, str]:
@@ -435,31 +445,36 @@ def main(argv: list[str] | None = None) -> int:
     infer_ns = [n for n in INFER_B32 if "infer" in kinds and (not args.quick or n <= 4096)]
     stream_ns = [n for n in STREAM_B1 if "stream" in kinds and (not args.quick or n <= 1 << 18)]
     train_ns = [n for n in TRAIN_B32 if "train" in kinds and (not args.quick or n <= 1024)]
-    ours, torch_ = Worker("ours", args.threads), Worker("torch", args.threads)
     rows = []
-    try:
-        for n in infer_ns:
-            rows.append(run_shape(ours, torch_, "infer", 32, n, args.rounds, None,
-                                  32 * forward_flops(cfg, n)["total"], peak))
-        with tempfile.TemporaryDirectory() as tmp:
-            for n in stream_ns:
-                path = Path(tmp) / f"x{n}.npy"
-                write_npy(path, n)
-                rows.append(run_shape(ours, torch_, "stream", 1, n, args.rounds, str(path),
-                                      forward_flops(cfg, n)["total"], peak))
-                path.unlink()
-        for n in train_ns:
-            rows.append(run_shape(ours, torch_, "train", 32, n, args.rounds, None,
-                                  3 * 32 * forward_flops(cfg, n)["total"], peak))
-    finally:
-        ours.close()
-        torch_.close()
+
+    def shape(kind: str, b: int, n: int, path: str | None, flops: float) -> None:
+        # fresh workers per shape: a peak RSS is this shape's alone, not what earlier ones left
+        workers = {k: Worker(k, args.threads) for k in SYSTEMS}
+        try:
+            rows.append(run_shape(workers, kind, b, n, args.rounds, path, flops, peak))
+        finally:
+            for w in workers.values():
+                w.close()
+
+    for n in infer_ns:
+        shape("infer", 32, n, None, 32 * forward_flops(cfg, n)["total"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in stream_ns:
+            path = Path(tmp) / f"x{n}.npy"
+            write_npy(path, n)
+            shape("stream", 1, n, str(path), forward_flops(cfg, n)["total"])
+            path.unlink()
+    for n in train_ns:
+        shape("train", 32, n, None, 3 * 32 * forward_flops(cfg, n)["total"])
     report = [
         "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         f"- sgemm peak (NumPy float32 4096^3, best of 3, this run): {peak:.0f} GFLOP/s",
         f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
-        "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); outputs agree = max "
+        "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours extra = our peak RSS "
+        "minus our worker's RSS before the shape (inputs made, nothing run); torch runs with glibc's "
+        "default malloc, as a PyTorch user runs it, and the last two columns show torch with freed "
+        "memory kept as perceiver_np keeps it (docs/fast.md); outputs agree = max "
         "|ours - torch| / max |torch| over the outputs (training: the first step's loss)",
         "",
         table(rows),

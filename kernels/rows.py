@@ -25,30 +25,37 @@ from numba import prange
 
 from perceiver_np.layers import LN_EPS
 
-from ._numba import parallel_kernel, threads_for
+from ._numba import parallel_kernel, serial_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any
 
 _K = 0.7978845608028654  # sqrt(2 / pi)
 _C = 0.044715
 
 
+@serial_kernel
+def _moments(x, r, bias, has_bias):  # pragma: no cover - compiled
+    """(mean, rstd) of row r of x (+ bias when has_bias), both summed in float64; two passes
+    over the row, which is in L1. rstd = 1 / sqrt(biased variance + LN_EPS)."""
+    f = x.shape[1]
+    s = 0.0
+    for j in range(f):
+        v = x[r, j] + bias[j] if has_bias else x[r, j]
+        s += np.float64(v)
+    mean = s / f
+    ss = 0.0
+    for j in range(f):
+        v = x[r, j] + bias[j] if has_bias else x[r, j]
+        d = np.float64(v) - mean
+        ss += d * d
+    return mean, 1.0 / np.sqrt(ss / f + np.float64(LN_EPS))
+
+
 @parallel_kernel
 def _layernorm_rows(x, bias, has_bias, gamma, beta, out):  # pragma: no cover - compiled
     """out[r] = LN(x[r] + bias) for every row r of x [R, F]; out may alias x."""
     rows, f = x.shape
-    eps = np.float64(LN_EPS)
     for r in prange(rows):
-        s = 0.0
-        for j in range(f):
-            v = x[r, j] + bias[j] if has_bias else x[r, j]
-            s += np.float64(v)
-        mean = s / f
-        ss = 0.0
-        for j in range(f):
-            v = x[r, j] + bias[j] if has_bias else x[r, j]
-            d = np.float64(v) - mean
-            ss += d * d
-        rstd = 1.0 / np.sqrt(ss / f + eps)
+        mean, rstd = _moments(x, r, bias, has_bias)
         m, rs = x.dtype.type(mean), x.dtype.type(rstd)
         for j in range(f):
             v = x[r, j] + bias[j] if has_bias else x[r, j]
@@ -59,19 +66,10 @@ def _layernorm_rows(x, bias, has_bias, gamma, beta, out):  # pragma: no cover - 
 def _residual_layernorm_rows(z, t, bias, gamma, beta, out):  # pragma: no cover - compiled
     """z[r] += t[r] + bias, then out[r] = LN(z[r]), for every row r of z [R, F]."""
     rows, f = z.shape
-    eps = np.float64(LN_EPS)
     for r in prange(rows):
-        s = 0.0
         for j in range(f):
-            v = z[r, j] + (t[r, j] + bias[j])
-            z[r, j] = v
-            s += np.float64(v)
-        mean = s / f
-        ss = 0.0
-        for j in range(f):
-            d = np.float64(z[r, j]) - mean
-            ss += d * d
-        rstd = 1.0 / np.sqrt(ss / f + eps)
+            z[r, j] += t[r, j] + bias[j]
+        mean, rstd = _moments(z, r, bias, False)
         m, rs = z.dtype.type(mean), z.dtype.type(rstd)
         for j in range(f):
             out[r, j] = (z[r, j] - m) * rs * gamma[j] + beta[j]
@@ -104,17 +102,8 @@ def _bias_gelu_rows(h, bias, tanh_form):  # pragma: no cover - compiled
 def _layernorm_train_rows(x, gamma, beta, y, xhat, rstd):  # pragma: no cover - compiled
     """y[r] = LN(x[r]), keeping xhat[r] = (x[r] - mean) * rstd[r] for the backward."""
     rows, f = x.shape
-    eps = np.float64(LN_EPS)
     for r in prange(rows):
-        s = 0.0
-        for j in range(f):
-            s += np.float64(x[r, j])
-        mean = s / f
-        ss = 0.0
-        for j in range(f):
-            d = np.float64(x[r, j]) - mean
-            ss += d * d
-        rs = 1.0 / np.sqrt(ss / f + eps)
+        mean, rs = _moments(x, r, gamma, False)
         rstd[r, 0] = rs
         m, rs_t = x.dtype.type(mean), x.dtype.type(rs)
         for j in range(f):

@@ -334,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--stream", action="store_true",
                     help="stream one long input through the encoder chunk by chunk (any N, bounded memory)")
-    pr.add_argument("--chunk-size", type=int, default=65536, help="positions per chunk with --stream")
+    pr.add_argument("--chunk-size", type=int, default=16384,
+                    help="positions per chunk with --stream (read into one reused buffer)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_predict)
 

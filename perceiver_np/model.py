@@ -279,10 +279,14 @@ class Perceiver:
         tap(record, "output", y)
         return y, head
 
-    def encode_stream(self, chunks: Any, mask_chunks: Any = None, *, chunk_size: int = 65536) -> np.ndarray:
-        """Inference over an input streamed in chunks, never held whole (perceiver_np.stream)."""
-        from .stream import encode_stream
+    def encode_stream(
+        self, chunks: Any, mask_chunks: Any = None, *, chunk_size: int | None = None
+    ) -> np.ndarray:
+        """Inference over an input streamed in chunks, never held whole (perceiver_np.stream);
+        ``chunk_size`` cuts an array source (default ``stream.DEFAULT_CHUNK`` positions)."""
+        from .stream import DEFAULT_CHUNK, encode_stream
 
+        chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
         return encode_stream(self, chunks, mask_chunks, chunk_size=chunk_size)
 
     def _queries(self, batch: int, queries: Any) -> np.ndarray:

@@ -3,8 +3,8 @@
 ::
 
     y = encode_stream(model, chunks)               # chunks: [B, n_i, C] arrays, one pass per cross block
-    y = encode_stream(model, NpyChunks("x.npy", chunk_size=65536))   # a file read in chunks
-    y = encode_stream(model, np.load("x.npy", mmap_mode="r"), chunk_size=65536)
+    y = encode_stream(model, NpyChunks("x.npy"))   # a file read DEFAULT_CHUNK positions at a time
+    y = encode_stream(model, np.load("x.npy", mmap_mode="r"), chunk_size=16384)
 
 Inference only. Each cross-attention keeps, per latent and head, the online-softmax state of
 docs/kernel.md (running max, running sum and accumulator) and folds the input in chunk by
@@ -41,6 +41,10 @@ from .layers import (
 from .model import Perceiver
 from .shapes import as_mask, as_real_input, expect_shape
 
+#: Positions per chunk by default: at B = 1 the fast path's chunk (perceiver_np.fast.CHUNK_ROWS),
+#: and a reused read buffer of 16384 x C values (18 MiB for C = 287 in float32).
+DEFAULT_CHUNK = 16384
+
 Chunks = np.ndarray | Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]]
 
 
@@ -50,7 +54,7 @@ class NpyChunks:
     chunk is valid until the next one is read (the streaming encoder uses each once). No
     pickle: object arrays are refused, like ``np.load(allow_pickle=False)``."""
 
-    def __init__(self, path: str, chunk_size: int = 65536) -> None:
+    def __init__(self, path: str, chunk_size: int = DEFAULT_CHUNK) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
         self.path, self.chunk_size = str(path), int(chunk_size)
@@ -191,7 +195,7 @@ def encode_stream(
     chunks: Chunks,
     mask_chunks: Chunks | None = None,
     *,
-    chunk_size: int = 65536,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> np.ndarray:
     """Inference over a streamed input: the output of ``model(x, mask)`` for the concatenation
     ``x`` of ``chunks`` (and ``mask`` of ``mask_chunks``, bool [B, n_i], True = keep)."""
