@@ -10,12 +10,13 @@
 Why not ``a @ w`` with BLAS's own threads: on a machine with as many threads as cores, an
 OpenBLAS worker keeps spinning for ~0.1 s after each product (its ``THREAD_TIMEOUT``), and a
 Numba kernel started in that window shares a core with it: measured here, a row kernel right
-after a product took 2x its time (KERNEL-NOTES-style measurement in docs/performance.md). With
+after a product took 2x its time (a diagnostic timing, docs/fast.md; the speed claims are
+make bench's, docs/performance.md). With
 every product and every kernel of the fast path on Numba's pool, one pool owns the cores and
 nothing spins between steps. Each work item is one ``np.dot`` (BLAS sgemm/dgemm through SciPy's
 BLAS, which the wrapper limits to one thread for the call, so the two pools never stack) on its
-own block of rows: the parallel loops write disjoint outputs. Measured: 205-245 GFLOP/s on the
-fast path's shapes, as NumPy's two-threaded products.
+own block of rows: the parallel loops write disjoint outputs. (Diagnostic timings while building
+it: 205-245 GFLOP/s on the fast path's shapes, about NumPy's two-threaded products.)
 
 ``project_heads`` computes several projections of the same input in one wide product per block
 of rows and writes each head's columns straight into the [B, H, S, d] layout of the attention

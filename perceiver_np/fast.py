@@ -45,8 +45,8 @@ from .shapes import expect_shape
 
 #: Rows (batch x positions) per chunk of the cross-attentions' input side: a [16384, 256]
 #: float32 buffer is 16 MiB, under glibc's largest mmap threshold (32 MiB), so a freed chunk's
-#: buffers are reused by the next chunk rather than unmapped and faulted in again (measured:
-#: unchunked [B*N, D] buffers made the projections' time vary by +50% between runs).
+#: buffers are reused by the next chunk rather than unmapped and faulted in again (diagnosed ad
+#: hoc: unchunked [B*N, D] buffers made the projections' time vary by +50% between runs).
 CHUNK_ROWS = 16384
 
 

@@ -11,7 +11,7 @@ setting both to the core count uses every core without oversubscribing them.
 Numba's OpenMP pool waits passively (``OMP_WAIT_POLICY=PASSIVE``, set here unless the
 environment already sets it, before Numba starts its pool): with OpenMP's default, its threads
 spin after each kernel and a BLAS product started in that window ran at half speed on this
-machine's two cores (docs/performance.md). The fast path runs its products on Numba's pool too
+machine's two cores (a diagnostic timing, docs/fast.md). The fast path runs its products on Numba's pool too
 (:mod:`perceiver_np.kernels.gemm`), so no pool spins while another computes.
 """
 
