@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -106,19 +107,36 @@ def _project_heads(x, w, out0, out1, out2, n_out, block):  # pragma: no cover - 
 
 
 _controller = None
+_lock = threading.Lock()
+_users = 0  # calls inside single_threaded_blas, over all threads
+_limiter = None  # the limit the first of them set, restored by the last
 
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """Every loaded BLAS on one thread for the duration (threadpoolctl); restored after."""
-    global _controller
-    if _controller is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: load it first)
-        from threadpoolctl import ThreadpoolController
+    """Every loaded BLAS on one thread for the duration (threadpoolctl); restored after.
 
-        _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
+    Counted across threads: the first call to enter sets the limit and the last to leave
+    restores the original, so calls from several threads at once never restore one another's
+    limit (which would leave BLAS on one thread for good)."""
+    global _controller, _users, _limiter
+    with _lock:
+        if _controller is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: load it first)
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+        if _users == 0:
+            _limiter = _controller.limit(limits=1, user_api="blas")
+        _users += 1
+    try:
         yield
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0 and _limiter is not None:
+                _limiter.restore_original_limits()
+                _limiter = None
 
 
 def _threads() -> int:

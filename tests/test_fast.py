@@ -264,3 +264,25 @@ def test_freed_memory_is_kept_unless_told_otherwise():
     bad = subprocess.run([sys.executable, "-c", code], env={**env, "PERCEIVER_NP_KEEP_MEMORY": "yes"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "PERCEIVER_NP_KEEP_MEMORY: expected 0 or 1, got 'yes'" in bad.stderr
+
+
+def test_blas_limit_is_counted_so_overlapping_calls_restore_the_original(rng):
+    """gemm's one-thread BLAS limit is counted, not saved and restored per call. The order that
+    breaks a per-call save/restore when two threads overlap (A enters, B enters, A leaves,
+    B leaves: B saved A's limit and would restore one thread for good), forced here with the
+    context managers entered and left by hand."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    a, w = rng.normal(size=(600, 64)), rng.normal(size=(64, 48))
+    assert relerr(gemm.matmul(a, w), a @ w) <= FAST_FLOAT64_RTOL  # every BLAS involved is loaded
+    before = blas_threads()
+    first, second = gemm.single_threaded_blas(), gemm.single_threaded_blas()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert all(n == 1 for n in blas_threads())  # the second still holds the limit
+    second.__exit__(None, None, None)
+    assert blas_threads() == before
