@@ -33,7 +33,9 @@ from collections.abc import Iterator
 import numpy as np
 from numba import prange
 
+from . import rows
 from ._numba import parallel_kernel
+from .rows import _moments
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no
@@ -84,17 +86,31 @@ def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
 
 
 @parallel_kernel
-def _project_heads(x, w, out0, out1, out2, n_out, block):  # pragma: no cover - compiled
-    """For each block of rows of x flattened to [B*S, K]: t = x[lo:hi] @ w, one wide product
-    into a per-item buffer, then its column groups scattered into the head layouts,
+def _project_heads(x, w, out0, out1, out2, n_out, block,  # pragma: no cover - compiled
+                   norm, gamma, beta, bias, has_bias):
+    """For each block of rows of x flattened to [B*S, K]: u = LN(x[lo:hi] + bias) when ``norm``
+    (else u = x[lo:hi]), t = u @ w, one wide product into a per-item buffer, then its column
+    groups scattered into the head layouts,
     out_j[b, h, s] = t[r - lo, offset_j + h*d_j : offset_j + (h+1)*d_j] for row r = b*S + s.
-    x [B*S, K], w [K, H*(d0 + d1 + d2)], out_j [B, H, S, d_j] (j < n_out)."""
+    x [B*S, K], w [K, H*(d0 + d1 + d2)], out_j [B, H, S, d_j] (j < n_out); gamma, beta, bias [K].
+    The LayerNorm is fused here so that its output never goes back to memory."""
     rows, s = x.shape[0], out0.shape[2]
+    k = x.shape[1]
     heads = out0.shape[1]
     for item in prange((rows + block - 1) // block):
         lo = item * block
         hi = min(rows, lo + block)
-        t = np.dot(x[lo:hi], w)  # [hi - lo, H*(d0 + d1 + d2)]
+        if norm:
+            u = np.empty((hi - lo, k), dtype=x.dtype)  # the block's LN output, in L2
+            for r in range(lo, hi):
+                mean, rstd = _moments(x, r, bias, has_bias)
+                m, rs = x.dtype.type(mean), x.dtype.type(rstd)
+                for c in range(k):
+                    v = x[r, c] + bias[c] if has_bias else x[r, c]
+                    u[r - lo, c] = (v - m) * rs * gamma[c] + beta[c]
+            t = np.dot(u, w)  # [hi - lo, H*(d0 + d1 + d2)]
+        else:
+            t = np.dot(x[lo:hi], w)
         col = 0
         for j in range(n_out):
             out = out0 if j == 0 else (out1 if j == 1 else out2)
@@ -205,9 +221,14 @@ def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int) -> list[np.ndarray]:
+def project_heads(
+    x: np.ndarray, weights: list[np.ndarray], heads: int,
+    norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+) -> list[np.ndarray]:
     """x: [B, S, K] @ each w_j: [K, H*d_j] (one to three of them) -> [B, H, S, d_j] each: the
-    projections of every head, written in the attention kernel's layout."""
+    projections of every head, written in the attention kernel's layout. ``norm`` = (gamma,
+    beta, bias or None): project LN(x + bias) instead, the LayerNorm fused into the product
+    (:func:`perceiver_np.kernels.rows.layernorm`'s formula, block by block)."""
     x = _check("x", x, 3, "[B, S, K]")
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"weights: expected 1 to 3 matrices, got {len(weights)}")
@@ -216,13 +237,22 @@ def project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int) -> list[
     for j, w in enumerate(ws):
         if w.shape[0] != k or w.shape[1] % heads:
             raise ValueError(f"weights[{j}]: expected shape ({k}, H*d) with H = {heads}, got {w.shape}")
+    if norm is not None:
+        gamma = rows._vector("gamma", norm[0], k, x.dtype)
+        beta = rows._vector("beta", norm[1], k, x.dtype)
+        bias = None if norm[2] is None else rows._vector("bias", norm[2], k, x.dtype)
     if b * s * k * sum(w.shape[1] for w in ws) < SMALL_PRODUCT:  # [B, S, H*d] -> [B, H, S, d]
-        return [np.ascontiguousarray((x @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)) for w in ws]
+        u = x if norm is None else rows.layernorm(x.reshape(b * s, k), gamma, beta, bias).reshape(x.shape)
+        return [np.ascontiguousarray((u @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)) for w in ws]
     outs = [np.empty((b, heads, s, w.shape[1] // heads), dtype=x.dtype) for w in ws]
     dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
     padded = outs + [dummy] * (3 - len(outs))
     w_all = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]  # [K, H*(d0 + d1 + d2)]
+    if norm is None:
+        gamma = beta = np.zeros(k, dtype=x.dtype)  # unused
+        bias = None
     with single_threaded_blas():
         _project_heads(x.reshape(b * s, k), w_all, padded[0], padded[1], padded[2], len(outs),
-                       PROJECT_BLOCK_ROWS)
+                       PROJECT_BLOCK_ROWS, norm is not None, gamma, beta,
+                       gamma if bias is None else bias, bias is not None)
     return outs

@@ -2,20 +2,20 @@
 
 ::
 
-    y = perceiver_np.fast.forward(model, x, mask)      # = model.forward(x, mask)[0], no caches
+    z = perceiver_np.fast.encode(model, x, mask)    # [B, M, D], no caches
+    y = model.decode(z)[0]                           # = model(x, mask) = model.forward(x, mask)[0]
 
 The same function as :meth:`Perceiver.forward` in inference (tested equal: float64 to
-FLOAT64_RTOL, float32 within its bound, tests/test_fast.py), computed with fewer passes over
-memory. Every projection is one BLAS call on 2-D (or batched) operands writing straight into
+FAST_FLOAT64_RTOL, float32 within its bound, tests/test_fast.py), computed with fewer passes
+over memory. Every projection is one BLAS call on 2-D (or batched) operands writing straight into
 the layout the next step reads, and everything between two products is one fused, parallel
 row kernel (:mod:`perceiver_np.kernels.rows`)::
 
-    h  = x @ W_in                                  [B*N, C] -> [B*N, D]      (BLAS)
-    hk = LN_kv(h + b_in)                           one pass, in place when h is not needed again
-    k  = hk @ W_k  per head                        [B, 1, N, Ckv] @ [H, Ckv, dh] -> [B, H, N, dh]
-    v  = hk @ W_v  per head                        -> [B, H, N, dv]          (the kernel's layout)
-    o, lse = tiled attention kernel                [B, H, M, dv]
-    o  = o + b_v   (rows with a visible key)
+    h  = x_c @ W_in                                per chunk of the input, [B, n, C] -> [B, n, D]
+    k, v = LN_kv(h + b_in) @ [W_k | W_v]           per 256 rows: LN into a block buffer, one
+                                                   product, scattered into [B, H, n, dh|dv]
+    o, lse = tiled attention kernel                per chunk, merged over the chunks
+    o  = o + b_v   (rows with a visible key)       [B, H, M, dv]
     z += merge(o) @ W_out + b_out; u = LN_ffn(z)   one pass (z owned, updated in place)
     g  = GELU(u @ W_up + b_up)                     bias and GELU in one pass, in place
     z += g @ W_down + b_down                       one pass
@@ -119,12 +119,12 @@ def cross_block(
         if in_weight is not None:
             h = gemm.matmul_batched(x_c, in_weight)  # [B, n, C] -> [B, n, D] (b_in in the LN)
         else:
-            h = np.array(x_c, order="C")  # [B, n, Ckv], owned: normalised in place
+            h = np.ascontiguousarray(x_c)  # [B, n, Ckv]
         expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
-        h2 = h.reshape(b * n, ckv)
-        rows.layernorm(h2, p["kv_norm.gamma"], p["kv_norm.beta"], bias=in_bias, out=h2)  # LN_kv
-        k, v = gemm.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads)
-        # [B, n, Ckv] -> [B, H, n, dh] (no b_k) and [B, H, n, dv] (b_v after the attention)
+        k, v = gemm.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
+                                  norm=(p["kv_norm.gamma"], p["kv_norm.beta"], in_bias))
+        # LN_kv(h + b_in) fused into the product, [B, n, Ckv] -> [B, H, n, dh] (no b_k) and
+        # [B, H, n, dv] (b_v after the attention)
         o_c, lse_c = attention_forward(q, k, v, mask_c)  # [B, H, M, dv], [B, H, M]
         if first is None:
             first = (o_c, lse_c)

@@ -174,6 +174,14 @@ def test_products_equal_numpy(rng, dtype):
         want = (x @ wj).reshape(3, 300, 3, d).transpose(0, 2, 1, 3)  # [B, S, H*d] -> [B, H, S, d]
         assert got.shape == want.shape and got.flags.c_contiguous
         assert relerr(got, want) <= tol
+    # with the LayerNorm fused in (and without its bias), on the parallel and the small path
+    gamma, beta, bias = (rng.normal(size=40).astype(dtype) for _ in range(3))
+    for xs in (x, x[:1, :5]):
+        for b_in in (bias, None):
+            u = layernorm_forward(xs + (0 if b_in is None else b_in), {"gamma": gamma, "beta": beta})[0]
+            (got,) = gemm.project_heads(xs, [wk], 3, norm=(gamma, beta, b_in))
+            want = (u @ wk).reshape(*xs.shape[:2], 3, 4).transpose(0, 2, 1, 3)
+            assert relerr(got, want) <= tol
 
 
 def test_products_name_bad_arguments(rng):
