@@ -97,9 +97,10 @@ def cross_block(
     """z: [B, M, D] owned latents (updated in place) attend to an input that arrives in chunks
     along N -> (z [B, M, D], N).
 
-    Per chunk ``x_c`` [B, n, C] (a view into a longer array is fine) with its mask ``mask_c``:
-    ``h = x_c @ in_weight`` (when given), ``hk = LN_kv(h + in_bias)`` in place, the chunk's keys
-    and values in the kernel's layout, the kernel's ``(o_c, lse_c)``, folded into the running
+    The incoming pieces (x_c [B, n, C], views into a longer array are fine, with their masks
+    mask_c [B, n]) are cut to ``chunk_positions(B)`` positions. Per chunk: ``h = x_c @ in_weight``
+    (when given), the keys and values of ``LN_kv(h + in_bias)`` in the kernel's layout (the
+    LayerNorm fused into their product), the kernel's ``(o_c, lse_c)``, folded into the running
     float64 state (:func:`perceiver_np.kernels.merge_chunk`). Every buffer is chunk-sized, so
     the input side's extra memory does not grow with N, and a freed chunk's memory is reused by
     the next one instead of being faulted in afresh."""
@@ -167,13 +168,12 @@ def self_block(z: np.ndarray, p: Params, *, num_heads: int, gelu: str) -> np.nda
 def encode(model, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """The encoder up to (and including) the final LayerNorm: x [B, N, C] -> z [B, M, D].
 
-    ``x`` and ``mask`` as validated by :meth:`Perceiver.forward`. With several cross blocks
-    the input projection is computed once for all of them (h [B, N, D] is then held whole);
-    with one, every cross block's input side runs chunk by chunk."""
+    ``x`` and ``mask`` as validated by :meth:`Perceiver.forward`. Every cross block reads its
+    input chunk by chunk (:func:`cross_block` cuts it); with several cross blocks the input
+    projection is computed once for all of them, so h [B, N, D] is then held whole."""
     cfg, p = model.config, model.params
     b = x.shape[0]
     crosses = sum(1 for kind, _ in cfg.schedule if kind == "cross")
-    size = chunk_positions(b)
     source, in_weight = x, (p["input_proj.weight"] if cfg.input_projection else None)
     if cfg.input_projection and crosses > 1:
         source, in_weight = gemm.matmul_batched(x, p["input_proj.weight"]), None  # [B, N, D]
@@ -181,7 +181,7 @@ def encode(model, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     z = np.repeat(p["latents"][None], b, axis=0)  # [M, D] -> [B, M, D], owned
     for kind, i in cfg.schedule:
         if kind == "cross":
-            z, _ = cross_block(z, chunks_of(source, mask, size), sub(p, f"cross.{i}"),
+            z, _ = cross_block(z, [(source, mask)], sub(p, f"cross.{i}"),
                                num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
                                use_query_residual=cfg.use_query_residual, gelu=cfg.gelu)
         else:

@@ -130,6 +130,26 @@ def test_layernorm_backward(rng):
            rng.normal(size=(2, 3, 6)), _ln_params(rng, 6))
 
 
+#: Shapes for the backend="numba" layers: the first below kernels.gemm.SMALL_PRODUCT and
+#: kernels._numba.PARALLEL_MIN_ELEMENTS (NumPy products, one-thread row kernels), the second
+#: above both (products on Numba's pool with per-thread partial sums, parallel row kernels).
+NUMBA_SHAPES = {"small": (2, 3, 6), "parallel": (4, 80, 128)}
+
+
+@pytest.mark.parametrize("size", list(NUMBA_SHAPES))
+def test_linear_backward_numba_backend(rng, size):
+    shape = NUMBA_SHAPES[size]
+    _check(layers.linear_forward, layers.linear_backward, rng.normal(size=shape),
+           _lin(rng, shape[-1], 40), backend="numba")
+
+
+@pytest.mark.parametrize("size", list(NUMBA_SHAPES))
+def test_layernorm_backward_numba_backend(rng, size):
+    shape = NUMBA_SHAPES[size]
+    _check(layers.layernorm_forward, layers.layernorm_backward, rng.normal(size=shape),
+           _ln_params(rng, shape[-1]), backend="numba")
+
+
 @pytest.mark.parametrize("kind", ["exact", "tanh"])
 def test_gelu_backward(rng, kind):
     _check(layers.gelu_forward, layers.gelu_backward, 2 * rng.normal(size=(3, 11)), approximate=kind)
