@@ -13,12 +13,18 @@
   the kernels never make one (masked keys are skipped, the running max starts at the finite
   MASK_FILL) and the wrappers' callers pass finite input. The float64 kernel matches the plain
   NumPy path to 1e-12 relative (tests/test_kernels.py).
+- ``error_model="numpy"``: a division by zero gives inf or NaN as in NumPy instead of raising
+  ZeroDivisionError. An exception cannot leave a parallel region cleanly (it surfaced as
+  ``SystemError: ... returned a result with an exception set``), and the callers check their
+  inputs and parameters for non-finite values before any kernel runs, so the kernels never
+  need to raise.
 - ``parallel=True`` on the kernels whose outer loop is a ``prange`` over disjoint outputs.
 - ``nogil=True`` so that a caller's own threads are not serialised on the GIL.
 
 Threads: Numba's pool size comes from ``NUMBA_NUM_THREADS`` (default: the core count) and
-:func:`numba.set_num_threads`. No kernel calls BLAS inside a parallel region, so BLAS threads
-never stack on top of Numba's.
+:func:`numba.set_num_threads`. The products in :mod:`perceiver_np.kernels.gemm` call BLAS
+inside a parallel region, each on its own rows, with every BLAS held to one thread for the call
+(``gemm.single_threaded_blas``), so BLAS threads never stack on top of Numba's.
 """
 
 from __future__ import annotations
@@ -32,14 +38,22 @@ from numba import njit
 FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 
 #: Decorator for the kernels parallel over disjoint outputs (``prange``).
-parallel_kernel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+parallel_kernel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 #: Decorator for the serial helpers the kernels call (inlined by LLVM).
-serial_kernel = njit(cache=True, fastmath=FASTMATH, nogil=True)
+serial_kernel = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 #: Below this many elements, a row or element-wise kernel runs on the calling thread alone:
 #: waking the pool costs ~45 us per call here (measured with the passive wait policy), more
 #: than the whole kernel's work on such an array (~2 us on one thread for [6, 8]).
 PARALLEL_MIN_ELEMENTS = 1 << 15
+
+#: Every sum over rows that is split into work items (a weight's gradient, LayerNorm's dgamma
+#: and dbeta) uses blocks of this many rows, never one block per thread: the partial sums and
+#: the order they are added in are the same on any number of threads, so every gradient is
+#: bitwise independent of the thread count (tests/test_threads.py). 1024 rows keep each
+#: block's product large enough for BLAS (1024 x 256 x 256 multiply-adds) and give two or more
+#: items from B * M = 2048 rows (the seed's latents at B = 32) on.
+REDUCTION_BLOCK_ROWS = 1024
 
 
 @contextlib.contextmanager

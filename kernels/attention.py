@@ -60,6 +60,10 @@ BACKWARD_BLOCK_M = 64
 BACKWARD_BLOCK_N = 128
 #: A split of N gets at least this many keys, so that merging is cheap next to streaming.
 MIN_KEYS_PER_SPLIT = 2048
+#: Work items the forward and backward aim for when B * H * (query blocks) is small: the keys
+#: are split until there are this many (two per thread on up to 8 threads). A constant, not
+#: the thread count, so that the same sums are added in the same order on any machine setting.
+SPLIT_TARGET_ITEMS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,19 +362,14 @@ def _backward_sum_dq(dq_part, dq):  # pragma: no cover - compiled
 # ---------------------------------------------------------------------------------------------
 
 
-def _num_threads() -> int:
-    import numba
-
-    return int(numba.get_num_threads())
-
-
-def choose_splits(parallel_items: int, n: int, threads: int | None = None) -> int:
-    """Splits of N so that ``parallel_items * splits`` keeps every thread busy (at least two
-    work items per thread where N allows it), each split holding at least MIN_KEYS_PER_SPLIT."""
-    threads = _num_threads() if threads is None else threads
-    if parallel_items >= 2 * threads:
+def choose_splits(parallel_items: int, n: int, target: int = SPLIT_TARGET_ITEMS) -> int:
+    """Splits of N so that ``parallel_items * splits`` reaches ``target`` work items where N
+    allows it, each split holding at least MIN_KEYS_PER_SPLIT keys. Never from the thread
+    count: the splits decide the order of the sums, so the results are bitwise the same on
+    any number of threads."""
+    if parallel_items >= target:
         return 1
-    want = -(-2 * threads // parallel_items)  # ceil
+    want = -(-target // parallel_items)  # ceil
     return max(1, min(want, n // MIN_KEYS_PER_SPLIT))
 
 

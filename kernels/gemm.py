@@ -3,7 +3,7 @@
 ::
 
     y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F]
-    g = matmul_tn(a, dy)          a [R, I], dy [R, O] -> a.T @ dy [I, O] (per-thread partial sums)
+    g = matmul_tn(a, dy)          a [R, I], dy [R, O] -> a.T @ dy [I, O] (fixed-block partial sums)
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
 
@@ -26,15 +26,17 @@ kernel, while the block is still in cache: no [B, S, H*d] intermediate in memory
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from numba import prange
 
 from . import rows
-from ._numba import parallel_kernel
+from ._numba import REDUCTION_BLOCK_ROWS, parallel_kernel
 from .rows import _moments
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
@@ -122,37 +124,87 @@ def _project_heads(x, w, out0, out1, out2, n_out, block,  # pragma: no cover - c
                 col += d
 
 
-_controller = None
-_lock = threading.Lock()
-_users = 0  # calls inside single_threaded_blas, over all threads
-_limiter = None  # the limit the first of them set, restored by the last
+class _BlasLimit:
+    """Every loaded BLAS on one thread while at least one thread is inside
+    :func:`single_threaded_blas`; the first to enter saves the counts, the last to leave puts
+    them back (a count under a lock, so overlapping calls from several threads never restore
+    one another's limit).
+
+    OpenBLAS (pthreads) is set through its own ``openblas_set_num_threads``, called directly:
+    threadpoolctl's ``limit`` obeys only the first thread that ever limited OpenBLAS and silently
+    ignores every other thread (its "controlling thread" rule), so a limit set by the main thread
+    and restored by a worker stayed at one thread for good. The direct call is process-wide
+    from any thread, which is exactly the semantics the count needs. Other BLAS libraries (MKL,
+    BLIS, OpenBLAS on OpenMP) go through threadpoolctl's per-library controllers."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0  # threads inside single_threaded_blas, over all threads
+        self.saved: list[int] = []  # each library's count before the first of them entered
+        self.libs: list[tuple[Callable[[], int], Callable[[int], object]]] | None = None
+
+    def _find(self) -> list[tuple[Callable[[], int], Callable[[int], object]]]:
+        """(get, set) of every BLAS library loaded, after the one Numba's np.dot calls."""
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: load it first)
+        from threadpoolctl import ThreadpoolController
+
+        libs = []
+        for lib in ThreadpoolController().lib_controllers:
+            if lib.user_api != "blas":
+                continue
+            direct = _openblas_calls(lib) if lib.internal_api == "openblas" else None
+            if direct is not None:
+                libs.append(direct)
+            else:
+                libs.append((lib.get_num_threads, lib.set_num_threads))
+        return libs
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.libs is None:
+                self.libs = self._find()
+            if self.users == 0:
+                self.saved = [int(get() or 1) for get, _ in self.libs]
+                for _, set_ in self.libs:
+                    set_(1)
+            self.users += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0 and self.libs is not None:
+                for (_, set_), n in zip(self.libs, self.saved, strict=True):
+                    set_(n)
+
+
+def _openblas_calls(lib: Any) -> tuple[Callable[[], int], Callable[[int], object]] | None:
+    """OpenBLAS's own get/set functions (any of its symbol prefixes and suffixes), or None for
+    an OpenBLAS whose threads are OpenMP's (per-thread limits: threadpoolctl handles it)."""
+    if getattr(lib, "threading_layer", None) == "openmp":
+        return None
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            set_ = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, set_.restype = ctypes.c_int, None
+                set_.argtypes = [ctypes.c_int]
+                return get, set_
+    return None
+
+
+_blas_limit = _BlasLimit()
 
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """Every loaded BLAS on one thread for the duration (threadpoolctl); restored after.
-
-    Counted across threads: the first call to enter sets the limit and the last to leave
-    restores the original, so calls from several threads at once never restore one another's
-    limit (which would leave BLAS on one thread for good)."""
-    global _controller, _users, _limiter
-    with _lock:
-        if _controller is None:
-            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: load it first)
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController()
-        if _users == 0:
-            _limiter = _controller.limit(limits=1, user_api="blas")
-        _users += 1
+    """Every loaded BLAS on one thread for the duration; the counts it had before are back
+    once no thread is inside any more (:class:`_BlasLimit`)."""
+    _blas_limit.enter()
     try:
         yield
     finally:
-        with _lock:
-            _users -= 1
-            if _users == 0 and _limiter is not None:
-                _limiter.restore_original_limits()
-                _limiter = None
+        _blas_limit.leave()
 
 
 def _threads() -> int:
@@ -187,17 +239,18 @@ def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a: [R, I], b: [R, O] -> a.T @ b: [I, O] (a weight's gradient: a sum over the R rows),
-    as one partial product per thread over its rows, then their sum."""
+    as one partial product per block of REDUCTION_BLOCK_ROWS rows, then their sum in block
+    order: bitwise the same on any number of threads."""
     a = _check("a", a, 2, "[R, I]")
     b = _check("b", b, 2, "[R, O]", a.dtype)
     if b.shape[0] != a.shape[0]:
         raise ValueError(f"b: expected {a.shape[0]} rows like a, got shape {b.shape}")
     if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT:
         return a.T @ b
-    items = max(1, min(_threads(), a.shape[0] // MIN_BLOCK_ROWS))
+    items = math.ceil(a.shape[0] / REDUCTION_BLOCK_ROWS)
     part = np.empty((items, a.shape[1], b.shape[1]), dtype=a.dtype)
     with single_threaded_blas():
-        _matmul_tn_partial(a, b, part, math.ceil(a.shape[0] / items))
+        _matmul_tn_partial(a, b, part, REDUCTION_BLOCK_ROWS)
     return part[0] if items == 1 else part.sum(axis=0)
 
 

@@ -25,7 +25,7 @@ from numba import prange
 
 from perceiver_np.layers import LN_EPS
 
-from ._numba import parallel_kernel, serial_kernel, threads_for
+from ._numba import REDUCTION_BLOCK_ROWS, parallel_kernel, serial_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any
 
 _K = 0.7978845608028654  # sqrt(2 / pi)
@@ -233,17 +233,16 @@ def layernorm_backward(
     dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dy, xhat: [R, F], rstd: [R, 1] -> (dx [R, F], dgamma [F], dbeta [F]); the sums over rows
-    are per-thread partials first (float32 partials of at most R / threads rows each)."""
-    import numba
-
+    are partials over fixed blocks of REDUCTION_BLOCK_ROWS rows first (in the dtype), added in
+    block order: the same on any number of threads."""
     dy = _rows("dy", np.ascontiguousarray(dy))
     f, dt = dy.shape[1], dy.dtype
     xhat = _rows("xhat", xhat, f, dt)
     if xhat.shape != dy.shape or rstd.shape != (dy.shape[0], 1):
         raise ValueError(f"xhat, rstd: expected shapes {dy.shape} and ({dy.shape[0]}, 1), got "
                          f"{xhat.shape} and {rstd.shape}")
-    items = max(1, min(int(numba.get_num_threads()), dy.shape[0] // 64))
-    block = -(-dy.shape[0] // items)
+    block = REDUCTION_BLOCK_ROWS
+    items = max(1, -(-dy.shape[0] // block))
     dx = np.empty_like(dy)
     dgamma, dbeta = np.empty((items, f), dtype=dt), np.empty((items, f), dtype=dt)
     with threads_for(dy.size):

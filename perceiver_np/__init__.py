@@ -23,6 +23,7 @@ from . import (
     optim,
     position,
     presets,
+    runtime,
     shapes,
     threads,
     tolerances,
@@ -37,15 +38,10 @@ from .blocks import (
 )
 from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
 from .interop import from_hf, from_hf_state_dict, to_hf_state_dict
-from .memory import apply_environment as _keep_memory
 from .model import Perceiver, build, init_params
-from .threads import apply_environment as _apply_environment
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
-
-_apply_environment()
-_keep_memory()
 
 __all__ = [
     "Perceiver",
@@ -72,6 +68,7 @@ __all__ = [
     "position",
     "presets",
     "recommended_defaults",
+    "runtime",
     "self_block_backward",
     "self_block_forward",
     "set_num_threads",

@@ -2,8 +2,8 @@
 
 ::
 
-    import perceiver_np                 # applies keep_freed_memory() (Linux with glibc)
-    PERCEIVER_NP_KEEP_MEMORY=0 python   # ... unless the environment says no
+    perceiver_np.memory.keep_freed_memory()   # explicit (Linux with glibc); nothing on import
+    perceiver_np.runtime.tune()               # the same, unless PERCEIVER_NP_KEEP_MEMORY=0
 
 By default glibc serves every allocation above an adaptive threshold (128 KiB to 32 MiB) with a
 fresh ``mmap`` and unmaps it on ``free``, and trims the heap's free top. A model's forward and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
 ENV = "PERCEIVER_NP_KEEP_MEMORY"
@@ -61,12 +60,3 @@ def keep_freed_memory(enable: bool = True) -> bool:
     ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_t)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_t))
     keeping = enable and ok
     return ok
-
-
-def apply_environment() -> None:
-    """On ``import perceiver_np``: keep freed memory unless ``PERCEIVER_NP_KEEP_MEMORY=0``."""
-    value = os.environ.get(ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{ENV}: expected 0 or 1, got {value!r}")
-    if value == "1":
-        keep_freed_memory(True)

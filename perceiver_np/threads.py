@@ -2,17 +2,17 @@
 
 ::
 
-    perceiver_np.set_num_threads(2)       # or PERCEIVER_NP_NUM_THREADS=2 before the import
+    perceiver_np.set_num_threads(2)       # or perceiver_np.runtime.tune() with PERCEIVER_NP_NUM_THREADS=2
 
 Numba's pool runs the kernels (``kernels/``); BLAS's runs NumPy's and SciPy's matrix products
 (the layers' projections). The two never run inside each other (no kernel calls BLAS), so
 setting both to the core count uses every core without oversubscribing them.
 
-Numba's OpenMP pool waits passively (``OMP_WAIT_POLICY=PASSIVE``, set here unless the
-environment already sets it, before Numba starts its pool): with OpenMP's default, its threads
-spin after each kernel and a BLAS product started in that window ran at half speed on this
-machine's two cores (a diagnostic timing, docs/fast.md). The fast path runs its products on Numba's pool too
-(:mod:`perceiver_np.kernels.gemm`), so no pool spins while another computes.
+Importing perceiver_np changes no thread setting: :func:`set_num_threads` (or
+:func:`perceiver_np.runtime.tune`, which also reads ``PERCEIVER_NP_NUM_THREADS`` and can start
+Numba's OpenMP pool with a passive wait policy) is an explicit call. The fast path runs its
+products on Numba's pool too (:mod:`perceiver_np.kernels.gemm`), so no pool spins while another
+computes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import os
 from typing import Any
 
 ENV = "PERCEIVER_NP_NUM_THREADS"
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when Numba's OpenMP pool starts
 
 
 def set_num_threads(n: int) -> None:
@@ -34,8 +32,7 @@ def set_num_threads(n: int) -> None:
     import numba
     from threadpoolctl import threadpool_limits
 
-    config: Any = numba.config  # NUMBA_NUM_THREADS is set by Numba at start-up, not declared
-    limit = int(config.NUMBA_NUM_THREADS)
+    limit = max_threads()
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
         raise ValueError(f"n: expected an integer from 1 to NUMBA_NUM_THREADS = {limit}, got {n!r}")
     numba.set_num_threads(n)
@@ -56,13 +53,10 @@ def get_num_threads() -> dict[str, int]:
     return out
 
 
-def apply_environment() -> None:
-    """Honour ``PERCEIVER_NP_NUM_THREADS`` when it is set (called on ``import perceiver_np``)."""
-    value = os.environ.get(ENV)
-    if value is None:
-        return
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{ENV}: expected an integer, got {value!r}") from None
-    set_num_threads(n)
+def max_threads() -> int:
+    """``NUMBA_NUM_THREADS``: the size Numba's pool was started with (the core count by
+    default), the most :func:`set_num_threads` accepts."""
+    import numba
+
+    config: Any = numba.config  # NUMBA_NUM_THREADS is set by Numba at start-up, not declared
+    return int(config.NUMBA_NUM_THREADS)

@@ -8,10 +8,6 @@ that hide a whole sample and whole chunks.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from perceiver_np.kernels import attention_forward, chunk_state, finish_chunks, gemm, merge_chunk, rows
@@ -244,53 +240,3 @@ def test_npy_chunks_refuse_what_they_cannot_read(tmp_path):
         NpyChunks(tmp_path / "t.npy")
     with pytest.raises(ValueError, match="chunk_size: expected a positive integer"):
         NpyChunks(tmp_path / "f.npy", 0)
-
-
-def test_numba_pool_waits_passively_unless_told_otherwise():
-    """threads.py sets OMP_WAIT_POLICY before Numba's pool starts (docs/performance.md says
-    why); a value the environment already has is kept."""
-    code = "import os, perceiver_np; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
-
-
-def test_freed_memory_is_kept_unless_told_otherwise():
-    """perceiver_np.memory (docs/fast.md): applied on import with glibc, skipped with
-    PERCEIVER_NP_KEEP_MEMORY=0, and a bad value is an error that names the variable."""
-    code = "import perceiver_np; print(perceiver_np.memory.keeping)"
-    env = {k: v for k, v in os.environ.items() if k != "PERCEIVER_NP_KEEP_MEMORY"}
-    glibc = pnp.memory._libc() is not None
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(glibc)
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "PERCEIVER_NP_KEEP_MEMORY": "0"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-    bad = subprocess.run([sys.executable, "-c", code], env={**env, "PERCEIVER_NP_KEEP_MEMORY": "yes"},
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "PERCEIVER_NP_KEEP_MEMORY: expected 0 or 1, got 'yes'" in bad.stderr
-
-
-def test_blas_limit_is_counted_so_overlapping_calls_restore_the_original(rng):
-    """gemm's one-thread BLAS limit is counted, not saved and restored per call. The order that
-    breaks a per-call save/restore when two threads overlap (A enters, B enters, A leaves,
-    B leaves: B saved A's limit and would restore one thread for good), forced here with the
-    context managers entered and left by hand."""
-    from threadpoolctl import threadpool_info
-
-    def blas_threads() -> list[int]:
-        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-
-    a, w = rng.normal(size=(600, 64)), rng.normal(size=(64, 48))
-    assert relerr(gemm.matmul(a, w), a @ w) <= FAST_FLOAT64_RTOL  # every BLAS involved is loaded
-    before = blas_threads()
-    first, second = gemm.single_threaded_blas(), gemm.single_threaded_blas()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert all(n == 1 for n in blas_threads())  # the second still holds the limit
-    second.__exit__(None, None, None)
-    assert blas_threads() == before

@@ -223,10 +223,11 @@ def test_matmul_acc_adds_the_product(rng, dtype, rows, inner, width):
     assert _rel(c2, a.astype(np.float64) @ b) <= tol
 
 
-def test_choose_splits_keeps_threads_busy():
-    assert kernels.choose_splits(1, 1_000_000, threads=2) == 4
-    assert kernels.choose_splits(8, 1_000_000, threads=2) == 1
-    assert kernels.choose_splits(1, 3000, threads=2) == 1  # too few keys to split
+def test_choose_splits_reaches_the_target_without_the_thread_count():
+    assert kernels.choose_splits(1, 1_000_000, target=4) == 4
+    assert kernels.choose_splits(8, 1_000_000, target=4) == 1
+    assert kernels.choose_splits(1, 3000, target=4) == 1  # too few keys to split
+    assert kernels.choose_splits(3, 1_000_000, target=16) == 6  # ceil(16 / 3)
 
 
 # --- memory ---------------------------------------------------------------------------------------
