@@ -15,12 +15,16 @@ loss ``L = sum(dy * output)`` with its seeded upstream gradient ``loss/dy``, and
 every parameter ``grad/<name>`` and of the input ``grad/x``. Another port writes the same names
 (whichever it has) into its own ``.npz``; :func:`compare` reports every tensor present in both
 and names the FIRST one, in forward order, that breaks its tolerance as the likely bug site
-(then the gradients, in backward order).
+(then the gradients, in backward order). A golden tensor missing from theirs fails the
+comparison unless ``allow_missing=True``, and a comparison of no activation or no gradient
+always fails. The cross blocks' attention scores are compared only at the keys the mask keeps:
+the value a port fills masked keys with is not part of the contract.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ import numpy as np
 
 from ._files import atomic_savez
 from .config import PerceiverConfig
-from .model import Perceiver
+from .model import Perceiver, step_names
 from .tolerances import GOLDEN_FLOAT32_RTOL, GOLDEN_FLOAT64_RTOL, GOLDEN_GRAD_FLOOR
 
 FORMAT = "perceiver_np.golden"
@@ -132,16 +136,47 @@ class Row:
     ok: bool
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class CompareReport:
     rows: tuple[Row, ...]
     missing: tuple[str, ...]  # in the golden file, not in theirs
     extra: tuple[str, ...]  # in theirs, not in the golden file
     mismatched: tuple[str, ...]  # present in both with different shapes
+    allow_missing: bool = False  # missing golden tensors are listed, not failed
+    masked_scores: tuple[str, ...] = ()  # attention scores compared at kept keys only
+
+    @property
+    def compared(self) -> dict[str, int]:
+        """How many tensors were compared: activations, gradients, the loss (0 or 1), and how
+        many golden tensors are missing from theirs."""
+        return {"activations": sum(r.name.startswith("act/") for r in self.rows),
+                "gradients": sum(r.name.startswith("grad/") for r in self.rows),
+                "loss": sum(r.name == "loss" for r in self.rows),
+                "missing": len(self.missing)}
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        """Why the comparison fails besides a tensor beyond its tolerance, in plain words."""
+        out = []
+        counts = self.compared
+        if self.missing and not self.allow_missing:
+            out.append(f"FAILED: {_plural(len(self.missing), 'golden tensor')} missing from theirs "
+                       "(pass --allow-missing to compare only the ones present)")
+        if counts["activations"] == 0:
+            out.append("FAILED: no activation was compared")
+        if counts["gradients"] == 0:
+            out.append("FAILED: no gradient was compared")
+        if self.mismatched:
+            out.append(f"FAILED: {_plural(len(self.mismatched), 'tensor')} with a different shape or dtype")
+        return tuple(out)
 
     @property
     def ok(self) -> bool:
-        return not self.mismatched and all(r.ok for r in self.rows)
+        return not self.failures and all(r.ok for r in self.rows)
 
     @property
     def first_break(self) -> Row | None:
@@ -150,30 +185,51 @@ class CompareReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "first_break": None if self.first_break is None else self.first_break.name,
+                "compared": self.compared, "failures": list(self.failures),
+                "allow_missing": self.allow_missing, "masked_scores": list(self.masked_scores),
                 "rows": [asdict(r) for r in self.rows], "missing": list(self.missing),
                 "extra": list(self.extra), "mismatched": list(self.mismatched)}
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.rows] + [6])
         lines = [f"{'tensor':<{width}}  {'shape':<18}{'dtype':<9}{'max abs':>10}  {'max rel':>9}  "
-                 f"{'tolerance':>9}  {'worst index':<18}"]
+                 f"{'tolerance':>9}  {'worst index':<18}"] if self.rows else []
         for r in self.rows:
             mark = "" if r.ok else "  BREAKS"
             lines.append(f"{r.name:<{width}}  {r.shape!s:<18}{r.dtype:<9}{r.max_abs:>10.2e}  "
                          f"{r.max_rel:>9.2e}  {r.tolerance:>9.1e}  {r.worst_index!s:<18}{mark}")
         if self.missing:
-            lines.append(f"missing in theirs ({len(self.missing)}): {', '.join(self.missing)}")
+            allowed = ", allowed" if self.allow_missing else ""
+            lines.append(f"missing in theirs ({len(self.missing)}{allowed}): {', '.join(self.missing)}")
         if self.extra:
             lines.append(f"not in the golden file ({len(self.extra)}): {', '.join(self.extra)}")
         if self.mismatched:
             lines.append(f"different shapes: {', '.join(self.mismatched)}")
+        if self.masked_scores:
+            lines.append(f"compared at the keys the mask keeps only: {', '.join(self.masked_scores)}")
+        counts = self.compared
+        loss = " and the loss" if counts["loss"] else ", not the loss"
+        lines.append(f"compared {counts['activations']} activations, {counts['gradients']} gradients"
+                     f"{loss}; {_plural(counts['missing'], 'golden tensor')} missing from theirs")
         first = self.first_break
-        if first is None:
-            lines.append(f"all {len(self.rows)} tensors within tolerance")
-        else:
+        if first is not None:
             lines.append(f"first break: {first.name} (max rel {first.max_rel:.2e} > {first.tolerance:.1e}): "
                          "the likely bug site")
+        elif self.rows:
+            lines.append(f"all {len(self.rows)} compared tensors within tolerance")
+        lines.extend(self.failures)
         return "\n".join(lines)
+
+
+def masked_score_names(config: PerceiverConfig, recorded: Iterable[str]) -> tuple[str, ...]:
+    """The attention scores [B, H, M, N] over the masked input among the ``recorded``
+    activation names: the cross blocks' ``<step>.attn.scores`` (their keys are the inputs).
+    The self blocks and the decoder attend to the latents, unmasked."""
+    present = set(recorded)
+    names = (f"{step}.attn.scores"
+             for (kind, _), step in zip(config.schedule, step_names(config), strict=True)
+             if kind == "cross")
+    return tuple(n for n in names if n in present)
 
 
 def tolerance_for(dtype: np.dtype) -> float:
@@ -181,9 +237,31 @@ def tolerance_for(dtype: np.dtype) -> float:
     return GOLDEN_FLOAT64_RTOL if np.dtype(dtype) == np.float64 else GOLDEN_FLOAT32_RTOL
 
 
-def compare(golden_path: str | Path, theirs_path: str | Path) -> CompareReport:
-    """Compare ``theirs`` against a golden file: see the module docstring."""
-    _, golden, meta = read_golden(golden_path)
+def _row(name: str, g: np.ndarray, t: np.ndarray, keep: np.ndarray | None, floor: float) -> Row:
+    """One tensor's errors, over the entries where ``keep`` (g's shape, bool) is True, or all.
+    ``floor``: the least normalising scale (gradients: GOLDEN_GRAD_FLOOR x the largest one)."""
+    if keep is None:
+        diff = np.abs(t.astype(np.float64) - g)
+        scale = float(np.abs(g).max()) if g.size else 0.0
+    else:  # the entries outside keep are neither compared nor part of the scale
+        diff = np.zeros(g.shape)
+        diff[keep] = np.abs(t[keep].astype(np.float64) - g[keep])
+        scale = float(np.abs(g[keep]).max()) if keep.any() else 0.0
+    scale = max(scale, floor)
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    tol = tolerance_for(t.dtype)
+    return Row(name, tuple(g.shape), t.dtype.name, max_abs, max_rel,
+               tuple(int(i) for i in worst), tol, max_rel <= tol)
+
+
+def compare(
+    golden_path: str | Path, theirs_path: str | Path, *, allow_missing: bool = False
+) -> CompareReport:
+    """Compare ``theirs`` against a golden file: see the module docstring. ``allow_missing``:
+    compare only the golden tensors theirs has (missing ones are still listed)."""
+    config, golden, meta = read_golden(golden_path)
     theirs = _load(theirs_path)
     theirs.pop("meta.json", None)
     order = ([f"act/{n}" for n in meta["activations"]] + ["loss"]
@@ -193,6 +271,10 @@ def compare(golden_path: str | Path, theirs_path: str | Path) -> CompareReport:
     # largest gradient of the model, not against their own rounding noise
     grad_scale = max((float(np.abs(golden[n]).max()) for n in checked if n.startswith("grad/")),
                      default=0.0)
+    # the cross blocks' scores [B, H, M, N] hold a fill value at masked keys: an implementation
+    # detail (ours -1e30, others finfo.min or -inf) that would also swamp the normalising scale
+    mask = golden.get("input/mask")
+    masked = masked_score_names(config, meta["activations"]) if mask is not None else ()
     rows, mismatched = [], []
     for name in checked:
         if name not in theirs:
@@ -204,17 +286,17 @@ def compare(golden_path: str | Path, theirs_path: str | Path) -> CompareReport:
         if t.dtype.kind not in "fiub":
             mismatched.append(f"{name} has dtype {t.dtype.name}")
             continue
-        diff = np.abs(t.astype(np.float64) - g)
-        scale = float(np.abs(g).max()) if g.size else 0.0
-        if name.startswith("grad/"):
-            scale = max(scale, GOLDEN_GRAD_FLOOR * grad_scale)
-        worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
-        max_abs = float(diff.max()) if diff.size else 0.0
-        max_rel = max_abs / scale if scale > 0 else max_abs
-        tol = tolerance_for(t.dtype)
-        rows.append(Row(name, tuple(g.shape), t.dtype.name, max_abs, max_rel,
-                        tuple(int(i) for i in worst), tol, max_rel <= tol))
+        keep = None
+        if mask is not None and name.startswith("act/") and name[len("act/"):] in masked:
+            if g.ndim != 4 or mask.shape != (g.shape[0], g.shape[3]):
+                raise ValueError(f"{golden_path}: input/mask {mask.shape} does not fit {name} "
+                                 f"{g.shape} [B, H, M, N]")
+            keep = np.broadcast_to(mask.astype(bool)[:, None, None, :], g.shape)  # [B, N] -> [B, H, M, N]
+        floor = GOLDEN_GRAD_FLOOR * grad_scale if name.startswith("grad/") else 0.0
+        rows.append(_row(name, g, t, keep, floor))
     missing = tuple(n for n in checked if n not in theirs)
     known = set(order) | {k for k in golden if k.startswith(("params/", "input/"))} | {"loss/dy"}
     extra = tuple(sorted(k for k in theirs if k not in known))
-    return CompareReport(tuple(rows), missing, extra, tuple(mismatched))
+    compared = {r.name for r in rows}
+    return CompareReport(tuple(rows), missing, extra, tuple(mismatched), allow_missing,
+                         tuple(f"act/{n}" for n in masked if f"act/{n}" in compared))

@@ -43,6 +43,10 @@ def test_a_golden_file_round_trips_with_zero_breaks(golden, tmp_path, capsys):
     assert "act/cross.0.attn.scores" in names and "act/cross.1.attn.probs" in names
     assert names.index("act/output") < names.index("loss") < names.index("grad/final_norm.beta")
     assert names[-1] == "grad/x"
+    _, _, meta = verify.read_golden(golden)
+    assert report.compared == {"activations": len(meta["activations"]), "loss": 1,
+                               "gradients": len(meta["gradients"]), "missing": 0}
+    assert report.masked_scores == ("act/cross.0.attn.scores", "act/cross.1.attn.scores")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -122,3 +126,153 @@ def test_golden_for_weights_trained_elsewhere(tmp_path):
     assert cli(["golden", *FLAGS, "--params", str(tmp_path / "w.npz"), "--out", str(out)]) == 0
     model, _ = _model_from(out)
     assert all(np.array_equal(model.params[k], trained.params[k]) for k in trained.params)
+
+
+# --- nothing compared is no pass -------------------------------------------------------------
+
+
+def _tensors(path):
+    """Every tensor a port would write (act/*, loss, grad/*), copied from a golden file."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k.startswith(("act/", "grad/")) or k == "loss"}
+
+
+def test_an_empty_file_fails_even_with_allow_missing(golden, tmp_path, capsys):
+    np.savez(tmp_path / "theirs.npz")
+    _, _, meta = verify.read_golden(golden)
+    expected_missing = len(meta["activations"]) + 1 + len(meta["gradients"])
+    report = verify.compare(golden, tmp_path / "theirs.npz")
+    assert not report.ok and report.first_break is None
+    assert report.compared == {"activations": 0, "gradients": 0, "loss": 0, "missing": expected_missing}
+    text = str(report)
+    assert (f"FAILED: {expected_missing} golden tensors missing from theirs "
+            "(pass --allow-missing" in text)
+    assert "within tolerance" not in text
+    allowed = verify.compare(golden, tmp_path / "theirs.npz", allow_missing=True)
+    assert not allowed.ok
+    assert "FAILED: no activation was compared" in str(allowed)
+    assert "FAILED: no gradient was compared" in str(allowed)
+    assert "--allow-missing" not in "\n".join(allowed.failures)
+    capsys.readouterr()
+    assert cli(["compare", str(golden), str(tmp_path / "theirs.npz"), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is False and data["compared"]["activations"] == 0
+    assert data["compared"]["missing"] == expected_missing
+    assert any("missing from theirs" in f for f in data["failures"])
+
+
+def test_the_loss_alone_is_no_comparison(golden, tmp_path):
+    arrays = _tensors(golden)
+    misnamed = {("activation/" + k[4:] if k.startswith("act/") else "gradient/" + k[5:]): v
+                for k, v in arrays.items() if k != "loss"}
+    np.savez(tmp_path / "theirs.npz", loss=arrays["loss"], **misnamed)
+    for allow_missing in (False, True):
+        report = verify.compare(golden, tmp_path / "theirs.npz", allow_missing=allow_missing)
+        assert not report.ok and [r.name for r in report.rows] == ["loss"] and report.rows[0].ok
+        assert report.compared["activations"] == report.compared["gradients"] == 0
+        assert report.compared["loss"] == 1
+        assert "FAILED: no activation was compared" in report.failures
+        assert "FAILED: no gradient was compared" in report.failures
+        assert set(report.extra) == set(misnamed)
+
+
+def test_missing_tensors_fail_unless_allowed(golden, tmp_path, capsys):
+    arrays = _tensors(golden)
+    dropped = ["act/cross.0.attn.scores", "act/self.1.ffn.up.out", "grad/latents"]
+    for k in dropped:
+        arrays.pop(k)
+    np.savez(tmp_path / "theirs.npz", **arrays)
+    report = verify.compare(golden, tmp_path / "theirs.npz")
+    assert not report.ok and report.first_break is None and set(report.missing) == set(dropped)
+    n_act = sum(k.startswith("act/") for k in arrays)
+    n_grad = sum(k.startswith("grad/") for k in arrays)
+    assert report.compared == {"activations": n_act, "gradients": n_grad, "loss": 1, "missing": 3}
+    assert report.failures == ("FAILED: 3 golden tensors missing from theirs "
+                               "(pass --allow-missing to compare only the ones present)",)
+    assert f"compared {n_act} activations, {n_grad} gradients and the loss" in str(report)
+    allowed = verify.compare(golden, tmp_path / "theirs.npz", allow_missing=True)
+    assert allowed.ok and allowed.failures == () and allowed.rows == report.rows
+    assert allowed.missing == report.missing and "all " in str(allowed)
+    assert allowed.to_json()["compared"] == report.compared
+    capsys.readouterr()
+    assert cli(["compare", str(golden), str(tmp_path / "theirs.npz")]) == 1
+    assert "FAILED: 3 golden tensors missing" in capsys.readouterr().out
+
+
+# --- attention scores at masked keys ---------------------------------------------------------
+
+#: A relative error put on one visible attention score: 50x the float32 tolerance.
+SCORE_PERTURBATION = 50 * pnp.tolerances.GOLDEN_FLOAT32_RTOL
+
+
+def _masked_scores(path):
+    """-> (keep [B, N] bool, the masked attention-score names) of a golden file."""
+    _, arrays, meta = verify.read_golden(path)
+    names = [n for n in meta["activations"] if n.startswith("cross.") and n.endswith(".attn.scores")]
+    return arrays["input/mask"], names
+
+
+def test_the_masked_scores_are_the_cross_blocks():
+    # shared self blocks (self.{j}.use{u}) and a query decoder also record scores: unmasked
+    cfg = pnp.PerceiverConfig(input_dim=7, latent_dim=16, num_latents=4, num_heads=2, num_layers=4,
+                              num_cross_layers=2, num_blocks=2, decoder="query", output_dim=3,
+                              num_outputs=5, dtype="float64", backend="numpy")
+    record: dict[str, np.ndarray] = {}
+    x = np.random.default_rng(0).standard_normal((2, 6, 7))
+    pnp.Perceiver(cfg).forward(x, np.array([[True] * 6, [True] * 3 + [False] * 3]), record=record)
+    scores = [n for n in record if n.endswith(".attn.scores")]
+    assert "decoder.attn.scores" in scores and "self.0.use1.attn.scores" in scores
+    assert verify.masked_score_names(cfg, list(record)) == ("cross.0.attn.scores", "cross.1.attn.scores")
+
+
+@pytest.mark.parametrize("fill", ["finfo.min", "-inf"])
+def test_masked_scores_compare_whatever_the_fill(golden, tmp_path, fill):
+    keep, names = _masked_scores(golden)
+    assert names and not keep.all() and keep.any(axis=1).all()
+    arrays = _tensors(golden)
+    value = np.finfo(np.float64).min if fill == "finfo.min" else -np.inf
+    for name in names:
+        s = arrays[f"act/{name}"]  # [B, H, M, N]
+        arrays[f"act/{name}"] = np.where(keep[:, None, None, :], s, value)
+    np.savez(tmp_path / "theirs.npz", **arrays)
+    report = verify.compare(golden, tmp_path / "theirs.npz")
+    assert report.ok and report.first_break is None, str(report)
+    rows = {r.name: r for r in report.rows}
+    assert all(rows[f"act/{n}"].max_abs == 0 for n in names)
+
+
+@pytest.mark.parametrize("fill", ["golden's", "finfo.min"])
+def test_a_visible_score_error_is_not_hidden_by_the_fill(golden, tmp_path, fill):
+    keep, names = _masked_scores(golden)
+    arrays = _tensors(golden)
+    for name in names if fill == "finfo.min" else ():  # correct at every visible key
+        s = arrays[f"act/{name}"]
+        arrays[f"act/{name}"] = np.where(keep[:, None, None, :], s, np.finfo(np.float64).min)
+    target = f"act/{names[-1]}"
+    s = arrays[target].copy()
+    visible = np.where(np.broadcast_to(keep[:, None, None, :], s.shape), np.abs(s), -1.0)
+    index = np.unravel_index(int(np.argmax(visible)), s.shape)  # the largest visible score
+    s[index] *= 1 + SCORE_PERTURBATION
+    arrays[target] = s
+    np.savez(tmp_path / "theirs.npz", **arrays)
+    report = verify.compare(golden, tmp_path / "theirs.npz")
+    assert not report.ok and report.first_break is not None
+    assert report.first_break.name == target and report.first_break.worst_index == index
+    assert report.first_break.max_rel == pytest.approx(SCORE_PERTURBATION)
+
+
+def test_a_fully_masked_sample_has_no_scores_to_compare(golden, tmp_path):
+    model, arrays = _model_from(golden)
+    mask = arrays["input/mask"].copy()
+    mask[0] = False  # the first sample sees nothing
+    g2 = verify.write_golden(tmp_path / "g.npz", model, arrays["input/x"], mask, seed=0)
+    keep, names = _masked_scores(g2)
+    theirs = _tensors(g2)
+    assert not keep[0].any()
+    for name in names:  # whatever a port writes at masked keys, and for that sample's scores
+        s = np.where(keep[:, None, None, :], theirs[f"act/{name}"], 0.0)
+        s[0] = np.nan
+        theirs[f"act/{name}"] = s
+    np.savez(tmp_path / "theirs.npz", **theirs)
+    report = verify.compare(g2, tmp_path / "theirs.npz")
+    assert report.ok, str(report)
