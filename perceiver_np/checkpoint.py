@@ -14,15 +14,25 @@ The file is an uncompressed ``np.savez`` archive (docs/checkpoints.md):
     params/<name>      one array per entry of ``param_shapes(config)``, in schema order
     opt/<name>         one array per entry of the optimizer state (if any)
 
-Nothing is ever pickled: arrays are read with ``np.load(path, allow_pickle=False)`` and all
-metadata is JSON. Writes are atomic (a temporary file in the same directory, fsynced, then
-``os.replace``), so a crash mid-save leaves the previous checkpoint at ``path`` intact.
+Nothing is ever pickled: each member is read through ``zipfile`` and numpy's ``.npy`` header
+functions, and all metadata is JSON. Loading reads every member's header first and checks it
+against the listing in ``meta.json``, the stored config's parameter schema and the member's size
+in the zip directory; only then is any array data read, straight into arrays of the checked size.
+A hostile file (a deflate bomb, a header claiming 100 GiB) is refused with a CheckpointError in
+memory far below the size of the checkpoint it imitates. No checkpoint holds NaN or inf: save
+refuses them, load refuses a file that has them.
+
+Writes are atomic (a temporary file in the same directory, locked while written, fsynced, then
+``os.replace``), so a crash mid-save leaves the previous checkpoint at ``path`` intact; the
+temporary files of killed saves are removed by the next save or load of the same path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import math
 import os
 import struct
 import tokenize
@@ -31,11 +41,11 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from ._files import atomic_savez
+from ._files import atomic_savez, remove_stale_temps
 from .config import PerceiverConfig, param_shapes
 
 FORMAT_NAME = "perceiver_np.checkpoint"
@@ -49,6 +59,21 @@ _META_KEYS = ("format", "version", "config", "step", "params", "opt", "rng", "ex
 _OPT_KINDS = "biufc"
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
+#: The largest meta.json, in bytes of JSON, that save_checkpoint writes and load_checkpoint
+#: reads; a larger meta.json member is refused before it is read. meta.json holds the config,
+#: the tensor listings (~95 bytes a tensor: 0.23 MB for a 48-layer model with AdamW's moments,
+#: 2,375 tensors), the RNG state and ``extra`` (fit's history: ~260 bytes an epoch). Measured,
+#: real ones are under 0.5 MB, even with 1,000 epochs of history; 4 MiB leaves room for ~15,000.
+#: The cap bounds what a hostile meta.json costs to read and parse: JSON of small containers
+#: (``[[],[],...]``) parses to ~25x its size in Python objects, ~100 MB at 4 MiB (about twice
+#: the seed config's 49 MB checkpoint with optimizer state).
+MAX_META_BYTES = 4 << 20
+#: The longest .npy header that is read: numpy's own limit (``max_header_size``) for headers it
+#: parses from untrusted files. save_checkpoint writes 128-byte headers.
+_MAX_NPY_HEADER_BYTES = 10_000
+#: Array data is read from its zip member in pieces of this size, straight into the array (as
+#: numpy's read_array does): a tensor is never held twice.
+_READ_CHUNK = 1 << 18
 #: What reading a damaged zip / .npy member can raise (zipfile, zlib, numpy.lib.format). An
 #: encrypted-flag or compression-method bit flipped by corruption surfaces as RuntimeError /
 #: NotImplementedError from zipfile; a damaged .npy header as tokenize.TokenError (numpy parses
@@ -57,6 +82,9 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RuntimeError, zlib.error,
     struct.error, OverflowError, IndexError, TypeError, SyntaxError, tokenize.TokenError,
 )
+#: ... and parsing a .npy header (at most _MAX_NPY_HEADER_BYTES long: a RecursionError or
+#: MemoryError there comes from the parser's nesting limits, not from a shortage of memory).
+_HEADER_ERRORS: tuple[type[BaseException], ...] = (*_READ_ERRORS, RecursionError, MemoryError)
 
 PathLike = str | os.PathLike[str]
 _UNREAD = object()
@@ -110,9 +138,12 @@ def save_checkpoint(
     ``params`` must match ``param_shapes(config)`` exactly (names, shapes, dtype ``config.dtype``);
     ``opt_state`` is a flat dict of numeric arrays (names like ``"m/<param>"``); ``rng`` a
     ``numpy.random.Generator`` whose state is stored; ``extra`` small JSON-able metadata (None,
-    bool, int, float, str, list, dict with str keys; numpy scalars are converted). Every problem
-    with these is a :class:`CheckpointError` raised before anything is written. The path is used
-    as given (no ``.npz`` is appended).
+    bool, int, float, str, list, dict with str keys; numpy scalars are converted; at most
+    :data:`MAX_META_BYTES` of JSON with the rest of meta.json). Every problem with these is a
+    :class:`CheckpointError` raised before anything is written, NaN or inf in ``params`` or
+    ``opt_state`` included (naming the first such tensor and how many entries are not finite):
+    the file already at ``path`` stays as it was. The path is used as given (no ``.npz`` is
+    appended). Temporary files of earlier saves of ``path`` that were killed are removed.
     """
     if not isinstance(config, PerceiverConfig):
         raise CheckpointError(f"config: expected a PerceiverConfig, got {type(config).__name__}")
@@ -120,6 +151,10 @@ def save_checkpoint(
     ordered = _check_params_for_save(config, params)
     step = _check_step(step, "step")
     opt = _check_opt_state_for_save(opt_state)
+    target = Path(path)
+    _check_finite_for_save(ordered, "params", target)
+    if opt is not None:
+        _check_finite_for_save(opt, "opt_state", target)
     rng_json = None if rng is None else _generator_to_json(rng)
     if extra is None:
         extra = {}
@@ -139,11 +174,15 @@ def save_checkpoint(
         "written_by": {"perceiver_np": _package_version(), "numpy": np.__version__},
     }
     meta_bytes = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise CheckpointError(
+            f"{META_KEY}: would be {len(meta_bytes)} bytes of JSON, more than the {MAX_META_BYTES}-byte "
+            "limit (MAX_META_BYTES) that load_checkpoint reads; keep extra small"
+        )
     arrays: dict[str, np.ndarray] = {META_KEY: np.frombuffer(meta_bytes, dtype=np.uint8)}
     arrays.update({PARAMS_PREFIX + name: value for name, value in ordered.items()})
     if opt is not None:
         arrays.update({OPT_PREFIX + name: value for name, value in opt.items()})
-    target = Path(path)
     atomic_savez(target, arrays)
     return target
 
@@ -197,6 +236,27 @@ def _check_opt_name(name: object) -> None:
         )
 
 
+def _check_finite_for_save(arrays: Mapping[str, np.ndarray], what: str, target: Path) -> None:
+    for name, value in arrays.items():
+        bad = _count_non_finite(value)
+        if bad:
+            raise CheckpointError(
+                f"{what}[{name!r}]: {bad} of {value.size} entries are not finite (NaN or inf); a "
+                f"checkpoint never holds non-finite values, so nothing was written to {target}"
+            )
+
+
+def _count_non_finite(value: np.ndarray) -> int:
+    """How many entries are NaN or +-inf (0 for bool and integer arrays). Any NaN or inf makes
+    the sum NaN or inf, so the usual case, a finite sum, needs no temporary array."""
+    if value.dtype.kind not in "fc" or value.size == 0:
+        return 0
+    with np.errstate(all="ignore"):
+        if np.isfinite(value.sum()):
+            return 0
+    return int(value.size - np.count_nonzero(np.isfinite(value)))
+
+
 def _listing(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     return [{"name": k, "shape": list(v.shape), "dtype": v.dtype.str} for k, v in arrays.items()]
 
@@ -217,9 +277,17 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
 
     Every problem is a :class:`CheckpointError` whose message starts with the path: not a file,
     not an npz, truncated or corrupt, unknown format version, a stored config that does not
-    rebuild, tensors missing, unexpected, mis-shaped or of the wrong dtype for the stored config.
-    With ``expect_config`` given, a stored config that differs from it in any field is an error
-    listing every differing field with both values.
+    rebuild, tensors missing, unexpected, mis-shaped, of the wrong dtype for the stored config or
+    holding NaN or inf. With ``expect_config`` given, a stored config that differs from it in any
+    field is an error listing every differing field with both values.
+
+    Every member's ``.npy`` header is checked (against ``meta.json``'s listing, the stored
+    config's parameter schema and the member's size in the zip directory) before any array data
+    is read, and ``meta.json`` is refused unread when it is larger than :data:`MAX_META_BYTES`:
+    a hostile file is refused in memory far below the size of the checkpoint it imitates.
+
+    Temporary files of killed saves of ``path`` (``.<name>.<hex>.tmp``, not locked by a save
+    still running) are removed first: this is what ``fit(..., resume=True)`` calls.
     """
     if expect_config is not None and not isinstance(expect_config, PerceiverConfig):
         raise TypeError(
@@ -227,12 +295,13 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
         )
     p = Path(path)
     where = str(p)
+    remove_stale_temps(p)
     if not p.exists():
         raise CheckpointError(f"{where}: no such file")
     if not p.is_file():
         raise CheckpointError(f"{where}: not a file")
     try:
-        f = open(p, "rb")  # closed below; np.load(path) leaks its own handle when the zip is bad
+        f = open(p, "rb")
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot be read ({exc})") from exc
     with f:
@@ -245,23 +314,42 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
             raise CheckpointError(f"{where}: not an npz file (no zip signature at the start)")
         f.seek(0)
         try:
-            npz = np.load(f, allow_pickle=False)
+            zf = zipfile.ZipFile(f)
         except _READ_ERRORS as exc:
             raise _corrupt(where, f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(npz, np.lib.npyio.NpzFile):  # pragma: no cover - the zip magic was checked
-            raise CheckpointError(f"{where}: not an npz file")
-        with npz:
-            return _load(npz, where, expect_config)
+        with zf:
+            return _load(zf, where, expect_config)
 
 
-def _load(npz: Any, where: str, expect_config: PerceiverConfig | None) -> Checkpoint:
-    files = list(npz.files)
-    if len(set(files)) != len(files):
-        dupes = sorted({f for f in files if files.count(f) > 1})
-        raise _corrupt(where, f"duplicate entries {dupes}")
-    if META_KEY not in files:
+@dataclass(frozen=True, eq=False)
+class _Member:
+    """A zip member whose ``.npy`` header has been read (and nothing after it): what it claims."""
+
+    key: str  # the entry's name, e.g. "params/latents" (the member is "params/latents.npy")
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    header: bytes  # the header's bytes, magic included; the array data follows them
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _load(zf: zipfile.ZipFile, where: str, expect_config: PerceiverConfig | None) -> Checkpoint:
+    members: dict[str, zipfile.ZipInfo] = {}
+    dupes: set[str] = set()
+    for info in zf.infolist():  # names as np.savez writes them: "<entry>.npy"
+        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if key in members:
+            dupes.add(key)
+        members[key] = info
+    if dupes:
+        raise _corrupt(where, f"duplicate entries {sorted(dupes)}")
+    if META_KEY not in members:
         raise _corrupt(where, f"no {META_KEY} entry")
-    meta = _read_meta(npz, where)
+    meta = _read_meta(zf, members[META_KEY], where)
 
     config = _config_from_json(meta["config"], where)
     if expect_config is not None:
@@ -278,7 +366,7 @@ def _load(npz: Any, where: str, expect_config: PerceiverConfig | None) -> Checkp
 
     param_names: list[str] = []
     opt_names: list[str] = []
-    for name in files:
+    for name in members:
         if name.startswith(PARAMS_PREFIX):
             param_names.append(name[len(PARAMS_PREFIX):])
         elif name.startswith(OPT_PREFIX):
@@ -289,33 +377,41 @@ def _load(npz: Any, where: str, expect_config: PerceiverConfig | None) -> Checkp
                 f"{PARAMS_PREFIX}<name> and {OPT_PREFIX}<name>)"
             )
 
-    # parameters: against the schema of the stored config first (the most telling message),
-    # then against the listing in meta.json (a disagreement there means a damaged file)
+    def header(key: str) -> _Member:
+        return _read_header(zf, key, members[key], where)
+
+    # Headers only, first: parameters against the schema of the stored config (the most telling
+    # message), then against the listing in meta.json (a disagreement there means a damaged file)
     shapes = param_shapes(config)
-    params = {name: _read(npz, PARAMS_PREFIX + name, where) for name in param_names if name in shapes}
+    params_in = {name: header(PARAMS_PREFIX + name) for name in param_names if name in shapes}
     present = {name: _UNREAD for name in param_names}  # the names in file order, unread
-    problems = _param_problems(config, {**present, **params}, lambda k: f"tensor {PARAMS_PREFIX + k!r}",
+    problems = _param_problems(config, {**present, **params_in}, lambda k: f"tensor {PARAMS_PREFIX + k!r}",
                                "the stored config")
     if problems:
         raise CheckpointError(_join(where, problems))
-    params = {name: params[name] for name in shapes}  # schema order
-    _check_against_listing(params, param_listing, "params", where)
+    params_in = {name: params_in[name] for name in shapes}  # schema order
+    _check_against_listing(params_in, param_listing, "params", where)
 
-    opt_state = None
+    opt_in = None
     if opt_listing is None:
         if opt_names:
             raise _corrupt(where, f"{META_KEY} records no optimizer state but the file holds {opt_names}")
     else:
-        opt_state = {name: _read(npz, OPT_PREFIX + name, where) for name in opt_names}
-        for name, value in opt_state.items():
-            if value.dtype.kind not in _OPT_KINDS:
+        opt_in = {name: header(OPT_PREFIX + name) for name in opt_names}
+        for name, member in opt_in.items():
+            if member.dtype.kind not in _OPT_KINDS:
                 raise CheckpointError(
                     f"{where}: tensor {OPT_PREFIX + name!r}: expected a bool, integer, float or complex "
-                    f"array, got dtype {_dtype_name(value.dtype)}"
+                    f"array, got dtype {_dtype_name(member.dtype)}"
                 )
-        opt_state = {name: opt_state[name] for name in opt_listing if name in opt_state}
-        _check_against_listing(opt_state, opt_listing, "opt", where, present_names=opt_names)
+        opt_in = {name: opt_in[name] for name in opt_listing if name in opt_in}
+        _check_against_listing(opt_in, opt_listing, "opt", where, present_names=opt_names)
 
+    # every header agrees with the listing, the schema and its member's size: now the data
+    params = {name: _read_tensor(zf, member, where) for name, member in params_in.items()}
+    opt_state = None
+    if opt_in is not None:
+        opt_state = {name: _read_tensor(zf, member, where) for name, member in opt_in.items()}
     return Checkpoint(
         config=config, params=params, step=step, opt_state=opt_state, rng_state=rng_state, extra=extra
     )
@@ -325,28 +421,119 @@ def _corrupt(where: str, detail: str) -> CheckpointError:
     return CheckpointError(f"{where}: truncated or corrupt checkpoint file ({detail})")
 
 
-def _read(npz: Any, key: str, where: str) -> np.ndarray:
-    """One array of the archive; every failure a CheckpointError naming the path and entry."""
+def _read_exactly(fp: IO[bytes], n: int, what: str) -> bytes:
+    """``n`` bytes of a member (``n`` is small, or checked against the member's size first)."""
+    data = b""
+    while len(data) < n:
+        piece = fp.read(n - len(data))
+        if not piece:
+            raise EOFError(f"the member ends inside its {what} ({len(data)} of {n} bytes)")
+        data += piece
+    return data
+
+
+def _read_header(zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, where: str) -> _Member:
+    """The ``.npy`` header of member ``key`` (read with numpy's header functions; nothing after it
+    is read), checked against the member's uncompressed size in the zip directory: every failure
+    a CheckpointError naming the path and the entry."""
+    fmt = np.lib.format
     try:
-        value = npz[key]
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise CheckpointError(
-                f"{where}: entry {key!r} is a pickled object array; checkpoints are never unpickled "
-                "(np.load(..., allow_pickle=False)), so this file was not written by save_checkpoint"
-            ) from exc
+        with zf.open(info) as fp:
+            major, minor = fmt.read_magic(fp)
+            if (major, minor) == (1, 0):
+                length_format, read_header = "<H", fmt.read_array_header_1_0
+            elif (major, minor) == (2, 0):
+                length_format, read_header = "<I", fmt.read_array_header_2_0
+            else:
+                raise _corrupt(where, f"entry {key!r}: .npy format version {major}.{minor}, not 1.0 or 2.0")
+            length_bytes = _read_exactly(fp, struct.calcsize(length_format), ".npy header length")
+            (length,) = struct.unpack(length_format, length_bytes)
+            if length > _MAX_NPY_HEADER_BYTES:
+                raise _corrupt(
+                    where, f"entry {key!r}: its .npy header claims to be {length} bytes long; a header "
+                    f"has at most {_MAX_NPY_HEADER_BYTES}"
+                )
+            text = _read_exactly(fp, length, ".npy header")
+            shape, fortran_order, dtype = read_header(
+                io.BytesIO(length_bytes + text), max_header_size=_MAX_NPY_HEADER_BYTES
+            )
+    except CheckpointError:
+        raise
+    except _HEADER_ERRORS as exc:
         raise _corrupt(where, f"entry {key!r}: {type(exc).__name__}: {exc}") from exc
+    if dtype.hasobject:
+        raise CheckpointError(
+            f"{where}: entry {key!r} is a pickled object array; checkpoints are never unpickled "
+            "(nothing was read past its .npy header), so this file was not written by save_checkpoint"
+        )
+    if any(n < 0 for n in shape):
+        raise _corrupt(where, f"entry {key!r}: its .npy header claims shape {shape}")
+    member = _Member(key, info, tuple(shape), dtype, fortran_order,
+                     fmt.MAGIC_PREFIX + bytes((major, minor)) + length_bytes + text)
+    if info.file_size != len(member.header) + member.nbytes:
+        raise _corrupt(
+            where, f"entry {key!r}: the zip member holds {info.file_size} bytes, but its .npy header "
+            f"describes {len(member.header) + member.nbytes} (a {len(member.header)}-byte header and "
+            f"{member.nbytes} bytes of {_dtype_name(dtype)} {member.shape})"
+        )
+    return member
+
+
+def _read_data(zf: zipfile.ZipFile, member: _Member, where: str) -> np.ndarray:
+    """The array of a member whose header was checked: read in pieces straight into an array of
+    the checked size. The zip CRC is verified as the last byte is read."""
+    try:
+        with zf.open(member.info) as fp:
+            if _read_exactly(fp, len(member.header), ".npy header") != member.header:
+                raise _corrupt(where, f"entry {member.key!r}: its .npy header changed while it was read")
+            flat = np.empty(math.prod(member.shape), dtype=member.dtype)
+            raw = flat.view(np.uint8)
+            done = 0
+            while done < member.nbytes:
+                piece = fp.read(min(_READ_CHUNK, member.nbytes - done))
+                if not piece:
+                    raise EOFError(f"the member ends after {done} of its {member.nbytes} data bytes")
+                raw[done:done + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                done += len(piece)
+            if fp.read(1):  # pragma: no cover - zipfile stops at the size checked against the header
+                raise EOFError("data past the end of its array")
+    except CheckpointError:
+        raise
     except _READ_ERRORS as exc:
-        raise _corrupt(where, f"entry {key!r}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(value, np.ndarray):
-        raise _corrupt(where, f"entry {key!r} is not a .npy array")
+        raise _corrupt(where, f"entry {member.key!r}: {type(exc).__name__}: {exc}") from exc
+    if member.fortran_order:
+        return flat.reshape(member.shape[::-1]).transpose()
+    return flat.reshape(member.shape)
+
+
+def _read_tensor(zf: zipfile.ZipFile, member: _Member, where: str) -> np.ndarray:
+    value = _read_data(zf, member, where)
+    bad = _count_non_finite(value)
+    if bad:
+        raise CheckpointError(
+            f"{where}: tensor {member.key!r}: {bad} of {value.size} entries are not finite (NaN or inf); "
+            "save_checkpoint never writes non-finite values"
+        )
     return value
 
 
-def _read_meta(npz: Any, where: str) -> dict[str, Any]:
-    raw = _read(npz, META_KEY, where)
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise _corrupt(where, f"{META_KEY} is a {raw.dtype.name} array of shape {raw.shape}, not uint8 bytes")
+def _read_meta(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> dict[str, Any]:
+    if info.file_size > MAX_META_BYTES + _MAX_NPY_HEADER_BYTES:
+        raise CheckpointError(
+            f"{where}: entry {META_KEY!r} is {info.file_size} bytes, more than the {MAX_META_BYTES}-byte "
+            "limit (MAX_META_BYTES) and a .npy header; it was not read"
+        )
+    member = _read_header(zf, META_KEY, info, where)
+    if member.dtype != np.uint8 or len(member.shape) != 1:
+        raise _corrupt(
+            where, f"{META_KEY} is a {member.dtype.name} array of shape {member.shape}, not uint8 bytes"
+        )
+    if member.nbytes > MAX_META_BYTES:
+        raise CheckpointError(
+            f"{where}: entry {META_KEY!r} holds {member.nbytes} bytes of JSON, more than the "
+            f"{MAX_META_BYTES}-byte limit (MAX_META_BYTES); it was not read"
+        )
+    raw = _read_data(zf, member, where)
     try:
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -390,26 +577,27 @@ def _parse_listing(listing: object, what: str, where: str) -> dict[str, tuple[tu
 
 
 def _check_against_listing(
-    arrays: dict[str, np.ndarray],
+    members: dict[str, _Member],
     listing: dict[str, tuple[tuple[int, ...], str]],
     what: str,
     where: str,
     present_names: list[str] | None = None,
 ) -> None:
-    names = list(arrays) if present_names is None else present_names
+    """The members' headers (shape, dtype) against the listing in meta.json."""
+    names = list(members) if present_names is None else present_names
     if set(names) != set(listing):
         raise _corrupt(
             where,
             f"{META_KEY} lists {what} {sorted(set(listing) - set(names))} that the file lacks and the "
             f"file holds {sorted(set(names) - set(listing))} that {META_KEY} does not list",
         )
-    for name, value in arrays.items():
+    for name, member in members.items():
         shape, dtype = listing[name]
-        if value.shape != shape or value.dtype.str != dtype:
+        if member.shape != shape or member.dtype.str != dtype:
             raise _corrupt(
                 where,
-                f"{META_KEY} lists {what} {name!r} as {dtype} {shape}, the array is "
-                f"{value.dtype.str} {value.shape}",
+                f"{META_KEY} lists {what} {name!r} as {dtype} {shape}, the array's .npy header says "
+                f"{member.dtype.str} {member.shape}",
             )
 
 
@@ -420,7 +608,8 @@ def _check_against_listing(
 
 def _param_problems(cfg: PerceiverConfig, params: Mapping[Any, Any], label: Any, source: str) -> list[str]:
     """Every way ``params`` differs from ``param_shapes(cfg)``: names, types, shapes, dtype.
-    Values that are ``_UNREAD`` are checked by name only (load does not read unexpected tensors)."""
+    Values may be arrays (save) or members' .npy headers (load, before any data is read); those
+    that are ``_UNREAD`` are checked by name only (load does not read unexpected tensors)."""
     shapes = param_shapes(cfg)
     missing = [k for k in shapes if k not in params]
     unexpected = [k for k in params if k not in shapes]
@@ -433,7 +622,7 @@ def _param_problems(cfg: PerceiverConfig, params: Mapping[Any, Any], label: Any,
         value = params.get(name, _UNREAD)
         if value is _UNREAD:
             continue
-        if not isinstance(value, np.ndarray):
+        if not isinstance(value, (np.ndarray, _Member)):
             problems.append(f"{label(name)}: expected a numpy.ndarray, got {type(value).__name__}")
             continue
         if value.shape != shape:

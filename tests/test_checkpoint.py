@@ -1,21 +1,35 @@
 """Checkpoints: bit-identical round trips (params, optimizer state, step, RNG, extra), models and
-training runs resumed from them, atomic writes, and a CheckpointError naming the path and the
-thing for every damaged, hand-crafted or pickled file and every bad argument on save."""
+training runs resumed from them, atomic writes, stale temporary files of killed saves, and a
+CheckpointError naming the path and the thing for every damaged, hand-crafted, hostile
+(decompression bombs, lying .npy headers) or pickled file, every non-finite tensor and every bad
+argument on save."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import perceiver_np as pnp
+from perceiver_np import _files
+from perceiver_np import checkpoint as checkpoint_module
+from perceiver_np._files import atomic_write, remove_stale_temps
 from perceiver_np.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_META_BYTES,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
@@ -329,9 +343,10 @@ def test_a_flipped_bit_in_tensor_data_is_caught(tmp_path):
 def test_corruption_anywhere_is_an_error_or_changes_nothing(tmp_path):
     """Flip bytes all over a tiny checkpoint (zip headers, .npy headers, meta.json, data, the
     central directory): every load either raises CheckpointError naming the file or returns
-    exactly the original. (Run over every byte with both flips once by hand: 35,216 loads, no
-    other exception, no silent change; the harmless flips are all in local zip headers, whose
-    fields zipfile takes from the central directory instead.)"""
+    exactly the original. (Run over every byte with both flips by hand, last with the zipfile
+    reader that checks headers before data: 35,266 loads, 30,029 refused, no other exception, no
+    silent change; the harmless flips are all in local zip headers, whose fields zipfile takes
+    from the central directory instead.)"""
     cfg = pnp.PerceiverConfig(input_dim=1, latent_dim=2, num_latents=1, num_layers=1, num_heads=1,
                               cross_widening_factor=1, self_widening_factor=1, dtype="float64")
     params = pnp.init_params(cfg)
@@ -615,3 +630,369 @@ def test_path_is_used_as_given(tmp_path):
     path = save_checkpoint(str(tmp_path / "run.ckpt"), config=CFG, params=pnp.init_params(CFG))
     assert path == Path(tmp_path / "run.ckpt") and path.is_file()
     assert load_checkpoint(path).config == CFG
+
+
+# --- hostile files: every member's .npy header is checked before its data is read ----------------
+
+
+def rewrite(src, dst, replace):
+    """Copy the zip ``src`` to ``dst`` with zipfile, member by member (same order, same
+    compression); a member named in ``replace`` is written by ``replace[name](zout, name)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename in replace:
+                replace[info.filename](zout, info.filename)
+            else:
+                zout.writestr(info, zin.read(info))
+    return dst
+
+
+def npy_header(shape, dtype, version=(1, 0)):
+    """The bytes of a .npy header (magic included) claiming ``shape`` and ``dtype``."""
+    f = io.BytesIO()
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+         "shape": tuple(shape)}
+    fmt = np.lib.format
+    (fmt.write_array_header_1_0 if version == (1, 0) else fmt.write_array_header_2_0)(f, d)
+    return f.getvalue()
+
+
+def npy_bytes(array):
+    f = io.BytesIO()
+    np.lib.format.write_array(f, array, allow_pickle=False)
+    return f.getvalue()
+
+
+def stored(data):
+    """A replacement writing ``data`` as a stored (uncompressed) member."""
+    return lambda zout, name: zout.writestr(zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0)), data)
+
+
+ZEROS = bytes(16 << 20)
+
+
+class RepeatingDeflate:
+    """zlib's raw deflate, fully flushed after every write. A full flush resets the compressor,
+    so every 16 MiB of zeros compresses to the same bytes (about 16 KB at level 9): they are
+    computed once, and 2 GiB of zeros is written in the time its CRC takes (~1 s)."""
+
+    def __init__(self):
+        self._c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        self._zeros = None
+
+    def compress(self, data):
+        if data is ZEROS and self._zeros is not None:
+            return self._zeros
+        out = self._c.compress(data) + self._c.flush(zlib.Z_FULL_FLUSH)
+        if data is ZEROS:
+            self._zeros = out
+        return out
+
+    def flush(self):
+        return self._c.flush()
+
+
+def deflate_bomb(head, zero_chunks, monkeypatch):
+    """A replacement writing a deflated member: ``head``, then ``zero_chunks`` x 16 MiB of zeros
+    (a real zip member, CRC and zip64 sizes included; zipfile's compressor is swapped for
+    :class:`RepeatingDeflate` while it is written)."""
+
+    def write(zout, name):
+        info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with monkeypatch.context() as m:
+            m.setattr(zipfile, "_get_compressor", lambda *args, **kwargs: RepeatingDeflate())
+            with zout.open(info, "w", force_zip64=True) as w:
+                w.write(head)
+                for _ in range(zero_chunks):
+                    w.write(ZEROS)
+
+    return write
+
+
+def refusal_peak(path):
+    """The CheckpointError that loading ``path`` raises, and the peak of memory traced
+    (tracemalloc: Python objects and numpy's array buffers) while it was raised."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        return str(err.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+BIG = small_config(input_dim=32, latent_dim=64, num_latents=32, num_heads=4, dtype="float32")
+GIB = 2**30
+
+
+@pytest.mark.parametrize("attack", [
+    "header_shape",                 # the header claims (8, 2**26) float32 = 2 GiB, the data is there
+    "header_shape_and_listing",     # ... and meta.json's listing is forged to agree
+    "header_listing_and_config",    # ... and the stored config too (latent_dim 2**26)
+    "trailing_data",                # an honest header and array, then 2 GiB more in the member
+    "header_length",                # a v2 header whose length field claims 4 GiB
+    "meta_json",                    # meta.json's header claims 1 GiB, and it inflates to that
+])
+def test_a_decompression_bomb_is_refused_from_its_header_in_bounded_memory(tmp_path, monkeypatch, attack):
+    """A ~2 MB file whose deflated member inflates to 1-2 GiB is refused from the member's .npy
+    header and zip listing, before its data is inflated: the peak memory of the refusal stays
+    under 2x the size of the legitimate checkpoint it was made from."""
+    params = pnp.init_params(BIG)
+    legit = save_checkpoint(tmp_path / "legit.npz", config=BIG, params=params, opt_state=adam_state(params))
+    meta = get_meta(entries(legit))
+    member, replace = "params/latents", {}  # the member the refusal names; the bomb is in `replace`
+    if attack.startswith("header_"):
+        head = npy_header((8, 2**26), "<f4")
+        if attack == "header_length":
+            head = b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little")
+        replace["params/latents.npy"] = deflate_bomb(head, 2 * GIB // len(ZEROS), monkeypatch)
+        if attack in ("header_shape_and_listing", "header_listing_and_config"):
+            for item in meta["params"]:
+                if item["name"] == "latents":
+                    item["shape"] = [8, 2**26]
+            if attack == "header_listing_and_config":  # latents now agree: the other tensors do not
+                meta["config"].update(num_latents=8, latent_dim=2**26)
+                member = "params/input_proj.weight"
+            replace["meta.json.npy"] = stored(npy_bytes(np.frombuffer(json.dumps(meta).encode(), np.uint8)))
+    elif attack == "trailing_data":
+        head = npy_bytes(params["latents"])
+        replace["params/latents.npy"] = deflate_bomb(head, 2 * GIB // len(ZEROS), monkeypatch)
+    else:
+        member = "meta.json"
+        replace["meta.json.npy"] = deflate_bomb(npy_header((GIB,), "|u1"), GIB // len(ZEROS), monkeypatch)
+    bad = rewrite(legit, tmp_path / "bomb.npz", replace)
+    with zipfile.ZipFile(bad) as z:
+        (info,) = [i for i in z.infolist() if i.file_size >= GIB]
+    assert info.compress_size < 2_500_000  # ~2 MB that inflate to 1-2 GiB
+
+    msg, peak = refusal_peak(bad)
+    assert str(bad) in msg and repr(member) in msg, msg
+    size = legit.stat().st_size
+    assert peak < 2 * size, f"refusing {bad.name} peaked at {peak} bytes; the legit checkpoint is {size}"
+
+
+@pytest.mark.parametrize("member", ["params/latents", "opt/m/latents", "meta.json"])
+def test_a_stored_member_whose_header_claims_100_gib_is_a_checkpoint_error(tmp_path, member):
+    path, _ = saved(tmp_path)
+    with zipfile.ZipFile(path) as z:
+        data = z.read(member + ".npy")
+    head_len = len(npy_header((3, 8), "<f8"))
+    dtype = "|u1" if member == "meta.json" else "<f8"
+    forged = npy_header((100 * GIB // np.dtype(dtype).itemsize,), dtype) + data[head_len:]
+    bad = rewrite(path, tmp_path / "big.npz", {member + ".npy": stored(forged)})
+    msg, peak = refusal_peak(bad)
+    assert str(bad) in msg and repr(member) in msg
+    assert "truncated or corrupt" in msg and "header" in msg
+    assert peak < 1_000_000
+
+
+def test_data_past_the_array_in_a_member_is_corruption(tmp_path):
+    """The zip member's size must be exactly the .npy header plus shape x itemsize."""
+    path, args = saved(tmp_path)
+    member = npy_bytes(args["params"]["latents"]) + b"\x00" * 8
+    bad = rewrite(path, tmp_path / "t.npz", {"params/latents.npy": stored(member)})
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt.*'params/latents'") as err:
+        load_checkpoint(bad)
+    assert str(bad) in str(err.value) and "bytes" in str(err.value)
+
+
+def test_meta_json_size_is_capped_on_save_and_on_load(tmp_path, monkeypatch):
+    assert 1 << 20 <= MAX_META_BYTES <= 64 << 20
+    path, args = saved(tmp_path)
+    with pytest.raises(CheckpointError, match=r"meta\.json.*MAX_META_BYTES"):
+        save_checkpoint(tmp_path / "big.npz", config=CFG, params=args["params"],
+                        extra={"log": "x" * MAX_META_BYTES})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+    monkeypatch.setattr(checkpoint_module, "MAX_META_BYTES", 1000)
+    with pytest.raises(CheckpointError, match=r"'meta\.json'.*more than the 1000-byte limit") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+# --- non-finite values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("part", ["params", "opt_state"])
+def test_save_refuses_non_finite_values_and_keeps_the_previous_file(tmp_path, part, bad):
+    path, args = saved(tmp_path)
+    before = path.read_bytes()
+    params = {k: v.copy() for k, v in args["params"].items()}
+    opt = {k: v.copy() for k, v in args["opt_state"].items()}
+    if part == "params":
+        first, later, values = "cross.0.attn.q.weight", "self.1.ffn.up.bias", params
+    else:
+        first, later, values = "m/latents", "v/final_norm.beta", opt
+    values[first].flat[[1, 5, 9]] = bad
+    values[later][0] = np.nan
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(path, config=CFG, params=params, step=6, opt_state=opt)
+    msg = str(err.value)
+    assert msg.startswith(f"{part}[{first!r}]: 3 of {values[first].size} entries are not finite"), msg
+    assert later not in msg
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+    save_checkpoint(tmp_path / "ok.npz", config=CFG, params=args["params"],  # finite is fine,
+                    opt_state={"n": np.array([1, 2]), "f": np.ones(2, np.complex64)})  # ints too
+
+
+@pytest.mark.parametrize("member", ["params/latents", "opt/v/latents"])
+def test_load_refuses_non_finite_tensors(tmp_path, member):
+    path, _ = saved(tmp_path)
+    ents = entries(path)
+    ents[member] = ents[member].copy()
+    ents[member][0, 1], ents[member][2, 7] = np.nan, -np.inf
+    bad = craft(tmp_path / "n.npz", ents)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    assert str(err.value).startswith(f"{bad}: tensor {member!r}: 2 of 24 entries are not finite")
+
+
+# --- temporary files of killed saves ------------------------------------------------------------
+
+posix_only = pytest.mark.skipif(
+    _files.fcntl is None or not hasattr(signal, "SIGKILL"), reason="needs fcntl.flock and SIGKILL"
+)
+
+SAVE_AND_HANG = """
+import sys, time
+from pathlib import Path
+from perceiver_np._files import atomic_write
+
+def write(f):
+    f.write(b"half a checkpoint " * 50_000)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(300)
+
+atomic_write(Path(sys.argv[1]), write)
+"""
+
+
+def start_hanging_saves(*targets):
+    """One child process per target, each stopped inside atomic_write(target) with its temp
+    file written and locked: a save in progress, until it is killed."""
+    children = [subprocess.Popen([sys.executable, "-c", SAVE_AND_HANG, str(t)], stdout=subprocess.PIPE,
+                                 text=True) for t in targets]
+    for child in children:
+        assert child.stdout is not None
+        if child.stdout.readline() != "writing\n":
+            kill(*children)
+            pytest.fail("a child save did not start")
+    return children
+
+
+def kill(*children):
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)  # no handler runs: the temp file stays behind
+        child.wait()
+        child.stdout.close()
+
+
+def temps(directory):
+    return sorted(n for n in os.listdir(directory) if n.endswith(".tmp"))
+
+
+@posix_only
+def test_the_next_save_removes_temps_of_killed_saves_but_not_of_a_live_one(tmp_path):
+    path, args = saved(tmp_path)
+    (live,) = start_hanging_saves(path)
+    try:
+        (live_temp,) = temps(tmp_path)
+        assert live_temp.startswith(".ckpt.npz.")
+        save_checkpoint(path, config=CFG, params=args["params"], step=6)  # while the other one writes
+        assert remove_stale_temps(path) == []
+        assert temps(tmp_path) == [live_temp]
+        assert load_checkpoint(path).step == 6
+        kill(live)  # now it is a killed save's leftover
+        assert temps(tmp_path) == [live_temp]
+        save_checkpoint(path, config=CFG, params=args["params"], step=7)
+        assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+        assert load_checkpoint(path).step == 7
+    finally:
+        kill(live)
+
+
+@posix_only
+def test_loading_removes_stale_temps_of_that_checkpoint_only(tmp_path):
+    path, _ = saved(tmp_path)
+    other = tmp_path / "ckpt.npz.bak"
+    children = start_hanging_saves(path, path, other)
+    try:
+        ours = temps(tmp_path)
+        assert len(ours) == 3
+        (tmp_path / ".ckpt.npz.notes.tmp").write_bytes(b"not a temp of ours")
+        kill(*children)
+        assert len(load_checkpoint(path).params) == len(pnp.param_shapes(CFG))  # what fit(resume=True) calls
+        left = temps(tmp_path)
+        assert left == sorted([".ckpt.npz.notes.tmp", *(n for n in ours if n.startswith(".ckpt.npz.bak."))])
+        assert len(left) == 2
+        assert [p.name for p in remove_stale_temps(other)] == [left[0]]
+    finally:
+        kill(*children)
+
+
+@posix_only
+def test_atomic_write_holds_an_exclusive_lock_on_its_temp(tmp_path):
+    import fcntl
+
+    target = tmp_path / "t.bin"
+
+    def write(f):
+        (name,) = temps(tmp_path)
+        fd = os.open(tmp_path / name, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert remove_stale_temps(target) == []
+        f.write(b"written")
+
+    atomic_write(target, write)
+    assert target.read_bytes() == b"written" and temps(tmp_path) == []
+
+
+@posix_only
+def test_a_temp_a_cleaner_removed_before_the_writer_locked_it_is_made_again(tmp_path, monkeypatch):
+    import fcntl
+
+    target, raced, real = tmp_path / "t.bin", [], fcntl.flock
+
+    def flock(fd, op):
+        if op == fcntl.LOCK_EX and not raced:  # the writer's first lock: a cleaner got there first
+            raced.extend(remove_stale_temps(target))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    atomic_write(target, lambda f: f.write(b"written"))
+    assert len(raced) == 1 and not raced[0].exists()
+    assert target.read_bytes() == b"written" and temps(tmp_path) == []
+
+
+def test_without_fcntl_only_old_temps_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(_files, "fcntl", None)
+    target = tmp_path / "ckpt.npz"
+    old, fresh = _files._new_temp_path(target), _files._new_temp_path(target)
+    old.write_bytes(b"old")
+    fresh.write_bytes(b"fresh")
+    t = time.time() - _files.STALE_TEMP_AGE_SECONDS - 60
+    os.utime(old, (t, t))
+    assert remove_stale_temps(target) == [old]
+    atomic_write(target, lambda f: f.write(b"data"))
+    assert target.read_bytes() == b"data" and temps(tmp_path) == [fresh.name]
+
+
+def test_temps_of_long_names_are_told_apart(tmp_path, monkeypatch):
+    """Names too long to be kept whole in a temp's name are told apart by a digest."""
+    monkeypatch.setattr(_files, "fcntl", None)
+    a, b = tmp_path / ("é" * 120 + "a.npz"), tmp_path / ("é" * 120 + "b.npz")
+    ta, tb = _files._new_temp_path(a), _files._new_temp_path(b)
+    assert len(os.fsencode(ta.name)) <= 255 and ta.name.startswith(".") and ta.name.endswith(".tmp")
+    t = time.time() - _files.STALE_TEMP_AGE_SECONDS - 60
+    for p in (ta, tb):
+        p.write_bytes(b"")
+        os.utime(p, (t, t))
+    assert remove_stale_temps(a) == [ta] and tb.exists()
