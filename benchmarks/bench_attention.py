@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument("--plot", type=Path, help="write the time-vs-N plot (PNG) here")
     parser.add_argument("--json", type=Path, help="write the raw samples here")
+    import perceiver_np
+
+    perceiver_np.runtime.tune()  # the process-wide settings a CPU user of the CLI gets
     args = parser.parse_args(argv)
 
     try:

@@ -12,8 +12,8 @@ own (fresh for every shape), with its own thread pool set to the same number of 
 driver asks them for one run at a time, each going first in turn, so each round's times are taken
 under the same load and their ratio (torch time / our time) is paired. torch runs with glibc's
 default malloc, as PyTorch users run it; a third worker runs torch with freed memory kept, as
-``import perceiver_np`` keeps it (perceiver_np.memory), to show what that setting alone gives
-torch. Every figure is from this run:
+``perceiver_np.runtime.tune()`` keeps it for us (perceiver_np.memory), to show what that setting
+alone gives torch. Every figure is from this run:
 
 - the machine's sgemm peak (NumPy float32 4096^3, best of 3) and each system's FLOP/s against it
   (the model's FLOPs from ``perceiver_np.cost.forward_flops``; a training step counted as 3x the
@@ -82,7 +82,7 @@ class Ours:
         import perceiver_np as pnp
         from perceiver_np import optim, train
 
-        pnp.set_num_threads(threads)
+        pnp.runtime.tune(threads)  # threads, passive OpenMP wait, freed memory kept (as the CLI)
         self.pnp, self.optim, self.train = pnp, optim, train
         self.model = pnp.build(**SEED, dropout=0.0)
         self.job: Any = None
@@ -123,6 +123,8 @@ class Torch:
         from tests import torch_reference
 
         torch.set_num_threads(threads)
+        if os.environ.get("PERCEIVER_NP_KEEP_MEMORY") == "1":
+            pnp.memory.keep_freed_memory(True)
         self.torch, self.ref = torch, torch_reference
         self.params = pnp.build(**SEED, dropout=0.0).params
         self.job: Any = None
@@ -187,9 +189,8 @@ def worker(system: str, threads: int) -> None:
 # ---- the driver ----------------------------------------------------------------------------
 
 
-#: The systems: perceiver_np; torch as a PyTorch user runs it (glibc's default malloc: the
-#: worker imports perceiver_np for the weights, so it opts out of perceiver_np.memory); and torch
-#: with freed memory kept too, to show what the allocator setting alone is worth to torch.
+#: The systems: perceiver_np (runtime.tune()); torch as a PyTorch user runs it (glibc's default
+#: malloc); and torch with freed memory kept too, to show what the allocator setting alone is worth to torch.
 SYSTEMS = {"ours": ("ours", "1"), "torch": ("torch", "0"), "torch_kept": ("torch", "1")}
 
 

@@ -33,6 +33,7 @@ import contextlib
 from collections.abc import Iterator
 
 import numba
+import numpy as np
 from numba import njit
 
 FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
@@ -69,3 +70,15 @@ def threads_for(elements: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(n)
+
+
+def kernel_array(a: np.ndarray) -> np.ndarray:
+    """``a`` as every kernel takes an array it reads: C-contiguous, writeable, native byte
+    order; returned as is when it already is, else copied. Numba types a read-only array (a
+    memory map opened with mode "r", ``np.broadcast_to``, an array marked read-only) or a
+    byte-swapped one as another type and would compile every kernel again for it (seconds on
+    the first masked ``predict`` from a memory-mapped mask); the copy keeps every call on the
+    signatures compiled once."""
+    if a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative:
+        return a
+    return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")

@@ -42,7 +42,7 @@ from numba import prange
 from perceiver_np.attention import check_attention_args
 from perceiver_np.layers import MASK_FILL
 
-from ._numba import parallel_kernel, serial_kernel
+from ._numba import kernel_array, parallel_kernel, serial_kernel
 from .fastexp import fast_exp
 from .tiles import matmul_acc
 
@@ -228,7 +228,7 @@ def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
     if o_c.shape != expect or lse_c.shape != expect[:3]:
         raise ValueError(f"o_c, lse_c: expected shapes {expect} and {expect[:3]}, got {o_c.shape} "
                          f"and {lse_c.shape}")
-    _merge_chunk(state.m, state.l, state.acc, np.ascontiguousarray(o_c), np.ascontiguousarray(lse_c))
+    _merge_chunk(state.m, state.l, state.acc, kernel_array(o_c), kernel_array(lse_c))
 
 
 def finish_chunks(state: ChunkState, dtype: np.dtype) -> np.ndarray:
@@ -375,9 +375,9 @@ def choose_splits(parallel_items: int, n: int, target: int = SPLIT_TARGET_ITEMS)
 
 def _prepare(q, k, v, mask, scale):
     scale = check_attention_args(q, k, v, mask, scale)
-    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+    q, k, v = (kernel_array(a) for a in (q, k, v))
     has_mask = mask is not None
-    mask_arr = np.ascontiguousarray(mask) if has_mask else np.ones((1, 1), dtype=np.bool_)
+    mask_arr = kernel_array(mask) if has_mask else np.ones((1, 1), dtype=np.bool_)
     return q, k, v, mask_arr, has_mask, q.dtype.type(scale)
 
 
@@ -438,7 +438,7 @@ def attention_backward(
             raise TypeError(f"{name}: expected dtype {q.dtype.name} like q, got {got}")
         if arr.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
-    do, o, lse = (np.ascontiguousarray(a) for a in (do, o, lse))
+    do, o, lse = (kernel_array(a) for a in (do, o, lse))
     if n_splits is None:
         n_splits = choose_splits(b * h, n)
     n_splits = max(1, min(int(n_splits), n))

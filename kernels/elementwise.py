@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
-from ._numba import parallel_kernel, threads_for
+from ._numba import kernel_array, parallel_kernel, threads_for
 from .fastexp import fast_exp
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -132,7 +132,7 @@ def _gelu_backward(dy, x, dx, tanh_form):  # pragma: no cover - compiled
 
 def gelu_forward(x: np.ndarray, approximate: str = "exact") -> np.ndarray:
     """x: [...] -> GELU(x): [...], in x's dtype (float32 or float64)."""
-    xc = np.ascontiguousarray(x)
+    xc = kernel_array(x)
     y = np.empty_like(xc)
     with threads_for(xc.size):
         _gelu_forward(xc.reshape(-1), y.reshape(-1), approximate == "tanh")
@@ -141,7 +141,7 @@ def gelu_forward(x: np.ndarray, approximate: str = "exact") -> np.ndarray:
 
 def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact") -> np.ndarray:
     """dy, x: [...] -> dx = dy * GELU'(x): [...]."""
-    xc, dyc = np.ascontiguousarray(x), np.ascontiguousarray(dy, dtype=x.dtype)
+    xc, dyc = kernel_array(x), kernel_array(np.asarray(dy, dtype=x.dtype))
     dx = np.empty_like(xc)
     with threads_for(xc.size):
         _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), approximate == "tanh")

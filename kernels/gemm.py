@@ -36,7 +36,7 @@ import numpy as np
 from numba import prange
 
 from . import rows
-from ._numba import REDUCTION_BLOCK_ROWS, parallel_kernel
+from ._numba import REDUCTION_BLOCK_ROWS, kernel_array, parallel_kernel
 from .rows import _moments
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
@@ -219,7 +219,7 @@ def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | 
         raise ValueError(f"{name}: expected an array {letters}, got {got}")
     if a.dtype not in (np.float32, np.float64) or (dtype is not None and a.dtype != dtype):
         raise TypeError(f"{name}: expected dtype {dtype or 'float32 or float64'}, got {a.dtype.name}")
-    return np.ascontiguousarray(a)
+    return kernel_array(a)
 
 
 def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -265,6 +265,8 @@ def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     w = _check("w", w, 2, "[K, F]", x.dtype)
     if w.shape[0] != x.shape[2]:
         raise ValueError(f"w: expected shape ({x.shape[2]}, F) to match x {x.shape}, got {w.shape}")
+    if not (x.flags.writeable and x.dtype.isnative):
+        x = kernel_array(x)  # a read-only chunk (of a memory map): copied, one chunk at a time
     b, s, _ = x.shape
     if b * s * x.shape[2] * w.shape[1] < SMALL_PRODUCT:
         return np.ascontiguousarray(x @ w)

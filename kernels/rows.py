@@ -25,7 +25,7 @@ from numba import prange
 
 from perceiver_np.layers import LN_EPS
 
-from ._numba import REDUCTION_BLOCK_ROWS, parallel_kernel, serial_kernel, threads_for
+from ._numba import REDUCTION_BLOCK_ROWS, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any
 
 _K = 0.7978845608028654  # sqrt(2 / pi)
@@ -137,8 +137,11 @@ def _layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dgamma_part, dbeta_part,
                 dx[r, j] = rs * (dy[r, j] * gamma[j] - m1 - xhat[r, j] * m2)
 
 
-def _rows(name: str, a: np.ndarray, f: int | None = None, dtype: np.dtype | None = None) -> np.ndarray:
-    """Check that ``a`` is a C-contiguous float [R, F] array (of width f, of dtype) and return it."""
+def _rows(name: str, a: np.ndarray, f: int | None = None, dtype: np.dtype | None = None,
+          inplace: bool = False) -> np.ndarray:
+    """Check that ``a`` is a float [R, F] array (of width f, of dtype) and return it as the
+    kernels take it (:func:`kernel_array`). An array the kernel updates (``inplace``) must
+    already be C-contiguous and writeable: a copy would lose the update."""
     if not isinstance(a, np.ndarray) or a.ndim != 2:
         got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
         raise ValueError(f"{name}: expected a 2-D array [R, F], got {got}")
@@ -146,9 +149,11 @@ def _rows(name: str, a: np.ndarray, f: int | None = None, dtype: np.dtype | None
         raise TypeError(f"{name}: expected dtype {dtype or 'float32 or float64'}, got {a.dtype.name}")
     if f is not None and a.shape[1] != f:
         raise ValueError(f"{name}: expected F = {f} columns, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array")
-    return a
+    if inplace:
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError(f"{name}: expected a writeable C-contiguous array (updated in place)")
+        return a
+    return kernel_array(a)
 
 
 def _vector(name: str, a: np.ndarray, f: int, dtype: np.dtype) -> np.ndarray:
@@ -157,7 +162,7 @@ def _vector(name: str, a: np.ndarray, f: int, dtype: np.dtype) -> np.ndarray:
         raise ValueError(f"{name}: expected shape ({f},), got {got}")
     if a.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype.name}, got {a.dtype.name}")
-    return np.ascontiguousarray(a)
+    return kernel_array(a)
 
 
 def layernorm(
@@ -170,7 +175,7 @@ def layernorm(
     gamma, beta = _vector("gamma", gamma, f, dt), _vector("beta", beta, f, dt)
     has_bias = bias is not None
     b = _vector("bias", bias, f, dt) if bias is not None else gamma
-    out = np.empty_like(x) if out is None else _rows("out", out, f, dt)
+    out = np.empty_like(x) if out is None else _rows("out", out, f, dt, inplace=True)
     if out.shape != x.shape:
         raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
     with threads_for(x.size):
@@ -182,7 +187,7 @@ def residual_layernorm(
     z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray
 ) -> np.ndarray:
     """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F]."""
-    z = _rows("z", z)
+    z = _rows("z", z, inplace=True)
     f, dt = z.shape[1], z.dtype
     t = _rows("t", t, f, dt)
     if t.shape != z.shape:
@@ -196,7 +201,7 @@ def residual_layernorm(
 
 def residual(z: np.ndarray, t: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """z: [R, F] += t [R, F] + bias [F] in place; returns z."""
-    z = _rows("z", z)
+    z = _rows("z", z, inplace=True)
     t = _rows("t", t, z.shape[1], z.dtype)
     if t.shape != z.shape:
         raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
@@ -209,7 +214,7 @@ def bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> np
     """h: [R, F] = GELU(h + bias [F]) in place; returns h."""
     if approximate not in ("exact", "tanh"):
         raise ValueError(f"approximate: expected 'exact' or 'tanh', got {approximate!r}")
-    h = _rows("h", h)
+    h = _rows("h", h, inplace=True)
     with threads_for(h.size):
         _bias_gelu_rows(h, _vector("bias", bias, h.shape[1], h.dtype), approximate == "tanh")
     return h
@@ -235,7 +240,7 @@ def layernorm_backward(
     """dy, xhat: [R, F], rstd: [R, 1] -> (dx [R, F], dgamma [F], dbeta [F]); the sums over rows
     are partials over fixed blocks of REDUCTION_BLOCK_ROWS rows first (in the dtype), added in
     block order: the same on any number of threads."""
-    dy = _rows("dy", np.ascontiguousarray(dy))
+    dy = _rows("dy", dy)
     f, dt = dy.shape[1], dy.dtype
     xhat = _rows("xhat", xhat, f, dt)
     if xhat.shape != dy.shape or rstd.shape != (dy.shape[0], 1):
@@ -246,6 +251,6 @@ def layernorm_backward(
     dx = np.empty_like(dy)
     dgamma, dbeta = np.empty((items, f), dtype=dt), np.empty((items, f), dtype=dt)
     with threads_for(dy.size):
-        _layernorm_backward_rows(dy, xhat, np.ascontiguousarray(rstd, dtype=dt),
+        _layernorm_backward_rows(dy, xhat, kernel_array(np.asarray(rstd, dtype=dt)),
                                  _vector("gamma", gamma, f, dt), dx, dgamma, dbeta, block)
     return dx, dgamma.sum(axis=0), dbeta.sum(axis=0)

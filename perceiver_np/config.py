@@ -246,7 +246,8 @@ def _validate(cfg: PerceiverConfig) -> None:
             "cross block needs at least one self block after it"
         )
     for heads_field, heads, widths in (
-        ("cross_heads", cfg.cross_num_heads,
+        ("cross_heads" if cfg.cross_heads is not None else "num_heads (cross_heads defaults to it)",
+         cfg.cross_num_heads,
          (("cross qk width", cfg.cross_qk_channels), ("cross v width", cfg.cross_v_channels))),
         ("num_heads", cfg.num_heads,
          (("self qk width", cfg.self_qk_channels), ("self v width", cfg.self_v_channels))),

@@ -49,7 +49,15 @@ from .layers import (
     sub,
     tap,
 )
-from .shapes import as_mask, as_real_input, expect_shape
+from .shapes import (
+    OVERFLOW_WHY,
+    as_mask,
+    as_real_input,
+    expect_finite,
+    expect_in_range,
+    expect_shape,
+    first_nonfinite,
+)
 
 
 def init_params(cfg: PerceiverConfig) -> Params:
@@ -76,7 +84,11 @@ def init_params(cfg: PerceiverConfig) -> Params:
 
 
 def check_params(cfg: PerceiverConfig, params: Params) -> Params:
-    """Validate ``params`` against the schema of ``cfg``: exact key set, shapes and dtype."""
+    """Validate ``params`` against the schema of ``cfg``: exact key set, shapes, dtype and
+    finite values (every call of the model does this: parameters may be edited between calls).
+    Returns them in schema order."""
+    if not isinstance(params, dict):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     shapes = param_shapes(cfg)
     missing = [k for k in shapes if k not in params]
     extra = [k for k in params if k not in shapes]
@@ -92,6 +104,9 @@ def check_params(cfg: PerceiverConfig, params: Params) -> Params:
             raise TypeError(
                 f"params[{name!r}]: expected dtype {cfg.dtype}, got {value.dtype.name}"
             )
+        problem = first_nonfinite(f"params[{name!r}]", value)
+        if problem is not None:
+            raise ValueError(problem)
     return {name: params[name] for name in shapes}  # schema order
 
 
@@ -102,6 +117,8 @@ class DecoderCache(NamedTuple):
 
 
 class ModelCache(NamedTuple):
+    owner: object  # the token of the Perceiver that made this cache (backward checks it)
+    params_used: tuple[np.ndarray, ...]  # the parameter arrays of the forward, in schema order
     x_shape: tuple[int, int, int]  # (B, N, C)
     input_proj: LinearCache | None  # x [B, N, C], weight [C, D]; None without the projection
     steps: tuple[CrossBlockCache | SelfBlockCache, ...]  # one per entry of config.schedule
@@ -113,12 +130,16 @@ class Perceiver:
     """A Perceiver encoder: ``x [B, N, C] -> y [B, D]`` (docs/architecture.md).
 
     Build one with :func:`build`. ``params`` is the flat dict of the schema (docs/params.md);
-    replace arrays in it freely (same shapes and dtype) between calls.
+    replace arrays in it freely (same shapes and dtype) between calls: every call checks them
+    against the schema again (names, shapes, dtype, finite values) and names the parameter at
+    fault. A cache from :meth:`forward` belongs to this model and to the parameter arrays of
+    that forward: :meth:`backward` refuses any other.
     """
 
     def __init__(self, config: PerceiverConfig, params: Params | None = None) -> None:
         self.config = config
         self.params = init_params(config) if params is None else check_params(config, params)
+        self._token = object()  # identifies this model's caches
         self.fixed_queries: np.ndarray | None = None  # [O, Cq]: Fourier output queries
         if config.decoder == "query" and config.query_source == "fourier":
             from .position import fourier_position_encoding
@@ -138,9 +159,11 @@ class Perceiver:
             return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
         from . import fast
 
-        x, mask = self._check_input(x, mask)
-        z = fast.encode(self, x, mask)  # [B, N, C] -> [B, M, D]
-        return self.decode(z, queries=queries, query_mask=query_mask)[0]
+        p = self.checked_params()
+        x, mask = self._check_input(x, mask, p)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite
+            z = fast.encode(self, x, mask)  # [B, N, C] -> [B, M, D]
+            return self.decode(z, queries=queries, query_mask=query_mask)[0]
 
     @property
     def uses_fast_path(self) -> bool:
@@ -149,8 +172,15 @@ class Perceiver:
         the attention kernel does not do)."""
         return self.config.backend != "numpy" and self.config.masked_rows == "zero"
 
-    def _check_input(self, x: Any, mask: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """x -> float array [B, N, C] of the model's dtype, mask -> bool [B, N] or None."""
+    def checked_params(self) -> Params:
+        """``self.params`` checked against the schema (:func:`check_params`), in schema order."""
+        return check_params(self.config, self.params)
+
+    def _check_input(self, x: Any, mask: Any, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+        """x -> float array [B, N, C] of the model's dtype, mask -> bool [B, N] or None.
+
+        Also refuses an input so large that the input side could overflow the dtype (the
+        same refusal on every path, before anything is computed): see :func:`input_bound`."""
         cfg = self.config
         x = as_real_input("x", x, cfg.np_dtype)
         if x.ndim != 3:
@@ -159,6 +189,8 @@ class Perceiver:
         b, n, _ = x.shape
         if b == 0 or n == 0:
             raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
+        bound, what = input_bound(cfg, p, x)
+        expect_in_range("x", x, bound, overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
         return x, as_mask(mask, b, n)
 
     # ---- forward ----------------------------------------------------------------------------
@@ -184,8 +216,8 @@ class Perceiver:
         activation under a stable name (:func:`activation_names` gives them in forward order);
         the plain attention path records scores and probabilities too, the kernel does not.
         """
-        cfg, p = self.config, self.params
-        x, mask = self._check_input(x, mask)
+        cfg, p = self.config, self.checked_params()
+        x, mask = self._check_input(x, mask, p)
         b, n, _ = x.shape
         if training and (cfg.dropout > 0 or cfg.attention_dropout > 0):
             if not isinstance(rng, np.random.Generator):
@@ -194,43 +226,47 @@ class Perceiver:
                     f"got {type(rng).__name__}"
                 )
 
-        input_proj = None
-        h = x
-        tap(record, "input", x)
-        if cfg.input_projection:
-            h, input_proj = linear_forward(
-                x, sub(p, "input_proj"), cfg.elementwise_backend
-            )  # [B, N, C] -> [B, N, D]
-            tap(record, "input_proj.out", h)
-        names = step_names(cfg)
-        z = np.broadcast_to(p["latents"], (b, *p["latents"].shape))  # [M, D] -> [B, M, D]
-        steps: list[CrossBlockCache | SelfBlockCache] = []
-        for (kind, i), step_name in zip(cfg.schedule, names, strict=True):
-            if kind == "cross":
-                z, cross = cross_block_forward(
-                    z, h, sub(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
-                    use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
-                    dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                    training=training, rng=rng, backend=cfg.attention_backend("cross", training),
-                    masked_rows=cfg.masked_rows, record=record, name=step_name,
-                    ffn_backend=cfg.elementwise_backend,
-                )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
-                steps.append(cross)
-            else:
-                z, self_ = self_block_forward(
-                    z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
-                    dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                    training=training, rng=rng, backend=cfg.attention_backend("self", training),
-                    record=record, name=step_name, ffn_backend=cfg.elementwise_backend,
-                )  # [B, M, D] -> [B, M, D]
-                steps.append(self_)
-        final_norm = None
-        if cfg.final_norm:
-            z, final_norm = layernorm_forward(z, sub(p, "final_norm"), cfg.elementwise_backend)
-            tap(record, "final_norm.out", z)
-        y, head = self.decode(z, queries=queries, query_mask=query_mask, training=training,
-                              rng=rng, record=record)
-        return y, ModelCache((b, n, cfg.input_dim), input_proj, tuple(steps), final_norm, head)
+        # an overflow shows as the named error of expect_finite below, not as numpy's warning
+        with np.errstate(over="ignore", invalid="ignore"):
+            input_proj = None
+            h = x
+            tap(record, "input", x)
+            if cfg.input_projection:
+                h, input_proj = linear_forward(
+                    x, sub(p, "input_proj"), cfg.elementwise_backend
+                )  # [B, N, C] -> [B, N, D]
+                tap(record, "input_proj.out", h)
+            names = step_names(cfg)
+            z = np.broadcast_to(p["latents"], (b, *p["latents"].shape))  # [M, D] -> [B, M, D]
+            steps: list[CrossBlockCache | SelfBlockCache] = []
+            for (kind, i), step_name in zip(cfg.schedule, names, strict=True):
+                if kind == "cross":
+                    z, cross = cross_block_forward(
+                        z, h, sub(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
+                        use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
+                        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                        training=training, rng=rng, backend=cfg.attention_backend("cross", training),
+                        masked_rows=cfg.masked_rows, record=record, name=step_name,
+                        ffn_backend=cfg.elementwise_backend,
+                    )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
+                    steps.append(cross)
+                else:
+                    z, self_ = self_block_forward(
+                        z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
+                        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                        training=training, rng=rng, backend=cfg.attention_backend("self", training),
+                        record=record, name=step_name, ffn_backend=cfg.elementwise_backend,
+                    )  # [B, M, D] -> [B, M, D]
+                    steps.append(self_)
+                expect_finite(f"{step_name} output", z, OVERFLOW_WHY)
+            final_norm = None
+            if cfg.final_norm:
+                z, final_norm = layernorm_forward(z, sub(p, "final_norm"), cfg.elementwise_backend)
+                tap(record, "final_norm.out", z)
+            y, head = self.decode(z, queries=queries, query_mask=query_mask, training=training,
+                                  rng=rng, record=record)
+        return y, ModelCache(self._token, tuple(p.values()), (b, n, cfg.input_dim), input_proj,
+                             tuple(steps), final_norm, head)
 
     def decode(
         self,
@@ -276,6 +312,7 @@ class Perceiver:
             if cfg.decoder == "classification":
                 y = y[:, 0]  # [B, 1, out] -> [B, out]
             head = DecoderCache(block, output, qmask)
+        expect_finite("output", y, OVERFLOW_WHY)
         tap(record, "output", y)
         return y, head
 
@@ -299,6 +336,9 @@ class Perceiver:
             expect_shape("queries", q, (batch, None, cfg.decoder_query_channels), "[B, O, Cq]")
             if q.shape[1] == 0:
                 raise ValueError(f"queries: expected O >= 1, got shape {q.shape}")
+            top = float(max(np.max(q), -np.min(q)))
+            expect_in_range("queries", q, top, overflow_limit(cfg.np_dtype, q.shape[2]),
+                            "the queries' LayerNorm input")
             return q
         if queries is not None:
             raise ValueError(f"queries: query_source={cfg.query_source!r} makes its own queries; "
@@ -316,9 +356,20 @@ class Perceiver:
         sum over the batch. (Caller-supplied queries get no gradient back.)
         """
         cfg = self.config
+        if not isinstance(cache, ModelCache):
+            raise TypeError("cache: expected the ModelCache of this model's forward, got "
+                            f"{type(cache).__name__}")
+        if cache.owner is not self._token:
+            raise ValueError("cache: made by the forward of another Perceiver; backward needs the cache of "
+                             "this model's own forward")
+        p = self.checked_params()
+        changed = [k for k, a, b in zip(p, p.values(), cache.params_used, strict=True) if a is not b]
+        if changed:
+            raise ValueError(f"cache: params[{changed[0]!r}] was replaced after the forward that made this "
+                             f"cache ({len(changed)} parameter(s) changed); run forward again")
         b, n, _ = cache.x_shape
         dy = as_real_input("dy", dy, cfg.np_dtype)
-        grads: Params = {name: np.zeros_like(v) for name, v in self.params.items()}
+        grads: Params = {name: np.zeros_like(v) for name, v in p.items()}
 
         if cache.head is None:
             expect_shape("dy", dy, (b, cfg.num_latents, cfg.latent_dim), "[B, M, D]")
@@ -408,6 +459,25 @@ class Perceiver:
 
     def __repr__(self) -> str:
         return f"Perceiver({self.config!r}, params={self.param_count:,})"
+
+
+def overflow_limit(dtype: np.dtype, width: int) -> float:
+    """The largest magnitude a LayerNorm input of ``width`` channels may reach: the sum of
+    ``width`` squared deviations (each at most (2 v)^2) must stay below finfo.max, so that the
+    plain path's variance is finite: v < sqrt(finfo.max / (4 width))."""
+    return float(np.sqrt(np.finfo(dtype).max / (4.0 * width)))
+
+
+def input_bound(cfg: PerceiverConfig, p: Params, x: np.ndarray) -> tuple[float, str]:
+    """A bound on the magnitude of what the cross blocks' key/value LayerNorm reads, and its
+    name: with the input projection, ``max|x| * max_j sum_i |W_in[i, j]| + max|b_in|``
+    (every entry of x @ W_in + b_in, and every partial sum of it, stays below it); without, max|x|."""
+    top = float(max(np.max(x), -np.min(x)))
+    if not cfg.input_projection:
+        return top, "the key/value LayerNorm's input"
+    w, bias = p["input_proj.weight"], p["input_proj.bias"]
+    col = float(np.abs(w).sum(axis=0, dtype=np.float64).max())
+    return top * col + float(np.abs(bias).max()), "the input projection x @ W_in + b_in"
 
 
 def step_names(cfg: PerceiverConfig) -> list[str]:

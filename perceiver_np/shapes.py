@@ -29,6 +29,11 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+#: Why a step's output can hold NaN or infinity when the input and the parameters are finite
+#: and the input is in range (:func:`expect_in_range`): an overflow inside the step.
+OVERFLOW_WHY = ("produced from finite inputs and parameters: an overflow, the parameters are too large "
+                "for the dtype")
+
 
 def expect_shape(name: str, array: np.ndarray, shape: Sequence[int | None], letters: str) -> None:
     """Raise ValueError unless ``array.shape`` matches ``shape`` (``None`` = any size).
@@ -62,19 +67,27 @@ def expect_array(
 def as_real_input(name: str, value: object, dtype: np.dtype) -> np.ndarray:
     """Cast real-valued input (int, unsigned or float) to ``dtype``; reject everything else.
 
-    Complex, boolean, object and string input is a TypeError; NaN or infinity is a ValueError
-    (a NaN input would otherwise reach the output silently, even through masked positions).
+    Complex, boolean, object and string input is a TypeError; NaN or infinity, or a finite
+    value too large for ``dtype``, is a ValueError (a NaN input would otherwise reach the output
+    silently, even through masked positions).
     """
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf":
         raise TypeError(
             f"{name}: expected real-valued numbers (int or float), got dtype {arr.dtype.name}"
         )
-    arr = arr.astype(dtype, copy=False)
-    if not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(f"{name}: contains NaN or infinity (first at index {tuple(int(i) for i in bad)})")
-    return arr
+    problem = first_nonfinite(name, arr)
+    if problem is not None:
+        raise ValueError(problem)
+    with np.errstate(over="ignore"):  # a finite value beyond the dtype's range is named below
+        cast = arr.astype(dtype, copy=False)
+    if cast is not arr:
+        problem = first_nonfinite(name, cast)
+        if problem is not None:
+            top = float(np.max(np.abs(arr.astype(np.float64))))
+            raise ValueError(f"{name}: values up to {top:.3g} do not fit in {np.dtype(dtype).name} "
+                             f"(largest {float(np.finfo(dtype).max):.3g}), the model's dtype")
+    return cast
 
 
 def as_mask(
@@ -91,3 +104,37 @@ def as_mask(
         )
     expect_shape(name, arr, (batch, length), letters)
     return arr
+
+
+def first_nonfinite(name: str, array: np.ndarray) -> str | None:
+    """None when every entry of the float array is finite, else a message naming ``name``, the
+    count of NaN/inf entries and the first one's index. One float64 sum decides the common case
+    (a sum is finite iff every term is, barring overflow, which float32 terms cannot reach in
+    float64); only a non-finite sum pays for the entry-by-entry look."""
+    if array.dtype.kind != "f" or array.size == 0 or np.isfinite(array.sum(dtype=np.float64)):
+        return None
+    bad = ~np.isfinite(array)
+    if not bad.any():  # float64 entries whose sum overflowed: all finite
+        return None
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{name}: {int(bad.sum())} non-finite value(s) (NaN or inf), first at index {first}"
+
+
+def expect_finite(name: str, array: np.ndarray, why: str = "") -> None:
+    """Raise ValueError naming ``name`` when ``array`` holds NaN or infinity."""
+    problem = first_nonfinite(name, array)
+    if problem is not None:
+        raise ValueError(problem + (f"; {why}" if why else ""))
+
+
+def expect_in_range(name: str, array: np.ndarray, bound: float, limit: float, what: str) -> None:
+    """Raise ValueError when ``bound`` (a bound on the magnitudes a computation on ``array``
+    can reach) is not below ``limit``: the computation ``what`` could overflow ``array``'s
+    dtype. Checked before the computation, so every path refuses the same input."""
+    if not bound < limit:
+        top = float(max(np.max(array), -np.min(array)))
+        raise ValueError(
+            f"{name}: values up to {top:.3g} are too large for {array.dtype.name}: {what} could reach "
+            f"{bound:.3g}, and LayerNorm's variance of it would overflow (the bound is {limit:.3g}); "
+            "scale the input down or use dtype='float64'"
+        )

@@ -38,8 +38,8 @@ from .layers import (
     split_heads,
     sub,
 )
-from .model import Perceiver
-from .shapes import as_mask, as_real_input, expect_shape
+from .model import Perceiver, input_bound, overflow_limit
+from .shapes import as_mask, as_real_input, expect_in_range, expect_shape
 
 #: Positions per chunk by default: at B = 1 the fast path's chunk (perceiver_np.fast.CHUNK_ROWS),
 #: and a reused read buffer of 16384 x C values (18 MiB for C = 287 in float32).
@@ -55,9 +55,7 @@ class NpyChunks:
     pickle: object arrays are refused, like ``np.load(allow_pickle=False)``."""
 
     def __init__(self, path: str, chunk_size: int = DEFAULT_CHUNK) -> None:
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
-        self.path, self.chunk_size = str(path), int(chunk_size)
+        self.path, self.chunk_size = str(path), check_chunk_size(chunk_size)
         with open(self.path, "rb") as f:
             version = np.lib.format.read_magic(f)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -90,6 +88,14 @@ class NpyChunks:
                 yield out
 
 
+def check_chunk_size(chunk_size: object) -> int:
+    """``chunk_size`` as a positive int, or a ValueError naming it (1.5, True, 0 are refused)."""
+    if (isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer))
+            or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def _passes(
     source: Any, chunk_size: int, name: str = "chunks", letters: str = "[B, N, C]"
 ) -> Callable[[], Iterator[np.ndarray]]:
@@ -120,9 +126,12 @@ def _validated(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(x_c [B, n, C] of the model's dtype, mask_c [B, n] bool or None) per chunk, checked."""
     cfg = model.config
+    p = model.checked_params()
     for x in chunks:
         x = as_real_input("chunk", x, cfg.np_dtype)
         expect_shape("chunk", x, (b, None, cfg.input_dim), "[B, n, C]")
+        bound, what = input_bound(cfg, p, x)
+        expect_in_range("chunk", x, bound, overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
         keep = None
         if masks is not None:
             mask_chunk = next(masks, None)
@@ -130,6 +139,9 @@ def _validated(
                 raise ValueError("mask_chunks: fewer mask chunks than input chunks")
             keep = as_mask(mask_chunk, b, x.shape[1], name="mask chunk", letters="[B, n]")
         yield x, keep
+    if masks is not None and next(masks, None) is not None:
+        raise ValueError("mask_chunks: more mask chunks than input chunks (the mask is longer than "
+                         "the input)")
 
 
 def _cross_block_stream(
@@ -206,8 +218,8 @@ def encode_stream(
     if cfg.decoder == "query" and cfg.query_source == "given":
         raise ValueError("decoder: the streaming encoder makes its own queries; query_source "
                          "'given' needs model.forward")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
+    model.checked_params()
     passes = _passes(chunks, chunk_size)
     mask_passes = None if mask_chunks is None else _passes(mask_chunks, chunk_size, "mask_chunks", "[B, N]")
     first_pass = passes()

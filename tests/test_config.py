@@ -74,11 +74,13 @@ def test_schedule_interleaves_like_edifice():
         ({"input_dim": 3, "dropout": -0.1}, ValueError, "dropout: expected a rate"),
         ({"input_dim": 3, "attention_dropout": 2}, ValueError, "attention_dropout: expected a rate"),
         ({"input_dim": 3, "num_heads": 3}, ValueError,
-         r"cross_heads: 3 heads do not divide the cross qk width 256 \(defaults to latent_dim\)"),
+         r"num_heads \(cross_heads defaults to it\): 3 heads do not divide the cross qk width 256 "
+         r"\(defaults to latent_dim\)"),
         ({"input_dim": 3, "cross_heads": 2, "num_heads": 3}, ValueError,
          r"num_heads: 3 heads do not divide the self qk width 256"),
         ({"input_dim": 287, "input_projection": False}, ValueError,
-         r"cross_heads: 4 heads do not divide the cross qk width 287 \(defaults to input_dim"),
+         r"num_heads \(cross_heads defaults to it\): 4 heads do not divide the cross qk width 287 "
+         r"\(defaults to input_dim"),
         ({"input_dim": 3, "qk_channels": 6}, ValueError, r"qk width 6 \(qk_channels\)"),
         ({"input_dim": 3, "v_channels": 6}, ValueError, r"v width 6 \(v_channels\)"),
         ({"input_dim": 3, "qk_channels": 0}, ValueError, "qk_channels: expected a positive integer or None"),

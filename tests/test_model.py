@@ -283,7 +283,8 @@ def test_input_dtype_rules(rng):
             model(bad)
     nan = ints.astype(float)
     nan[0, 2, 1] = np.nan
-    with pytest.raises(ValueError, match=r"x: contains NaN or infinity \(first at index \(0, 2, 1\)\)"):
+    with pytest.raises(ValueError, match=r"x: 1 non-finite value\(s\) \(NaN or inf\), first at index "
+                                         r"\(0, 2, 1\)"):
         model(nan)
 
 

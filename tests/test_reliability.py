@@ -1,0 +1,158 @@
+"""The model under bad input and faults: every failure is a clear ValueError/TypeError that
+names the argument or parameter, the same on every path and size; nothing is silently used."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import perceiver_np as pnp
+from perceiver_np import kernels
+from perceiver_np.stream import NpyChunks
+
+
+def _model(dtype="float32", **opts):
+    return pnp.build(input_dim=6, latent_dim=16, num_latents=8, num_layers=1, num_heads=2, dtype=dtype,
+                     **opts)
+
+
+def _paths(dtype="float32"):
+    """The fast path (model(x)), forward with the kernels, and the plain NumPy path (a model
+    of backend "numpy" sharing the parameter dict)."""
+    model = _model(dtype)
+    plain = pnp.Perceiver(model.config.replace(backend="numpy"))
+    plain.params = model.params
+    return {"fast": lambda m, x: m(x), "forward": lambda m, x: m.forward(x)[0],
+            "plain": lambda m, x: plain(x)}, model
+
+
+@pytest.mark.parametrize("n", [10, 2000])
+@pytest.mark.parametrize("path", ["fast", "forward", "plain"])
+def test_a_nan_weight_is_named_on_every_path_and_size(n, path):
+    """A NaN in input_proj.weight: at N = 2000 the fast path raised SystemError out of a Numba
+    kernel, at N = 10 it returned NaN. Now every path and size names the parameter."""
+    paths, model = _paths()
+    model.params["input_proj.weight"] = model.params["input_proj.weight"].copy()
+    model.params["input_proj.weight"][2, 3] = np.nan
+    x = np.ones((2, n, 6), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"params\['input_proj.weight'\]: 1 non-finite value\(s\) "
+                                         r"\(NaN or inf\), first at index \(2, 3\)"):
+        paths[path](model, x)
+
+
+@pytest.mark.parametrize("n", [10, 2000])
+@pytest.mark.parametrize("path", ["fast", "forward", "plain"])
+def test_finite_inputs_that_would_overflow_are_refused_alike(n, path):
+    """Finite float32 inputs near 3e38 overflow in the projection: refused before anything is
+    computed, with the same message on every path (it names x, its size and the bound)."""
+    paths, model = _paths()
+    x = np.full((2, n, 6), 3e38, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"x: values up to 3e\+38 are too large for float32: the input "
+                                         r"projection x @ W_in \+ b_in could reach"):
+        paths[path](model, x)
+    x[:] = 1.0
+    assert np.isfinite(paths[path](model, x)).all()
+
+
+def test_an_overflow_inside_a_block_is_named_not_returned():
+    """Finite parameters too large for float32 (a huge output weight): the step that overflows
+    is named, on the fast and the plain path alike, instead of NaN reaching the output."""
+    for backend in ("auto", "numpy"):
+        model = pnp.Perceiver(_model().config.replace(backend=backend))
+        model.params["self.0.ffn.down.weight"] = np.full_like(model.params["self.0.ffn.down.weight"], 3e38)
+        with pytest.raises(ValueError, match=r"self.0(.use0)? output: .*non-finite.*an overflow"):
+            model(np.ones((2, 50, 6), dtype=np.float32))
+
+
+def test_edited_params_are_checked_on_every_call():
+    model = _model("float64")
+    x = np.ones((2, 5, 6))
+    model.params["latents"] = np.zeros((9, 16))
+    for call in (lambda: model(x), lambda: model.forward(x)):
+        with pytest.raises(ValueError, match=r"params\['latents'\]: expected shape \(8, 16\), got \(9, 16\)"):
+            call()
+    model.params["latents"] = np.zeros((8, 16), dtype=np.float32)
+    with pytest.raises(TypeError, match=r"params\['latents'\]: expected dtype float64, got float32"):
+        model(x)
+    del model.params["latents"]
+    with pytest.raises(ValueError, match=r"params: missing \['latents'\]"):
+        model(x)
+
+
+def test_backward_refuses_a_cache_of_another_model_or_parameter_set():
+    rng = np.random.default_rng(0)
+    a, b = _model("float64"), pnp.build(input_dim=6, latent_dim=16, num_latents=4, num_layers=1,
+                                         num_heads=2, dtype="float64")
+    x = rng.standard_normal((2, 5, 6))
+    y, cache = a.forward(x)
+    dy = rng.standard_normal(y.shape)
+    with pytest.raises(ValueError, match="cache: made by the forward of another Perceiver"):
+        b.backward(dy, cache)
+    twin = pnp.Perceiver(a.config, dict(a.params))  # same seed and weights, another model
+    with pytest.raises(ValueError, match="cache: made by the forward of another Perceiver"):
+        twin.backward(dy, cache)
+    a.params["self.0.norm.gamma"] = a.params["self.0.norm.gamma"] * 2.0
+    with pytest.raises(ValueError, match=r"cache: params\['self.0.norm.gamma'\] was replaced after"):
+        a.backward(dy, cache)
+    with pytest.raises(TypeError, match="cache: expected the ModelCache"):
+        a.backward(dy, (1, 2))
+    y, cache = a.forward(x)
+    grads, _ = a.backward(dy, cache)  # a fresh forward is fine
+    assert set(grads) == set(a.params)
+
+
+def _signatures() -> int:
+    from numba.core.registry import CPUDispatcher
+
+    count = 0
+    for module in (kernels.attention, kernels.gemm, kernels.rows, kernels.elementwise):
+        for value in vars(module).values():
+            if isinstance(value, CPUDispatcher):
+                count += len(value.signatures)
+    return count
+
+
+def test_read_only_and_memory_mapped_inputs_reuse_the_compiled_kernels(tmp_path):
+    """A read-only (memory-mapped) input and mask hit the signatures compiled for ordinary
+    arrays: no kernel compiles again (it took 6 s on the first masked predict from a map)."""
+    model = _model()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3000, 6)).astype(np.float32)
+    mask = np.ones((2, 3000), dtype=bool)
+    mask[1, 2000:] = False
+    want = model(x, mask)
+    y, cache = model.forward(x, mask)
+    model.backward(np.ones_like(y), cache)
+    streamed = model.encode_stream(x, mask, chunk_size=1000)  # the chunk merge kernels too
+    compiled = _signatures()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "m.npy", mask)
+    xm, mm = np.load(tmp_path / "x.npy", mmap_mode="r"), np.load(tmp_path / "m.npy", mmap_mode="r")
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert np.array_equal(model(xm, mm), want)
+    assert np.array_equal(model(frozen, np.asarray(mm)), want)
+    y, cache = model.forward(xm, mm)
+    model.backward(np.ones_like(y), cache)
+    assert np.array_equal(model.encode_stream(xm, mm, chunk_size=1000), streamed)
+    assert _signatures() == compiled
+
+
+def test_stream_and_chunk_arguments_are_checked(tmp_path):
+    model = _model("float64")
+    x = np.ones((2, 10, 6))
+    with pytest.raises(ValueError, match="mask_chunks: more mask chunks than input chunks"):
+        model.encode_stream([x], [np.ones((2, 10), bool), np.ones((2, 3), bool)])
+    np.save(tmp_path / "x.npy", x)
+    for bad in (1.5, True, 0, -3, "8"):
+        with pytest.raises(ValueError, match="chunk_size: expected an integer >= 1"):
+            NpyChunks(tmp_path / "x.npy", bad)
+        with pytest.raises(ValueError, match="chunk_size: expected an integer >= 1"):
+            model.encode_stream(x, chunk_size=bad)
+
+
+def test_heads_that_do_not_divide_name_the_option_given():
+    with pytest.raises(ValueError, match=r"num_heads \(cross_heads defaults to it\): 3 heads"):
+        pnp.build(input_dim=4, num_heads=3)
+    with pytest.raises(ValueError, match=r"^cross_heads: 3 heads"):
+        pnp.build(input_dim=4, cross_heads=3)
