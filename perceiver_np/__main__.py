@@ -1,5 +1,5 @@
 """``python -m perceiver_np``: the ``perceiver-np`` command (perceiver_np.cli)."""
 
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

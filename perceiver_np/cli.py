@@ -7,38 +7,112 @@
     perceiver-np predict --checkpoint model.npz --input x.npy --out y.npy
     perceiver-np gradcheck --input-dim 5 --latent-dim 8 --num-latents 3 --num-heads 2
     perceiver-np golden --preset edifice --input-dim 7 --seed 0 --out golden.npz
-    perceiver-np compare golden.npz theirs.npz [--json]
+    perceiver-np compare golden.npz theirs.npz [--json] [--allow-missing]
 
 Every model option of :class:`perceiver_np.PerceiverConfig` is a flag (``--latent-dim``,
 ``--no-final-norm``, ...) with the same default. Data files are ``.npz`` holding ``x``
 [S, N, C], ``y`` (labels [S] or targets [S, O, out]) and optionally ``mask`` [S, N]; they are
-loaded without pickle.
+loaded without pickle. ``info`` computes everything from the options alone (no model is built).
+
+Exit status: 0 success; 1 a check that failed (``compare`` beyond tolerance, ``gradcheck``,
+training that diverged); 2 a usage or input error (a flag out of range, a missing or unreadable
+file, an output path that cannot be written: all checked before any work starts), reported as
+one line ``perceiver-np <command>: error: <message>`` naming the flag or path; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import struct
 import sys
 import time
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import cost, optim
-from .config import PerceiverConfig, cross_block_shapes, decoder_shapes, self_block_shapes
+from .config import (
+    BACKENDS,
+    DECODERS,
+    DTYPES,
+    GELU_KINDS,
+    MASKED_ROWS,
+    QUERY_SOURCES,
+    PerceiverConfig,
+    cross_block_shapes,
+    decoder_shapes,
+    self_block_shapes,
+)
 from .model import Perceiver
 
+# ---- argument types: each refuses a value out of its range, naming the range --------------------
+
+#: The largest size numpy can index (sizes, widths and lengths beyond it cannot exist).
+INT_MAX = int(np.iinfo(np.intp).max)
+
+
+def _integer(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if not low <= value <= INT_MAX:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}{'' if value < low else f' and <= {INT_MAX}'}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _real(test: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _integer(1)
+positive_int.__name__ = "positive_int"
+nonnegative_int = _integer(0)
+nonnegative_int.__name__ = "nonnegative_int"
+positive_float = _real(lambda v: v > 0, "a finite number > 0")
+positive_float.__name__ = "positive_float"
+nonnegative_float = _real(lambda v: v >= 0, "a finite number >= 0")
+nonnegative_float.__name__ = "nonnegative_float"
+fraction = _real(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+fraction.__name__ = "fraction"
+rate = _real(lambda v: 0 <= v < 1, "a rate in [0, 1)")
+rate.__name__ = "rate"
+any_float = _real(lambda v: True, "a finite number")
+any_float.__name__ = "float"
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "gelu": GELU_KINDS, "decoder": DECODERS, "masked_rows": MASKED_ROWS,
+    "query_source": QUERY_SOURCES, "dtype": DTYPES, "backend": BACKENDS,
+}
+_RATES = {"dropout", "attention_dropout"}
 _SKIP = {"input_dim"}  # required, added by hand
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, required_input_dim: bool = True) -> None:
     group = parser.add_argument_group("model options (PerceiverConfig; see docs/architecture.md)")
-    group.add_argument("--input-dim", type=int, required=required_input_dim,
+    group.add_argument("--input-dim", type=positive_int, required=required_input_dim,
                        help="C, channels of each input position")
     for f in dataclasses.fields(PerceiverConfig):
         if f.name in _SKIP:
@@ -50,10 +124,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, required_input_dim: bool 
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                help=f"(default {default})")
         elif "tuple" in kind:
-            group.add_argument(flag, type=int, nargs="+", default=default, help=f"(default {default})")
+            group.add_argument(flag, type=positive_int, nargs="+", default=default,
+                               help=f"(default {default})")
+        elif f.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[f.name], default=default, help=f"(default {default})")
+        elif "int" in kind:
+            group.add_argument(flag, type=nonnegative_int if f.name == "seed" else positive_int,
+                               default=default, help=f"(default {default})")
+        elif "float" in kind:
+            group.add_argument(flag, type=rate if f.name in _RATES else any_float, default=default,
+                               help=f"(default {default})")
         else:
-            py = int if "int" in kind else float if "float" in kind else str
-            group.add_argument(flag, type=py, default=default, help=f"(default {default})")
+            group.add_argument(flag, default=default, help=f"(default {default})")
 
 
 def _config_from(args: argparse.Namespace) -> PerceiverConfig:
@@ -71,18 +153,189 @@ def _config_from(args: argparse.Namespace) -> PerceiverConfig:
     return PerceiverConfig(**opts)
 
 
-def _load_data(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
-    if "x" not in data:
-        raise SystemExit(f"{path}: expected an array named 'x' [S, N, C], found {sorted(data)}")
+# ---- the user's files: checked before any work, read with errors that name them ---------------
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a first member, or an empty archive
+_NPY_MAGIC = b"\x93NUMPY"
+#: What reading a damaged .npz / .npy can raise (zipfile, zlib, numpy's header parser).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, struct.error,
+)
+
+
+def _input_file(path: Path, flag: str = "") -> Path:
+    """``path`` (given to ``flag``) if it is an existing, readable file; else a ValueError."""
+    where = f"{flag} {path}" if flag else str(path)
+    if not path.exists():
+        raise ValueError(f"{where}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{where}: is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{where}: cannot be read (permission denied)")
+    return path
+
+
+def _output_file(path: Path, flag: str, append: bool = False) -> Path:
+    """``path``, given to ``flag``, if it can be written: not a directory, in an existing
+    writable directory (and itself writable when ``append``ed to); else a ValueError."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    folder = path.parent
+    if not folder.exists():
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    if append and path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path}: is not writable")
+    return path
+
+
+def _signature(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(len(_NPY_MAGIC))
+
+
+@contextlib.contextmanager
+def _reading(path: Path, flag: str, kind: str | None = None) -> Iterator[None]:
+    """Errors while reading the user's file ``path`` as ValueErrors naming it: running out of
+    memory always; with ``kind`` (".npz", ".npy") also every way a damaged file fails to read,
+    unless the message names the path already."""
+    where = f"{flag} {path}" if flag else str(path)
+    try:
+        yield
+    except MemoryError as err:
+        raise ValueError(f"{where}: too large to load into memory ({err})") from err
+    except _READ_ERRORS as err:
+        if kind is None or str(path) in str(err):
+            raise
+        raise ValueError(f"{where}: not a readable {kind} file ({type(err).__name__}: {err})") from err
+
+
+def _read_npz(path: Path, flag: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz ``path`` (no pickle)."""
+    _input_file(path, flag)
+    with _reading(path, flag, ".npz"):
+        head = _signature(path)
+        if head == _NPY_MAGIC:
+            raise ValueError(f"{flag} {path}: not a readable .npz file (a single .npy array)")
+        if not head.startswith(_ZIP_MAGIC):
+            raise ValueError(f"{flag} {path}: not a readable .npz file (no zip signature at the start)")
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+def _read_npy(path: Path, flag: str) -> np.ndarray:
+    """The .npy ``path``, memory-mapped (no pickle)."""
+    _input_file(path, flag)
+    with _reading(path, flag, ".npy"):
+        if _signature(path) != _NPY_MAGIC:
+            raise ValueError(f"{flag} {path}: not a readable .npy file (no .npy signature at the start)")
+        array: np.ndarray = np.load(path, allow_pickle=False, mmap_mode="r")
+        return array
+
+
+#: The arrays of a data file that go into a batch (others are ignored).
+_DATA_KEYS = ("x", "y", "mask", "queries", "query_mask")
+
+
+def _load_data(path: Path, flag: str, cfg: PerceiverConfig) -> dict[str, np.ndarray]:
+    """A dataset .npz: ``x`` [S, N, C] with C = ``cfg.input_dim``, ``y`` and the optional
+    arrays, each with the S samples of x."""
+    arrays = _read_npz(path, flag)
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise ValueError(f"{flag} {path}: expected arrays 'x' [S, N, C] and 'y' (labels [S] or "
+                             f"targets [S, O, out]), found {sorted(arrays)}")
+    data = {k: arrays[k] for k in _DATA_KEYS if k in arrays}
+    x = data["x"]
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"{flag} {path}: x must be [S, N, C] with S, N, C >= 1, got shape {x.shape}")
+    _check_width(x.shape[-1], path, flag, cfg)
+    for key, value in data.items():
+        if value.ndim == 0 or len(value) != len(x):
+            raise ValueError(f"{flag} {path}: {key} has shape {value.shape}, not the {len(x)} samples "
+                             f"of x {x.shape}")
+    if "mask" in data and data["mask"].shape != x.shape[:2]:
+        raise ValueError(f"{flag} {path}: mask must be [S, N] = {x.shape[:2]}, got {data['mask'].shape}")
     return data
 
 
+def _check_width(channels: int, path: Path, flag: str, cfg: PerceiverConfig, what: str = "x") -> None:
+    if channels != cfg.input_dim:
+        raise ValueError(f"{flag} {path}: {what} has {channels} channels per position, but the model "
+                         f"takes input_dim = {cfg.input_dim}")
+
+
+# ---- the commands --------------------------------------------------------------------------------
+
+
+def summary(cfg: PerceiverConfig) -> str:
+    """:meth:`Perceiver.summary` from the config alone (no parameter is allocated); the same
+    text, except that very deep models list their first blocks only."""
+    lines = ["Perceiver (perceiver_np)", "options:"]
+    for field in cfg.__dataclass_fields__:
+        lines.append(f"  {field:<24}{getattr(cfg, field)!r}")
+    lines.append("parameters:")
+    d = cfg.latent_dim
+    rows: list[tuple[str, int | None]] = []
+    if cfg.input_projection:
+        rows.append(("input_proj", cfg.input_dim * d + d))
+    rows.append(("latents", cfg.num_latents * d))
+    rows += _elided("cross", cfg.num_cross_layers, _size(cross_block_shapes(cfg)))
+    rows += _elided("self", cfg.num_layers, _size(self_block_shapes(cfg)))
+    if cfg.final_norm:
+        rows.append(("final_norm", 2 * d))
+    if cfg.decoder not in ("pool", "latents"):
+        rows.append(("decoder", _size(decoder_shapes(cfg))))
+    for name, count in rows:
+        lines.append(f"  {name:<24}" + ("" if count is None else f"{count:>12,}"))
+    lines.append(f"  {'total':<24}{cost.param_count(cfg):>12,}")
+    steps = cost.transformer_layers(cfg)  # one per step of the schedule
+    shown = [f"{k}.{i}" for k, i in _schedule(cfg, limit=64)]
+    more = f" -> ... ({steps:,} steps)" if steps > len(shown) else ""
+    lines.append("schedule: " + " -> ".join(shown) + more)
+    out = {"pool": f"[B, {cfg.latent_dim}]", "latents": f"[B, {cfg.num_latents}, {cfg.latent_dim}]",
+           "classification": f"[B, {cfg.output_dim}]",
+           "query": f"[B, {cfg.decoder_queries or 'O'}, {cfg.output_dim}]"}[cfg.decoder]
+    lines.append(f"output:   {out} from x [B, N, {cfg.input_dim}]")
+    return "\n".join(lines)
+
+
+def _size(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def _elided(kind: str, count: int, each: int, keep: int = 16) -> list[tuple[str, int | None]]:
+    """One row per block, or for more than ``keep`` blocks the first ones, a count, the last."""
+    if count <= keep:
+        return [(f"{kind}.{i}", each) for i in range(count)]
+    return ([(f"{kind}.{i}", each) for i in range(keep - 1)]
+            + [(f"... {count - keep:,} more", None), (f"{kind}.{count - 1}", each)])
+
+
+def _schedule(cfg: PerceiverConfig, limit: int) -> list[tuple[str, int]]:
+    """The first ``limit`` steps of ``cfg.schedule``, without building all of it."""
+    steps: list[tuple[str, int]] = []
+    spc = max(cfg.num_layers // cfg.num_cross_layers, 1)
+    for c in range(cfg.num_cross_layers):
+        last = c == cfg.num_cross_layers - 1
+        group = range(spc * c, spc * c + (cfg.num_layers - spc * (cfg.num_cross_layers - 1) if last else spc))
+        steps.append(("cross", c))
+        for _ in range(cfg.num_blocks):
+            for j in group:
+                if len(steps) >= limit:
+                    return steps
+                steps.append(("self", j))
+        if len(steps) >= limit:
+            return steps
+    return steps
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    cfg = _config_from(args)
-    model = Perceiver(cfg)
-    print(model.summary())
+    cfg = _config_from(args)  # everything below from the config: no parameter is allocated
+    print(summary(cfg))
     print("\nparameter shapes (docs/params.md):")
     for name, shape in {**{f"cross.i.{k}": s for k, s in cross_block_shapes(cfg).items()},
                         **{f"self.j.{k}": s for k, s in self_block_shapes(cfg).items()},
@@ -134,18 +387,28 @@ def _optimizer(args: argparse.Namespace, steps: int) -> optim.Optimizer:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import Loss, fit
+    from . import train as training
 
     cfg = _config_from(args)
-    train = _load_data(args.data)
-    evald = _load_data(args.eval_data) if args.eval_data else None
+    _output_file(args.out, "--out")
+    if args.resume and not args.out.is_file():
+        raise ValueError(f"--out {args.out}: --resume continues from this checkpoint, which does not exist")
+    if args.log is not None:
+        _output_file(args.log, "--log", append=True)
+    train = _load_data(args.data, "--data", cfg)
+    evald = _load_data(args.eval_data, "--eval-data", cfg) if args.eval_data else None
     model = Perceiver(cfg)
     steps = args.epochs * math.ceil(len(train["x"]) / args.batch_size)
-    loss = Loss(args.loss, label_smoothing=args.label_smoothing)
-    _, history = fit(model, _optimizer(args, steps), loss, train, epochs=args.epochs,
-                         batch_size=args.batch_size, eval_data=evald, seed=args.seed,
-                         clip_norm=args.clip_norm, patience=args.patience, log_path=args.log,
-                         checkpoint_path=args.out, resume=args.resume, progress=not args.quiet)
+    loss = training.Loss(args.loss, label_smoothing=args.label_smoothing)
+    try:
+        _, history = training.fit(
+            model, _optimizer(args, steps), loss, train, epochs=args.epochs,
+            batch_size=args.batch_size, eval_data=evald, seed=args.seed, clip_norm=args.clip_norm,
+            patience=args.patience, log_path=args.log, checkpoint_path=args.out, resume=args.resume,
+            progress=not args.quiet)
+    except FloatingPointError as err:  # train.NonFiniteError: the loss or the gradients diverged
+        _error("train", f"training diverged: {err}")
+        return 1
     print(json.dumps(history.rows[-1] if history.rows else {}))
     return 0
 
@@ -153,25 +416,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _restore(path: Path) -> Perceiver:
     from .checkpoint import load_checkpoint
 
-    ck = load_checkpoint(path)
-    return Perceiver(ck.config, ck.params)
+    _input_file(path, "--checkpoint")
+    with _reading(path, "--checkpoint"):
+        ck = load_checkpoint(path)  # every problem a CheckpointError naming the path
+        return Perceiver(ck.config, ck.params)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import Loss, evaluate
 
     model = _restore(args.checkpoint)
-    print(json.dumps(evaluate(model, model.params, _load_data(args.data), Loss(args.loss), args.batch_size)))
+    data = _load_data(args.data, "--data", model.config)
+    print(json.dumps(evaluate(model, model.params, data, Loss(args.loss), args.batch_size)))
     return 0
 
 
-def _sequences(path: Path) -> list[np.ndarray]:
+def _sequences(path: Path, cfg: PerceiverConfig) -> list[np.ndarray]:
     """The arrays of an .npz of sequences [n_i, C] of different lengths, in the file's order."""
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-        seqs = [z[k] for k in z.files]
-    for k, s in zip(range(len(seqs)), seqs, strict=True):
-        if s.ndim != 2:
-            raise ValueError(f"{path}: sequence {k} must be [n, C], got shape {s.shape}")
+    seqs = list(_read_npz(path, "--input").values())
+    if not seqs:
+        raise ValueError(f"--input {path}: holds no sequence")
+    for k, s in enumerate(seqs):
+        if s.ndim != 2 or s.shape[0] == 0:
+            raise ValueError(f"--input {path}: sequence {k} must be [n, C] with n >= 1, got shape {s.shape}")
+        _check_width(s.shape[1], path, "--input", cfg, f"sequence {k}")
     return seqs
 
 
@@ -186,39 +454,80 @@ def _pad(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return x, mask
 
 
+def _check_mask(mask_shape: tuple[int, ...], mask_dtype: np.dtype, x_shape: tuple[int, ...],
+                path: Path) -> None:
+    if mask_dtype != np.bool_ or tuple(mask_shape) != tuple(x_shape[:2]):
+        raise ValueError(f"--mask {path}: expected bool [S, N] = {tuple(x_shape[:2])} like --input, "
+                         f"got {np.dtype(mask_dtype).name} {tuple(mask_shape)}")
+
+
+def _check_input_shape(shape: tuple[int, ...], path: Path, cfg: PerceiverConfig) -> None:
+    if len(shape) != 3 or 0 in shape:
+        raise ValueError(f"--input {path}: expected [S, N, C] with S, N, C >= 1, got shape {tuple(shape)}")
+    _check_width(shape[2], path, "--input", cfg)
+
+
+def _npy_chunks(path: Path, flag: str, chunk_size: int) -> Any:
+    """The .npy ``path`` as :class:`perceiver_np.stream.NpyChunks`: read a chunk at a time into
+    one reused buffer, never whole."""
+    from .stream import NpyChunks
+
+    _input_file(path, flag)
+    with _reading(path, flag, ".npy"):
+        if _signature(path) != _NPY_MAGIC:
+            raise ValueError(f"{flag} {path}: not a readable .npy file (no .npy signature at the start)")
+        return NpyChunks(str(path), chunk_size)
+
+
+def _predict_stream(model: Perceiver, args: argparse.Namespace) -> tuple[np.ndarray, int, int]:
+    """One [B, N, C] array streamed from its file through the encoder -> (y, samples, tokens)."""
+    x = _npy_chunks(args.input, "--input", args.chunk_size)
+    _check_input_shape(x.shape, args.input, model.config)
+    mask = _npy_chunks(args.mask, "--mask", args.chunk_size) if args.mask else None
+    if mask is not None:
+        _check_mask(mask.shape, mask.dtype, x.shape, args.mask)
+    y = model.encode_stream(x, mask, chunk_size=args.chunk_size)
+    return y, x.shape[0], x.shape[0] * x.shape[1]
+
+
+def _predict_batches(model: Perceiver, args: argparse.Namespace) -> tuple[np.ndarray, int, int]:
+    """An .npy [S, N, C] (memory-mapped) or an .npz of sequences, in batches -> (y, samples, tokens)."""
+    batches: Iterator[tuple[np.ndarray, np.ndarray | None]]
+    size = args.batch_size
+    if args.input.suffix == ".npz":  # sequences of different lengths: padded and masked
+        if args.mask:
+            raise ValueError(f"--mask {args.mask}: sequences in an .npz are masked by their lengths; "
+                             "--mask goes with an .npy --input")
+        seqs = _sequences(args.input, model.config)
+        batches = (_pad(seqs[i:i + size]) for i in range(0, len(seqs), size))
+        count, tokens = len(seqs), sum(len(s) for s in seqs)
+    else:
+        x = _read_npy(args.input, "--input")
+        _check_input_shape(x.shape, args.input, model.config)
+        mask = _read_npy(args.mask, "--mask") if args.mask else None
+        if mask is not None:
+            _check_mask(mask.shape, mask.dtype, x.shape, args.mask)
+        batches = ((np.asarray(x[i:i + size]), None if mask is None else np.asarray(mask[i:i + size]))
+                   for i in range(0, len(x), size))
+        count, tokens = x.shape[0], x.shape[0] * x.shape[1]
+    outs = []
+    bar = _bar(math.ceil(count / size), not args.quiet)
+    for xb, mb in batches:
+        outs.append(model(xb, mb))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return np.concatenate(outs), count, tokens
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    _output_file(args.out, "--out")
     model = _restore(args.checkpoint)
     t0 = time.perf_counter()
-    if args.stream:  # one [B, N, C] array read from its file chunk by chunk
-        from .stream import NpyChunks
-
-        x = NpyChunks(args.input, args.chunk_size)  # read into one reused buffer, never whole
-        mask = NpyChunks(args.mask, args.chunk_size) if args.mask else None
-        y = model.encode_stream(x, mask, chunk_size=args.chunk_size)
-        count, tokens = x.shape[0], x.shape[0] * x.shape[1]
-    else:
-        batches: Iterator[tuple[np.ndarray, np.ndarray | None]]
-        if args.input.suffix == ".npz":  # sequences of different lengths: padded and masked
-            seqs = _sequences(args.input)
-            batches = (_pad(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size))
-            count, tokens = len(seqs), sum(len(s) for s in seqs)
-        else:
-            x = np.load(args.input, allow_pickle=False, mmap_mode="r")
-            mask = np.load(args.mask, allow_pickle=False, mmap_mode="r") if args.mask else None
-            batches = ((np.asarray(x[i:i + args.batch_size]),
-                        None if mask is None else np.asarray(mask[i:i + args.batch_size]))
-                       for i in range(0, len(x), args.batch_size))
-            count, tokens = x.shape[0], x.shape[0] * x.shape[1]
-        outs = []
-        bar = _bar(math.ceil(count / args.batch_size), not args.quiet)
-        for xb, mb in batches:
-            outs.append(model(xb, mb))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        y = np.concatenate(outs)
-    np.save(args.out, y)
+    y, count, tokens = (_predict_stream if args.stream else _predict_batches)(model, args)
+    with open(args.out, "wb") as f:  # exactly the path given (np.save(path) would append .npy)
+        np.save(f, y)
     seconds = time.perf_counter() - t0
     print(f"{count} samples ({tokens:,} tokens) -> {args.out} {y.shape} in {seconds:.2f} s: "
           f"{count / seconds:.1f} samples/s, {tokens / seconds:,.0f} tokens/s")
@@ -256,7 +565,13 @@ def cmd_golden(args: argparse.Namespace) -> int:
     from .verify import write_golden
 
     cfg = dataclasses.replace(_config_from(args), dtype="float64", backend="numpy")
-    model = load_params(args.params, cfg) if args.params else Perceiver(cfg)
+    _output_file(args.out, "--out")
+    if args.params:
+        _input_file(args.params, "--params")
+        with _reading(args.params, "--params"):
+            model = load_params(args.params, cfg)  # every problem an InteropError naming the path
+    else:
+        model = Perceiver(cfg)
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.batch, args.length, cfg.input_dim))
     mask = None
@@ -277,7 +592,15 @@ def cmd_golden(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .verify import compare
 
-    report = compare(args.golden, args.theirs)
+    for path in (args.golden, args.theirs):
+        _input_file(path)
+        with _reading(path, "", ".npz"):
+            if not _signature(path).startswith(_ZIP_MAGIC):
+                raise ValueError(f"{path}: not a readable .npz file (no zip signature at the start)")
+    try:
+        report = compare(args.golden, args.theirs, allow_missing=args.allow_missing)
+    except MemoryError as err:
+        raise ValueError(f"{args.golden}, {args.theirs}: too large to compare in memory ({err})") from err
     print(json.dumps(report.to_json(), indent=1) if args.json else report)
     return 0 if report.ok else 1
 
@@ -287,9 +610,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="a configuration's summary, shapes, counts, FLOPs, memory")
+    info = sub.add_parser("info", help="a configuration's summary, shapes, counts, FLOPs, memory "
+                          "(from the options alone: no model is built)")
     _add_config_flags(info)
-    info.add_argument("--length", type=int, default=1024, help="N, the input length for FLOPs and memory")
+    info.add_argument("--length", type=positive_int, default=1024,
+                      help="N, the input length for FLOPs and memory")
     info.set_defaults(func=cmd_info)
 
     train = sub.add_parser("train", help="train a model on an .npz dataset")
@@ -297,22 +622,25 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help=".npz with x [S, N, C], y, optional mask")
     train.add_argument("--eval-data", type=Path, help="held-out .npz, evaluated after every epoch")
     train.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy")
-    train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument("--label-smoothing", type=fraction, default=0.0, help="in [0, 1]")
     train.add_argument("--optimizer", choices=("adamw", "lamb", "sgd"), default="adamw")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, > 0")
     train.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                        help="cosine: linear warmup then half cosine to 0")
-    train.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of all steps")
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD only")
+    train.add_argument("--warmup", type=fraction, default=0.1,
+                       help="warmup as a fraction of all steps, in [0, 1]")
+    train.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    train.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD only")
     train.add_argument("--nesterov", action="store_true", help="SGD only")
-    train.add_argument("--clip-norm", type=float, default=1.0, help="global gradient norm limit")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--patience", type=int, help="stop after this many epochs without a better eval loss")
+    train.add_argument("--clip-norm", type=positive_float, default=1.0,
+                       help="global gradient norm limit, > 0")
+    train.add_argument("--epochs", type=positive_int, default=10)
+    train.add_argument("--batch-size", type=positive_int, default=64)
+    train.add_argument("--patience", type=positive_int,
+                       help="stop after this many epochs without a better eval loss")
     train.add_argument("--out", type=Path, default=Path("checkpoint.npz"),
                        help="checkpoint, written after every epoch")
-    train.add_argument("--log", type=Path, help="JSON-lines metrics log")
+    train.add_argument("--log", type=Path, help="JSON-lines metrics log, appended to")
     train.add_argument("--resume", action="store_true", help="continue from --out bit-identically")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(func=cmd_train)
@@ -321,7 +649,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=Path, required=True)
     ev.add_argument("--data", type=Path, required=True)
     ev.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=positive_int, default=256)
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="run a checkpoint on x.npy, write y.npy")
@@ -330,20 +658,21 @@ def parser() -> argparse.ArgumentParser:
                     help=".npy [S, N, C] (memory-mapped), or .npz of sequences [n_i, C] of any lengths "
                          "(padded and masked automatically)")
     pr.add_argument("--mask", type=Path, help=".npy bool [S, N], True = keep")
-    pr.add_argument("--out", type=Path, required=True)
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--out", type=Path, required=True, help=".npy written to exactly this path")
+    pr.add_argument("--batch-size", type=positive_int, default=64)
     pr.add_argument("--stream", action="store_true",
                     help="stream one long input through the encoder chunk by chunk (any N, bounded memory)")
-    pr.add_argument("--chunk-size", type=int, default=16384,
+    pr.add_argument("--chunk-size", type=positive_int, default=16384,
                     help="positions per chunk with --stream (read into one reused buffer)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_predict)
 
-    gc = sub.add_parser("gradcheck", help="finite-difference check of a configuration, in float64")
+    gc = sub.add_parser("gradcheck", help="finite-difference check of a configuration, in float64; "
+                        "exit 1 when it fails")
     _add_config_flags(gc)
-    gc.add_argument("--length", type=int, default=4, help="N")
-    gc.add_argument("--batch", type=int, default=2, help="B")
-    gc.add_argument("--entries", type=int, default=4, help="entries checked per tensor")
+    gc.add_argument("--length", type=positive_int, default=4, help="N")
+    gc.add_argument("--batch", type=positive_int, default=2, help="B")
+    gc.add_argument("--entries", type=positive_int, default=4, help="entries checked per tensor")
     gc.set_defaults(func=cmd_gradcheck)
 
     go = sub.add_parser("golden", help="write a golden file: params, inputs, every activation and "
@@ -353,10 +682,10 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(go)
     go.add_argument("--params", type=Path,
                     help=".npz or .safetensors keyed by our schema: weights trained elsewhere")
-    go.add_argument("--batch", type=int, default=2, help="B")
-    go.add_argument("--length", type=int, default=8, help="N")
+    go.add_argument("--batch", type=positive_int, default=2, help="B")
+    go.add_argument("--length", type=positive_int, default=8, help="N")
     go.add_argument("--mask", action="store_true", help="pad the last sample to half its length")
-    go.add_argument("--num-queries", type=int, default=4, help="O, for query_source given")
+    go.add_argument("--num-queries", type=positive_int, default=4, help="O, for query_source given")
     go.add_argument("--out", type=Path, required=True)
     go.set_defaults(func=cmd_golden)
 
@@ -365,14 +694,49 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("golden", type=Path)
     cp.add_argument("theirs", type=Path, help=".npz with act/<name>, grad/<name> (docs/verify.md)")
     cp.add_argument("--json", action="store_true", help="the report as JSON")
+    cp.add_argument("--allow-missing", action="store_true",
+                    help="compare only the tensors present in theirs; still fails when no activation "
+                         "or no gradient was compared")
     cp.set_defaults(func=cmd_compare)
     return p
 
 
+def _error(command: str, message: object) -> None:
+    print(f"perceiver-np {command}: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the command; return its exit status (see the module docstring)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already reported by argparse
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.func(args))
-    except (ValueError, TypeError) as err:  # bad options or data: one clear line, no traceback
-        print(f"perceiver-np {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"perceiver-np {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of our output went away (| head): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except MemoryError as err:
+        _error(args.command, f"out of memory ({err})")
         return 2
+    except OSError as err:  # a user's path that cannot be read or written
+        _error(args.command, f"{err.filename}: {err.strerror}" if err.filename and err.strerror else err)
+        return 2
+    except (ValueError, TypeError) as err:  # bad options or data: one clear line, no traceback
+        _error(args.command, err)
+        return 2
+
+
+def run() -> int:
+    """The ``perceiver-np`` executable: :func:`perceiver_np.runtime.tune` (the process-wide
+    settings a command-line run wants: threads from PERCEIVER_NP_NUM_THREADS, a passive OpenMP
+    wait, freed memory kept unless PERCEIVER_NP_KEEP_MEMORY=0), then :func:`main`. ``main``
+    itself tunes nothing, so calling it from Python changes nothing process-wide."""
+    from .runtime import tune
+
+    tune()
+    return main()

@@ -8,12 +8,14 @@
     cost.transformer_flops(cfg, n)    # a standard transformer on the same N positions
     cost.crossover(cfg)               # the N from which the Perceiver costs less
     cost.training_bytes_line(cfg)     # (a, b): bytes the backward keeps per sample = a N + b
+    cost.param_count(cfg)             # parameters, without allocating them
     cost.inference_extra_bytes(cfg, b, n)   # the fast path's buffers for a batch of b
 
 The seed doc's complexity table (Perceiver O(N M + M^2) against a transformer's O(N^2)) with
 the constants in: the Perceiver's cost is affine in N (input projection, keys/values and the
 cross-attention scores are per position; the latents' blocks and the decoder are per sample),
-a transformer's is quadratic.
+a transformer's is quadratic. Everything here is arithmetic on the config: no array is
+allocated, so a configuration of any size is costed in microseconds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import PerceiverConfig
+from .config import PerceiverConfig, cross_block_shapes, decoder_shapes, self_block_shapes
 
 
 def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
@@ -39,7 +41,7 @@ def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
     sq, sv = cfg.self_qk_channels, cfg.self_v_channels
     self_ = 2 * (m * d * (2 * sq + sv) + m * m * (sq + sv) + m * sv * d
                  + 2 * m * d * cfg.self_widening_factor * d)
-    parts["latent self-attention"] = sum(1 for kind, _ in cfg.schedule if kind == "self") * self_
+    parts["latent self-attention"] = self_block_uses(cfg) * self_
     dec = 0
     if cfg.decoder not in ("pool", "latents"):
         o = cfg.decoder_queries or 1
@@ -57,9 +59,16 @@ def flops_line(cfg: PerceiverConfig) -> tuple[int, int]:
     return forward_flops(cfg, 1)["total"] - b, b
 
 
+def self_block_uses(cfg: PerceiverConfig) -> int:
+    """How many self blocks the forward runs: ``num_blocks`` uses of each of the ``num_layers``
+    blocks (the self steps of ``cfg.schedule``, counted without building it)."""
+    return cfg.num_blocks * cfg.num_layers
+
+
 def transformer_layers(cfg: PerceiverConfig) -> int:
-    """The depth of the transformer compared against: one layer per block the Perceiver runs."""
-    return len(cfg.schedule)
+    """The depth of the transformer compared against: one layer per block the Perceiver runs
+    (``len(cfg.schedule)``)."""
+    return cfg.num_cross_layers + self_block_uses(cfg)
 
 
 def transformer_flops(cfg: PerceiverConfig, n: int) -> int:
@@ -78,46 +87,94 @@ def crossover(cfg: PerceiverConfig) -> int:
     (``transformer_flops``): the root of alpha N^2 + (beta - a) N - b = 0."""
     a, b = flops_line(cfg)
     t1, t2 = transformer_flops(cfg, 1), transformer_flops(cfg, 2)
-    alpha = (t2 - 2 * t1) / 2  # t(n) = alpha n^2 + beta n
+    alpha = (t2 - 2 * t1) // 2  # t(n) = alpha n^2 + beta n, integers (exact for any widths)
     beta = t1 - alpha
-    root = ((a - beta) + math.sqrt((beta - a) ** 2 + 4 * alpha * b)) / (2 * alpha)
-    n = max(1, math.floor(root))
+    n = max(1, ((a - beta) + math.isqrt((beta - a) ** 2 + 4 * alpha * b)) // (2 * alpha))
     while forward_flops(cfg, n)["total"] > transformer_flops(cfg, n):
         n += 1
     return n
 
 
+def param_count(cfg: PerceiverConfig) -> int:
+    """The number of parameters (``Perceiver(cfg).param_count``), by arithmetic on the block
+    shapes: no parameter is allocated and the schema is not listed, so any size or depth works."""
+    def block(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(math.prod(s) for s in shapes.values())
+
+    d = cfg.latent_dim
+    total = cfg.num_latents * d + cfg.num_cross_layers * block(cross_block_shapes(cfg))
+    total += cfg.num_layers * block(self_block_shapes(cfg))
+    total += (cfg.input_dim * d + d if cfg.input_projection else 0) + (2 * d if cfg.final_norm else 0)
+    if cfg.decoder not in ("pool", "latents"):
+        total += block(decoder_shapes(cfg))
+    return total
+
+
 def training_bytes_line(cfg: PerceiverConfig) -> tuple[int, int]:
-    """(a, b): bytes of the activations a training forward keeps for the backward, per sample,
-    ``a N + b`` (measured on the model's own cache at two lengths; every cached array is either
-    per position or per sample, so two points determine the line exactly)."""
-    import numpy as np
+    """(a, b): bytes of the arrays a forward's cache keeps for the backward, per sample,
+    ``a N + b``, counted from the config alone: nothing is allocated, so any size works.
 
-    from .model import Perceiver
+    Exactly :func:`cache_bytes` of the cache of ``Perceiver(cfg).forward(x)`` for one sample
+    without a mask (tests/test_cost.py checks it against real caches): every cached array is
+    either per position (a) or per sample (b); the parameters, which the cache refers to but
+    does not copy, are not counted. Training with dropout adds its masks (per sample), which are
+    not counted either."""
+    d, m = cfg.latent_dim, cfg.num_latents
+    per_position = cfg.input_dim if cfg.input_projection else 0  # the input projection's x [N, C]
+    per_sample = 0
+    # every cross block: LN_kv's xhat [N, Ckv], rstd [N] and output [N, Ckv] (the key/value
+    # projections' input), the keys [N, qk] and values [N, v], and on the plain attention path
+    # the probabilities [H, M, N]; and its query side
+    ckv, qk, v, heads = cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels, cfg.cross_num_heads
+    flash = cfg.attention_backend("cross", False) == "numba"
+    per_position += cfg.num_cross_layers * (2 * ckv + 1 + qk + v + (0 if flash else heads * m))
+    per_sample += cfg.num_cross_layers * _query_side(m, d, qk, v, heads, cfg.cross_widening_factor, flash)
+    # every use of a self block: its query side, keys, values (and probabilities)
+    qk, v, heads = cfg.self_qk_channels, cfg.self_v_channels, cfg.num_heads
+    flash = cfg.attention_backend("self", False) == "numba"
+    per_sample += self_block_uses(cfg) * (_query_side(m, d, qk, v, heads, cfg.self_widening_factor, flash)
+                                          + m * (qk + v) + (0 if flash else heads * m * m))
+    if cfg.final_norm:  # xhat [M, D], rstd [M]
+        per_sample += m * d + m
+    if cfg.decoder not in ("pool", "latents"):  # a cross block from O queries to the M latents
+        o = cfg.decoder_queries or 1
+        cq, qk, v, heads = cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v, cfg.decoder_heads
+        flash = cfg.attention_backend("cross", False) == "numba"
+        per_sample += (_query_side(o, cq, qk, v, heads, cfg.decoder_widening_factor, flash)
+                       + 2 * m * d + m + m * (qk + v)  # LN_kv of the latents, keys, values
+                       + (0 if flash else heads * o * m)
+                       + o * cq)  # the output projection's input
+    item = cfg.np_dtype.itemsize
+    return item * per_position, item * per_sample
 
-    model = Perceiver(cfg)
-    sizes = []
-    for n in (16, 32):
-        x = np.zeros((1, n, cfg.input_dim), dtype=cfg.np_dtype)
-        queries = None
-        if cfg.decoder == "query" and cfg.query_source == "given":
-            queries = np.zeros((1, 1, cfg.decoder_query_channels), dtype=cfg.np_dtype)
-        _, cache = model.forward(x, queries=queries)
-        sizes.append(cache_bytes(cache))
-    a = (sizes[1] - sizes[0]) // 16
-    return a, sizes[0] - 16 * a
+
+def _query_side(rows: int, width: int, qk: int, v: int, heads: int, widening: int, flash: bool) -> int:
+    """The values a block's cache keeps on its query side, for ``rows`` queries of ``width``
+    channels: the two LayerNorms' xhat and rstd and their outputs (the query projection's and
+    the FFN's input), the queries [rows, qk], the merged heads [rows, v] (the output
+    projection's input), the FFN's pre-activation and GELU output [rows, widening * width];
+    with the kernel (``flash``) also its log-sum-exp [H, rows] and output o [H, rows, v / H],
+    of which the merged heads are a view when merging needs no copy (one head, one row or one
+    channel per head)."""
+    acts = 2 * (2 * rows * width + rows) + rows * (qk + v) + 2 * rows * widening * width
+    if flash:
+        acts += heads * rows + (rows * v if heads > 1 and rows > 1 and v > heads else 0)
+    return acts
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of every distinct array a forward's cache holds (what the backward needs)."""
+    """Bytes of every distinct array a forward's cache holds (what the backward needs), the
+    model's parameters left out: the cache refers to them (``params_used``), it does not copy
+    them, and they are the model's memory whatever the batch."""
     import numpy as np
 
     seen: dict[int, int] = {}
+    params = {id(p if p.base is None else p.base) for p in getattr(cache, "params_used", ())}
 
     def walk(obj: Any) -> None:
         if isinstance(obj, np.ndarray):
             base = obj if obj.base is None else obj.base
-            if isinstance(base, np.ndarray):
+            if isinstance(base, np.ndarray) and id(base) not in params:
                 seen[id(base)] = base.nbytes
         elif isinstance(obj, (tuple, list)):
             for item in obj:

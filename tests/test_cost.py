@@ -51,12 +51,62 @@ def test_crossover_is_where_the_costs_cross(name):
     assert cost.transformer_flops(cfg, big) > 10 * cost.forward_flops(cfg, big)["total"]
 
 
-@pytest.mark.parametrize("name", ["seed", "io-query-decoder"])
-def test_training_memory_line_predicts_the_cache(name):
-    """Fitted at N = 16 and 32, the line must give the cache's size at another N exactly."""
-    cfg = pnp.build(**CONFIGS[name]).config
+#: Configurations whose caches differ in kind: every decoder and query source, the plain and
+#: the kernel attention paths, shared self blocks, one head, one channel per head, float32.
+MEMORY_CONFIGS = {
+    **CONFIGS,
+    "float32": small_opts(dtype="float32"),
+    "plain-path": small_opts(backend="numpy", decoder="classification", output_dim=4, decoder_heads=2),
+    "kernel-everywhere": small_opts(backend="numba", qk_channels=2, v_channels=2, cross_heads=2),
+    "uniform-masked-rows": small_opts(masked_rows="uniform", num_heads=1),
+    "shared-self-blocks": small_opts(num_cross_layers=2, num_layers=4, num_blocks=2, final_norm=False),
+    "classification": small_opts(decoder="classification", output_dim=4, cross_widening_factor=2),
+    "query-decoder": small_opts(decoder="query", num_outputs=5, output_dim=3, decoder_heads=4,
+                                decoder_qk_channels=8, decoder_v_channels=4, query_dim=6,
+                                decoder_widening_factor=2),
+    "fourier-queries": small_opts(decoder="query", query_source="fourier", output_index_dims=(3, 2),
+                                  output_dim=2, decoder_heads=2),
+    "given-queries": small_opts(decoder="query", query_source="given", query_dim=6, output_dim=2),
+    "latents": small_opts(decoder="latents", num_latents=1, qk_channels=4, v_channels=6),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CONFIGS))
+def test_training_memory_line_is_the_cache(name):
+    """Counted from the config, the line gives the size of a real forward's cache at any N."""
+    cfg = pnp.build(**MEMORY_CONFIGS[name]).config
     a, b = cost.training_bytes_line(cfg)
     model = pnp.Perceiver(cfg)
-    _, cache = model.forward(np.zeros((1, 77, cfg.input_dim), dtype=cfg.np_dtype))
-    assert cost.cache_bytes(cache) == a * 77 + b
+    queries = None
+    if cfg.decoder == "query" and cfg.query_source == "given":
+        queries = np.zeros((1, 1, cfg.decoder_query_channels), dtype=cfg.np_dtype)
+    for n in (1, 16, 77):
+        _, cache = model.forward(np.zeros((1, n, cfg.input_dim), dtype=cfg.np_dtype), queries=queries)
+        assert cost.cache_bytes(cache) == a * n + b, n
     assert a > 0 and b > 0
+    assert cost.param_count(cfg) == model.param_count
+
+
+def test_costs_need_no_model(monkeypatch):
+    """A model of 8 TiB and one of 10^9 blocks: costed from the config, nothing allocated."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(pnp.Perceiver, "__init__", no_model)
+    for opts in ({"input_dim": 287, "latent_dim": 10**9}, {"input_dim": 287, "num_layers": 10**9,
+                                                          "num_cross_layers": 10**6, "num_blocks": 7}):
+        cfg = pnp.PerceiverConfig(**opts)
+        a, b = cost.training_bytes_line(cfg)
+        assert a > 0 and b > 0
+        assert cost.forward_flops(cfg, 4096)["total"] > 0
+        n = cost.crossover(cfg)
+        assert cost.forward_flops(cfg, n)["total"] <= cost.transformer_flops(cfg, n)
+        assert cost.inference_extra_bytes(cfg, 32, 4096) > 0
+        assert cost.param_count(cfg) > 10**9
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CONFIGS))
+def test_depth_counts_match_the_schedule(name):
+    cfg = pnp.build(**MEMORY_CONFIGS[name]).config
+    assert cost.transformer_layers(cfg) == len(cfg.schedule)
+    assert cost.self_block_uses(cfg) == sum(kind == "self" for kind, _ in cfg.schedule)
