@@ -41,7 +41,7 @@ import numpy as np
 
 from .kernels import ChunkState, attention_forward, chunk_state, finish_chunks, gemm, merge_chunk, rows
 from .layers import Params, sub
-from .shapes import OVERFLOW_WHY, expect_finite, expect_shape
+from .shapes import expect_finite_output, expect_shape
 
 #: Rows (batch x positions) per chunk of the cross-attentions' input side: a [16384, 256]
 #: float32 buffer is 16 MiB, under glibc's largest mmap threshold (32 MiB), so a freed chunk's
@@ -186,7 +186,7 @@ def encode(model, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
                                use_query_residual=cfg.use_query_residual, gelu=cfg.gelu)
         else:
             z = self_block(z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu)
-        expect_finite(f"{kind}.{i} output", z, OVERFLOW_WHY)
+        expect_finite_output(f"{kind}.{i} output", z)
     return final_norm(model, z)
 
 

@@ -50,10 +50,9 @@ from .layers import (
     tap,
 )
 from .shapes import (
-    OVERFLOW_WHY,
     as_mask,
     as_real_input,
-    expect_finite,
+    expect_finite_output,
     expect_in_range,
     expect_shape,
     first_nonfinite,
@@ -161,7 +160,7 @@ class Perceiver:
 
         p = self.checked_params()
         x, mask = self._check_input(x, mask, p)
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite_output
             z = fast.encode(self, x, mask)  # [B, N, C] -> [B, M, D]
             return self.decode(z, queries=queries, query_mask=query_mask)[0]
 
@@ -226,7 +225,7 @@ class Perceiver:
                     f"got {type(rng).__name__}"
                 )
 
-        # an overflow shows as the named error of expect_finite below, not as numpy's warning
+        # an overflow shows as the named error of expect_finite_output below, not as numpy's warning
         with np.errstate(over="ignore", invalid="ignore"):
             input_proj = None
             h = x
@@ -258,7 +257,7 @@ class Perceiver:
                         record=record, name=step_name, ffn_backend=cfg.elementwise_backend,
                     )  # [B, M, D] -> [B, M, D]
                     steps.append(self_)
-                expect_finite(f"{step_name} output", z, OVERFLOW_WHY)
+                expect_finite_output(f"{step_name} output", z)
             final_norm = None
             if cfg.final_norm:
                 z, final_norm = layernorm_forward(z, sub(p, "final_norm"), cfg.elementwise_backend)
@@ -312,7 +311,7 @@ class Perceiver:
             if cfg.decoder == "classification":
                 y = y[:, 0]  # [B, 1, out] -> [B, out]
             head = DecoderCache(block, output, qmask)
-        expect_finite("output", y, OVERFLOW_WHY)
+        expect_finite_output("output", y)
         tap(record, "output", y)
         return y, head
 
@@ -476,8 +475,9 @@ def input_bound(cfg: PerceiverConfig, p: Params, x: np.ndarray) -> tuple[float, 
     if not cfg.input_projection:
         return top, "the key/value LayerNorm's input"
     w, bias = p["input_proj.weight"], p["input_proj.bias"]
-    col = float(np.abs(w).sum(axis=0, dtype=np.float64).max())
-    return top * col + float(np.abs(bias).max()), "the input projection x @ W_in + b_in"
+    col, b_top = float(np.abs(w).sum(axis=0, dtype=np.float64).max()), float(np.abs(bias).max())
+    return top * col + b_top, (f"the input projection x @ W_in + b_in (params['input_proj.weight']: "
+                               f"column sums of |W_in| up to {col:.3g}; |b_in| up to {b_top:.3g})")
 
 
 def step_names(cfg: PerceiverConfig) -> list[str]:

@@ -17,6 +17,11 @@ arrays. Nothing is kept anywhere else, so the same inputs give bit-identical out
 Learning rate: a float, or a schedule ``lr(step) -> float`` called with the state's ``"step"``
 *before* the update, i.e. ``lr(0)`` for the first update, ``lr(1)`` for the second. Adam's bias
 corrections use ``t = step + 1`` (1 for the first update), as torch does.
+
+Every optimizer describes itself: ``opt.spec`` is a JSON-able dict of its kind and every
+hyper-parameter, the learning rate's schedule included (``WarmupCosine.spec``,
+``StepDecay.spec``). :func:`perceiver_np.train.fit` stores it in its checkpoints and refuses to
+resume with an optimizer whose spec differs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,11 +46,19 @@ Rule = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray], int, float, bool
 
 
 class Optimizer(NamedTuple):
-    """A pure optimizer: ``state = init(params)``, ``params, state = update(params, grads, state)``."""
+    """A pure optimizer: ``state = init(params)``, ``params, state = update(params, grads, state)``.
+
+    ``spec`` describes it as plain JSON values: ``{"kind": "sgd" | "adamw" | "lamb", "lr": ...,
+    <every hyper-parameter>, "decay_mask": ...}`` with ``lr`` the schedule's own spec
+    (:func:`lr_spec`). :func:`sgd`, :func:`adamw` and :func:`lamb` set it; an optimizer built by
+    hand has ``None`` (undescribed: ``fit`` records it as ``{"kind": "custom"}`` and cannot
+    resume it).
+    """
 
     init: Callable[[Mapping[str, np.ndarray]], State]
     update: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
                      tuple[Params, State]]
+    spec: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +81,17 @@ def default_decay_mask(name: str) -> bool:
     )
 
 
+def decay_mask_spec(decay_mask: DecayMask | None) -> Any:
+    """How an optimizer's spec records its decay mask: ``"default"`` for
+    :func:`default_decay_mask`, ``"all"`` for ``None`` (every parameter decays), the callable's
+    own ``spec`` attribute when it has one (any JSON value that identifies it), else ``"custom"``."""
+    if decay_mask is None:
+        return "all"
+    if decay_mask is default_decay_mask:
+        return "default"
+    return getattr(decay_mask, "spec", "custom")
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedules: step -> lr, step = updates already applied (0 for the first)
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +103,17 @@ def _check_step(step: int) -> int:
     return int(step)
 
 
-def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr: float = 0.0) -> Schedule:
+def lr_spec(lr: float | Schedule) -> Any:
+    """A learning rate as JSON values: ``{"kind": "constant", "lr": <float>}`` for a number, a
+    schedule's own ``spec`` attribute (:class:`WarmupCosine`, :class:`StepDecay`, or any callable
+    that carries one), else ``{"kind": "custom"}``: a plain callable cannot be described."""
+    if not callable(lr):
+        return {"kind": "constant", "lr": float(lr)}
+    return getattr(lr, "spec", {"kind": "custom"})
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
     """Linear warmup from 0 to ``peak_lr``, then a half cosine down to ``final_lr``.
 
     ``W = warmup_steps``, ``T = total_steps``, ``s`` the step (0 for the first update)::
@@ -90,49 +125,87 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr:
     So ``lr(0) = 0`` when ``W > 0``, ``lr(W) = peak_lr``, and the cosine reaches ``final_lr`` at
     ``s = T``; optax's ``warmup_cosine_decay_schedule`` (init 0) counts the same way, and so does
     Hugging Face's ``get_cosine_schedule_with_warmup`` for ``s <= T``, ``final_lr = 0``.
-    Needs ``0 <= W <= T``.
+    Needs ``0 <= W <= T``. A frozen value: equal fields, equal schedules; ``spec`` is its JSON form.
     """
-    _nonnegative("peak_lr", peak_lr)
-    _nonnegative("final_lr", final_lr)
-    _int_at_least("warmup_steps", warmup_steps, 0)
-    _int_at_least("total_steps", total_steps, warmup_steps, "warmup_steps")
 
-    def schedule(step: int) -> float:
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    final_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _nonnegative("peak_lr", self.peak_lr)
+        _nonnegative("final_lr", self.final_lr)
+        _int_at_least("warmup_steps", self.warmup_steps, 0)
+        _int_at_least("total_steps", self.total_steps, self.warmup_steps, "warmup_steps")
+
+    def __call__(self, step: int) -> float:
         s = _check_step(step)
-        if s < warmup_steps:
-            return peak_lr * s / warmup_steps
-        if s >= total_steps:
-            return final_lr
-        progress = (s - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
-        return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        peak, warmup, total, final = self.peak_lr, self.warmup_steps, self.total_steps, self.final_lr
+        if s < warmup:
+            return peak * s / warmup
+        if s >= total:
+            return final
+        progress = (s - warmup) / (total - warmup)  # in [0, 1)
+        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return schedule
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "warmup_cosine", "peak_lr": float(self.peak_lr),
+                "warmup_steps": int(self.warmup_steps), "total_steps": int(self.total_steps),
+                "final_lr": float(self.final_lr)}
 
 
-def step_decay(lr: float, boundaries: Sequence[int], factors: Sequence[float]) -> Schedule:
+@dataclass(frozen=True)
+class StepDecay:
     """Piecewise constant: ``lr`` before ``boundaries[0]``, ``lr * factors[i]`` from step
     ``boundaries[i]`` on (until the next boundary). The factors are absolute, not cumulative:
-    ``step_decay(0.1, [100, 200], [0.1, 0.01])`` gives 0.1, then 0.01 from step 100, then 0.001
-    from step 200. ``boundaries`` strictly increasing ints >= 1, one factor (>= 0) per boundary.
+    ``StepDecay(0.1, (100, 200), (0.1, 0.01))`` gives 0.1, then 0.01 from step 100, then 0.001
+    from step 200. ``boundaries`` strictly increasing ints >= 1, one factor (>= 0) per boundary;
+    both are stored as tuples. A frozen value; ``spec`` is its JSON form.
     """
-    _nonnegative("lr", lr)
-    bounds, facs = list(boundaries), list(factors)
-    if len(bounds) != len(facs):
-        raise ValueError(
-            f"factors: expected one factor per boundary ({len(bounds)}), got {len(facs)}"
-        )
-    for i, b in enumerate(bounds):
-        _int_at_least(f"boundaries[{i}]", b, 1 if i == 0 else bounds[i - 1] + 1,
-                      "1" if i == 0 else f"boundaries[{i - 1}] + 1 (strictly increasing)")
-    for i, f in enumerate(facs):
-        _nonnegative(f"factors[{i}]", f)
-    facs = [float(f) for f in facs]
 
-    def schedule(step: int) -> float:
-        i = bisect.bisect_right(bounds, _check_step(step))  # boundaries <= step
-        return lr if i == 0 else lr * facs[i - 1]
+    lr: float
+    boundaries: tuple[int, ...]
+    factors: tuple[float, ...]
 
-    return schedule
+    def __post_init__(self) -> None:
+        _nonnegative("lr", self.lr)
+        bounds, facs = tuple(self.boundaries), tuple(self.factors)
+        if len(bounds) != len(facs):
+            raise ValueError(
+                f"factors: expected one factor per boundary ({len(bounds)}), got {len(facs)}"
+            )
+        for i, b in enumerate(bounds):
+            _int_at_least(f"boundaries[{i}]", b, 1 if i == 0 else bounds[i - 1] + 1,
+                          "1" if i == 0 else f"boundaries[{i - 1}] + 1 (strictly increasing)")
+        for i, f in enumerate(facs):
+            _nonnegative(f"factors[{i}]", f)
+        object.__setattr__(self, "boundaries", tuple(int(b) for b in bounds))
+        object.__setattr__(self, "factors", tuple(float(f) for f in facs))
+
+    def __call__(self, step: int) -> float:
+        i = bisect.bisect_right(self.boundaries, _check_step(step))  # boundaries <= step
+        return self.lr if i == 0 else self.lr * self.factors[i - 1]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "step_decay", "lr": float(self.lr), "boundaries": list(self.boundaries),
+                "factors": list(self.factors)}
+
+
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr: float = 0.0) -> WarmupCosine:
+    """``WarmupCosine(peak_lr, warmup_steps, total_steps, final_lr)``: linear warmup to
+    ``peak_lr`` over ``warmup_steps``, then a half cosine reaching ``final_lr`` at ``total_steps``
+    (:class:`WarmupCosine` gives the formula)."""
+    return WarmupCosine(peak_lr, warmup_steps, total_steps, final_lr)
+
+
+def step_decay(lr: float, boundaries: Sequence[int], factors: Sequence[float]) -> StepDecay:
+    """``StepDecay(lr, boundaries, factors)``: ``lr`` before ``boundaries[0]``, ``lr * factors[i]``
+    from step ``boundaries[i]`` on; ``step_decay(0.1, [100, 200], [0.1, 0.01])`` gives 0.1, then
+    0.01 from step 100, then 0.001 from step 200 (:class:`StepDecay`)."""
+    return StepDecay(lr, tuple(boundaries), tuple(factors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,27 +213,42 @@ def step_decay(lr: float, boundaries: Sequence[int], factors: Sequence[float]) -
 # ---------------------------------------------------------------------------------------------
 
 
+def global_norm(grads: Mapping[str, np.ndarray]) -> float:
+    """``sqrt(sum over every tensor and entry of g^2)``, accumulated in float64: the norm of all
+    gradients concatenated into one vector. NaN or infinite when an entry is, and infinite when
+    the sum of squares overflows float64 (entries above about 1e154); never raises for that."""
+    total = 0.0
+    for name, g in grads.items():
+        _float_tensor(f"grads[{name!r}]", g)
+        with np.errstate(over="ignore"):  # an overflow is reported by the result: inf
+            total += float(np.sum(np.square(g, dtype=np.float64)))
+    return math.sqrt(total)
+
+
 def clip_by_global_norm(
     grads: Mapping[str, np.ndarray], max_norm: float
 ) -> tuple[Params, float]:
     """Scale every gradient by ``max_norm / norm`` when ``norm > max_norm``.
 
-    ``norm = sqrt(sum over every tensor and entry of g^2)`` (accumulated in float64), the norm
-    of all gradients concatenated into one vector. Returns ``(grads, norm)`` with ``norm``
-    before clipping. At or under the limit the same arrays come back in a new dict; over it, new
-    arrays ``g * (max_norm / norm)`` in each gradient's dtype (optax's rule; torch's
-    ``clip_grad_norm_`` divides by ``norm + 1e-6`` instead). A non-finite norm is a ValueError.
+    ``norm`` is :func:`global_norm` (accumulated in float64), the norm of all gradients
+    concatenated into one vector. Returns ``(grads, norm)`` with ``norm`` before clipping. At or
+    under the limit the same arrays come back in a new dict; over it, new arrays
+    ``g * (max_norm / norm)`` in each gradient's dtype (optax's rule; torch's ``clip_grad_norm_``
+    divides by ``norm + 1e-6`` instead). A non-finite norm is a ValueError naming the first
+    tensor that holds NaN or infinity, or, when every entry is finite, the largest one.
     """
     if _real("max_norm", max_norm) <= 0.0:
         raise ValueError(f"max_norm: expected a value > 0, got {max_norm}")
-    total = 0.0
-    for name, g in grads.items():
-        _float_tensor(f"grads[{name!r}]", g)
-        total += float(np.sum(np.square(g, dtype=np.float64)))
-    norm = math.sqrt(total)
+    norm = global_norm(grads)
     if not math.isfinite(norm):
-        bad = next(k for k, g in grads.items() if not np.isfinite(g).all())
-        raise ValueError(f"grads: the global norm is not finite; grads[{bad!r}] holds NaN or infinity")
+        bad = next((k for k, g in grads.items() if not np.isfinite(g).all()), None)
+        if bad is not None:
+            raise ValueError(f"grads: the global norm is not finite; grads[{bad!r}] holds NaN or infinity")
+        big = max(grads, key=lambda k: float(np.abs(grads[k]).max(initial=0.0)))
+        raise ValueError(
+            f"grads: the global norm overflows float64; every entry is finite, the largest |g| is "
+            f"{float(np.abs(grads[big]).max()):.3g} in grads[{big!r}]"
+        )
     if norm <= max_norm:
         return dict(grads), norm
     scale = max_norm / norm
@@ -206,7 +294,9 @@ def sgd(
         d = g + momentum * buf if nesterov else buf
         return p - rate * d, {"momentum": buf}
 
-    return _optimizer(("momentum",) if momentum > 0.0 else (), lr, decay_mask, rule)
+    spec = {"kind": "sgd", "lr": lr_spec(lr), "momentum": float(momentum), "nesterov": bool(nesterov),
+            "weight_decay": float(weight_decay), "decay_mask": decay_mask_spec(decay_mask)}
+    return _optimizer(("momentum",) if momentum > 0.0 else (), lr, decay_mask, rule, spec)
 
 
 def adamw(
@@ -239,7 +329,8 @@ def adamw(
         denom = np.sqrt(v) / math.sqrt(1.0 - b2**t) + eps
         return p - (rate / (1.0 - b1**t)) * (m / denom), {"m": m, "v": v}
 
-    return _optimizer(("m", "v"), lr, decay_mask, rule)
+    return _optimizer(("m", "v"), lr, decay_mask, rule, _adam_spec("adamw", lr, b1, b2, eps, weight_decay,
+                                                                    decay_mask))
 
 
 def lamb(
@@ -276,7 +367,14 @@ def lamb(
         ratio = p_norm / r_norm if p_norm > 0.0 and r_norm > 0.0 else 1.0
         return p - (rate * ratio) * r, {"m": m, "v": v}
 
-    return _optimizer(("m", "v"), lr, decay_mask, rule)
+    return _optimizer(("m", "v"), lr, decay_mask, rule, _adam_spec("lamb", lr, b1, b2, eps, weight_decay,
+                                                                    decay_mask))
+
+
+def _adam_spec(kind: str, lr: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+               decay_mask: DecayMask | None) -> dict[str, Any]:
+    return {"kind": kind, "lr": lr_spec(lr), "b1": float(b1), "b2": float(b2), "eps": float(eps),
+            "weight_decay": float(weight_decay), "decay_mask": decay_mask_spec(decay_mask)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +383,8 @@ def lamb(
 
 
 def _optimizer(
-    slots: tuple[str, ...], lr: float | Schedule, decay_mask: DecayMask | None, rule: Rule
+    slots: tuple[str, ...], lr: float | Schedule, decay_mask: DecayMask | None, rule: Rule,
+    spec: dict[str, Any],
 ) -> Optimizer:
     if decay_mask is not None and not callable(decay_mask):
         raise TypeError(
@@ -327,7 +426,7 @@ def _optimizer(
             new_state.update(new_slots[slot])
         return new_params, new_state
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, spec)
 
 
 def _check_inputs(

@@ -29,10 +29,15 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-#: Why a step's output can hold NaN or infinity when the input and the parameters are finite
-#: and the input is in range (:func:`expect_in_range`): an overflow inside the step.
-OVERFLOW_WHY = ("produced from finite inputs and parameters: an overflow, the parameters are too large "
-                "for the dtype")
+class OverflowRisk(ValueError):
+    """Finite inputs and parameters whose computation overflows, or could overflow, the dtype:
+    ``tensor`` names what holds (or would hold) the non-finite values, ``detail`` says why.
+    A ValueError like every other bad-input error; training turns it into its own
+    ``NonFiniteError`` at the step where it happens (the parameters grew until it did)."""
+
+    def __init__(self, tensor: str, detail: str) -> None:
+        super().__init__(f"{tensor}: {detail}")
+        self.tensor, self.detail = tensor, detail
 
 
 def expect_shape(name: str, array: np.ndarray, shape: Sequence[int | None], letters: str) -> None:
@@ -120,21 +125,23 @@ def first_nonfinite(name: str, array: np.ndarray) -> str | None:
     return f"{name}: {int(bad.sum())} non-finite value(s) (NaN or inf), first at index {first}"
 
 
-def expect_finite(name: str, array: np.ndarray, why: str = "") -> None:
-    """Raise ValueError naming ``name`` when ``array`` holds NaN or infinity."""
+def expect_finite_output(name: str, array: np.ndarray) -> None:
+    """Raise :class:`OverflowRisk` naming ``name`` when ``array``, computed from finite and
+    in-range inputs and finite parameters, holds NaN or infinity: an overflow inside the step."""
     problem = first_nonfinite(name, array)
     if problem is not None:
-        raise ValueError(problem + (f"; {why}" if why else ""))
+        raise OverflowRisk(name, problem.partition(": ")[2] + "; produced from finite inputs and parameters: "
+                           "an overflow, the parameters are too large for the dtype")
 
 
 def expect_in_range(name: str, array: np.ndarray, bound: float, limit: float, what: str) -> None:
-    """Raise ValueError when ``bound`` (a bound on the magnitudes a computation on ``array``
-    can reach) is not below ``limit``: the computation ``what`` could overflow ``array``'s
-    dtype. Checked before the computation, so every path refuses the same input."""
+    """Raise :class:`OverflowRisk` when ``bound`` (a bound on the magnitudes a computation on
+    ``array`` can reach) is not below ``limit``: the computation ``what`` (which names the
+    parameters it involves) could overflow ``array``'s dtype. Checked before the computation,
+    so every path refuses the same input."""
     if not bound < limit:
         top = float(max(np.max(array), -np.min(array)))
-        raise ValueError(
-            f"{name}: values up to {top:.3g} are too large for {array.dtype.name}: {what} could reach "
+        raise OverflowRisk(name, (
+            f"values up to {top:.3g} are too large for {array.dtype.name}: {what} could reach "
             f"{bound:.3g}, and LayerNorm's variance of it would overflow (the bound is {limit:.3g}); "
-            "scale the input down or use dtype='float64'"
-        )
+            "scale the input or the parameters down, or use dtype='float64'"))

@@ -13,6 +13,12 @@ checkpoint continues exactly like an uninterrupted run.
 A batch is a dict of arrays: ``x`` [B, N, C], ``y`` (labels [B] for classification, targets
 [B, O, out] for the query decoder), optional ``mask`` [B, N], ``queries`` [B, O, Cq] and
 ``query_mask`` [B, O].
+
+Guards (docs/training.md): a step whose prediction, loss, gradients, updated parameters or
+optimizer state hold NaN or infinity raises :class:`NonFiniteError` naming the step and the first
+such tensor, before anything is logged or saved; :func:`fit` stores its settings in every
+checkpoint and refuses to resume with other ones; arguments that would make it do nothing are
+refused before any work.
 """
 
 from __future__ import annotations
@@ -29,10 +35,59 @@ import numpy as np
 
 from . import losses
 from .model import Perceiver
-from .optim import Optimizer, clip_by_global_norm
+from .optim import Optimizer, clip_by_global_norm, global_norm
+from .shapes import OverflowRisk
+
+__all__ = [
+    "Batch", "History", "Loss", "NonFiniteError", "Params", "TrainState", "batches", "evaluate",
+    "fit", "init_state", "loss_and_grads", "train_step",
+]
 
 Params = dict[str, np.ndarray]
 Batch = Mapping[str, np.ndarray]
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced NaN or infinity; raised at that step, before its update is kept.
+
+    ``step`` is the update the step would have applied, counted from 1 (the ``state.step`` it
+    would have produced, the ``step`` column of the log); ``epoch`` is the epoch counted from 1
+    (set by :func:`fit`, ``None`` from :func:`train_step`); ``tensor`` names the first non-finite
+    value in the order they are computed: ``"<block> output"`` (the model's forward found that
+    block's output overflowed, e.g. ``"self.0 output"``), ``"pred"`` (the model's output), ``"loss"``,
+    ``"grads['<param>']"``, ``"grad_norm"`` (every gradient entry finite, but their global norm
+    overflows float64), ``"params['<param>']"`` and ``"opt_state['<slot>/<param>']"`` after the
+    update. ``detail`` says how (e.g. ``"is not finite (3 NaN and 0 infinite of 48 entries)"``).
+    """
+
+    def __init__(self, step: int, tensor: str, detail: str, epoch: int | None = None, note: str = "") -> None:
+        self.step, self.tensor, self.detail, self.epoch, self.note = step, tensor, detail, epoch, note
+        where = f"step {step}" if epoch is None else f"step {step} (epoch {epoch})"
+        super().__init__(f"{where}: {tensor} {detail}" + (f"; {note}" if note else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.tensor, self.detail, self.epoch, self.note))
+
+
+def _nonfinite(value: np.ndarray) -> str | None:
+    """None when every entry of ``value`` is finite, else what is not: ``"(inf)"`` for one
+    value, ``"(3 NaN and 1 infinite of 48 entries)"`` for more.
+
+    One sum per tensor and no temporary in the usual case: a NaN or infinite entry makes the sum
+    non-finite. Only when the sum is not finite (a bad entry, or finite entries whose sum
+    overflows) are the entries looked at one by one."""
+    if value.dtype.kind not in "fc":
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(value.sum()):
+            return None
+    finite = np.isfinite(value)
+    if finite.all():
+        return None
+    if value.size == 1:
+        return f"({value.item()})"
+    nan = int(np.isnan(value).sum())
+    return f"({nan} NaN and {value.size - int(finite.sum()) - nan} infinite of {value.size} entries)"
 
 
 @dataclass(frozen=True)
@@ -92,12 +147,41 @@ def loss_and_grads(
 ) -> tuple[float, dict[str, float], Params]:
     """Forward in training mode (dropout from ``rng``), the loss, and the gradient of the loss
     w.r.t. every parameter: what one training step uses."""
+    return _loss_and_grads(model, params, batch, loss, rng, None)
+
+
+def _loss_and_grads(
+    model: Perceiver, params: Params, batch: Batch, loss: Loss, rng: np.random.Generator,
+    step: int | None,
+) -> tuple[float, dict[str, float], Params]:
+    """:func:`loss_and_grads`; with ``step`` given, a forward that overflows, or a prediction or
+    loss that is not finite, is a :class:`NonFiniteError` at that step (checked before the loss,
+    resp. before the backward)."""
     m = Perceiver(model.config, params)
-    pred, cache = _forward(m, batch, True, rng)
+    try:
+        pred, cache = _forward(m, batch, True, rng)
+    except OverflowRisk as err:
+        # the model names what overflowed (a block's output) or could overflow (the input
+        # projection, once its weights have grown) from finite values: in a training step, the
+        # run diverging
+        if step is None:
+            raise
+        raise NonFiniteError(step, err.tensor, f"overflowed, or would: {err.detail}") from err
+    if step is not None:
+        _raise_if_nonfinite(step, "pred", pred)
     value, loss_cache = loss.forward(pred, batch)
+    if step is not None:
+        _raise_if_nonfinite(step, "loss", value)
     dpred = loss.backward(loss_cache)
     grads, _ = m.backward(dpred, cache)
     return float(value), loss.metrics(pred, batch), grads
+
+
+def _raise_if_nonfinite(step: int, label: str, value: np.ndarray, when: str = "") -> None:
+    """:class:`NonFiniteError` at ``step`` naming ``label`` when ``value`` holds NaN or infinity."""
+    counts = _nonfinite(np.asarray(value))
+    if counts is not None:
+        raise NonFiniteError(step, label, f"is not finite{when} {counts}")
 
 
 def train_step(
@@ -111,34 +195,66 @@ def train_step(
     clip_norm: float | None = None,
 ) -> tuple[float, dict[str, float], TrainState]:
     """forward -> loss -> backward -> clip -> update. Returns (loss, metrics, new state);
-    ``metrics`` includes the gradient's global norm before clipping."""
-    value, metrics, grads = loss_and_grads(model, state.params, batch, loss, rng)
+    ``metrics`` includes the gradient's global norm before clipping (:func:`optim.global_norm`).
+
+    Guard: the prediction [B, ...], the loss, every gradient, then (after the update) every
+    parameter and optimizer-state array must be finite; the first that is not raises
+    :class:`NonFiniteError` naming step ``state.step + 1`` and that tensor, so a returned state
+    is always finite. The cost is one sum per tensor (:func:`_nonfinite`) and the global norm.
+    """
+    step = state.step + 1
+    value, metrics, grads = _loss_and_grads(model, state.params, batch, loss, rng, step)
+    norm = global_norm(grads)  # float64; finite exactly when every entry is and it does not overflow
+    if not math.isfinite(norm):
+        for name, g in grads.items():
+            _raise_if_nonfinite(step, f"grads[{name!r}]", g)
+        big = max(grads, key=lambda k: float(np.abs(grads[k]).max(initial=0.0)))
+        raise NonFiniteError(
+            step, "grad_norm", f"overflows float64: every gradient entry is finite, the largest |g| is "
+            f"{float(np.abs(grads[big]).max()):.3g} in grads[{big!r}]"
+        )
     if clip_norm is not None:
-        grads, norm = clip_by_global_norm(grads, clip_norm)
-    else:
-        norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+        grads, _ = clip_by_global_norm(grads, clip_norm)
     params, opt_state = optimizer.update(state.params, grads, state.opt_state)
-    return value, {"loss": value, "grad_norm": norm, **metrics}, TrainState(params, opt_state, state.step + 1)
+    for name, p in params.items():
+        _raise_if_nonfinite(step, f"params[{name!r}]", p, " after the update")
+    for name, slot in opt_state.items():
+        _raise_if_nonfinite(step, f"opt_state[{name!r}]", slot, " after the update")
+    return value, {"loss": value, "grad_norm": norm, **metrics}, TrainState(params, opt_state, step)
 
 
 def batches(data: Batch, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[dict]:
     """Mini-batches of a dataset given as a dict of arrays with a common first axis; shuffled
-    by ``rng`` (one permutation per call), in order without it. The last batch may be smaller."""
-    n = len(data["x"])
+    by ``rng`` (one permutation per call), in order without it. The last batch may be smaller.
+    ``batch_size`` and ``data`` are checked when called, before the first batch."""
+    _check_int("batch_size", batch_size, 1)
+    n = _check_data("data", data, needs_y=False)
+    return _batches(data, n, int(batch_size), rng)
+
+
+def _batches(data: Batch, n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[dict]:
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         yield {k: v[idx] for k, v in data.items()}
 
 
-def evaluate(model: Perceiver, params: Params, data: Batch, loss: Loss, batch_size: int = 256) -> dict:
-    """The loss and metrics over a whole dataset, averaged over samples (inference mode)."""
+def evaluate(model: Perceiver, params: Params, data: Batch, loss: Loss, batch_size: int = 256, *,
+             name: str = "data") -> dict:
+    """The loss and metrics over a whole dataset, averaged over samples (inference mode).
+    ``data`` needs ``x`` and ``y`` with at least one sample; ``batch_size`` an integer >= 1;
+    ``name``: what errors call the dataset."""
+    _check_int("batch_size", batch_size, 1)
+    samples = _check_data(name, data, needs_y=True)
     m = Perceiver(model.config, params)
     totals: dict[str, float] = {}
     count = 0
-    for batch in batches(data, batch_size):
-        pred, _ = _forward(m, batch, False, None)
-        value, _ = loss.forward(pred, batch)
+    for batch in _batches(data, samples, int(batch_size), None):
+        try:
+            pred, _ = _forward(m, batch, False, None)
+            value, _ = loss.forward(pred, batch)
+        except (ValueError, TypeError) as err:  # a bad value in this batch of the data
+            raise _in_data(name, f"the batch from sample {count}", err) from err
         n = len(batch["x"])
         for k, v in {"loss": float(value), **loss.metrics(pred, batch)}.items():
             totals[k] = totals.get(k, 0.0) + v * n
@@ -176,12 +292,49 @@ def fit(
     One generator, seeded with ``seed``, draws every shuffle and every dropout mask, so a run is
     reproducible bit for bit. After each epoch the model is evaluated on ``eval_data`` (when
     given), a row is appended to ``log_path`` (JSON lines) and a checkpoint (params, optimizer
-    state, step, the generator's state, the history) is written atomically to
-    ``checkpoint_path``. ``resume=True`` continues from that checkpoint: the result is
-    bit-identical to a run that was never interrupted. ``patience``: stop when the evaluation
-    loss has not improved for that many epochs.
+    state, step, the generator's state, the history, the run's settings) is written atomically to
+    ``checkpoint_path``. ``patience``: stop when the evaluation loss has not improved for that
+    many epochs.
+
+    ``resume=True`` continues from that checkpoint, bit-identically to a run that was never
+    interrupted. It is refused (ValueError naming each differing field with both values) unless
+    the settings stored in the checkpoint's ``extra["training"]`` equal this call's: the
+    optimizer's ``spec`` (kind, every hyper-parameter, the learning-rate schedule), ``batch_size``,
+    ``clip_norm``, ``seed``, the loss and the number of training samples. ``epochs`` may grow
+    (with a schedule whose length depends on it, the schedule then differs and is refused).
+
+    Checked before any work (no step taken, no file touched): ``epochs`` an integer >= 1 (>= the
+    checkpoint's epoch when resuming), ``batch_size`` an integer >= 1, ``seed`` an integer >= 0,
+    ``clip_norm`` None or a finite number > 0, ``patience`` None or an integer >= 1, and
+    ``train_data`` / ``eval_data`` dicts of arrays with ``x`` and ``y``, one row per sample in
+    every array, at least one sample.
+
+    A step that produces NaN or infinity raises :class:`NonFiniteError` (its step and epoch, the
+    first non-finite tensor) before that epoch is logged or checkpointed: the last good
+    checkpoint stays at ``checkpoint_path``.
     """
     from .checkpoint import load_checkpoint, save_checkpoint
+
+    _check_int("epochs", epochs, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    _check_int("patience", patience, 1, optional=True)
+    if clip_norm is not None:
+        _check_positive("clip_norm", clip_norm)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer: expected an optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss: expected a train.Loss, got {type(loss).__name__}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume: expected a bool, got {resume!r}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"on_epoch: expected a callable or None, got {type(on_epoch).__name__}")
+    n = _check_data("train_data", train_data, needs_y=True)
+    _check_targets("train_data", train_data, model, loss)
+    if eval_data is not None:
+        _check_data("eval_data", eval_data, needs_y=True)
+        _check_targets("eval_data", eval_data, model, loss)
+    settings = _training_settings(optimizer, loss, batch_size, clip_norm, seed, n)
 
     rng = np.random.default_rng(seed)
     state = init_state(model, optimizer)
@@ -193,16 +346,21 @@ def fit(
                 f"checkpoint_path: resume=True needs an existing checkpoint, got {checkpoint_path}"
             )
         ck = load_checkpoint(checkpoint_path, expect_config=model.config)
+        _check_resume(ck.extra.get("training"), settings, str(checkpoint_path))
+        first_epoch = int(ck.extra.get("epoch", 0))
+        if epochs < first_epoch:
+            raise ValueError(
+                f"epochs: expected an integer >= {first_epoch} (the checkpoint's epoch) when resuming, "
+                f"got {epochs}"
+            )
         state = TrainState(ck.params, ck.opt_state or optimizer.init(ck.params), ck.step)
         rng = ck.rng()
         history = History(list(ck.extra.get("history", [])))
-        first_epoch = int(ck.extra.get("epoch", 0))
     best, since_best = math.inf, 0
     for past in history.rows:
         if "eval_loss" in past:
             since_best = since_best + 1 if past["eval_loss"] >= best else 0
             best = min(best, past["eval_loss"])
-    n = len(train_data["x"])
     steps_per_epoch = math.ceil(n / batch_size)
     for epoch in range(first_epoch, epochs):
         if patience is not None and since_best >= patience:
@@ -210,8 +368,21 @@ def fit(
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
-        for batch in batches(train_data, batch_size, rng):
-            _, metrics, state = train_step(model, batch, loss, optimizer, state, rng, clip_norm=clip_norm)
+        for batch in _batches(train_data, n, int(batch_size), rng):
+            try:
+                _, metrics, state = train_step(model, batch, loss, optimizer, state, rng, clip_norm=clip_norm)
+            except NonFiniteError as err:
+                bar.discard()
+                kept = (f"; {checkpoint_path} is left as it was" if checkpoint_path is not None
+                        and Path(checkpoint_path).exists() else "")
+                raise NonFiniteError(
+                    err.step, err.tensor, err.detail, epoch + 1,
+                    f"fit stopped before logging or checkpointing epoch {epoch + 1}{kept} (a smaller "
+                    "learning rate or clip_norm may help)",
+                ) from None
+            except (ValueError, TypeError) as err:  # a bad value in this batch of the data
+                bar.discard()
+                raise _in_data("train_data", f"the batch of step {state.step + 1}", err) from err
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch["x"])
             bar.update(metrics)
@@ -220,7 +391,8 @@ def fit(
                                  "samples_per_s": n / seconds,
                                  **{f"train_{k}": v / n for k, v in sums.items()}}
         if eval_data is not None:
-            row.update({f"eval_{k}": v for k, v in evaluate(model, state.params, eval_data, loss).items()})
+            row.update({f"eval_{k}": v for k, v in evaluate(model, state.params, eval_data, loss,
+                                                                  name="eval_data").items()})
             since_best = since_best + 1 if row["eval_loss"] >= best else 0
             best = min(best, row["eval_loss"])
         bar.close(row)
@@ -231,10 +403,167 @@ def fit(
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, config=model.config, params=state.params, step=state.step,
                             opt_state=state.opt_state, rng=rng,
-                            extra={"epoch": epoch + 1, "history": history.rows})
+                            extra={"epoch": epoch + 1, "history": history.rows, "training": settings})
         if on_epoch is not None:
             on_epoch(row)
     return state, history
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's settings, stored in every checkpoint and compared on resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _training_settings(
+    optimizer: Optimizer, loss: Loss, batch_size: int, clip_norm: float | None, seed: int, samples: int
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint's run to continue it bit for bit, as
+    plain JSON values (what the checkpoint stores in ``extra["training"]``)."""
+    settings = {
+        "optimizer": optimizer.spec if optimizer.spec is not None else {"kind": "custom"},
+        "batch_size": int(batch_size),
+        "clip_norm": None if clip_norm is None else float(clip_norm),
+        "seed": int(seed),
+        "loss": {"name": loss.name, "label_smoothing": float(loss.label_smoothing),
+                 "ignore_index": None if loss.ignore_index is None else int(loss.ignore_index)},
+        "train_samples": int(samples),
+    }
+    try:
+        return dict(json.loads(json.dumps(settings, allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"optimizer.spec: expected plain JSON values (finite numbers), got "
+                        f"{optimizer.spec!r} ({exc})") from exc
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted names: {"optimizer": {"lr": {"kind": ...}}} ->
+    {"optimizer.lr.kind": ...}. Lists and scalars are values."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+_UNCHECKABLE = {
+    "optimizer": "an optimizer without a spec (built by hand, not by optim.sgd / adamw / lamb)",
+    "optimizer.lr": "a custom learning rate (a callable without a 'spec')",
+    "optimizer.decay_mask": "a custom decay mask (a callable without a 'spec')",
+}
+
+
+def _check_resume(stored: Any, settings: dict[str, Any], where: str) -> None:
+    """Refuse to resume unless the checkpoint's settings equal ``settings`` field by field, and
+    every one of them can be checked (no undescribed callable)."""
+    if not isinstance(stored, dict):
+        raise ValueError(
+            f"resume: the checkpoint {where} holds no record of the training settings "
+            "(extra['training']: it was not written by fit, or by an older perceiver_np), so resuming "
+            "cannot be checked to continue the same run; start a new run from its parameters instead "
+            "(fit(Perceiver(ck.config, ck.params), ...) without resume)"
+        )
+    old, new = _flatten(stored), _flatten(settings)
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "(absent)" if value is missing else repr(value)
+
+    differ = [f"{name}: checkpoint {show(old.get(name, missing))}, now {show(new.get(name, missing))}"
+              for name in [*old, *(k for k in new if k not in old)]
+              if old.get(name, missing) != new.get(name, missing)]
+    if differ:
+        raise ValueError(
+            f"resume: the checkpoint {where} was written with other training settings, so the run "
+            f"would not continue bit-identically; {len(differ)} field(s) differ: " + "; ".join(differ)
+        )
+    for field_name, what in _UNCHECKABLE.items():
+        if new.get(f"{field_name}.kind", new.get(field_name)) == "custom":
+            raise ValueError(
+                f"resume: {field_name}: {what} cannot be checked to be the one the checkpoint {where} "
+                "was trained with, so resuming is refused; describe it with a JSON-able 'spec' "
+                "attribute, or use a number, optim.warmup_cosine or optim.step_decay"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: each error names the argument and the expected range
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    expected = f"{'None or ' if optional else ''}an integer >= {low}"
+    shown = int(value) if isinstance(value, np.integer) else value
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name}: expected {expected}, got {shown!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected {expected}, got {shown!r}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    expected = "None or a finite number > 0"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected {expected}, got {float(value)!r}")
+
+
+def _check_data(name: str, data: object, *, needs_y: bool) -> int:
+    """The number of samples of a dataset dict, after checking it: ``x`` (and ``y`` for a loss)
+    present, every value an array with one row per sample, at least one sample."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{name}: expected a dict of arrays (x, y, ...), got {type(data).__name__}")
+    if "x" not in data:
+        raise ValueError(f"{name}: 'x' is missing (the inputs [S, N, C]); got keys {sorted(data)}")
+    if needs_y and "y" not in data:
+        raise ValueError(f"{name}: 'y' is missing (the labels or targets the loss compares with); "
+                         f"got keys {sorted(data)}")
+    for key, value in data.items():
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name}[{key!r}]: expected a numpy.ndarray, got {type(value).__name__}")
+        if value.ndim == 0:
+            raise ValueError(f"{name}[{key!r}]: expected one row per sample (a first axis), got a 0-d array")
+    count = len(data["x"])
+    other = [f"{key!r} has {len(value)}" for key, value in data.items() if len(value) != count]
+    if other:
+        raise ValueError(
+            f"{name}: every array needs one row per sample like x ({count}); " + ", ".join(other)
+        )
+    if count == 0:
+        raise ValueError(f"{name}: expected at least one sample, got 0 (x has shape {data['x'].shape})")
+    return count
+
+
+def _in_data(name: str, where: str, err: ValueError | TypeError) -> ValueError | TypeError:
+    """``err``, raised on a batch of the dataset ``name``, as the same kind of error naming the
+    dataset first: the user passed the dataset, not the model's ``x`` or the loss's ``labels``."""
+    kind = TypeError if isinstance(err, TypeError) else ValueError
+    return kind(f"{name}: {where}: {err}")
+
+
+def _check_targets(name: str, data: Batch, model: Perceiver, loss: Loss) -> None:
+    """The loss on a zero prediction of the model's output shape for the whole dataset: what
+    it refuses in ``y`` (a dtype, a shape, a class index out of range) is refused here, before
+    any step, naming the dataset."""
+    cfg = model.config
+    s = len(data["x"])
+    if cfg.decoder == "classification":
+        shape: tuple[int, ...] = (s, cfg.output_dim or 0)
+    elif cfg.decoder == "query":
+        given = data.get("queries")
+        o = cfg.decoder_queries or (given.shape[1] if isinstance(given, np.ndarray) and given.ndim == 3
+                                    else 1)
+        shape = (s, o, cfg.output_dim or 0)
+    elif cfg.decoder == "pool":
+        shape = (s, cfg.latent_dim)
+    else:
+        shape = (s, cfg.num_latents, cfg.latent_dim)
+    try:
+        loss.forward(np.zeros(shape, dtype=cfg.np_dtype), data)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{name}['y']: {err}") from err
 
 
 class _progress:
@@ -256,6 +585,11 @@ class _progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             self.bar.update(1)
+
+    def discard(self) -> None:
+        """Close the bar without the epoch's summary line (the epoch did not finish)."""
+        if self.bar is not None:
+            self.bar.close()
 
     def close(self, row: Mapping[str, float]) -> None:
         if self.bar is not None:

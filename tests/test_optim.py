@@ -4,6 +4,7 @@ purity and the state layout."""
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -407,3 +408,67 @@ def test_update_errors_name_the_argument(rng):
     bad = optim.sgd(lambda step: -1.0)
     with pytest.raises(ValueError, match=r"lr: the schedule returned -1\.0 at step 0"):
         bad.update(params, grads, bad.init(params))
+
+
+# --- the description of an optimizer (stored in checkpoints, checked on resume) -------------------
+
+
+def test_every_optimizer_describes_itself_as_json():
+    cosine = optim.warmup_cosine(2e-3, 3, 12, final_lr=1e-5)
+    assert cosine.spec == {"kind": "warmup_cosine", "peak_lr": 2e-3, "warmup_steps": 3,
+                           "total_steps": 12, "final_lr": 1e-5}
+    steps = optim.step_decay(0.1, (100, 200), [0.1, 0.01])
+    assert steps.spec == {"kind": "step_decay", "lr": 0.1, "boundaries": [100, 200],
+                          "factors": [0.1, 0.01]}
+    assert optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4).spec == {
+        "kind": "sgd", "lr": {"kind": "constant", "lr": 0.1}, "momentum": 0.9, "nesterov": True,
+        "weight_decay": 1e-4, "decay_mask": "default"}
+    assert optim.adamw(cosine, decay_mask=None).spec == {
+        "kind": "adamw", "lr": cosine.spec, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+        "weight_decay": 0.01, "decay_mask": "all"}
+    assert optim.lamb(steps, b2=0.99).spec == {
+        "kind": "lamb", "lr": steps.spec, "b1": 0.9, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.0,
+        "decay_mask": "default"}
+    for opt in (optim.sgd(np.float64(0.5)), optim.adamw(cosine), optim.lamb(steps)):
+        assert json.loads(json.dumps(opt.spec)) == opt.spec  # plain JSON values, no tuples
+    assert optim.sgd(np.float64(0.5)).spec["lr"] == {"kind": "constant", "lr": 0.5}
+
+
+def test_plain_callables_are_described_as_custom_unless_they_carry_a_spec():
+    def mask(name):
+        return name.endswith(".weight")
+
+    opt = optim.adamw(lambda step: 1e-3, decay_mask=mask)
+    assert opt.spec["lr"] == {"kind": "custom"} and opt.spec["decay_mask"] == "custom"
+
+    def linear(step):
+        return 1e-3 * (1 - step / 100)
+
+    linear.spec = {"kind": "linear", "lr": 1e-3, "steps": 100}
+    mask.spec = "weights only"
+    opt = optim.adamw(linear, decay_mask=mask)
+    assert opt.spec["lr"] == linear.spec and opt.spec["decay_mask"] == "weights only"
+    assert optim.Optimizer(opt.init, opt.update).spec is None  # a hand-built optimizer: undescribed
+
+
+def test_schedules_are_values():
+    a, b = optim.warmup_cosine(1.0, 2, 10), optim.warmup_cosine(1.0, 2, 10)
+    assert a == b and a != optim.warmup_cosine(1.0, 2, 11)
+    with pytest.raises(AttributeError):
+        a.total_steps = 20
+    assert optim.step_decay(0.1, [3], [0.5]) == optim.step_decay(0.1, (3,), (0.5,))
+
+
+# --- the global norm --------------------------------------------------------------------------------
+
+
+def test_global_norm_and_an_overflowing_norm(rng):
+    grads = _params(rng)
+    want = np.linalg.norm(np.concatenate([g.ravel() for g in grads.values()]))
+    assert _rel(optim.global_norm(grads), want) <= FLOAT64_RTOL
+    assert math.isnan(optim.global_norm({**grads, "latents": np.full((3, 4), np.nan)}))
+    huge = {"a.weight": np.full(2, 1e200), "b.bias": np.ones(2)}  # finite, but sum g^2 overflows
+    assert optim.global_norm(huge) == math.inf
+    with pytest.raises(ValueError, match=r"grads: the global norm overflows float64; every entry is "
+                                         r"finite, the largest \|g\| is 1e\+200 in grads\['a.weight'\]"):
+        optim.clip_by_global_norm(huge, 1.0)

@@ -48,7 +48,8 @@ def test_finite_inputs_that_would_overflow_are_refused_alike(n, path):
     paths, model = _paths()
     x = np.full((2, n, 6), 3e38, dtype=np.float32)
     with pytest.raises(ValueError, match=r"x: values up to 3e\+38 are too large for float32: the input "
-                                         r"projection x @ W_in \+ b_in could reach"):
+                                         r"projection x @ W_in \+ b_in \(params\['input_proj.weight'\]: "
+                                         r"column sums of \|W_in\| up to .*\) could reach"):
         paths[path](model, x)
     x[:] = 1.0
     assert np.isfinite(paths[path](model, x)).all()
