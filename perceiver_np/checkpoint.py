@@ -18,9 +18,11 @@ Nothing is ever pickled: each member is read through ``zipfile`` and numpy's ``.
 functions, and all metadata is JSON. Loading reads every member's header first and checks it
 against the listing in ``meta.json``, the stored config's parameter schema and the member's size
 in the zip directory; only then is any array data read, straight into arrays of the checked size.
-A hostile file (a deflate bomb, a header claiming 100 GiB) is refused with a CheckpointError in
-memory far below the size of the checkpoint it imitates. No checkpoint holds NaN or inf: save
-refuses them, load refuses a file that has them.
+meta.json itself is read and checked before zipfile parses the zip directory, and the directory
+must hold exactly the entries it describes. A hostile file (a deflate bomb, a header claiming
+100 GiB, a zip directory of 20,000 or 40,000 entries) is refused with a CheckpointError in memory
+far below the size of the checkpoint it imitates. No checkpoint holds NaN or inf: save refuses
+them, load refuses a file that has them.
 
 Writes are atomic (a temporary file in the same directory, locked while written, fsynced, then
 ``os.replace``), so a crash mid-save leaves the previous checkpoint at ``path`` intact; the
@@ -38,7 +40,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +60,30 @@ _META_KEYS = ("format", "version", "config", "step", "params", "opt", "rng", "ex
 #: dtype kinds an optimizer-state array may have: bool, signed / unsigned int, float, complex.
 _OPT_KINDS = "biufc"
 _ZIP_MAGIC = b"PK\x03\x04"
+#: The zip structures read before zipfile parses the directory, as zipfile lays them out: the end
+#: of central directory record (22 bytes, then a comment of at most 65,535), the zip64 locator
+#: (20 bytes) and the zip64 end record (56 bytes) that precede it when present, and the 46-byte
+#: head of each record in the central directory (then its name, extra field and comment).
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD_MAGIC = b"PK\x05\x06"
+_EOCD_SEARCH = (1 << 16) + _EOCD.size  # zipfile searches this much of the file's end for it
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_LOCATOR_MAGIC = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ZIP64_EOCD_MAGIC = b"PK\x06\x06"
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+_CENTRAL_MAGIC = b"PK\x01\x02"
+#: meta.json's member is read before zipfile parses the directory, from its record there and its
+#: local header (30 bytes, then its name and extra field), as zipfile reads it. Its record is the
+#: one whose name, up to a NUL (zipfile drops the rest), zipfile would list as META_KEY.
+_LOCAL = struct.Struct("<4s2B4HL2L2H")
+_META_NAMES = ((META_KEY + ".npy").encode(), META_KEY.encode())
+_ZIP64_UNKNOWN = 0xFFFF_FFFF  # a size or offset that is in the record's zip64 extra field
+_ZIP64_EXTRA_TAG = 0x0001
+#: Flag bits zipfile refuses to read a member with: encrypted, compressed patched data, strong
+#: encryption. Compression methods it reads a checkpoint's members with: stored and deflated.
+_UNREADABLE_FLAGS = 0x0001 | 0x0020 | 0x0040
+_STORED, _DEFLATED = 0, 8
 _NPY_MAGIC = b"\x93NUMPY"
 #: The largest meta.json, in bytes of JSON, that save_checkpoint writes and load_checkpoint
 #: reads; a larger meta.json member is refused before it is read. meta.json holds the config,
@@ -74,6 +100,22 @@ _MAX_NPY_HEADER_BYTES = 10_000
 #: Array data is read from its zip member in pieces of this size, straight into the array (as
 #: numpy's read_array does): a tensor is never held twice.
 _READ_CHUNK = 1 << 18
+#: The fewest bytes of the file that one entry of a loadable checkpoint occupies: its local header
+#: (30 bytes and its name), its record in the zip directory (46 bytes and its name again), a name
+#: of at least 5 bytes ("opt/x") and its data, which starts with a .npy header numpy parses: 55
+#: bytes at the least (the 10 bytes of magic, version and length, then
+#: "{'descr':'?','fortran_order':False,'shape':()}"), 57 deflated. 30 + 46 + 2*5 + 55 = 141;
+#: 128 leaves a margin. Files save_checkpoint writes hold far more: at least 242 bytes an entry
+#: (numpy's 20-byte zip64 field, 128-byte .npy headers), ~300 with the entry's line in meta.json;
+#: measured with AdamW state, 388 for a 24-layer model of the smallest widths (1,223 entries),
+#: 772 for the tests' 2-layer model, 11,473 for a 1.9 MB one. A zip directory of more than
+#: ``file_size // MIN_ENTRY_BYTES`` entries is refused before zipfile parses it: zipfile builds
+#: ~500 bytes of objects for every entry (a ZipInfo and its name), so 40,000 entries pointing at
+#: one local header, a 2.5 MB file, would cost 22 MB. This coarse bound protects the walk over the
+#: directory that finds meta.json's record; meta.json, read from it, then says exactly how many
+#: entries the directory must hold (1 + parameters + optimizer-state tensors), and a directory
+#: that holds another number is refused before zipfile parses it too.
+MIN_ENTRY_BYTES = 128
 #: What reading a damaged zip / .npy member can raise (zipfile, zlib, numpy.lib.format). An
 #: encrypted-flag or compression-method bit flipped by corruption surfaces as RuntimeError /
 #: NotImplementedError from zipfile; a damaged .npy header as tokenize.TokenError (numpy parses
@@ -284,7 +326,12 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
     Every member's ``.npy`` header is checked (against ``meta.json``'s listing, the stored
     config's parameter schema and the member's size in the zip directory) before any array data
     is read, and ``meta.json`` is refused unread when it is larger than :data:`MAX_META_BYTES`:
-    a hostile file is refused in memory far below the size of the checkpoint it imitates.
+    a hostile file is refused in memory far below the size of the checkpoint it imitates. Before
+    that, before zipfile parses the zip directory, a directory that does not fit in the file or
+    has more than ``file_size // MIN_ENTRY_BYTES`` entries is refused (:data:`MIN_ENTRY_BYTES`);
+    then ``meta.json`` is read from its records and checked, and a directory that holds more or
+    fewer entries than it describes (``meta.json``, the stored config's parameters and the
+    optimizer-state tensors listed) is refused.
 
     Temporary files of killed saves of ``path`` (``.<name>.<hex>.tmp``, not locked by a save
     still running) are removed first: this is what ``fit(..., resume=True)`` calls.
@@ -312,13 +359,226 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
             if head == _NPY_MAGIC[: len(head)]:
                 raise CheckpointError(f"{where}: a single .npy array, not an npz checkpoint")
             raise CheckpointError(f"{where}: not an npz file (no zip signature at the start)")
+        try:
+            entries, record = _check_zip_directory(f, where)
+        except (OSError, struct.error) as exc:
+            raise _corrupt(where, f"{type(exc).__name__}: {exc}") from exc
+        meta = _read_meta(_read_meta_member(f, record, where), where)
+        checked = _parse_meta(meta, record.offset, entries, where, expect_config)
         f.seek(0)
         try:
             zf = zipfile.ZipFile(f)
         except _READ_ERRORS as exc:
             raise _corrupt(where, f"{type(exc).__name__}: {exc}") from exc
         with zf:
-            return _load(zf, where, expect_config)
+            return _load(zf, checked, where)
+
+
+@dataclass(frozen=True, eq=False)
+class _MetaRecord:
+    """meta.json's record in the zip directory (zip64 fields decoded): where its member is."""
+
+    name: bytes  # as stored; its local header must repeat it
+    offset: int  # of its local header
+    flags: int
+    method: int
+    crc: int
+    compress_size: int
+    file_size: int
+
+
+def _check_zip_directory(f: IO[bytes], where: str) -> tuple[int, _MetaRecord]:
+    """Refuse, before zipfile parses it, a zip directory no checkpoint can have; return how many
+    records it holds and meta.json's record (the first, if there are several).
+
+    zipfile reads the whole central directory and builds a ZipInfo (~500 bytes) for every record
+    in it before anything else can be checked, and it counts the records itself: the end record's
+    entry count is not used. So the directory zipfile will read is found here as zipfile finds it
+    (:func:`_find_zip_directory`), and refused when it does not end where its end record starts,
+    when its end record lists more than ``file_size // MIN_ENTRY_BYTES`` entries or when it takes
+    more than half the file (every record is smaller than the local header and data it describes).
+    Then its records are counted the way zipfile walks them, none kept but meta.json's: more than
+    that bound, a record zipfile would refuse, a count other than the end record's or no meta.json
+    is refused too. The caller reads meta.json from its record and compares the count with the
+    entries it describes (:func:`_parse_meta`).
+    """
+    file_size = f.seek(0, os.SEEK_END)
+    entries, cd_size, cd_offset, end = _find_zip_directory(f, file_size, where)
+    if cd_offset + cd_size != end:
+        raise _corrupt(
+            where, f"the zip directory's offset {cd_offset} and size {cd_size} do not fit in the file: "
+            f"it would end at byte {cd_offset + cd_size}, but its end record starts at byte {end}"
+        )
+    max_entries = file_size // MIN_ENTRY_BYTES
+
+    def too_many(what: str) -> CheckpointError:
+        return _corrupt(
+            where, f"its zip directory {what}, more than a {file_size}-byte file can hold (at most "
+            f"{max_entries}, {MIN_ENTRY_BYTES} bytes an entry: MIN_ENTRY_BYTES); the directory was not read"
+        )
+
+    if entries > max_entries:
+        raise too_many(f"lists {entries} entries")
+    if 2 * cd_size > file_size:
+        raise _corrupt(
+            where, f"the zip directory is {cd_size} bytes, more than half of the {file_size}-byte file; "
+            "a checkpoint's directory records are smaller than the members they describe"
+        )
+    f.seek(cd_offset)
+    done = count = 0
+    meta: tuple[tuple[Any, ...], bytes, bytes] | None = None
+    while done < cd_size:
+        if count == max_entries:
+            raise too_many(f"holds more than {max_entries} records (its end record says {entries})")
+        record = f.read(_CENTRAL.size)
+        if done + _CENTRAL.size > cd_size or len(record) != _CENTRAL.size:
+            raise _corrupt(where, f"zip directory record {count} is truncated")
+        fields = _CENTRAL.unpack(record)
+        if fields[0] != _CENTRAL_MAGIC:
+            raise _corrupt(where, f"zip directory record {count} has no record signature")
+        name_size, extra_size, comment_size = fields[12:15]
+        skip = name_size + extra_size + comment_size
+        if meta is None and name_size >= len(META_KEY):
+            name = f.read(name_size)
+            if name.split(b"\0", 1)[0] in _META_NAMES:
+                meta = fields, name, f.read(extra_size)
+                f.seek(comment_size, os.SEEK_CUR)
+            else:
+                f.seek(extra_size + comment_size, os.SEEK_CUR)
+        else:
+            f.seek(skip, os.SEEK_CUR)
+        done += _CENTRAL.size + skip
+        count += 1
+    if done != cd_size or count != entries:
+        raise _corrupt(
+            where, f"the zip directory holds {count} records in {done} bytes; its end record says "
+            f"{entries} in {cd_size}"
+        )
+    if meta is None:
+        raise _corrupt(where, f"no {META_KEY} entry")
+    return count, _meta_record(*meta, where)
+
+
+def _meta_record(fields: tuple[Any, ...], name: bytes, extra: bytes, where: str) -> _MetaRecord:
+    """meta.json's record from its 46-byte head, name and extra field; sizes and offset that are
+    0xFFFFFFFF are read from its zip64 extra field, in zipfile's order (``_decodeExtra``)."""
+    values = [fields[11], fields[10], fields[18]]  # file size, compressed size, header offset
+    zip64 = b""
+    while len(extra) >= 4:
+        tag, size = struct.unpack("<2H", extra[:4])
+        if tag == _ZIP64_EXTRA_TAG:
+            zip64 = extra[4:4 + size]
+            break
+        extra = extra[4 + size:]
+    for i, value in enumerate(values):
+        if value == _ZIP64_UNKNOWN:
+            if len(zip64) < 8:
+                raise _corrupt(where, f"entry {META_KEY!r}: its zip64 extra field lacks a size or offset")
+            values[i], zip64 = int.from_bytes(zip64[:8], "little"), zip64[8:]
+    file_size, compress_size, offset = values
+    return _MetaRecord(name, offset, fields[5], fields[6], fields[9], compress_size, file_size)
+
+
+def _read_meta_member(f: IO[bytes], record: _MetaRecord, where: str) -> bytes:
+    """The bytes of meta.json's member (a .npy header, then the JSON), read from its local header
+    as zipfile would read them, before zipfile parses the directory: its size is checked against
+    the cap first, it is never inflated past the size in its record, and its CRC is checked."""
+    if record.flags & _UNREADABLE_FLAGS:
+        raise _corrupt(where, f"entry {META_KEY!r} is encrypted or patched (flag bits {record.flags:#06x})")
+    if record.method not in (_STORED, _DEFLATED):
+        raise _corrupt(
+            where, f"entry {META_KEY!r} has compression method {record.method}, not stored (0) or "
+            "deflated (8)"
+        )
+    if record.file_size > MAX_META_BYTES + _MAX_NPY_HEADER_BYTES:
+        raise CheckpointError(
+            f"{where}: entry {META_KEY!r} is {record.file_size} bytes, more than the {MAX_META_BYTES}-byte "
+            "limit (MAX_META_BYTES) and a .npy header; it was not read"
+        )
+    if record.method == _STORED and record.compress_size != record.file_size:
+        raise _corrupt(
+            where, f"entry {META_KEY!r} is stored in {record.compress_size} bytes, but its size is "
+            f"{record.file_size}"
+        )
+    try:
+        f.seek(record.offset)
+        local = _LOCAL.unpack(_read_exactly(f, _LOCAL.size, "local header"))
+        if local[0] != _ZIP_MAGIC:
+            raise _corrupt(where, f"entry {META_KEY!r}: no local header at byte {record.offset}")
+        if _read_exactly(f, local[10], "local header") != record.name:
+            raise _corrupt(where, f"entry {META_KEY!r}: its local header names another member")
+        f.seek(local[11], os.SEEK_CUR)
+        if record.method == _STORED:
+            data = _read_exactly(f, record.file_size, "data")
+        else:
+            data = _inflate(f, record.compress_size, record.file_size)
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as exc:
+        raise _corrupt(where, f"entry {META_KEY!r}: {type(exc).__name__}: {exc}") from exc
+    if zlib.crc32(data) != record.crc:
+        raise _corrupt(where, f"entry {META_KEY!r}: its CRC-32 is not the one in the zip directory")
+    return data
+
+
+def _inflate(f: IO[bytes], compress_size: int, size: int) -> bytes:
+    """``size`` bytes inflated from the raw deflate data (at most ``compress_size`` bytes) at the
+    file's position, read in pieces; nothing past ``size`` is inflated (as zipfile reads)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending, left = b"", compress_size
+    while len(out) < size and not inflater.eof:
+        if not pending:
+            if not left:
+                break
+            pending = f.read(min(_READ_CHUNK, left))
+            if not pending:
+                raise EOFError("the file ends inside the member's deflated data")
+            left -= len(pending)
+        out += inflater.decompress(pending, size - len(out))
+        pending = inflater.unconsumed_tail
+    if len(out) != size:
+        raise EOFError(f"the member inflates to {len(out)} bytes, not its {size}")
+    return bytes(out)
+
+
+def _find_zip_directory(f: IO[bytes], file_size: int, where: str) -> tuple[int, int, int, int]:
+    """The entry count, size and offset of the zip directory, and where the end records that
+    describe it start, found exactly as zipfile finds them (``_EndRecData``, ``_EndRecData64``):
+    the end record in the last 22 bytes if it has no comment, else the last signature in the last
+    64 KiB + 22 bytes; then a zip64 end record (numpy's large files), if a zip64 locator and the
+    record are right before it. zipfile then reads the directory that ends where those start."""
+    window = b""
+    if file_size >= _EOCD.size:
+        f.seek(file_size - _EOCD.size)
+        window = f.read(_EOCD.size)
+    if window[:4] == _EOCD_MAGIC and window[-2:] == b"\0\0":
+        pos = file_size - _EOCD.size
+    else:
+        start = max(file_size - _EOCD_SEARCH, 0)
+        f.seek(start)
+        window = f.read(_EOCD_SEARCH)
+        i = window.rfind(_EOCD_MAGIC)
+        if i < 0 or len(window) - i < _EOCD.size:
+            raise _corrupt(where, "no zip end-of-central-directory record at its end")
+        pos, window = start + i, window[i:i + _EOCD.size]
+    _, _, _, _, entries, cd_size, cd_offset, _ = _EOCD.unpack(window)
+    if pos < _ZIP64_LOCATOR.size:
+        return entries, cd_size, cd_offset, pos
+    f.seek(pos - _ZIP64_LOCATOR.size)
+    magic, disk, _, disks = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
+    if magic != _ZIP64_LOCATOR_MAGIC:
+        return entries, cd_size, cd_offset, pos
+    if disk != 0 or disks > 1:
+        raise _corrupt(where, "a zip file spanning several disks")
+    end = pos - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+    if end < 0:
+        raise _corrupt(where, "a zip64 locator with no room for its zip64 end record")
+    f.seek(end)
+    record = _ZIP64_EOCD.unpack(f.read(_ZIP64_EOCD.size))
+    if record[0] != _ZIP64_EOCD_MAGIC:
+        return entries, cd_size, cd_offset, pos
+    return record[7], record[8], record[9], end
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,20 +597,27 @@ class _Member:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _load(zf: zipfile.ZipFile, where: str, expect_config: PerceiverConfig | None) -> Checkpoint:
-    members: dict[str, zipfile.ZipInfo] = {}
-    dupes: set[str] = set()
-    for info in zf.infolist():  # names as np.savez writes them: "<entry>.npy"
-        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-        if key in members:
-            dupes.add(key)
-        members[key] = info
-    if dupes:
-        raise _corrupt(where, f"duplicate entries {sorted(dupes)}")
-    if META_KEY not in members:
-        raise _corrupt(where, f"no {META_KEY} entry")
-    meta = _read_meta(zf, members[META_KEY], where)
+@dataclass(frozen=True, eq=False)
+class _Meta:
+    """meta.json, read and checked before zipfile parses the zip directory."""
 
+    offset: int  # of its member's local header: the member zipfile must list as META_KEY
+    config: PerceiverConfig
+    shapes: dict[str, tuple[int, ...]]  # param_shapes(config)
+    step: int
+    params: dict[str, tuple[tuple[int, ...], str]]
+    opt: dict[str, tuple[tuple[int, ...], str]] | None
+    rng_state: dict[str, Any] | None
+    extra: dict[str, Any]
+
+
+def _parse_meta(
+    meta: dict[str, Any], offset: int, entries: int, where: str, expect_config: PerceiverConfig | None
+) -> _Meta:
+    """The parts of meta.json (from :func:`_read_meta`), checked, and the number of entries the
+    zip directory holds checked against them: exactly meta.json, one per parameter of the stored
+    config and one per optimizer-state tensor listed. Called before zipfile parses the directory,
+    whose cost (~500 bytes an entry) is then what the checkpoint meta.json describes would cost."""
     config = _config_from_json(meta["config"], where)
     if expect_config is not None:
         _compare_configs(config, expect_config, where)
@@ -363,6 +630,39 @@ def _load(zf: zipfile.ZipFile, where: str, expect_config: PerceiverConfig | None
     extra = meta["extra"]
     if not isinstance(extra, dict):
         raise _corrupt(where, f"extra in {META_KEY} is {type(extra).__name__}, not an object")
+
+    def differs(expected: str) -> CheckpointError:
+        return _corrupt(where, f"the zip directory holds {entries} entries, {META_KEY} describes {expected}")
+
+    # every block has a tensor: a config of more blocks than entries is refused before its
+    # schema (~16 tensors a block) is built
+    blocks = config.num_layers + config.num_cross_layers
+    if entries < 2 + blocks:
+        raise differs(f"at least {2 + blocks} ({META_KEY}, the latents and {blocks} blocks of its config)")
+    shapes = param_shapes(config)
+    n_opt = 0 if opt_listing is None else len(opt_listing)
+    expected = 1 + len(shapes) + n_opt
+    if entries > expected:  # fewer entries cost nothing: the tensor checks name what is missing
+        raise differs(
+            f"{expected} ({META_KEY}, the {len(shapes)} parameters of its config and {n_opt} "
+            "optimizer-state tensors)"
+        )
+    return _Meta(offset, config, shapes, step, param_listing, opt_listing, rng_state, extra)
+
+
+def _load(zf: zipfile.ZipFile, meta: _Meta, where: str) -> Checkpoint:
+    members: dict[str, zipfile.ZipInfo] = {}
+    dupes: set[str] = set()
+    for info in zf.infolist():  # names as np.savez writes them: "<entry>.npy"
+        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if key in members:
+            dupes.add(key)
+        members[key] = info
+    if dupes:
+        raise _corrupt(where, f"duplicate entries {sorted(dupes)}")
+    if META_KEY not in members or members[META_KEY].header_offset != meta.offset:
+        raise _corrupt(where, f"zipfile lists another {META_KEY} entry than the one read")
+    config = meta.config
 
     param_names: list[str] = []
     opt_names: list[str] = []
@@ -382,7 +682,7 @@ def _load(zf: zipfile.ZipFile, where: str, expect_config: PerceiverConfig | None
 
     # Headers only, first: parameters against the schema of the stored config (the most telling
     # message), then against the listing in meta.json (a disagreement there means a damaged file)
-    shapes = param_shapes(config)
+    shapes = meta.shapes
     params_in = {name: header(PARAMS_PREFIX + name) for name in param_names if name in shapes}
     present = {name: _UNREAD for name in param_names}  # the names in file order, unread
     problems = _param_problems(config, {**present, **params_in}, lambda k: f"tensor {PARAMS_PREFIX + k!r}",
@@ -390,9 +690,9 @@ def _load(zf: zipfile.ZipFile, where: str, expect_config: PerceiverConfig | None
     if problems:
         raise CheckpointError(_join(where, problems))
     params_in = {name: params_in[name] for name in shapes}  # schema order
-    _check_against_listing(params_in, param_listing, "params", where)
+    _check_against_listing(params_in, meta.params, "params", where)
 
-    opt_in = None
+    opt_in, opt_listing = None, meta.opt
     if opt_listing is None:
         if opt_names:
             raise _corrupt(where, f"{META_KEY} records no optimizer state but the file holds {opt_names}")
@@ -413,7 +713,8 @@ def _load(zf: zipfile.ZipFile, where: str, expect_config: PerceiverConfig | None
     if opt_in is not None:
         opt_state = {name: _read_tensor(zf, member, where) for name, member in opt_in.items()}
     return Checkpoint(
-        config=config, params=params, step=step, opt_state=opt_state, rng_state=rng_state, extra=extra
+        config=config, params=params, step=meta.step, opt_state=opt_state, rng_state=meta.rng_state,
+        extra=meta.extra,
     )
 
 
@@ -433,12 +734,21 @@ def _read_exactly(fp: IO[bytes], n: int, what: str) -> bytes:
 
 
 def _read_header(zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, where: str) -> _Member:
-    """The ``.npy`` header of member ``key`` (read with numpy's header functions; nothing after it
-    is read), checked against the member's uncompressed size in the zip directory: every failure
+    """The ``.npy`` header of member ``key`` (nothing after it is read), checked against the
+    member's uncompressed size in the zip directory."""
+    return _Member(key, info, *_npy_header(lambda: zf.open(info), key, info.file_size, where))
+
+
+def _npy_header(
+    open_member: Callable[[], IO[bytes]], key: str, size: int, where: str
+) -> tuple[tuple[int, ...], np.dtype, bool, bytes]:
+    """Shape, dtype, Fortran order and bytes (magic included) of the ``.npy`` header of member
+    ``key`` of ``size`` bytes (read with numpy's header functions from the start of
+    ``open_member()``; nothing after the header is read), checked against ``size``: every failure
     a CheckpointError naming the path and the entry."""
     fmt = np.lib.format
     try:
-        with zf.open(info) as fp:
+        with open_member() as fp:
             major, minor = fmt.read_magic(fp)
             if (major, minor) == (1, 0):
                 length_format, read_header = "<H", fmt.read_array_header_1_0
@@ -468,15 +778,15 @@ def _read_header(zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, where: st
         )
     if any(n < 0 for n in shape):
         raise _corrupt(where, f"entry {key!r}: its .npy header claims shape {shape}")
-    member = _Member(key, info, tuple(shape), dtype, fortran_order,
-                     fmt.MAGIC_PREFIX + bytes((major, minor)) + length_bytes + text)
-    if info.file_size != len(member.header) + member.nbytes:
+    header = fmt.MAGIC_PREFIX + bytes((major, minor)) + length_bytes + text
+    nbytes = math.prod(shape) * dtype.itemsize
+    if size != len(header) + nbytes:
         raise _corrupt(
-            where, f"entry {key!r}: the zip member holds {info.file_size} bytes, but its .npy header "
-            f"describes {len(member.header) + member.nbytes} (a {len(member.header)}-byte header and "
-            f"{member.nbytes} bytes of {_dtype_name(dtype)} {member.shape})"
+            where, f"entry {key!r}: the zip member holds {size} bytes, but its .npy header "
+            f"describes {len(header) + nbytes} (a {len(header)}-byte header and "
+            f"{nbytes} bytes of {_dtype_name(dtype)} {tuple(shape)})"
         )
-    return member
+    return tuple(shape), dtype, fortran_order, header
 
 
 def _read_data(zf: zipfile.ZipFile, member: _Member, where: str) -> np.ndarray:
@@ -517,25 +827,19 @@ def _read_tensor(zf: zipfile.ZipFile, member: _Member, where: str) -> np.ndarray
     return value
 
 
-def _read_meta(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> dict[str, Any]:
-    if info.file_size > MAX_META_BYTES + _MAX_NPY_HEADER_BYTES:
+def _read_meta(data: bytes, where: str) -> dict[str, Any]:
+    """meta.json from its member's bytes (a .npy header of uint8 bytes, then UTF-8 JSON): the
+    JSON object, its format, version and keys checked."""
+    shape, dtype, _, header = _npy_header(lambda: io.BytesIO(data), META_KEY, len(data), where)
+    if dtype != np.uint8 or len(shape) != 1:
+        raise _corrupt(where, f"{META_KEY} is a {dtype.name} array of shape {shape}, not uint8 bytes")
+    if shape[0] > MAX_META_BYTES:
         raise CheckpointError(
-            f"{where}: entry {META_KEY!r} is {info.file_size} bytes, more than the {MAX_META_BYTES}-byte "
-            "limit (MAX_META_BYTES) and a .npy header; it was not read"
-        )
-    member = _read_header(zf, META_KEY, info, where)
-    if member.dtype != np.uint8 or len(member.shape) != 1:
-        raise _corrupt(
-            where, f"{META_KEY} is a {member.dtype.name} array of shape {member.shape}, not uint8 bytes"
-        )
-    if member.nbytes > MAX_META_BYTES:
-        raise CheckpointError(
-            f"{where}: entry {META_KEY!r} holds {member.nbytes} bytes of JSON, more than the "
+            f"{where}: entry {META_KEY!r} holds {shape[0]} bytes of JSON, more than the "
             f"{MAX_META_BYTES}-byte limit (MAX_META_BYTES); it was not read"
         )
-    raw = _read_data(zf, member, where)
     try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
+        meta = json.loads(str(memoryview(data)[len(header):], "utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _corrupt(where, f"{META_KEY} is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(meta, dict):

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from perceiver_np.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_META_BYTES,
+    MIN_ENTRY_BYTES,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
@@ -449,12 +451,27 @@ def test_unknown_format_version_and_foreign_format(tmp_path):
         load_checkpoint(craft(tmp_path / "f.npz", ents))
 
 
+def refused_for_its_entry_count(path, held, described):
+    """``path`` is refused because its zip directory holds ``held`` entries and its meta.json
+    describes ``described`` (checked before zipfile parses the directory)."""
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(
+        f"{path}: truncated or corrupt checkpoint file (the zip directory holds {held} entries, "
+        f"meta.json describes {described} (meta.json, the "
+    ), str(err.value)
+
+
 def test_unexpected_zip_entry(tmp_path):
+    """One entry more than meta.json describes is refused from the zip directory's record count;
+    an unexpected entry in place of another one by its name."""
     path, _ = saved(tmp_path)
     ents = entries(path)
     ents["notes"] = np.zeros(2)
+    refused_for_its_entry_count(craft(tmp_path / "x.npz", ents), len(ents), len(ents) - 1)
+    del ents["opt/step"]
     with pytest.raises(CheckpointError, match="unexpected entry 'notes'"):
-        load_checkpoint(craft(tmp_path / "x.npz", ents))
+        load_checkpoint(craft(tmp_path / "y.npz", ents))
 
 
 # --- tensors against the stored config ----------------------------------------------------------
@@ -463,7 +480,11 @@ def test_unexpected_zip_entry(tmp_path):
 def test_missing_tensor(tmp_path):
     path, _ = saved(tmp_path)
     ents = entries(path)
-    del ents["params/self.1.ffn.up.weight"]
+    del ents["params/self.1.ffn.up.weight"]  # fewer entries than meta.json describes: named
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['self\.1\.ffn\.up\.weight'\]") as err:
+        load_checkpoint(craft(tmp_path / "c.npz", ents))
+    assert str(tmp_path / "c.npz") in str(err.value)
+    ents["opt/other"] = np.zeros(1)  # as many entries as meta.json describes: named too
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['self\.1\.ffn\.up\.weight'\]") as err:
         load_checkpoint(craft(tmp_path / "m.npz", ents))
     assert str(tmp_path / "m.npz") in str(err.value)
@@ -473,6 +494,8 @@ def test_extra_tensor(tmp_path):
     path, _ = saved(tmp_path)
     ents = entries(path)
     ents["params/self.2.norm.gamma"] = np.ones(8)
+    refused_for_its_entry_count(craft(tmp_path / "c.npz", ents), len(ents), len(ents) - 1)
+    del ents["opt/step"]  # as many entries as meta.json describes: named
     with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) \['self\.2\.norm\.gamma'\]"):
         load_checkpoint(craft(tmp_path / "e.npz", ents))
 
@@ -516,6 +539,9 @@ def test_meta_listing_disagreeing_with_the_arrays_is_corruption(tmp_path):
     ents = entries(path)
     del ents["opt/m/latents"]
     with pytest.raises(CheckpointError, match=r"truncated or corrupt.*\['m/latents'\]"):
+        load_checkpoint(craft(tmp_path / "c.npz", ents))
+    ents["opt/other"] = np.zeros(1)
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt.*\['m/latents'\].*\['other'\]"):
         load_checkpoint(craft(tmp_path / "o.npz", ents))
 
 
@@ -796,6 +822,342 @@ def test_data_past_the_array_in_a_member_is_corruption(tmp_path):
     with pytest.raises(CheckpointError, match=r"truncated or corrupt.*'params/latents'") as err:
         load_checkpoint(bad)
     assert str(bad) in str(err.value) and "bytes" in str(err.value)
+
+
+# --- hostile zip directories: checked before zipfile parses them ---------------------------------
+
+
+def split_zip(path):
+    """The bytes of a zip written by zipfile / numpy (no comment, no zip64 end record) before its
+    central directory, the directory, and how many records it holds."""
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        start, count = z.start_dir, len(z.infolist())
+    assert data[-22:-18] == b"PK\x05\x06" and data[-2:] == b"\0\0"
+    return data[:start], data[start:-22], count
+
+
+def first_record(directory):
+    """The first record of a central directory (46 bytes, then name, extra field, comment)."""
+    name, extra, comment = struct.unpack("<3H", directory[28:34])
+    return directory[:46 + name + extra + comment]
+
+
+def end_record(count, size, offset, comment=b""):
+    return struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, size, offset, len(comment)) + comment
+
+
+def zip64_end_records(count, size, offset):
+    """A zip64 end record and its locator, then an end record deferring to them (as zipfile
+    writes them for more than 65,535 entries or 4 GiB)."""
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, offset + size, 1)
+    return record + locator + end_record(0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF)
+
+
+def directory_bomb(legit, dst, records, *, listed=None, pad=0, zip64=False, comment=b""):
+    """``legit``'s members, ``pad`` zero bytes, then its central directory with its first record
+    (meta.json's) repeated until it holds ``records`` records, every copy pointing at meta.json's
+    local header, and a correct end record (zip64 ones with ``zip64``) listing ``listed`` entries
+    (default ``records``)."""
+    head, directory, count = split_zip(legit)
+    directory += first_record(directory) * (records - count)
+    offset, listed = len(head) + pad, records if listed is None else listed
+    if zip64:
+        end = zip64_end_records(listed, len(directory), offset)
+    else:
+        end = end_record(listed, len(directory), offset, comment)
+    dst.write_bytes(head + bytes(pad) + directory + end)
+    return dst
+
+
+def zipfile_peak(path):
+    """The peak of memory traced while zipfile.ZipFile parses the directory of ``path``."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with zipfile.ZipFile(path) as z:
+            count = len(z.infolist())
+        return count, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("variant", [
+    "listed",       # the end record lists all 40,000 entries
+    "comment",      # ... and is followed by an archive comment (found by searching the file's end)
+    "zip64",        # ... in a zip64 end record, behind a zip64 locator (numpy's large files)
+    "understated",  # the end record lists 167 entries; the directory holds 40,000 (zipfile counts
+                    # the records itself), and the file is padded so that it is under half of it
+])
+def test_a_zip_directory_bomb_is_refused_before_zipfile_parses_it(tmp_path, variant):
+    """A ~2.4 MB file whose zip directory repeats one record 40,000 times (all pointing at one
+    local header) made zipfile build ~22 MB of ZipInfo objects before any check ran. It is
+    refused from its end record, or by counting the records without keeping them, at a peak far
+    under 2x the size of the legitimate checkpoint it was made from."""
+    legit, _ = saved(tmp_path)
+    _, directory, count = split_zip(legit)
+    records = 40_000
+    kw = {
+        "listed": {},
+        "comment": {"comment": b"an archive comment, " * 5},
+        "zip64": {"zip64": True},
+        "understated": {"listed": count, "pad": records * len(first_record(directory))},
+    }[variant]
+    bad = directory_bomb(legit, tmp_path / "bomb.npz", records, **kw)
+    size = bad.stat().st_size
+    assert records > size // MIN_ENTRY_BYTES
+    if variant == "listed":  # what such a file cost before the check (~3 s under tracemalloc)
+        parsed, unguarded = zipfile_peak(bad)
+        assert unguarded > 400 * records, unguarded  # ~500 bytes of objects a record
+    else:
+        with zipfile.ZipFile(bad) as z:
+            parsed = len(z.infolist())
+    assert parsed == records
+
+    msg, peak = refusal_peak(bad)
+    assert msg.startswith(f"{bad}: truncated or corrupt checkpoint file (its zip directory "), msg
+    assert f"at most {size // MIN_ENTRY_BYTES}" in msg and "MIN_ENTRY_BYTES" in msg, msg
+    if variant == "understated":
+        assert f"holds more than {size // MIN_ENTRY_BYTES} records (its end record says {count})" in msg
+    else:
+        assert f"lists {records} entries" in msg
+    legit_size = legit.stat().st_size
+    assert peak < 2 * legit_size, f"refusing {variant} peaked at {peak} bytes; the legit file is {legit_size}"
+
+
+def test_a_directory_under_the_bound_is_refused_by_what_meta_json_describes(tmp_path):
+    """20,000 records (all meta.json's, pointing at its local header) in a 2.56 MB file: the most
+    MIN_ENTRY_BYTES lets it hold. zipfile would build ~11 MB of ZipInfo objects for them (4.3x
+    the file, ~85x the legitimate checkpoint it was made from) before the duplicate names could be
+    refused. meta.json is read from its record as the directory is walked, before zipfile parses
+    it, and describes 1 + parameters + optimizer-state entries: the directory holds another
+    number, so it is refused there, at a peak under 2x the legitimate checkpoint's size."""
+    legit, _ = saved(tmp_path)
+    head, directory, count = split_zip(legit)
+    records = 20_000
+    unpadded = len(head) + len(directory) + (records - count) * len(first_record(directory)) + 22
+    pad = records * MIN_ENTRY_BYTES - unpadded  # the smallest file of 20,000 records that passes
+    bad = directory_bomb(legit, tmp_path / "under.npz", records, pad=pad)
+    size = bad.stat().st_size
+    assert size // MIN_ENTRY_BYTES == records and 2 * (size - pad - len(head) - 22) <= size
+    msg, peak = refusal_peak(bad)
+    assert msg.startswith(
+        f"{bad}: truncated or corrupt checkpoint file (the zip directory holds {records} entries, "
+        f"meta.json describes {count} (meta.json, the {len(pnp.param_shapes(CFG))} parameters of "
+    ), msg
+    legit_size = legit.stat().st_size
+    assert peak < 2 * legit_size, f"{peak} bytes to refuse {records} records; the legit file is {legit_size}"
+
+
+def test_a_config_of_more_blocks_than_entries_is_refused_before_its_schema_is_built(tmp_path):
+    path, _ = saved(tmp_path)
+    ents = entries(path)
+    meta = get_meta(ents)
+    meta["config"]["num_layers"] = 10**12  # a schema of 1.6e13 names
+    set_meta(ents, meta)
+    bad = craft(tmp_path / "deep.npz", ents)
+    msg, peak = refusal_peak(bad)
+    assert msg.startswith(
+        f"{bad}: truncated or corrupt checkpoint file (the zip directory holds {len(ents)} entries, "
+        f"meta.json describes at least {10**12 + 3} (meta.json, the latents and {10**12 + 1} blocks"
+    ), msg
+    assert peak < 1_000_000
+
+
+def patch(data, at, fmt, *values):
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, *values)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("damage", ["method", "encrypted", "crc", "stored_size", "zip64", "offset",
+                                    "local_name", "no_meta"])
+def test_meta_json_is_read_from_its_zip_records_and_checked(tmp_path, damage):
+    """meta.json is read from its records (the central one, then its local header) before zipfile
+    parses the directory: every way they can be wrong is a CheckpointError naming the file."""
+    legit, _ = saved(tmp_path)
+    head, directory, count = split_zip(legit)
+    meta = first_record(directory)
+    assert meta[46:46 + len(b"meta.json.npy")] == b"meta.json.npy" and head[30:43] == b"meta.json.npy"
+    expected = {
+        "method": (meta, "<H", 10, 12, "compression method 12, not stored (0) or deflated (8)"),
+        "encrypted": (meta, "<H", 8, 1, "encrypted or patched (flag bits 0x0001)"),
+        "crc": (meta, "<L", 16, zlib.crc32(b"x"), "its CRC-32 is not the one in the zip directory"),
+        "stored_size": (meta, "<L", 20, 1, "is stored in 1 bytes, but its size is"),
+        "zip64": (meta, "<L", 24, 0xFFFF_FFFF, "its zip64 extra field lacks a size or offset"),
+        "offset": (meta, "<L", 42, 1, "no local header at byte 1"),
+        "local_name": (head, "<3s", 40, b"npz", "its local header names another member"),
+        "no_meta": (meta, "<4s", 46, b"ateM", "no meta.json entry"),
+    }
+    part, fmt, at, value, detail = expected[damage]
+    if part is meta:
+        directory = patch(meta, at, fmt, value) + directory[len(meta):]
+    else:
+        head = patch(head, at, fmt, value)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(head + directory + end_record(count, len(directory), len(head)))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: truncated or corrupt checkpoint file ("), msg
+    assert detail in msg and (damage == "no_meta" or "entry 'meta.json'" in msg), msg
+
+
+def test_meta_json_in_zip64_fields_or_deflated_loads_as_zipfile_reads_it(tmp_path):
+    """meta.json's sizes and offset in its record's zip64 extra field (as zip tools that always
+    write zip64 put them), or every member deflated: the file loads bit-identically."""
+    legit, args = saved(tmp_path)
+    ref = load_checkpoint(legit)
+
+    def same(path):
+        got = load_checkpoint(path)
+        assert got.config == ref.config and got.step == ref.step and got.extra == ref.extra
+        assert got.rng_state == ref.rng_state
+        assert_arrays_bitwise_equal(got.params, ref.params)
+        assert got.opt_state is not None
+        assert_arrays_bitwise_equal(got.opt_state, args["opt_state"])
+
+    head, directory, count = split_zip(legit)
+    meta = first_record(directory)
+    csize, usize = struct.unpack("<2L", meta[20:28])
+    (offset,) = struct.unpack("<L", meta[42:46])
+    name_size, extra_size = struct.unpack("<2H", meta[28:32])
+    zip64 = struct.pack("<2H3Q", 1, 24, usize, csize, offset)
+    record = patch(meta, 20, "<2L", 0xFFFF_FFFF, 0xFFFF_FFFF)
+    record = patch(record, 42, "<L", 0xFFFF_FFFF)
+    record = patch(record, 30, "<H", extra_size + len(zip64))
+    record = record[:46 + name_size] + zip64 + record[46 + name_size:]
+    directory = record + directory[len(meta):]
+    path = tmp_path / "zip64.npz"
+    path.write_bytes(head + directory + end_record(count, len(directory), len(head)))
+    same(path)
+
+    deflated = tmp_path / "deflated.npz"
+    with zipfile.ZipFile(legit) as zin, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    with zipfile.ZipFile(deflated) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    same(deflated)
+
+
+def test_meta_json_is_never_inflated_past_its_size(tmp_path):
+    """A deflated meta.json that goes on inflating (64 MiB of zeros after its bytes) is read
+    only up to the size in its record, as zipfile reads it: in bounded memory."""
+    data = b"the bytes of meta.json"
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = c.compress(data) + c.compress(bytes(64 << 20)) + c.flush()
+    assert len(stream) < 100_000
+    tracemalloc.start()
+    try:
+        got = checkpoint_module._inflate(io.BytesIO(stream), len(stream), len(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == data and peak < 1_000_000
+    short = zlib.compressobj(9, zlib.DEFLATED, -15)
+    short = short.compress(data) + short.flush()  # a stream that ends before the size in its record
+    with pytest.raises(EOFError, match="inflates to 22 bytes, not its 23"):
+        checkpoint_module._inflate(io.BytesIO(short), 100, len(data) + 1)
+
+
+def test_two_meta_json_records_are_duplicate_entries(tmp_path):
+    """A second meta.json record in place of another entry: the entry count is right, the walk
+    reads the first, and the duplicate is refused once zipfile has parsed the directory."""
+    legit, _ = saved(tmp_path)
+    head, directory, count = split_zip(legit)
+    meta = first_record(directory)
+    rest, records = directory[len(meta):], [meta]
+    while rest:  # the records after meta.json's, the last one replaced by meta.json's
+        records.append(first_record(rest))
+        rest = rest[len(records[-1]):]
+    directory = b"".join(records[:-1]) + meta
+    bad = tmp_path / "two.npz"
+    bad.write_bytes(head + directory + end_record(count, len(directory), len(head)))
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt.*duplicate entries \['meta\.json'\]"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("forge", ["size_past_end", "offset_past_end", "offset_before", "count"])
+def test_a_zip_directory_that_does_not_fit_or_disagrees_with_its_end_record(tmp_path, forge):
+    legit, _ = saved(tmp_path)
+    head, directory, count = split_zip(legit)
+    size, offset = len(directory), len(head)
+    end = {
+        "size_past_end": end_record(count, size + 2**31, offset),
+        "offset_past_end": end_record(count, size, offset + 1000),
+        "offset_before": end_record(count, size, offset - 46),  # zipfile would shift every member
+        "count": end_record(count - 1, size, offset),
+    }[forge]
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(head + directory + end)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: truncated or corrupt checkpoint file ("), msg
+    if forge == "count":
+        assert f"holds {count} records in {size} bytes; its end record says {count - 1}" in msg
+    else:
+        assert "do not fit in the file" in msg
+
+
+def test_the_records_of_a_zip_directory_are_checked_as_zipfile_walks_them(tmp_path):
+    legit, _ = saved(tmp_path)
+    head, directory, count = split_zip(legit)
+    bad = tmp_path / "bad.npz"
+    broken = bytearray(directory)
+    broken[len(first_record(directory))] ^= 0xFF  # the second record's signature
+    bad.write_bytes(head + bytes(broken) + end_record(count, len(directory), len(head)))
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt.*record 1 has no record signature"):
+        load_checkpoint(bad)
+    cut = directory[:-10]  # the last record's name runs past the directory's end
+    bad.write_bytes(head + cut + end_record(count, len(cut), len(head)))
+    overrun = rf"truncated or corrupt.*holds {count} records in {len(directory)} bytes"
+    with pytest.raises(CheckpointError, match=overrun):
+        load_checkpoint(bad)
+    longer = directory + b"PK\x01\x02" + bytes(26)  # ... a record's 46-byte head past it
+    bad.write_bytes(head + longer + end_record(count + 1, len(longer), len(head)))
+    with pytest.raises(CheckpointError, match=rf"truncated or corrupt.*record {count} is truncated"):
+        load_checkpoint(bad)
+
+
+def test_a_checkpoint_of_many_small_tensors_loads_whatever_its_end_records(tmp_path, monkeypatch):
+    """The bound refuses no real file: a 24-layer model of the smallest widths with AdamW's state
+    (407 tensors, 1,223 entries) holds ~390 bytes an entry, 3x MIN_ENTRY_BYTES; it loads, with an
+    archive comment, and with zip64 end records."""
+    from perceiver_np.optim import adamw
+
+    cfg = small_config(input_dim=1, latent_dim=2, num_latents=1, num_layers=24, num_heads=1,
+                       cross_widening_factor=1, self_widening_factor=1, dtype="float32")
+    params = pnp.init_params(cfg)
+    opt = adamw(1e-3).init(params)
+    assert len(params) >= 200
+    path = save_checkpoint(tmp_path / "many.npz", config=cfg, params=params, step=1, opt_state=opt,
+                           rng=np.random.default_rng(3))
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as z:
+        n = len(z.infolist())
+    assert n == 1 + 3 * len(params) + 1
+    assert size / n > 2.5 * MIN_ENTRY_BYTES, f"{size / n:.0f} bytes an entry"
+    assert MIN_ENTRY_BYTES <= 30 + 46 + 2 * len("opt/x") + 55  # what the docstring of the constant says
+
+    def check(p):
+        ckpt = load_checkpoint(p, expect_config=cfg)
+        assert_arrays_bitwise_equal(ckpt.params, params)
+        assert ckpt.opt_state is not None
+        assert_arrays_bitwise_equal(ckpt.opt_state, opt)
+
+    check(path)
+    with zipfile.ZipFile(path, "a") as z:  # an archive comment: the end record is searched for
+        z.comment = b"an archive comment"
+    assert not path.read_bytes().endswith(b"\0\0")
+    check(path)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 100)  # zipfile writes zip64 end records
+    path = save_checkpoint(tmp_path / "zip64.npz", config=cfg, params=params, step=1, opt_state=opt)
+    data = path.read_bytes()
+    assert data[-42:-38] == b"PK\x06\x07" and data[-98:-94] == b"PK\x06\x06"
+    check(path)
 
 
 def test_meta_json_size_is_capped_on_save_and_on_load(tmp_path, monkeypatch):
