@@ -121,6 +121,8 @@ def first_nonfinite(name: str, array: np.ndarray) -> str | None:
     bad = ~np.isfinite(array)
     if not bad.any():  # float64 entries whose sum overflowed: all finite
         return None
+    if array.ndim == 0:
+        return f"{name}: {array.item()} is not finite"
     first = tuple(int(i) for i in np.argwhere(bad)[0])
     return f"{name}: {int(bad.sum())} non-finite value(s) (NaN or inf), first at index {first}"
 
