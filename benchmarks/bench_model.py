@@ -1,4 +1,4 @@
-"""Head-to-head: the whole seed model, perceiver_np against the same model in PyTorch (issue 6).
+"""Head-to-head: the whole seed model, perceiver_np against the same model in PyTorch.
 
     python benchmarks/bench_model.py                 # the full grid (make bench), ~10 minutes
     python benchmarks/bench_model.py --quick         # smaller shapes, fewer rounds
@@ -94,7 +94,7 @@ class Ours:
             x = inputs(b, n)
             self.job = lambda: self.model(x)
         elif kind == "stream":
-            chunks = NpyChunks(path)  # DEFAULT_CHUNK positions at a time
+            chunks = NpyChunks(path)  # STREAM_CHUNK_POSITIONS positions at a time
             self.job = lambda: self.model.encode_stream(chunks)
         else:
             model = self.pnp.build(**SEED, dropout=0.0)

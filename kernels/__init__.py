@@ -10,12 +10,9 @@ from .attention import (
     BACKWARD_BLOCK_N,
     FORWARD_BLOCK_M,
     FORWARD_BLOCK_N,
-    ChunkState,
     attention_backward,
     attention_forward,
     choose_splits,
-    chunk_state,
-    finish_chunks,
     merge_chunk,
 )
 
@@ -24,11 +21,8 @@ __all__ = [
     "BACKWARD_BLOCK_N",
     "FORWARD_BLOCK_M",
     "FORWARD_BLOCK_N",
-    "ChunkState",
     "attention_backward",
     "attention_forward",
     "choose_splits",
-    "chunk_state",
-    "finish_chunks",
     "merge_chunk",
 ]

@@ -1,8 +1,8 @@
 """Every Numba option of perceiver_np, in one place.
 
 - ``cache=True``: compiled machine code is written next to the module (``__pycache__``) and a
-  second process loads it instead of compiling (KERNEL-NOTES: ~0.5 s instead of ~30 s). This is
-  why every kernel is defined at module level: kernels made inside a factory are cached but
+  second process loads it instead of compiling (docs/kernel.md has the compile and load times).
+  This is why every kernel is defined at module level: kernels made inside a factory are cached but
   never loaded back.
 - ``fastmath=FASTMATH``: every fast-math flag except ``reassoc``. ``contract`` fuses
   multiply-adds (FMA), ``nnan``/``ninf`` drop NaN/inf guards, ``arcp``/``afn`` allow reciprocal
@@ -44,8 +44,7 @@ parallel_kernel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True,
 serial_kernel = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 #: Below this many elements, a row or element-wise kernel runs on the calling thread alone:
-#: waking the pool costs ~45 us per call here (measured with the passive wait policy), more
-#: than the whole kernel's work on such an array (~2 us on one thread for [6, 8]).
+#: waking the pool costs more than the whole kernel's work on such an array (docs/fast.md).
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 #: Every sum over rows that is split into work items (a weight's gradient, LayerNorm's dgamma

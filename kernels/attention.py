@@ -34,27 +34,25 @@ Every parallel loop writes disjoint outputs; the reductions over splits are pass
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 from numba import prange
 
-from perceiver_np.attention import check_attention_args
-from perceiver_np.layers import MASK_FILL
+from perceiver_np.constants import MASK_FILL
+from perceiver_np.shapes import ChunkState, check_attention_args
 
 from ._numba import kernel_array, parallel_kernel, serial_kernel
 from .fastexp import fast_exp
 from .tiles import matmul_acc
 
 #: Queries per tile of the forward. The score tile is held as S^T[block_n, block_m] so that the
-#: contiguous query axis is innermost (KERNEL-NOTES §1); the wider it is, the more work each
-#: coefficient loaded in the tile products does (measured at M = 256, N = 64k, fp32: 112-123
-#: GFLOP/s at 64 queries, 159-178 at 128 and 256).
+#: contiguous query axis is innermost; the wider it is, the more work each coefficient loaded in
+#: the tile products does (docs/kernel.md, "Choices", has the measurements).
 FORWARD_BLOCK_M = 256
-#: Keys per tile of the forward (64-256 within the noise of this machine).
+#: Keys per tile of the forward (docs/kernel.md: the size hardly matters between 64 and 256).
 FORWARD_BLOCK_N = 128
-#: Queries per block of the backward, which holds S[block_m, block_n] (KERNEL-NOTES §1: the
-#: ordinary orientation is the faster one there) and dP of the same size.
+#: Queries per block of the backward, which holds S[block_m, block_n] (the ordinary orientation
+#: is the faster one there, docs/kernel.md) and dP of the same size.
 BACKWARD_BLOCK_M = 64
 #: Keys per tile of the backward: the rows of dK and dV a work item owns at a time.
 BACKWARD_BLOCK_N = 128
@@ -207,34 +205,17 @@ def _merge_chunk(m_run, l_run, acc, o_c, lse_c):  # pragma: no cover - compiled
             m_run[b, h, i] = m_new
 
 
-class ChunkState(NamedTuple):
-    """The running online-softmax state of attention over keys that arrive in chunks."""
-
-    m: np.ndarray  # [B, H, M] float64, running max of the chunks' lse
-    l: np.ndarray  # [B, H, M] float64, running sum of exp(lse_c - m)  # noqa: E741
-    acc: np.ndarray  # [B, H, M, dv] float64, running sum of exp(lse_c - m) o_c
-
-
-def chunk_state(b: int, h: int, m: int, dv: int) -> ChunkState:
-    """The state before any chunk: no key seen (m at MASK_FILL, l and acc 0)."""
-    return ChunkState(np.full((b, h, m), MASK_FILL), np.zeros((b, h, m)), np.zeros((b, h, m, dv)))
-
-
 def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
     """Fold one chunk's ``attention_forward`` result (o_c [B, H, M, dv], lse_c [B, H, M]) into
     ``state``, in place: a softmax over the union of the chunks' keys is the
-    exp(lse)-weighted mean of the chunks' softmaxes (the merge of pass 2, across calls)."""
+    exp(lse)-weighted mean of the chunks' softmaxes (the merge of pass 2, across calls). The
+    plain twin, and ``chunk_state`` / ``finish_chunks`` that both use, are in
+    :mod:`perceiver_np.attention`."""
     expect = state.acc.shape
     if o_c.shape != expect or lse_c.shape != expect[:3]:
         raise ValueError(f"o_c, lse_c: expected shapes {expect} and {expect[:3]}, got {o_c.shape} "
                          f"and {lse_c.shape}")
     _merge_chunk(state.m, state.l, state.acc, kernel_array(o_c), kernel_array(lse_c))
-
-
-def finish_chunks(state: ChunkState, dtype: np.dtype) -> np.ndarray:
-    """o = acc / l: [B, H, M, dv] in ``dtype``; 0 for a query that saw no visible key (its acc
-    is 0: every chunk gave it o_c = 0)."""
-    return (state.acc / np.where(state.l > 0, state.l, 1.0)[..., None]).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Element-wise kernels of the fast path: GELU forward and backward, parallel and vectorised.
+"""Element-wise kernels of the inference engine: GELU forward and backward, parallel and vectorised.
 
 ``gelu_forward(x, approximate)`` and ``gelu_backward(dy, x, approximate)`` compute exactly the
 formulas of :func:`perceiver_np.layers.gelu_forward` / ``gelu_backward`` (tested equal):

@@ -2,8 +2,8 @@
 
 Without Intel SVML (PyPI's llvmlite is not built with it), ``np.exp`` inside a Numba loop
 compiles to a scalar library call and the loop does not vectorise; the softmax then costs as
-much as the matrix products around it (KERNEL-NOTES §2: ~2x). ``fast_exp`` is, for float32,
-the textbook vectorisable exp:
+much as the matrix products around it (docs/kernel.md: the forward ran at half speed).
+``fast_exp`` is, for float32, the textbook vectorisable exp:
 
 1. Cody-Waite range reduction: ``n = round(x / ln 2)``, ``r = x - n ln2_hi - n ln2_lo`` with
    ``|r| <= ln(2) / 2`` (ln 2 split in two so that ``n ln2_hi`` is exact);

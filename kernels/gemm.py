@@ -7,16 +7,12 @@
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
 
-Why not ``a @ w`` with BLAS's own threads: on a machine with as many threads as cores, an
-OpenBLAS worker keeps spinning for ~0.1 s after each product (its ``THREAD_TIMEOUT``), and a
-Numba kernel started in that window shares a core with it: measured here, a row kernel right
-after a product took 2x its time (a diagnostic timing, docs/fast.md; the speed claims are
-make bench's, docs/performance.md). With
-every product and every kernel of the fast path on Numba's pool, one pool owns the cores and
-nothing spins between steps. Each work item is one ``np.dot`` (BLAS sgemm/dgemm through SciPy's
-BLAS, which the wrapper limits to one thread for the call, so the two pools never stack) on its
-own block of rows: the parallel loops write disjoint outputs. (Diagnostic timings while building
-it: 205-245 GFLOP/s on the fast path's shapes, about NumPy's two-threaded products.)
+Why not ``a @ w`` with BLAS's own threads: an OpenBLAS worker keeps spinning for a while after
+each product (its ``THREAD_TIMEOUT``), and a Numba kernel started in that window shares a core
+with it (docs/fast.md has the measurement). With every product and every kernel of the engine on
+Numba's pool, one pool owns the cores and nothing spins between steps. Each work item is one
+``np.dot`` (BLAS sgemm/dgemm through SciPy's BLAS, held to one thread for the call, so the two
+pools never stack) on its own block of rows: the parallel loops write disjoint outputs.
 
 ``project_heads`` computes several projections of the same input in one wide product per block
 of rows and writes each head's columns straight into the [B, H, S, d] layout of the attention
@@ -41,7 +37,7 @@ from .rows import _moments
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no
-#: worker wakes or spins, and waking Numba's pool would cost more than the product (~45 us).
+#: worker wakes or spins, and waking Numba's pool would cost more than the product.
 SMALL_PRODUCT = 1 << 18
 #: Fewest rows in one BLAS call: below this the call overhead outweighs splitting further.
 MIN_BLOCK_ROWS = 64
@@ -78,9 +74,9 @@ def _matmul_tn_partial(a, b, part, block):  # pragma: no cover - compiled
 def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
     """out[b, lo:hi] = x[b, lo:hi] @ w for each block of rows of each sample; x [B, S, K] may
     be a strided view (a chunk of a longer input): each block is copied contiguous first."""
-    nb_, s = x.shape[0], x.shape[1]
+    nb, s = x.shape[0], x.shape[1]
     n_blocks = (s + block - 1) // block
-    for item in prange(nb_ * n_blocks):
+    for item in prange(nb * n_blocks):
         b = item // n_blocks
         lo = (item % n_blocks) * block
         hi = min(s, lo + block)

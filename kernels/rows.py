@@ -1,7 +1,7 @@
 """Row-wise fused kernels of the fast inference path (perceiver_np.fast), parallel over rows.
 
 Each kernel does in one pass over a [R, F] array what the plain path does in several, with the
-plain path's formulas (tested equal, tests/test_fast.py)::
+plain path's formulas (tested equal, tests/test_engine.py)::
 
     layernorm(x, gamma, beta, bias=None, out=None)   out = LN(x + bias)            [R, F]
     residual_layernorm(z, t, bias, gamma, beta)     z += t + bias; return LN(z)   [R, F]
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from perceiver_np.layers import LN_EPS
+from perceiver_np.constants import LN_EPS
 
 from ._numba import REDUCTION_BLOCK_ROWS, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any

@@ -2,7 +2,7 @@
 
 ``matmul_acc(a, b, c)`` adds ``a @ b`` into ``c`` for a tile-sized ``a [R, J]``, ``b [J, W]``,
 ``c [R, W]`` whose rows of ``b`` and ``c`` are contiguous (``a`` may be any strided view, e.g.
-a transpose). It is register-blocked 4 x 4 (KERNEL-NOTES §3): four rows of ``c`` are updated
+a transpose). It is register-blocked 4 x 4 (docs/kernel.md): four rows of ``c`` are updated
 from four rows of ``b`` in one pass over the contiguous axis ``W``, with the 16 coefficients of
 ``a`` held in registers. Per vector of ``W`` that is 16 fused multiply-adds for 8 loads and 4
 stores, so the loop is bound by the FMA units rather than by L1 stores, as a plain

@@ -13,8 +13,10 @@ by finite differences (:mod:`perceiver_np.gradcheck`). The API mirrors Edifice's
 
 from . import (
     attention,
+    backends,
     blocks,
     checkpoint,
+    engine,
     gradcheck,
     interop,
     layers,
@@ -25,6 +27,7 @@ from . import (
     presets,
     runtime,
     shapes,
+    stream,
     threads,
     tolerances,
     train,
@@ -40,18 +43,19 @@ from .config import PerceiverConfig, output_size, param_count, param_shapes, rec
 from .interop import from_hf, from_hf_state_dict, to_hf_state_dict
 from .model import Perceiver, build, init_params
 from .threads import get_num_threads, set_num_threads
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "Perceiver",
     "PerceiverConfig",
     "attention",
+    "backends",
     "blocks",
     "build",
     "checkpoint",
     "cross_block_backward",
     "cross_block_forward",
+    "engine",
     "from_hf",
     "from_hf_state_dict",
     "get_num_threads",
@@ -73,6 +77,7 @@ __all__ = [
     "self_block_forward",
     "set_num_threads",
     "shapes",
+    "stream",
     "threads",
     "to_hf_state_dict",
     "tolerances",

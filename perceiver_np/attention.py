@@ -4,6 +4,7 @@
 
     o, lse = attention_forward(q, k, v, mask=None, scale=None)
     dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask=None, scale=None)
+    state = chunk_state(B, H, M, dv); merge_chunk(state, o_c, lse_c); o = finish_chunks(state, dtype)
 
 q: [B, H, M, dh], k: [B, H, N, dh], v: [B, H, N, dv], mask: [B, N] bool (True = keep) or None,
 o: [B, H, M, dv], lse: [B, H, M] = log-sum-exp of each query's scaled scores over its visible
@@ -11,7 +12,8 @@ keys (MASK_FILL for a query with no visible key). The backward recomputes the pr
 from ``lse`` instead of keeping them, exactly like the tiled kernel
 ``perceiver_np.kernels.attention_forward``/``attention_backward``, which has the same
 signatures and is tested equal to these functions. This plain path materialises the
-[B, H, M, N] scores; the kernel never does.
+[B, H, M, N] scores; the kernel never does. Keys that arrive in chunks (the inference engine)
+are merged with ``merge_chunk``, the plain twin of the kernel's.
 
 The semantics are those of :func:`perceiver_np.layers.attention_forward` (the teaching path,
 which keeps the probabilities in its cache): masked keys get exactly zero weight and gradient,
@@ -20,46 +22,10 @@ a query with no visible key gets zero output and zero gradients.
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple
-
 import numpy as np
 
-from .layers import MASK_FILL
-from .shapes import expect_shape
-
-
-def check_attention_args(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float | None
-) -> float:
-    """Validate the shapes and dtypes shared by both paths; return the scale to use."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
-        if a.dtype not in (np.float32, np.float64):
-            raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype.name}")
-        if a.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype.name} like q, got {a.dtype.name}")
-    if q.ndim != 4:
-        raise ValueError(f"q: expected shape [B, H, M, dh], got {q.shape}")
-    b, h, m, dh = q.shape
-    if k.ndim != 4:
-        raise ValueError(f"k: expected shape [B, H, N, dh], got {k.shape}")
-    n = k.shape[2]
-    expect_shape("k", k, (b, h, n, dh), "[B, H, N, dh]")
-    expect_shape("v", v, (b, h, n, None), "[B, H, N, dv]")
-    if min(b, h, m, n, dh, v.shape[3]) == 0:
-        raise ValueError(f"q, k, v: every size must be positive, got q {q.shape}, v {v.shape}")
-    if mask is not None:
-        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-            got = mask.dtype.name if isinstance(mask, np.ndarray) else type(mask).__name__
-            raise TypeError(f"mask: expected a bool array (True = keep), got {got}")
-        expect_shape("mask", mask, (b, n), "[B, N]")
-    if scale is None:
-        return 1.0 / math.sqrt(dh)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a positive finite number, got {scale}")
-    return float(scale)
+from .constants import MASK_FILL
+from .shapes import ChunkState, check_attention_args, expect_shape
 
 
 def _scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
@@ -79,11 +45,11 @@ def attention_forward(
     """-> (o [B, H, M, dv], lse [B, H, M]). See the module docstring."""
     scale = check_attention_args(q, k, v, mask, scale)
     s = _scores(q, k, mask, scale)
-    m = s.max(axis=-1, keepdims=True)  # [B, H, M, 1]
-    e = np.exp(s - m)
-    ell = e.sum(axis=-1, keepdims=True)  # [B, H, M, 1]
-    p = e / ell
-    lse = (m + np.log(ell))[..., 0]  # [B, H, M, 1] -> [B, H, M]
+    m_i = s.max(axis=-1, keepdims=True)  # [B, H, M, 1], each query's max score
+    e = np.exp(s - m_i)
+    l_i = e.sum(axis=-1, keepdims=True)  # [B, H, M, 1], each query's sum of exp
+    p = e / l_i
+    lse = (m_i + np.log(l_i))[..., 0]  # [B, H, M, 1] -> [B, H, M]
     if mask is not None:
         visible = np.asarray(mask.any(axis=-1))  # [B, N] -> [B]
         p = p * visible[:, None, None, None]
@@ -121,51 +87,36 @@ def attention_backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# The layer contract around the (o, lse) interface, for either implementation
+# Keys that arrive in chunks: the online-softmax merge (the kernel's merge_chunk is the twin)
 # ---------------------------------------------------------------------------------------------
 
-#: The implementations of the (o, lse) interface: this module's plain NumPy functions, or the
-#: tiled Numba kernel of ``perceiver_np.kernels`` (imported on first use: it loads Numba).
-FLASH_BACKENDS = ("numpy", "numba")
+
+def chunk_state(b: int, h: int, m: int, dv: int) -> ChunkState:
+    """The state before any chunk: no key seen (m at MASK_FILL, l and acc 0), in float64."""
+    return ChunkState(np.full((b, h, m), MASK_FILL), np.zeros((b, h, m)), np.zeros((b, h, m, dv)))
 
 
-class FlashCache(NamedTuple):
-    q: np.ndarray  # [B, H, M, dh]
-    k: np.ndarray  # [B, H, N, dh]
-    v: np.ndarray  # [B, H, N, dv]
-    o: np.ndarray  # [B, H, M, dv]
-    lse: np.ndarray  # [B, H, M]
-    mask: np.ndarray | None  # [B, N] bool
-    backend: str  # "numpy" | "numba"
+def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
+    """Fold one chunk's :func:`attention_forward` result (o_c [B, H, M, dv], lse_c [B, H, M])
+    into ``state``, in place, in float64::
+
+        m_new = max(m, lse_c)
+        l     = l exp(m - m_new) + exp(lse_c - m_new)
+        acc   = acc exp(m - m_new) + exp(lse_c - m_new) o_c
+
+    A softmax over the union of the chunks' keys is the exp(lse)-weighted mean of the chunks'
+    softmaxes; rescaling by the running max keeps every exp() at most 1."""
+    expect_shape("o_c", o_c, state.acc.shape, "[B, H, M, dv]")
+    expect_shape("lse_c", lse_c, state.m.shape, "[B, H, M]")
+    m_new = np.maximum(state.m, lse_c)  # [B, H, M]
+    alpha = np.exp(state.m - m_new)  # rescale what was kept: exp(m_old - m_new) <= 1
+    weight = np.exp(lse_c - m_new)  # this chunk's share (0 where it had no visible key)
+    state.l[...] = state.l * alpha + weight
+    state.acc[...] = state.acc * alpha[..., None] + weight[..., None] * o_c
+    state.m[...] = m_new
 
 
-def _implementation(backend: str) -> tuple[Any, Any]:
-    if backend == "numpy":
-        return attention_forward, attention_backward
-    if backend == "numba":
-        from .kernels import attention_backward as kernel_backward
-        from .kernels import attention_forward as kernel_forward
-
-        return kernel_forward, kernel_backward
-    raise ValueError(f"backend: expected one of {FLASH_BACKENDS}, got {backend!r}")
-
-
-def flash_forward(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
-    *, backend: str = "numba",
-) -> tuple[np.ndarray, FlashCache]:
-    """The (o, lse) attention under the layer contract: -> (o [B, H, M, dv], cache). Only
-    ``lse`` [B, H, M] is kept besides the inputs and output; the backward recomputes P."""
-    forward, _ = _implementation(backend)
-    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-    o, lse = forward(q, k, v, mask)
-    return o, FlashCache(q, k, v, o, lse, mask, backend)
-
-
-def flash_backward(
-    do: np.ndarray, cache: FlashCache
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
-    """do: [B, H, M, dv] -> ((dq, dk, dv), {})."""
-    _, backward = _implementation(cache.backend)
-    do = np.ascontiguousarray(do)
-    return backward(do, cache.q, cache.k, cache.v, cache.o, cache.lse, cache.mask), {}
+def finish_chunks(state: ChunkState, dtype: np.dtype) -> np.ndarray:
+    """o = acc / l: [B, H, M, dv] in ``dtype``; 0 for a query that saw no visible key (its acc
+    is 0: every chunk gave it o_c = 0)."""
+    return (state.acc / np.where(state.l > 0, state.l, 1.0)[..., None]).astype(dtype)

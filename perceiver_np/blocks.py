@@ -1,6 +1,6 @@
 """The two blocks of the Perceiver encoder, as public functional units.
 
-Both are pre-LayerNorm transformer blocks (ARCHITECTURE.md §1)::
+Both are pre-LayerNorm transformer blocks (docs/architecture.md)::
 
     CrossBlock(z, h):  a = z + Drop(MHA(LN_q(z), LN_kv(h)))     (``z +`` only with the query residual)
                        y = a + Drop(FFN(LN_ffn(a)))
@@ -17,10 +17,11 @@ names of the parameter schema (docs/params.md), i.e. the model's names without t
 
 ``dropout`` is the rate of the dropout after the attention output projection and after the
 FFN down projection; ``attention_dropout`` drops attention probabilities. Both act only with
-``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``backend``
-picks the attention implementation (:func:`perceiver_np.layers.mha_forward`), ``ffn_backend``
-the GELU's (:func:`perceiver_np.layers.gelu_forward`), every projection's
-(:func:`perceiver_np.layers.linear_forward`) and every LayerNorm's. ``record``
+``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``ops``
+(:class:`perceiver_np.layers.LayerOps`; default the plain NumPy functions) picks the
+implementation of every projection, LayerNorm, GELU and of the attention
+(:func:`perceiver_np.backends.layer_ops` makes the model's); the cache keeps it, so the
+backward runs on the same implementations. ``record``
 collects every intermediate activation under ``{name}.<step>.out`` (docs/verify.md).
 """
 
@@ -31,9 +32,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import (
+    PLAIN,
     DropoutCache,
     FFNCache,
     LayerNormCache,
+    LayerOps,
     MHACache,
     Params,
     Record,
@@ -41,14 +44,12 @@ from .layers import (
     dropout_forward,
     ffn_backward,
     ffn_forward,
-    layernorm_backward,
-    layernorm_forward,
     mha_backward,
     mha_forward,
+    params_under,
     prefixed,
     residual_backward,
     residual_forward,
-    sub,
     tap,
 )
 from .shapes import expect_shape
@@ -58,6 +59,7 @@ class FFNSublayerCache(NamedTuple):
     norm: LayerNormCache  # a [B, M, D]
     ffn: FFNCache  # LN_ffn(a) [B, M, D] -> hidden [B, M, wD]
     drop: DropoutCache  # [B, M, D] or None
+    ops: LayerOps  # the implementations the forward used, for the backward
 
 
 def ffn_sublayer_forward(
@@ -70,17 +72,17 @@ def ffn_sublayer_forward(
     rng: np.random.Generator | None,
     record: Record = None,
     name: str = "",
-    backend: str = "numpy",
+    ops: LayerOps = PLAIN,
 ) -> tuple[np.ndarray, FFNSublayerCache]:
     """The second half of both blocks: a: [B, M, D] -> a + Drop(FFN(LN_ffn(a))): [B, M, D]."""
-    u, norm = layernorm_forward(a, sub(params, "ffn_norm"), backend)
+    u, norm = ops.layernorm_forward(a, params_under(params, "ffn_norm"))
     tap(record, f"{name}.ffn_norm.out", u)
-    f, ffn = ffn_forward(u, sub(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn",
-                         backend=backend)
+    f, ffn = ffn_forward(u, params_under(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn",
+                         ops=ops)
     f, drop = dropout_forward(f, rate=dropout, training=training, rng=rng)
     y = residual_forward(a, f)
     tap(record, f"{name}.out", y)
-    return y, FFNSublayerCache(norm, ffn, drop)
+    return y, FFNSublayerCache(norm, ffn, drop, ops)
 
 
 def ffn_sublayer_backward(dy: np.ndarray, cache: FFNSublayerCache) -> tuple[np.ndarray, Params]:
@@ -88,7 +90,7 @@ def ffn_sublayer_backward(dy: np.ndarray, cache: FFNSublayerCache) -> tuple[np.n
     da, df = residual_backward(dy)
     df, _ = dropout_backward(df, cache.drop)
     du, g_ffn = ffn_backward(df, cache.ffn)
-    da_norm, g_norm = layernorm_backward(du, cache.norm)
+    da_norm, g_norm = cache.ops.layernorm_backward(du, cache.norm)
     return da + da_norm, {**prefixed(g_norm, "ffn_norm"), **prefixed(g_ffn, "ffn")}
 
 
@@ -104,6 +106,7 @@ class CrossBlockCache(NamedTuple):
     drop: DropoutCache  # attention output [B, M, D] or None
     use_query_residual: bool
     ffn: FFNSublayerCache
+    ops: LayerOps  # the implementations the forward used, for the backward
 
 
 def cross_block_forward(
@@ -119,43 +122,41 @@ def cross_block_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
-    backend: str = "numpy",
     masked_rows: str = "zero",
     record: Record = None,
     name: str = "cross",
-    ffn_backend: str = "numpy",
+    ops: LayerOps = PLAIN,
 ) -> tuple[np.ndarray, CrossBlockCache]:
     """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
     b, m, d = z.shape
     expect_shape("cross_block h", h, (b, None, params["kv_norm.gamma"].shape[0]), "[B, N, Ckv]")
-    zq, q_norm = layernorm_forward(z, sub(params, "q_norm"), ffn_backend)
+    zq, q_norm = ops.layernorm_forward(z, params_under(params, "q_norm"))
     tap(record, f"{name}.q_norm.out", zq)
-    hk, kv_norm = layernorm_forward(h, sub(params, "kv_norm"), ffn_backend)
+    hk, kv_norm = ops.layernorm_forward(h, params_under(params, "kv_norm"))
     tap(record, f"{name}.kv_norm.out", hk)
     att, attn = mha_forward(
         zq,
         hk,
-        sub(params, "attn"),
+        params_under(params, "attn"),
         num_heads=num_heads,
         mask=mask,
         attention_dropout=attention_dropout,
         training=training,
         rng=rng,
-        backend=backend,
         masked_rows=masked_rows,
         record=record,
         name=f"{name}.attn",
-        linear_backend=ffn_backend,
+        ops=ops,
     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att) if use_query_residual else att
     tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
         a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name,
-        backend=ffn_backend,
+        ops=ops,
     )
     expect_shape("cross_block output", y, (b, m, d), "[B, M, D]")
-    return y, CrossBlockCache(q_norm, kv_norm, attn, drop, use_query_residual, ffn)
+    return y, CrossBlockCache(q_norm, kv_norm, attn, drop, use_query_residual, ffn, ops)
 
 
 def cross_block_backward(
@@ -170,8 +171,9 @@ def cross_block_backward(
         dz, datt = np.zeros_like(da), da
     datt, _ = dropout_backward(datt, cache.drop)
     (dzq, d_hk), g_attn = mha_backward(datt, cache.attn)
-    d_h, g_kv_norm = layernorm_backward(d_hk, cache.kv_norm)
-    dz_norm, g_q_norm = layernorm_backward(dzq, cache.q_norm)
+    # in the forward pass these were zq = LN_q(z), hk = LN_kv(h)
+    d_h, g_kv_norm = cache.ops.layernorm_backward(d_hk, cache.kv_norm)
+    dz_norm, g_q_norm = cache.ops.layernorm_backward(dzq, cache.q_norm)
     grads = {
         **prefixed(g_q_norm, "q_norm"),
         **prefixed(g_kv_norm, "kv_norm"),
@@ -191,6 +193,7 @@ class SelfBlockCache(NamedTuple):
     attn: MHACache  # queries = keys = values = LN(z) [B, M, D]
     drop: DropoutCache  # attention output [B, M, D] or None
     ffn: FFNSublayerCache
+    ops: LayerOps  # the implementations the forward used, for the backward
 
 
 def self_block_forward(
@@ -203,35 +206,33 @@ def self_block_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
-    backend: str = "numpy",
     record: Record = None,
     name: str = "self",
-    ffn_backend: str = "numpy",
+    ops: LayerOps = PLAIN,
 ) -> tuple[np.ndarray, SelfBlockCache]:
     """z: [B, M, D] -> y: [B, M, D]."""
-    u, norm = layernorm_forward(z, sub(params, "norm"), ffn_backend)
+    u, norm = ops.layernorm_forward(z, params_under(params, "norm"))
     tap(record, f"{name}.norm.out", u)
     att, attn = mha_forward(
         u,
         u,
-        sub(params, "attn"),
+        params_under(params, "attn"),
         num_heads=num_heads,
         attention_dropout=attention_dropout,
         training=training,
         rng=rng,
-        backend=backend,
         record=record,
         name=f"{name}.attn",
-        linear_backend=ffn_backend,
+        ops=ops,
     )  # [B, M, D] x [B, M, D] -> [B, M, D]
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att)
     tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
         a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name,
-        backend=ffn_backend,
+        ops=ops,
     )
-    return y, SelfBlockCache(norm, attn, drop, ffn)
+    return y, SelfBlockCache(norm, attn, drop, ffn, ops)
 
 
 def self_block_backward(dy: np.ndarray, cache: SelfBlockCache) -> tuple[np.ndarray, Params]:
@@ -242,6 +243,7 @@ def self_block_backward(dy: np.ndarray, cache: SelfBlockCache) -> tuple[np.ndarr
     datt, _ = dropout_backward(datt, cache.drop)
     # in the forward pass u fed both the queries and the keys/values: its gradients add
     (du_q, du_kv), g_attn = mha_backward(datt, cache.attn)
-    dz_norm, g_norm = layernorm_backward(du_q + du_kv, cache.norm)
+    # in the forward pass this was u = LN(z)
+    dz_norm, g_norm = cache.ops.layernorm_backward(du_q + du_kv, cache.norm)
     grads = {**prefixed(g_norm, "norm"), **prefixed(g_attn, "attn"), **g_ffn}
     return dz + dz_norm, grads

@@ -49,6 +49,7 @@ import numpy as np
 
 from ._files import atomic_savez, remove_stale_temps
 from .config import PerceiverConfig, param_shapes
+from .version import __version__
 
 FORMAT_NAME = "perceiver_np.checkpoint"
 FORMAT_VERSION = 1
@@ -304,8 +305,6 @@ def _listing(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 def _package_version() -> str:
-    from . import __version__  # deferred: the package imports its modules first
-
     return str(__version__)
 
 

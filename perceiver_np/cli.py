@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -317,20 +318,7 @@ def _elided(kind: str, count: int, each: int, keep: int = 16) -> list[tuple[str,
 
 def _schedule(cfg: PerceiverConfig, limit: int) -> list[tuple[str, int]]:
     """The first ``limit`` steps of ``cfg.schedule``, without building all of it."""
-    steps: list[tuple[str, int]] = []
-    spc = max(cfg.num_layers // cfg.num_cross_layers, 1)
-    for c in range(cfg.num_cross_layers):
-        last = c == cfg.num_cross_layers - 1
-        group = range(spc * c, spc * c + (cfg.num_layers - spc * (cfg.num_cross_layers - 1) if last else spc))
-        steps.append(("cross", c))
-        for _ in range(cfg.num_blocks):
-            for j in group:
-                if len(steps) >= limit:
-                    return steps
-                steps.append(("self", j))
-        if len(steps) >= limit:
-            return steps
-    return steps
+    return list(itertools.islice(cfg.iter_schedule(), limit))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -359,7 +347,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         extra = cost.inference_extra_bytes(cfg, batch, n)
         held = batch * n * cfg.input_dim * item / 2**20
         same = cfg.num_cross_layers == 1 or not cfg.input_projection
-        print(f"  inference (fast path), B = {batch}: the input {held:,.2f} MiB + at most "
+        print(f"  inference (inference engine), B = {batch}: the input {held:,.2f} MiB + at most "
               f"{extra / 2**20:,.2f} MiB of buffers at N = {n:,}"
               + (" (the same for any larger N)" if same else ""))
     layers = cost.transformer_layers(cfg)

@@ -2,19 +2,22 @@
 
 ``PerceiverConfig`` is a frozen dataclass. The seed options (Edifice's ``Perceiver.build``) come
 first with Edifice's defaults; the extended options make DeepMind's and Hugging Face's encoders
-expressible (ARCHITECTURE.md §2). Options documented as "defaults to ..." stay ``None`` in the
-config and are resolved by the ``cross_*`` / ``self_*`` properties, so a config round-trips
-through ``dataclasses.asdict`` and ``PerceiverConfig(**d)`` unchanged.
+expressible (docs/architecture.md, "Extended options"). Options documented as "defaults to ..."
+stay ``None`` in the config and are resolved by the ``cross_*`` / ``self_*`` properties, so a
+config round-trips through ``dataclasses.asdict`` and ``PerceiverConfig(**d)`` unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .position import fourier_channels
 
 GELU_KINDS = ("exact", "tanh")
 DECODERS = ("pool", "latents", "classification", "query")
@@ -59,7 +62,7 @@ class PerceiverConfig:
     final_norm: bool = True
     attention_dropout: float = 0.0
     masked_rows: str = "zero"
-    # --- decoding (Perceiver IO, ARCHITECTURE.md §3) ---
+    # --- decoding (Perceiver IO, docs/architecture.md) ---
     decoder: str = "pool"
     output_dim: int | None = None
     num_outputs: int | None = None
@@ -126,8 +129,6 @@ class PerceiverConfig:
         """Cq, the width of the output queries: ``query_dim`` (default D for trainable queries),
         or the Fourier feature count of ``output_index_dims`` with ``query_num_bands`` bands."""
         if self.decoder == "query" and self.query_source == "fourier":
-            from .position import fourier_channels
-
             return fourier_channels(len(self.output_index_dims or ()), self.query_num_bands)
         return self.latent_dim if self.query_dim is None else self.query_dim
 
@@ -145,27 +146,32 @@ class PerceiverConfig:
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
+    def self_group(self, c: int) -> range:
+        """The global indices of the self blocks run after cross block ``c`` (Edifice's
+        interleaving): ``per_cross = max(num_layers // num_cross_layers, 1)`` each, the last
+        group takes the rest."""
+        per_cross = max(self.num_layers // self.num_cross_layers, 1)
+        last = c == self.num_cross_layers - 1
+        count = self.num_layers - per_cross * (self.num_cross_layers - 1) if last else per_cross
+        return range(per_cross * c, per_cross * c + count)
+
     @property
     def self_groups(self) -> tuple[tuple[int, ...], ...]:
-        """The global self-block indices run after each cross block (Edifice's interleaving):
-        ``spc = max(num_layers // num_cross_layers, 1)`` per group, the last group takes the rest."""
-        spc = max(self.num_layers // self.num_cross_layers, 1)
-        groups = []
+        """:meth:`self_group` of every cross block."""
+        return tuple(tuple(self.self_group(c)) for c in range(self.num_cross_layers))
+
+    def iter_schedule(self) -> Iterator[tuple[str, int]]:
+        """The order the blocks run in, one step at a time (no list of a huge model's steps)."""
         for c in range(self.num_cross_layers):
-            last = c == self.num_cross_layers - 1
-            n_self = self.num_layers - spc * (self.num_cross_layers - 1) if last else spc
-            groups.append(tuple(range(spc * c, spc * c + n_self)))
-        return tuple(groups)
+            yield ("cross", c)
+            for _ in range(self.num_blocks):
+                yield from (("self", j) for j in self.self_group(c))
 
     @property
     def schedule(self) -> tuple[tuple[str, int], ...]:
         """The order the blocks run in: ``("cross", i)`` then its self group, ``num_blocks``
         times in a row (the repeats share weights), for every cross block i."""
-        steps: list[tuple[str, int]] = []
-        for c, group in enumerate(self.self_groups):
-            steps.append(("cross", c))
-            steps.extend(("self", j) for _ in range(self.num_blocks) for j in group)
-        return tuple(steps)
+        return tuple(self.iter_schedule())
 
     def attention_backend(self, kind: str, training: bool) -> str:
         """The attention implementation of a ``kind`` ("cross" | "self") block: ``"numba"``, the
@@ -180,13 +186,6 @@ class PerceiverConfig:
         if self.backend == "numba" or kind == "cross":
             return "numba"
         return "numpy"
-
-    @property
-    def elementwise_backend(self) -> str:
-        """The implementation of the GELU, every projection and every LayerNorm: the parallel
-        kernels (:mod:`perceiver_np.kernels.elementwise`, ``.gemm``, products on Numba's thread
-        pool, and ``.rows``) unless ``backend="numpy"``."""
-        return "numpy" if self.backend == "numpy" else "numba"
 
     def replace(self, **changes: Any) -> PerceiverConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -9,7 +9,7 @@
     cost.crossover(cfg)               # the N from which the Perceiver costs less
     cost.training_bytes_line(cfg)     # (a, b): bytes the backward keeps per sample = a N + b
     cost.param_count(cfg)             # parameters, without allocating them
-    cost.inference_extra_bytes(cfg, b, n)   # the fast path's buffers for a batch of b
+    cost.inference_extra_bytes(cfg, b, n)   # the inference engine's buffers for a batch of b
 
 The seed doc's complexity table (Perceiver O(N M + M^2) against a transformer's O(N^2)) with
 the constants in: the Perceiver's cost is affine in N (input projection, keys/values and the
@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 from .config import PerceiverConfig, cross_block_shapes, decoder_shapes, self_block_shapes
+from .engine import chunk_positions
 
 
 def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
@@ -185,12 +186,11 @@ def cache_bytes(cache: Any) -> int:
 
 
 def inference_extra_bytes(cfg: PerceiverConfig, batch: int, n: int) -> int:
-    """Upper estimate of the fast path's largest buffers beyond the input, for a batch: one
-    chunk's h, keys and values (``perceiver_np.fast.CHUNK_ROWS`` rows of ``Ckv + qk + v``; with
+    """Upper estimate of the inference engine's largest buffers beyond the input, for a batch: one
+    chunk's h, keys and values (``perceiver_np.engine.CHUNK_ROWS`` rows of ``Ckv + qk + v``; with
     several cross blocks and an input projection, h [B, N, D] is held whole) plus the latents'
     widest activations (the FFN's hidden [B, M, wD] and a few [B, M, D]). Independent of N once
     N exceeds a chunk, with one cross block."""
-    from .fast import chunk_positions
 
     item = 4 if cfg.dtype == "float32" else 8
     rows = batch * min(n, chunk_positions(batch))

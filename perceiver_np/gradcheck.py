@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .model import Perceiver
 from .tolerances import (
     GRADCHECK_FD_TARGET,
     GRADCHECK_FIRST_STEP,
@@ -281,8 +282,6 @@ def check_model(
     and every parameter. With ``training=True`` each evaluation draws its dropout masks from a
     generator seeded with ``dropout_seed``, so every evaluation sees the same masks.
     ``queries`` / ``query_mask`` are passed to the model's forward (decoders)."""
-    from .model import Perceiver
-
     if model.config.dtype != "float64":
         raise TypeError(f"model: a gradient check needs a float64 model, got {model.config.dtype}")
 

@@ -23,15 +23,14 @@ are stored ``[in, out]`` so that ``y = x @ W + b``. A layer works in the dtype o
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.special import erf
 
+from .constants import LN_EPS, MASK_FILL
 from .shapes import expect_shape
-
-if TYPE_CHECKING:
-    from .attention import FlashCache
 
 Params = dict[str, np.ndarray]
 #: Where a forward records its intermediate activations under stable names (golden files,
@@ -43,14 +42,6 @@ def tap(record: Record, name: str, value: np.ndarray) -> None:
     """Keep a copy of the activation ``value`` as ``record[name]`` (nothing if ``record`` is None)."""
     if record is not None:
         record[name] = np.array(value, copy=True)
-
-#: LayerNorm epsilon, added to the biased variance (Edifice/Axon, DeepMind and HF all use 1e-5).
-LN_EPS = 1e-5
-#: Logit given to masked keys before the softmax: DeepMind's large finite negative. Finite (not
-#: -inf) so that a fully masked row gives a finite softmax that is then zeroed, never NaN; any
-#: real logit exceeds it by so much that exp() of the difference is exactly 0 in float32 and
-#: float64, so masked keys get exactly zero weight.
-MASK_FILL = -1e30
 
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -66,43 +57,26 @@ _GELU_TANH_C = 0.044715
 class LinearCache(NamedTuple):
     x: np.ndarray  # [..., in]  the layer's input
     weight: np.ndarray  # [in, out]
-    backend: str  # "numpy" | "numba", as in the forward
 
 
-def linear_forward(
-    x: np.ndarray, params: Params, backend: str = "numpy"
-) -> tuple[np.ndarray, LinearCache]:
-    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out].
-    ``backend="numba"``: the same products on Numba's thread pool
-    (:mod:`perceiver_np.kernels.gemm`, one pool for products and kernels; tested equal)."""
+def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
+    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out]."""
     w, b = params["weight"], params["bias"]
     expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
     expect_shape("linear bias", b, (w.shape[1],), "[out]")
-    if backend == "numba":
-        from .kernels import gemm
-
-        y = gemm.matmul(x.reshape(-1, w.shape[0]), w).reshape(*x.shape[:-1], w.shape[1])
-        y += b
-    else:
-        y = x @ w + b  # [..., in] -> [..., out]
-    return y, LinearCache(x, w, backend)
+    y = x @ w + b  # [..., in] -> [..., out]
+    return y, LinearCache(x, w)
 
 
 def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
     """dy: [..., out] -> dx: [..., in]; grads weight [in, out], bias [out]."""
-    x, w, backend = cache
+    x, w = cache
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     # in the forward pass this was y = x @ W + b
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]   (R = product of leading axes)
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
-    if backend == "numba":
-        from .kernels import gemm
-
-        dweight = gemm.matmul_tn(x2, dy2)  # [in, R] @ [R, out] -> [in, out]
-        dx = gemm.matmul(dy2, w.T).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
-    else:
-        dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
-        dx = dy @ w.T  # [..., out] -> [..., in]
+    dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
+    dx = dy @ w.T  # [..., out] -> [..., in]
     dbias = dy2.sum(axis=0)  # [R, out] -> [out]
     return dx, {"weight": dweight, "bias": dbias}
 
@@ -116,44 +90,25 @@ class LayerNormCache(NamedTuple):
     xhat: np.ndarray  # [..., F]  normalised input (x - mean) * rstd
     rstd: np.ndarray  # [..., 1]  1 / sqrt(var + eps), biased variance
     gamma: np.ndarray  # [F]
-    backend: str  # "numpy" | "numba", as in the forward
 
 
-def layernorm_forward(
-    x: np.ndarray, params: Params, backend: str = "numpy"
-) -> tuple[np.ndarray, LayerNormCache]:
-    """x: [..., F] -> y: [..., F]; params gamma [F], beta [F]; biased variance, eps = LN_EPS.
-    ``backend="numba"``: the same in one parallel pass (:func:`perceiver_np.kernels.rows.layernorm_train`)."""
+def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerNormCache]:
+    """x: [..., F] -> y: [..., F]; params gamma [F], beta [F]; biased variance, eps = LN_EPS."""
     gamma, beta = params["gamma"], params["beta"]
     expect_shape("layernorm x", x, (*x.shape[:-1], gamma.shape[0]), "[..., F]")
-    if backend == "numba":
-        from .kernels import rows
-
-        f = gamma.shape[0]
-        y2, xhat2, rstd2 = rows.layernorm_train(np.ascontiguousarray(x).reshape(-1, f), gamma, beta)
-        lead = x.shape[:-1]
-        return y2.reshape(x.shape), LayerNormCache(xhat2.reshape(x.shape), rstd2.reshape(*lead, 1),
-                                                   gamma, backend)
     mean = x.mean(axis=-1, keepdims=True)  # [..., F] -> [..., 1]
     xc = x - mean
     var = (xc * xc).mean(axis=-1, keepdims=True)  # [..., F] -> [..., 1]
     rstd = 1.0 / np.sqrt(var + x.dtype.type(LN_EPS))
     xhat = xc * rstd
     y = xhat * gamma + beta
-    return y, LayerNormCache(xhat, rstd, gamma, backend)
+    return y, LayerNormCache(xhat, rstd, gamma)
 
 
 def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarray, Params]:
     """dy: [..., F] -> dx: [..., F]; grads gamma [F], beta [F]."""
-    xhat, rstd, gamma, backend = cache
+    xhat, rstd, gamma = cache
     expect_shape("layernorm dy", dy, xhat.shape, "[..., F]")
-    if backend == "numba":
-        from .kernels import rows
-
-        f = gamma.shape[0]
-        dx2, dgamma, dbeta = rows.layernorm_backward(dy.reshape(-1, f), xhat.reshape(-1, f),
-                                                     rstd.reshape(-1, 1), gamma)
-        return dx2.reshape(dy.shape), {"gamma": dgamma, "beta": dbeta}
     lead = tuple(range(dy.ndim - 1))
     # in the forward pass this was y = xhat * gamma + beta
     dgamma = (dy * xhat).sum(axis=lead)  # [..., F] -> [F]
@@ -176,38 +131,27 @@ def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarra
 class GeluCache(NamedTuple):
     x: np.ndarray  # [...]
     approximate: str  # "exact" | "tanh"
-    backend: str  # "numpy" | "numba"
 
 
 def gelu_forward(
-    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact", backend: str = "numpy"
+    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact"
 ) -> tuple[np.ndarray, GeluCache]:
     """x: [...] -> y: [...]. ``exact``: x * Phi(x) with the normal CDF Phi (erf);
-    ``tanh``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). No parameters.
-    ``backend="numba"``: the same formulas in the parallel kernels of
-    ``perceiver_np.kernels.elementwise`` (the fast path; tested equal)."""
+    ``tanh``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). No parameters."""
     if approximate not in ("exact", "tanh"):
         raise ValueError(f"gelu: approximate must be 'exact' or 'tanh', got {approximate!r}")
-    if backend == "numba":
-        from .kernels.elementwise import gelu_forward as fast_gelu
-
-        return fast_gelu(x, approximate), GeluCache(x, approximate, backend)
     if approximate == "exact":
         y = 0.5 * x * (1.0 + erf(x / x.dtype.type(_SQRT_2)))
     elif approximate == "tanh":
         t = np.tanh(x.dtype.type(_SQRT_2_OVER_PI) * (x + x.dtype.type(_GELU_TANH_C) * x**3))
         y = 0.5 * x * (1.0 + t)
-    return y, GeluCache(x, approximate, backend)
+    return y, GeluCache(x, approximate)
 
 
 def gelu_backward(dy: np.ndarray, cache: GeluCache) -> tuple[np.ndarray, Params]:
     """dy: [...] -> dx: [...]; no parameters, so grads is ``{}``."""
-    x, approximate, backend = cache
+    x, approximate = cache
     expect_shape("gelu dy", dy, x.shape, "[...]")
-    if backend == "numba":
-        from .kernels.elementwise import gelu_backward as fast_gelu_backward
-
-        return fast_gelu_backward(dy, x, approximate), {}
     if approximate == "exact":
         # d/dx [x Phi(x)] = Phi(x) + x phi(x)
         cdf = 0.5 * (1.0 + erf(x / x.dtype.type(_SQRT_2)))
@@ -342,6 +286,7 @@ class FFNCache(NamedTuple):
     up: LinearCache  # x [..., D], weight [D, wD]
     act: GeluCache  # pre-activation [..., wD]
     down: LinearCache  # GELU output [..., wD], weight [wD, D]
+    ops: LayerOps  # the implementations the forward used, for the backward
 
 
 def ffn_forward(
@@ -351,25 +296,28 @@ def ffn_forward(
     gelu: str = "exact",
     record: Record = None,
     name: str = "ffn",
-    backend: str = "numpy",
+    ops: LayerOps | None = None,
 ) -> tuple[np.ndarray, FFNCache]:
     """x: [..., D] -> y: [..., D] through a hidden width wD.
     params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``.
-    ``backend`` picks the products' and the GELU's implementation."""
-    pre, up = linear_forward(x, sub(params, "up"), backend)  # [..., D] -> [..., wD]
+    ``ops``: the products' and the GELU's implementation (:class:`LayerOps`; None: this module's)."""
+    ops = PLAIN if ops is None else ops
+    pre, up = ops.linear_forward(x, params_under(params, "up"))  # [..., D] -> [..., wD]
     tap(record, f"{name}.up.out", pre)
-    a, act = gelu_forward(pre, approximate=gelu, backend=backend)
+    a, act = ops.gelu_forward(pre, approximate=gelu)
     tap(record, f"{name}.act.out", a)
-    y, down = linear_forward(a, sub(params, "down"), backend)  # [..., wD] -> [..., D]
+    y, down = ops.linear_forward(a, params_under(params, "down"))  # [..., wD] -> [..., D]
     tap(record, f"{name}.down.out", y)
-    return y, FFNCache(up, act, down)
+    return y, FFNCache(up, act, down, ops)
 
 
 def ffn_backward(dy: np.ndarray, cache: FFNCache) -> tuple[np.ndarray, Params]:
     """dy: [..., D] -> dx: [..., D]; grads keyed like ffn_forward's params."""
-    da, g_down = linear_backward(dy, cache.down)  # [..., D] -> [..., wD]
-    dpre, _ = gelu_backward(da, cache.act)
-    dx, g_up = linear_backward(dpre, cache.up)  # [..., wD] -> [..., D]
+    ops = cache.ops
+    # in the forward pass this was y = GELU(x @ W_up + b_up) @ W_down + b_down, step by step
+    da, g_down = ops.linear_backward(dy, cache.down)  # [..., D] -> [..., wD]
+    dpre, _ = ops.gelu_backward(da, cache.act)
+    dx, g_up = ops.linear_backward(dpre, cache.up)  # [..., wD] -> [..., D]
     return dx, {**prefixed(g_up, "up"), **prefixed(g_down, "down")}
 
 
@@ -471,13 +419,26 @@ def attention_backward(
 # ---------------------------------------------------------------------------------------------
 
 
+class FlashCache(NamedTuple):
+    """The cache of attention through the FlashAttention interface ``(o, lse)``: only the
+    log-sum-exp is kept besides the inputs and the output; the backward recomputes P from it."""
+
+    q: np.ndarray  # [B, H, M, dh]
+    k: np.ndarray  # [B, H, N, dh]
+    v: np.ndarray  # [B, H, N, dv]
+    o: np.ndarray  # [B, H, M, dv]
+    lse: np.ndarray  # [B, H, M]
+    mask: np.ndarray | None  # [B, N] bool
+
+
 class MHACache(NamedTuple):
     q: LinearCache  # xq [B, M, Cq], weight [Cq, qk]
     k: LinearCache  # xkv [B, N, Ckv], weight [Ckv, qk]
     v: LinearCache  # xkv [B, N, Ckv], weight [Ckv, v]
-    attn: AttentionCache | FlashCache  # per-head tensors; which one depends on the backend
+    attn: AttentionCache | FlashCache  # per-head tensors: probabilities kept, or only lse
     out: LinearCache  # merged heads [B, M, v], weight [v, Dout]
     num_heads: int
+    ops: LayerOps  # the implementations the forward used, for the backward
 
 
 def split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
@@ -502,81 +463,82 @@ def mha_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
-    backend: str = "numpy",
     masked_rows: str = "zero",
     record: Record = None,
     name: str = "attn",
-    linear_backend: str = "numpy",
+    ops: LayerOps | None = None,
 ) -> tuple[np.ndarray, MHACache]:
     """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
 
     xq: [B, M, Cq], xkv: [B, N, Ckv], mask: [B, N] -> y: [B, M, Dout].
     params: ``q.weight [Cq, qk]``, ``k.weight [Ckv, qk]``, ``v.weight [Ckv, v]``,
     ``out.weight [v, Dout]`` and their biases. The logit scale is 1/sqrt(qk / H).
-    ``backend``: ``"numpy"``, :func:`attention_forward` above (materialises the [B, H, M, N]
-    probabilities, supports their dropout); ``"numba"``, the tiled kernel through
-    :func:`perceiver_np.attention.flash_forward` (keeps only ``lse``; no probability dropout,
-    ``masked_rows="zero"`` only). ``masked_rows``: see :func:`attention_forward`.
-    ``linear_backend``: the projections' implementation (:func:`linear_forward`).
+    ``ops`` (:class:`LayerOps`; None: this module's plain functions): the projections'
+    implementation, and the attention's: with ``ops.attention_forward`` None, :func:`attention_forward`
+    above (materialises the [B, H, M, N] probabilities, supports their dropout and
+    ``masked_rows="uniform"``); else that function of the ``(o, lse)`` interface (the plain
+    :mod:`perceiver_np.attention` or the tiled kernel), which keeps only ``lse`` and zeroes rows
+    with no visible key. ``masked_rows``: see :func:`attention_forward`.
     """
+    ops = PLAIN if ops is None else ops
     qk_width, v_width = params["q.weight"].shape[1], params["v.weight"].shape[1]
     if qk_width % num_heads or v_width % num_heads:
         raise ValueError(
             f"num_heads: {num_heads} must divide the qk width {qk_width} and v width {v_width}"
         )
-    q, q_cache = linear_forward(xq, sub(params, "q"), linear_backend)  # [B, M, Cq] -> [B, M, qk]
-    k, k_cache = linear_forward(xkv, sub(params, "k"), linear_backend)  # [B, N, Ckv] -> [B, N, qk]
-    v, v_cache = linear_forward(xkv, sub(params, "v"), linear_backend)  # [B, N, Ckv] -> [B, N, v]
+    q, q_cache = ops.linear_forward(xq, params_under(params, "q"))  # [B, M, Cq] -> [B, M, qk]
+    k, k_cache = ops.linear_forward(xkv, params_under(params, "k"))  # [B, N, Ckv] -> [B, N, qk]
+    v, v_cache = ops.linear_forward(xkv, params_under(params, "v"))  # [B, N, Ckv] -> [B, N, v]
     for part, value in (("q", q), ("k", k), ("v", v)):
         tap(record, f"{name}.{part}.out", value)
     qh = split_heads(q, num_heads)  # [B, M, qk] -> [B, H, M, dh]
     kh = split_heads(k, num_heads)  # [B, N, qk] -> [B, H, N, dh]
     vh = split_heads(v, num_heads)  # [B, N, v] -> [B, H, N, dv]
     attn: AttentionCache | FlashCache
-    if backend == "numpy":
+    if ops.attention_forward is None:
         o, attn = attention_forward(
             qh, kh, vh, mask, dropout=attention_dropout, training=training, rng=rng,
             masked_rows=masked_rows, record=record, name=name,
         )
-    elif backend == "numba":
+    else:
         if masked_rows != "zero":
-            raise ValueError("backend: 'numba' zeroes rows with no visible key; "
-                             f"masked_rows={masked_rows!r} needs backend 'numpy'")
+            raise ValueError(f"masked_rows: the (o, lse) attention of backend {ops.name!r} zeroes rows "
+                             f"with no visible key; masked_rows={masked_rows!r} needs the probabilities path")
         if training and attention_dropout > 0:
             raise ValueError(
-                "backend: 'numba' has no dropout on attention probabilities; "
-                f"attention_dropout={attention_dropout} in training needs backend 'numpy'"
+                f"attention_dropout: the (o, lse) attention of backend {ops.name!r} keeps no "
+                f"probabilities to drop; attention_dropout={attention_dropout} in training needs the "
+                "probabilities path"
             )
-        from .attention import flash_forward  # here, not at the top: attention imports layers
-
-        o, attn = flash_forward(qh, kh, vh, mask, backend="numba")
-    else:
-        raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r}")
+        lse: np.ndarray
+        o, lse = ops.attention_forward(qh, kh, vh, mask)  # [B, H, M, dv], [B, H, M]
+        attn = FlashCache(qh, kh, vh, o, lse, mask)
     o = merge_heads(o)  # [B, H, M, dv] -> [B, M, v]
     tap(record, f"{name}.heads.out", o)
-    y, out = linear_forward(o, sub(params, "out"), linear_backend)  # [B, M, v] -> [B, M, Dout]
+    y, out = ops.linear_forward(o, params_under(params, "out"))  # [B, M, v] -> [B, M, Dout]
     tap(record, f"{name}.out", y)
-    return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads)
+    return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads, ops)
 
 
 def mha_backward(
     dy: np.ndarray, cache: MHACache
 ) -> tuple[tuple[np.ndarray, np.ndarray], Params]:
     """dy: [B, M, Dout] -> ((dxq [B, M, Cq], dxkv [B, N, Ckv]), grads keyed like params)."""
-    h = cache.num_heads
+    h, ops = cache.num_heads, cache.ops
     # in the forward pass this was y = merge_heads(o) @ W_out + b_out
-    do, g_out = linear_backward(dy, cache.out)  # [B, M, Dout] -> [B, M, v]
+    do, g_out = ops.linear_backward(dy, cache.out)  # [B, M, Dout] -> [B, M, v]
     do_h = split_heads(do, h)  # [B, M, v] -> [B, H, M, dv]
+    # in the forward pass this was o = attention(q, k, v)
     if isinstance(cache.attn, AttentionCache):
         (dq, dk, dv), _ = attention_backward(do_h, cache.attn)
     else:
-        from .attention import flash_backward
-
-        (dq, dk, dv), _ = flash_backward(do_h, cache.attn)
+        a, backward = cache.attn, ops.attention_backward
+        assert backward is not None  # a FlashCache comes from ops with the (o, lse) attention
+        dq, dk, dv = backward(do_h, a.q, a.k, a.v, a.o, a.lse, a.mask)
     # in the forward pass these were q, k, v = linear(xq), linear(xkv), linear(xkv)
-    dxq, g_q = linear_backward(merge_heads(dq), cache.q)  # [B,H,M,dh] -> [B,M,qk] -> [B,M,Cq]
-    dxk, g_k = linear_backward(merge_heads(dk), cache.k)  # [B,H,N,dh] -> [B,N,qk] -> [B,N,Ckv]
-    dxv, g_v = linear_backward(merge_heads(dv), cache.v)  # [B,H,N,dv] -> [B,N,v] -> [B,N,Ckv]
+    dxq, g_q = ops.linear_backward(merge_heads(dq), cache.q)  # [B,H,M,dh] -> [B,M,qk] -> [B,M,Cq]
+    dxk, g_k = ops.linear_backward(merge_heads(dk), cache.k)  # [B,H,N,dh] -> [B,N,qk] -> [B,N,Ckv]
+    dxv, g_v = ops.linear_backward(merge_heads(dv), cache.v)  # [B,H,N,dv] -> [B,N,v] -> [B,N,Ckv]
     grads = {
         **prefixed(g_q, "q"),
         **prefixed(g_k, "k"),
@@ -591,12 +553,42 @@ def mha_backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def sub(params: Params, prefix: str) -> Params:
-    """The entries of ``params`` under ``prefix.``, with the prefix removed."""
+def params_under(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` under ``prefix.``, with the prefix removed (layer-local names)."""
     head = prefix + "."
     return {k[len(head):]: v for k, v in params.items() if k.startswith(head)}
 
 
 def prefixed(params: Params, prefix: str) -> Params:
-    """``params`` with every key put under ``prefix.`` (the inverse of :func:`sub`)."""
+    """``params`` with every key put under ``prefix.`` (the inverse of :func:`params_under`)."""
     return {f"{prefix}.{k}": v for k, v in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementations a block runs on
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerOps(NamedTuple):
+    """The implementations of the ops the blocks compose, one signature per op: this module's
+    plain NumPy functions (:data:`PLAIN`), or the parallel kernels' versions built in
+    :mod:`perceiver_np.backends` (tested equal). The layers take them as an argument instead of
+    importing the kernels, so that this module stays plain NumPy."""
+
+    name: str  # "numpy" | "numba"
+    linear_forward: Callable[..., Any]  # (x, params) -> (y, LinearCache)
+    linear_backward: Callable[..., Any]  # (dy, LinearCache) -> (dx, grads)
+    layernorm_forward: Callable[..., Any]  # (x, params) -> (y, LayerNormCache)
+    layernorm_backward: Callable[..., Any]  # (dy, LayerNormCache) -> (dx, grads)
+    gelu_forward: Callable[..., Any]  # (x, *, approximate) -> (y, GeluCache)
+    gelu_backward: Callable[..., Any]  # (dy, GeluCache) -> (dx, {})
+    #: the (o, lse) attention, (q, k, v, mask) -> (o, lse), and its backward
+    #: (do, q, k, v, o, lse, mask) -> (dq, dk, dv); None: :func:`attention_forward` above,
+    #: which keeps the probabilities
+    attention_forward: Callable[..., Any] | None
+    attention_backward: Callable[..., Any] | None
+
+
+#: This module's plain NumPy functions, with the attention that keeps its probabilities.
+PLAIN = LayerOps("numpy", linear_forward, linear_backward, layernorm_forward, layernorm_backward,
+                 gelu_forward, gelu_backward, None, None)

@@ -8,10 +8,8 @@
 By default glibc serves every allocation above an adaptive threshold (128 KiB to 32 MiB) with a
 fresh ``mmap`` and unmaps it on ``free``, and trims the heap's free top. A model's forward and
 backward allocate and free activations of tens to hundreds of MiB on every call, so each call
-faulted its memory in afresh, page by page, and the kernel zeroed it: diagnosed here (ad hoc) on
-a float32 seed-model training step at B = 32, N = 4096, 192k page faults, 28% of the CPU time in
-the kernel, and a step of 1.6-1.9 s instead of 1.34-1.39 s with the memory kept (46k faults;
-docs/fast.md; benchmarks/bench_model.py measures torch with and without the setting). With
+faults its memory in afresh, page by page, and the kernel zeroes it (docs/fast.md has the
+measurement; benchmarks/bench_model.py measures torch with and without the setting). With
 :func:`keep_freed_memory`, blocks up to 1 GiB come from the heap and freed memory stays mapped
 for the next call: the process's resident size then stays near its high-water mark instead of
 falling back between calls. The peak is unchanged.

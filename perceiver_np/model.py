@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import engine, stream
+from .backends import engine_ops, layer_ops
 from .blocks import (
     CrossBlockCache,
     SelfBlockCache,
@@ -35,20 +37,18 @@ from .blocks import (
 from .config import PerceiverConfig, cross_block_shapes, make_config, param_shapes, self_block_shapes
 from .layers import (
     LayerNormCache,
+    LayerOps,
     LinearCache,
     MeanPoolCache,
     Params,
     Record,
-    layernorm_backward,
-    layernorm_forward,
-    linear_backward,
-    linear_forward,
     mean_pool_backward,
     mean_pool_forward,
+    params_under,
     prefixed,
-    sub,
     tap,
 )
+from .position import fourier_position_encoding
 from .shapes import (
     as_mask,
     as_real_input,
@@ -118,6 +118,7 @@ class DecoderCache(NamedTuple):
 class ModelCache(NamedTuple):
     owner: object  # the token of the Perceiver that made this cache (backward checks it)
     params_used: tuple[np.ndarray, ...]  # the parameter arrays of the forward, in schema order
+    ops: LayerOps  # the implementations of the input projection, final LayerNorm and output head
     x_shape: tuple[int, int, int]  # (B, N, C)
     input_proj: LinearCache | None  # x [B, N, C], weight [C, D]; None without the projection
     steps: tuple[CrossBlockCache | SelfBlockCache, ...]  # one per entry of config.schedule
@@ -141,8 +142,6 @@ class Perceiver:
         self._token = object()  # identifies this model's caches
         self.fixed_queries: np.ndarray | None = None  # [O, Cq]: Fourier output queries
         if config.decoder == "query" and config.query_source == "fourier":
-            from .position import fourier_position_encoding
-
             self.fixed_queries = fourier_position_encoding(
                 tuple(config.output_index_dims or ()), config.query_num_bands, dtype=config.np_dtype
             )
@@ -154,22 +153,20 @@ class Perceiver:
     ) -> np.ndarray:
         """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y: [B, D] (mean pool),
         [B, out] (classification) or [B, O, out] (query decoder)."""
-        if not self.uses_fast_path:
+        if not self.uses_engine:
             return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
-        from . import fast
-
-        p = self.checked_params()
+        cfg, p = self.config, self.checked_params()
         x, mask = self._check_input(x, mask, p)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite_output
-            z = fast.encode(self, x, mask)  # [B, N, C] -> [B, M, D]
+            z = engine.encode_array(cfg, p, x, mask, engine_ops(cfg.backend))  # [B, N, C] -> [B, M, D]
             return self.decode(z, queries=queries, query_mask=query_mask)[0]
 
     @property
-    def uses_fast_path(self) -> bool:
-        """Whether inference (``model(x)``) runs :mod:`perceiver_np.fast`: unless
-        ``backend="numpy"`` (the plain path, for teaching) or ``masked_rows="uniform"`` (which
-        the attention kernel does not do)."""
-        return self.config.backend != "numpy" and self.config.masked_rows == "zero"
+    def uses_engine(self) -> bool:
+        """Whether inference (``model(x)``) runs the inference engine (:mod:`perceiver_np.engine`,
+        on the kernels or, with ``backend="numpy"``, on their plain twins): unless
+        ``masked_rows="uniform"``, which the engine's (o, lse) attention does not do."""
+        return self.config.masked_rows == "zero"
 
     def checked_params(self) -> Params:
         """``self.params`` checked against the schema (:func:`check_params`), in schema order."""
@@ -188,8 +185,8 @@ class Perceiver:
         b, n, _ = x.shape
         if b == 0 or n == 0:
             raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
-        bound, what = input_bound(cfg, p, x)
-        expect_in_range("x", x, bound, overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
+        bound, what = engine.input_bound(cfg, p, x)
+        expect_in_range("x", x, bound, engine.overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
         return x, as_mask(mask, b, n)
 
     # ---- forward ----------------------------------------------------------------------------
@@ -227,12 +224,13 @@ class Perceiver:
 
         # an overflow shows as the named error of expect_finite_output below, not as numpy's warning
         with np.errstate(over="ignore", invalid="ignore"):
+            ops = layer_ops(cfg, "model", training)  # the input projection's and final LayerNorm's
             input_proj = None
             h = x
             tap(record, "input", x)
             if cfg.input_projection:
-                h, input_proj = linear_forward(
-                    x, sub(p, "input_proj"), cfg.elementwise_backend
+                h, input_proj = ops.linear_forward(
+                    x, params_under(p, "input_proj")
                 )  # [B, N, C] -> [B, N, D]
                 tap(record, "input_proj.out", h)
             names = step_names(cfg)
@@ -241,30 +239,29 @@ class Perceiver:
             for (kind, i), step_name in zip(cfg.schedule, names, strict=True):
                 if kind == "cross":
                     z, cross = cross_block_forward(
-                        z, h, sub(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
+                        z, h, params_under(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
                         use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
                         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                        training=training, rng=rng, backend=cfg.attention_backend("cross", training),
-                        masked_rows=cfg.masked_rows, record=record, name=step_name,
-                        ffn_backend=cfg.elementwise_backend,
+                        training=training, rng=rng, masked_rows=cfg.masked_rows, record=record,
+                        name=step_name, ops=layer_ops(cfg, "cross", training),
                     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
                     steps.append(cross)
                 else:
                     z, self_ = self_block_forward(
-                        z, sub(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
+                        z, params_under(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
                         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                        training=training, rng=rng, backend=cfg.attention_backend("self", training),
-                        record=record, name=step_name, ffn_backend=cfg.elementwise_backend,
+                        training=training, rng=rng, record=record, name=step_name,
+                        ops=layer_ops(cfg, "self", training),
                     )  # [B, M, D] -> [B, M, D]
                     steps.append(self_)
                 expect_finite_output(f"{step_name} output", z)
             final_norm = None
             if cfg.final_norm:
-                z, final_norm = layernorm_forward(z, sub(p, "final_norm"), cfg.elementwise_backend)
+                z, final_norm = ops.layernorm_forward(z, params_under(p, "final_norm"))
                 tap(record, "final_norm.out", z)
             y, head = self.decode(z, queries=queries, query_mask=query_mask, training=training,
                                   rng=rng, record=record)
-        return y, ModelCache(self._token, tuple(p.values()), (b, n, cfg.input_dim), input_proj,
+        return y, ModelCache(self._token, tuple(p.values()), ops, (b, n, cfg.input_dim), input_proj,
                              tuple(steps), final_norm, head)
 
     def decode(
@@ -297,14 +294,14 @@ class Perceiver:
                     raise ValueError("query_mask: only the query decoder has several outputs")
                 qmask = as_mask(query_mask, b, q.shape[1], name="query_mask", letters="[B, O]")
             u, block = cross_block_forward(
-                q, z, sub(p, "decoder"), num_heads=cfg.decoder_heads,
+                q, z, params_under(p, "decoder"), num_heads=cfg.decoder_heads,
                 use_query_residual=cfg.decoder_query_residual, gelu=cfg.gelu,
                 dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                training=training, rng=rng, backend=cfg.attention_backend("cross", training),
-                record=record, name="decoder", ffn_backend=cfg.elementwise_backend,
+                training=training, rng=rng, record=record, name="decoder",
+                ops=layer_ops(cfg, "cross", training),
             )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
-            y, output = linear_forward(
-                u, sub(p, "decoder.output"), cfg.elementwise_backend
+            y, output = layer_ops(cfg, "model", training).linear_forward(
+                u, params_under(p, "decoder.output")
             )  # [B, O, Cq] -> [B, O, out]
             if qmask is not None:
                 y = y * qmask[..., None]
@@ -319,11 +316,9 @@ class Perceiver:
         self, chunks: Any, mask_chunks: Any = None, *, chunk_size: int | None = None
     ) -> np.ndarray:
         """Inference over an input streamed in chunks, never held whole (perceiver_np.stream);
-        ``chunk_size`` cuts an array source (default ``stream.DEFAULT_CHUNK`` positions)."""
-        from .stream import DEFAULT_CHUNK, encode_stream
-
-        chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
-        return encode_stream(self, chunks, mask_chunks, chunk_size=chunk_size)
+        ``chunk_size`` cuts an array source (default ``stream.STREAM_CHUNK_POSITIONS`` positions)."""
+        chunk_size = stream.STREAM_CHUNK_POSITIONS if chunk_size is None else chunk_size
+        return stream.encode_stream(self, chunks, mask_chunks, chunk_size=chunk_size)
 
     def _queries(self, batch: int, queries: Any) -> np.ndarray:
         """The output queries broadcast over the batch: [B, O, Cq]."""
@@ -336,7 +331,7 @@ class Perceiver:
             if q.shape[1] == 0:
                 raise ValueError(f"queries: expected O >= 1, got shape {q.shape}")
             top = float(max(np.max(q), -np.min(q)))
-            expect_in_range("queries", q, top, overflow_limit(cfg.np_dtype, q.shape[2]),
+            expect_in_range("queries", q, top, engine.overflow_limit(cfg.np_dtype, q.shape[2]),
                             "the queries' LayerNorm input")
             return q
         if queries is not None:
@@ -378,9 +373,9 @@ class Perceiver:
             # in the forward pass this was y = mean_M(z)
             dz, _ = mean_pool_backward(dy, cache.head)  # [B, D] -> [B, M, D]
         else:
-            dz = self._decoder_backward(dy, cache.head, grads)
+            dz = self._decoder_backward(dy, cache.head, grads, cache.ops)
         if cache.final_norm is not None:
-            dz, g = layernorm_backward(dz, cache.final_norm)
+            dz, g = cache.ops.layernorm_backward(dz, cache.final_norm)
             _accumulate(grads, prefixed(g, "final_norm"))
         d_h = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)  # gradient of h
         for (kind, i), step in zip(reversed(cfg.schedule), reversed(cache.steps), strict=True):
@@ -396,13 +391,14 @@ class Perceiver:
         # in the forward pass this was z = broadcast(latents) over the batch
         grads["latents"] += dz.sum(axis=0)  # [B, M, D] -> [M, D]
         if cache.input_proj is not None:
-            dx, g = linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C]
+            dx, g = cache.ops.linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C]
             _accumulate(grads, prefixed(g, "input_proj"))
         else:
             dx = d_h
         return grads, dx
 
-    def _decoder_backward(self, dy: np.ndarray, cache: DecoderCache, grads: Params) -> np.ndarray:
+    def _decoder_backward(self, dy: np.ndarray, cache: DecoderCache, grads: Params,
+                          ops: LayerOps) -> np.ndarray:
         """dy: [B, out] or [B, O, out] -> dz [B, M, D], the gradient of the (normed) latents."""
         cfg = self.config
         b, o, _ = cache.output.x.shape
@@ -413,7 +409,7 @@ class Perceiver:
             expect_shape("dy", dy, (b, o, cfg.output_dim), "[B, O, out]")
         if cache.query_mask is not None:
             dy = dy * cache.query_mask[..., None]  # masked outputs were set to 0
-        du, g = linear_backward(dy, cache.output)  # [B, O, out] -> [B, O, Cq]
+        du, g = ops.linear_backward(dy, cache.output)  # [B, O, out] -> [B, O, Cq]
         _accumulate(grads, prefixed(g, "decoder.output"))
         (dq, dz), g = cross_block_backward(du, cache.block)
         _accumulate(grads, prefixed(g, "decoder"))
@@ -458,26 +454,6 @@ class Perceiver:
 
     def __repr__(self) -> str:
         return f"Perceiver({self.config!r}, params={self.param_count:,})"
-
-
-def overflow_limit(dtype: np.dtype, width: int) -> float:
-    """The largest magnitude a LayerNorm input of ``width`` channels may reach: the sum of
-    ``width`` squared deviations (each at most (2 v)^2) must stay below finfo.max, so that the
-    plain path's variance is finite: v < sqrt(finfo.max / (4 width))."""
-    return float(np.sqrt(np.finfo(dtype).max / (4.0 * width)))
-
-
-def input_bound(cfg: PerceiverConfig, p: Params, x: np.ndarray) -> tuple[float, str]:
-    """A bound on the magnitude of what the cross blocks' key/value LayerNorm reads, and its
-    name: with the input projection, ``max|x| * max_j sum_i |W_in[i, j]| + max|b_in|``
-    (every entry of x @ W_in + b_in, and every partial sum of it, stays below it); without, max|x|."""
-    top = float(max(np.max(x), -np.min(x)))
-    if not cfg.input_projection:
-        return top, "the key/value LayerNorm's input"
-    w, bias = p["input_proj.weight"], p["input_proj.bias"]
-    col, b_top = float(np.abs(w).sum(axis=0, dtype=np.float64).max()), float(np.abs(bias).max())
-    return top * col + b_top, (f"the input projection x @ W_in + b_in (params['input_proj.weight']: "
-                               f"column sums of |W_in| up to {col:.3g}; |b_in| up to {b_top:.3g})")
 
 
 def step_names(cfg: PerceiverConfig) -> list[str]:

@@ -6,7 +6,7 @@
     perceiver_np.runtime.tune()          # what the CLI and the benchmarks do first
     perceiver_np.runtime.tune(threads=2, keep_memory=False, passive_wait=True)
 
-:func:`tune` makes three process-wide settings, each of which made this machine's fast path
+:func:`tune` makes three process-wide settings, each of which made this machine's inference engine
 faster (docs/fast.md has the diagnosis; docs/performance.md the benchmark's figures):
 
 - ``threads``: Numba's pool and every BLAS pool use that many threads
@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 
 from . import memory, threads
+from .threads import get_num_threads, set_num_threads
 
 THREADS_ENV = threads.ENV
 MEMORY_ENV = memory.ENV
@@ -101,13 +102,11 @@ def tune(
     threads: int | None = None, *, passive_wait: bool = True, keep_memory: bool | None = None
 ) -> Tuned:
     """Apply the process-wide settings of the module docstring; returns what was done."""
-    from . import threads as threads_mod
-
     n = env_threads() if threads is None else threads
     passive = _start_pool_passive() if passive_wait else False
     if n is not None:
-        threads_mod.set_num_threads(n)
+        set_num_threads(n)
     keep = env_keep_memory() if keep_memory is None else bool(keep_memory)
     if keep:
         memory.keep_freed_memory(True)
-    return Tuned(threads_mod.get_num_threads(), passive, memory.keeping)
+    return Tuned(get_num_threads(), passive, memory.keeping)

@@ -23,7 +23,9 @@ so a wrong shape fails loudly with the argument's name instead of broadcasting s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +40,15 @@ class OverflowRisk(ValueError):
     def __init__(self, tensor: str, detail: str) -> None:
         super().__init__(f"{tensor}: {detail}")
         self.tensor, self.detail = tensor, detail
+
+
+class ChunkState(NamedTuple):
+    """The running online-softmax state of attention over keys that arrive in chunks (the
+    plain :func:`perceiver_np.attention.merge_chunk` and the kernel's update it alike)."""
+
+    m: np.ndarray  # [B, H, M] float64, running max of the chunks' lse
+    l: np.ndarray  # [B, H, M] float64, running sum of exp(lse_c - m)  # noqa: E741
+    acc: np.ndarray  # [B, H, M, dv] float64, running sum of exp(lse_c - m) o_c
 
 
 def expect_shape(name: str, array: np.ndarray, shape: Sequence[int | None], letters: str) -> None:
@@ -147,3 +158,36 @@ def expect_in_range(name: str, array: np.ndarray, bound: float, limit: float, wh
             f"values up to {top:.3g} are too large for {array.dtype.name}: {what} could reach "
             f"{bound:.3g}, and LayerNorm's variance of it would overflow (the bound is {limit:.3g}); "
             "scale the input or the parameters down, or use dtype='float64'"))
+
+
+def check_attention_args(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float | None
+) -> float:
+    """Validate the shapes and dtypes shared by both paths; return the scale to use."""
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype.name}")
+        if a.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype.name} like q, got {a.dtype.name}")
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape [B, H, M, dh], got {q.shape}")
+    b, h, m, dh = q.shape
+    if k.ndim != 4:
+        raise ValueError(f"k: expected shape [B, H, N, dh], got {k.shape}")
+    n = k.shape[2]
+    expect_shape("k", k, (b, h, n, dh), "[B, H, N, dh]")
+    expect_shape("v", v, (b, h, n, None), "[B, H, N, dv]")
+    if min(b, h, m, n, dh, v.shape[3]) == 0:
+        raise ValueError(f"q, k, v: every size must be positive, got q {q.shape}, v {v.shape}")
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            got = mask.dtype.name if isinstance(mask, np.ndarray) else type(mask).__name__
+            raise TypeError(f"mask: expected a bool array (True = keep), got {got}")
+        expect_shape("mask", mask, (b, n), "[B, N]")
+    if scale is None:
+        return 1.0 / math.sqrt(dh)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite number, got {scale}")
+    return float(scale)

@@ -10,7 +10,7 @@ setting both to the core count uses every core without oversubscribing them.
 
 Importing perceiver_np changes no thread setting: :func:`set_num_threads` (or
 :func:`perceiver_np.runtime.tune`, which also reads ``PERCEIVER_NP_NUM_THREADS`` and can start
-Numba's OpenMP pool with a passive wait policy) is an explicit call. The fast path runs its
+Numba's OpenMP pool with a passive wait policy) is an explicit call. The inference engine runs its
 products on Numba's pool too (:mod:`perceiver_np.kernels.gemm`), so no pool spins while another
 computes.
 """

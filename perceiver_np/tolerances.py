@@ -80,7 +80,7 @@ FLOAT64_RTOL = 1e-10
 
 # --- the tiled kernel against the plain path ----------------------------------------------------
 
-#: The float64 kernel against the plain NumPy attention (issue 3's bar): both compute the same
+#: The float64 kernel against the plain NumPy attention: both compute the same
 #: sums in another order (tiles, online rescaling, splits merged), so they differ by rounding,
 #: ~ sqrt(N) * U64 ~ 1e-14 for the shapes tested; 1e-12 still catches any wrong term.
 KERNEL_FLOAT64_RTOL = 1e-12

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import losses
+from .checkpoint import load_checkpoint, save_checkpoint
 from .model import Perceiver
 from .optim import Optimizer, clip_by_global_norm, global_norm
 from .shapes import OverflowRisk
@@ -111,11 +112,12 @@ class Loss:
             )
         return losses.mse_forward(pred, batch["y"], mask=batch.get("query_mask"))
 
-    def backward(self, cache: Any) -> np.ndarray:
-        """The gradient of the loss w.r.t. the prediction (upstream gradient 1)."""
+    def backward(self, dloss: float, cache: Any) -> np.ndarray:
+        """dloss (the upstream gradient of the scalar loss, 1 for a training step) -> the
+        gradient w.r.t. the prediction, shaped like it: the layers' ``backward(dy, cache)``."""
         if self.name == "cross_entropy":
-            return losses.softmax_cross_entropy_backward(1.0, cache)[0]
-        return losses.mse_backward(1.0, cache)[0]
+            return losses.softmax_cross_entropy_backward(dloss, cache)[0]
+        return losses.mse_backward(dloss, cache)[0]
 
     def metrics(self, pred: np.ndarray, batch: Batch) -> dict[str, float]:
         """Accuracy for the cross-entropy (of the positions not ignored; none when all are)."""
@@ -172,7 +174,7 @@ def _loss_and_grads(
     value, loss_cache = loss.forward(pred, batch)
     if step is not None:
         _raise_if_nonfinite(step, "loss", value)
-    dpred = loss.backward(loss_cache)
+    dpred = loss.backward(1.0, loss_cache)  # the step minimises the loss itself: dL/dL = 1
     grads, _ = m.backward(dpred, cache)
     return float(value), loss.metrics(pred, batch), grads
 
@@ -313,8 +315,6 @@ def fit(
     first non-finite tensor) before that epoch is logged or checkpointed: the last good
     checkpoint stays at ``checkpoint_path``.
     """
-    from .checkpoint import load_checkpoint, save_checkpoint
-
     _check_int("epochs", epochs, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)

@@ -1,4 +1,4 @@
-"""An independent forward of the Perceiver, written straight from ARCHITECTURE.md §1–2.
+"""An independent forward of the Perceiver, written straight from docs/architecture.md.
 
 It shares no code with perceiver_np (no layers, no blocks, no schedule): einsum for every
 contraction, its own LayerNorm, GELU, masking and interleaving. The gradient checks prove that
@@ -83,7 +83,7 @@ def spec_forward(cfg, p, x, mask=None, queries=None, query_mask=None):
         z = _ln(z, p["final_norm.gamma"], p["final_norm.beta"])
     if cfg.decoder == "pool":
         return z.mean(axis=1)
-    # Perceiver IO decoder (ARCHITECTURE.md §3): queries cross-attend to the latents, then Linear
+    # Perceiver IO decoder (docs/architecture.md): queries cross-attend to the latents, then Linear
     if queries is None:
         queries = np.repeat(p["decoder.queries"][None], x.shape[0], axis=0)
     queries = queries.astype(np.float64)

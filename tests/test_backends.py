@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import perceiver_np as pnp
-from perceiver_np.attention import FlashCache
-from perceiver_np.layers import AttentionCache
+from perceiver_np.layers import AttentionCache, FlashCache
 from perceiver_np.tolerances import FLOAT64_RTOL, float32_forward_rtol
 
 from .helpers import assert_same_run, small_opts

@@ -12,7 +12,7 @@ from perceiver_np.tolerances import GRADCHECK_RTOL
 
 def test_flags_a_layernorm_backward_missing_a_term(rng):
     def wrong_backward(dy, cache):
-        xhat, rstd, gamma, _ = cache
+        xhat, rstd, gamma = cache.xhat, cache.rstd, cache.gamma
         dxhat = dy * gamma
         dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True))  # forgot the variance term
         return dx, {"gamma": (dy * xhat).sum((0, 1)), "beta": dy.sum((0, 1))}

@@ -11,13 +11,13 @@ import tracemalloc
 import numba
 import numpy as np
 import pytest
-from perceiver_np.kernels.fastexp import fast_exp
-from perceiver_np.kernels.tiles import matmul_acc
 
 from perceiver_np import attention as plain
 from perceiver_np import kernels
+from perceiver_np.constants import MASK_FILL
 from perceiver_np.gradcheck import gradcheck
-from perceiver_np.layers import MASK_FILL
+from perceiver_np.kernels.fastexp import fast_exp
+from perceiver_np.kernels.tiles import matmul_acc
 from perceiver_np.tolerances import (
     GRADCHECK_RTOL,
     KERNEL_FLOAT32_VS_NUMPY,
@@ -305,7 +305,7 @@ def test_kernel_equals_torch_sdpa(rng):
 
 @pytest.mark.parametrize("kind", ["exact", "tanh"])
 def test_fast_gelu_equals_the_plain_gelu(rng, kind):
-    from perceiver_np import layers
+    from perceiver_np import backends, layers
     from perceiver_np.tolerances import float32_forward_rtol
 
     x = 3 * rng.normal(size=(7, 1001))
@@ -313,12 +313,12 @@ def test_fast_gelu_equals_the_plain_gelu(rng, kind):
     dy = rng.normal(size=x.shape)
     y, c = layers.gelu_forward(x, approximate=kind)
     dx, _ = layers.gelu_backward(dy, c)
-    y_fast, c_fast = layers.gelu_forward(x, approximate=kind, backend="numba")
-    dx_fast, _ = layers.gelu_backward(dy, c_fast)
+    y_fast, c_fast = backends.gelu_forward(x, approximate=kind)
+    dx_fast, _ = backends.gelu_backward(dy, c_fast)
     assert _rel(y_fast, y) <= KERNEL_FLOAT64_RTOL and _rel(dx_fast, dx) <= KERNEL_FLOAT64_RTOL
     x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
-    y32, c32 = layers.gelu_forward(x32, approximate=kind, backend="numba")
-    dx32, _ = layers.gelu_backward(dy32, c32)
+    y32, c32 = backends.gelu_forward(x32, approximate=kind)
+    dx32, _ = backends.gelu_backward(dy32, c32)
     assert y32.dtype == dx32.dtype == np.float32
     # a handful of dependent float32 operations (polynomial, exp, products): 8 of them, width 10
     bound = float32_forward_rtol(8, 10)
@@ -327,10 +327,10 @@ def test_fast_gelu_equals_the_plain_gelu(rng, kind):
 
 
 def test_fast_gelu_backward_equals_finite_differences(rng):
-    from perceiver_np import layers
+    from perceiver_np import backends
     from perceiver_np.gradcheck import check_layer
 
     for kind in ("exact", "tanh"):
-        report = check_layer(layers.gelu_forward, layers.gelu_backward, 2 * rng.normal(size=(3, 17)),
-                             approximate=kind, backend="numba")
+        report = check_layer(backends.gelu_forward, backends.gelu_backward, 2 * rng.normal(size=(3, 17)),
+                             approximate=kind)
         assert report.max_rel_error <= GRADCHECK_RTOL, str(report)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from perceiver_np import layers
+from perceiver_np import backends, layers
 from perceiver_np.gradcheck import check_layer
 from perceiver_np.tolerances import FLOAT64_RTOL, GRADCHECK_RTOL
 
@@ -50,7 +50,7 @@ def test_gelu_exact_matches_math_erf_and_tanh_is_close(rng):
     assert _rel(exact, want) <= FLOAT64_RTOL
     tanh, _ = layers.gelu_forward(x, approximate="tanh")
     gap = np.abs(tanh - exact).max()
-    # ARCHITECTURE.md: the two GELUs differ by up to 4.7e-4
+    # docs/architecture.md: the two GELUs differ by up to 4.7e-4
     assert 4.0e-4 < gap < 5.0e-4
 
 
@@ -130,24 +130,25 @@ def test_layernorm_backward(rng):
            rng.normal(size=(2, 3, 6)), _ln_params(rng, 6))
 
 
-#: Shapes for the backend="numba" layers: the first below kernels.gemm.SMALL_PRODUCT and
-#: kernels._numba.PARALLEL_MIN_ELEMENTS (NumPy products, one-thread row kernels), the second
-#: above both (products on Numba's pool with per-thread partial sums, parallel row kernels).
+#: Shapes for the numba backend's layers (perceiver_np.backends): the first below
+#: kernels.gemm.SMALL_PRODUCT and kernels._numba.PARALLEL_MIN_ELEMENTS (NumPy products,
+#: one-thread row kernels), the second above both (products on Numba's pool with fixed-block
+#: partial sums, parallel row kernels).
 NUMBA_SHAPES = {"small": (2, 3, 6), "parallel": (4, 80, 128)}
 
 
 @pytest.mark.parametrize("size", list(NUMBA_SHAPES))
 def test_linear_backward_numba_backend(rng, size):
     shape = NUMBA_SHAPES[size]
-    _check(layers.linear_forward, layers.linear_backward, rng.normal(size=shape),
-           _lin(rng, shape[-1], 40), backend="numba")
+    _check(backends.linear_forward, backends.linear_backward, rng.normal(size=shape),
+           _lin(rng, shape[-1], 40))
 
 
 @pytest.mark.parametrize("size", list(NUMBA_SHAPES))
 def test_layernorm_backward_numba_backend(rng, size):
     shape = NUMBA_SHAPES[size]
-    _check(layers.layernorm_forward, layers.layernorm_backward, rng.normal(size=shape),
-           _ln_params(rng, shape[-1]), backend="numba")
+    _check(backends.layernorm_forward, backends.layernorm_backward, rng.normal(size=shape),
+           _ln_params(rng, shape[-1]))
 
 
 @pytest.mark.parametrize("kind", ["exact", "tanh"])

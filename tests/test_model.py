@@ -45,7 +45,7 @@ def test_seed_param_count_is_exact():
 
 @pytest.mark.parametrize("c,d,m,layers,cross", [(287, 256, 64, 4, 1), (7, 16, 5, 5, 2), (3, 8, 2, 3, 3)])
 def test_param_count_closed_form(c, d, m, layers, cross):
-    # ARCHITECTURE.md §1: M*D + (C*D + D) + cross*(12D^2 + 15D) + self*(12D^2 + 13D) + 2D
+    # docs/architecture.md: M*D + (C*D + D) + cross*(12D^2 + 15D) + self*(12D^2 + 13D) + 2D
     want = m * d + (c * d + d) + cross * (12 * d * d + 15 * d) + layers * (12 * d * d + 13 * d) + 2 * d
     opts = dict(input_dim=c, latent_dim=d, num_latents=m, num_layers=layers, num_cross_layers=cross)
     assert pnp.param_count(**opts) == want == pnp.build(**opts).param_count

@@ -12,10 +12,10 @@ import threading
 import numba
 import numpy as np
 import pytest
-from perceiver_np.kernels import gemm
 from threadpoolctl import threadpool_info
 
 import perceiver_np as pnp
+from perceiver_np.kernels import gemm
 
 
 def _blas_threads() -> dict[str, int]:

@@ -1,6 +1,6 @@
-"""perceiver_np against an independent PyTorch (autograd) reference, float64 (issue 5).
+"""perceiver_np against an independent PyTorch (autograd) reference, float64.
 
-``tests/torch_reference.py`` implements the model from ARCHITECTURE.md and the docs as plain
+``tests/torch_reference.py`` implements the model from docs/architecture.md as plain
 torch functions over the same flat parameter dict. Here every parameter is randomised (biases and
 LayerNorm parameters too), perceiver_np runs forward and its hand-written backward with a random
 upstream gradient ``dy``, torch autograd differentiates ``sum(y * dy)``, and the forward, every
@@ -305,7 +305,7 @@ def test_agreement_is_not_vacuous(base: dict[str, Any], flipped: dict[str, Any])
 
 
 def test_self_groups_match_config() -> None:
-    """The reference's own grouping (from ARCHITECTURE.md §1) equals perceiver_np's schedule."""
+    """The reference's own grouping (from docs/architecture.md) equals perceiver_np's schedule."""
     for num_layers in range(1, 10):
         for num_cross in range(1, num_layers + 1):
             for num_blocks in (1, 2):

@@ -1,6 +1,6 @@
-"""An independent PyTorch reference of the Perceiver as perceiver_np defines it (issue 5).
+"""An independent PyTorch reference of the Perceiver as perceiver_np defines it.
 
-Written from ``shared/reference/ARCHITECTURE.md`` §1 and §3 and the docs (``docs/architecture.md``,
+Written from the published architecture (docs/architecture.md) and the docs (``docs/architecture.md``,
 ``docs/params.md``), not from perceiver_np's code: plain functions over a dict of torch tensors
 keyed exactly like ``model.params`` (weights ``[in, out]``, so ``y = x @ W + b``). Gradients come
 from torch autograd, so a test can hold perceiver_np's hand-written backward against them.
@@ -33,14 +33,14 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-#: LayerNorm epsilon (ARCHITECTURE.md §1), with the biased variance.
+#: LayerNorm epsilon (docs/architecture.md), with the biased variance.
 LN_EPS = 1e-5
 
 Getter = Callable[[str], torch.Tensor]
 
 
 def self_groups(num_layers: int, num_cross_layers: int) -> list[list[int]]:
-    """The global self-block indices run after each cross block (ARCHITECTURE.md §1)."""
+    """The global self-block indices run after each cross block (docs/architecture.md)."""
     if num_layers < num_cross_layers:
         raise ValueError("num_layers < num_cross_layers")
     spc = max(num_layers // num_cross_layers, 1)

@@ -1,5 +1,6 @@
-"""The fast inference path (perceiver_np.fast, what ``model(x)`` runs) against the reference
-forward, and its kernels (kernels/rows.py, kernels/gemm.py, the chunk merge) against plain NumPy.
+"""The inference engine (perceiver_np.engine, what ``model(x)`` runs) on both backends against
+the reference forward, and its kernels (kernels/rows.py, kernels/gemm.py, the chunk merge)
+against their plain NumPy twins (perceiver_np.backends, perceiver_np.attention).
 
 float64: within FAST_FLOAT64_RTOL; float32: within the float32 bound of tolerances.py. Inputs
 are cut into many chunks (CHUNK_ROWS made small) so the chunk merge is exercised, with masks
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from perceiver_np.kernels import attention_forward, chunk_state, finish_chunks, gemm, merge_chunk, rows
 
 import perceiver_np as pnp
-from perceiver_np import fast
-from perceiver_np.layers import gelu_forward, layernorm_backward, layernorm_forward
+from perceiver_np import attention as plain_attention
+from perceiver_np import engine
+from perceiver_np.backends import NUMBA_ENGINE, PLAIN_ENGINE, engine_ops
+from perceiver_np.kernels import attention_forward, gemm, merge_chunk, rows
+from perceiver_np.layers import gelu_forward, layernorm_backward, layernorm_forward, params_under
 from perceiver_np.stream import NpyChunks
 from perceiver_np.tolerances import FAST_FLOAT64_RTOL, float32_forward_rtol
 
@@ -48,12 +51,13 @@ def ragged_mask(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     return mask
 
 
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
 @pytest.mark.parametrize("chunk_rows", [3, 16384], ids=["many-chunks", "one-chunk"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_path_equals_the_reference_forward_float64(rng, monkeypatch, case, chunk_rows):
-    monkeypatch.setattr(fast, "CHUNK_ROWS", chunk_rows)  # B = 3: one position per chunk, or all
-    model = random_model(rng, **CASES[case])
-    assert model.uses_fast_path
+def test_engine_equals_the_reference_forward_float64(rng, monkeypatch, case, chunk_rows, backend):
+    monkeypatch.setattr(engine, "CHUNK_ROWS", chunk_rows)  # B = 3: one position per chunk, or all
+    model = random_model(rng, **CASES[case], backend=backend)
+    assert model.uses_engine
     x = rng.normal(size=(3, 23, model.config.input_dim))
     for mask in (None, ragged_mask(rng, 3, 23)):
         want = model.forward(x, mask)[0]
@@ -63,32 +67,63 @@ def test_fast_path_equals_the_reference_forward_float64(rng, monkeypatch, case, 
             assert np.array_equal(model(x * (1 + 3 * ~mask[..., None]), mask), got)  # padding ignored
 
 
-def test_fast_path_float32_within_float32_rounding(rng):
-    """The seed model in float32 on the fast path against the float64 plain path."""
+def test_engine_float32_within_float32_rounding(rng):
+    """The seed model in float32 on the kernels against the float64 reference forward."""
     m64 = pnp.build(input_dim=287, dtype="float64", backend="numpy")
     m32 = pnp.build(input_dim=287)
-    assert m32.uses_fast_path and not m64.uses_fast_path
     x = rng.normal(size=(2, 3000, 287))
     mask = rng.random((2, 3000)) < 0.9
     self_steps = sum(1 for kind, _ in m64.config.schedule if kind == "self")
     depth = 1 + 12 * m64.config.num_cross_layers + 11 * self_steps + 2
-    y64 = m64(x, mask)
+    y64 = m64.forward(x, mask)[0]
     assert relerr(m32(x.astype(np.float32), mask), y64) <= float32_forward_rtol(depth, 3000)
 
 
-def test_numpy_backend_keeps_the_plain_path(rng):
+def test_numpy_backend_runs_the_engine_on_plain_numpy_only(rng, monkeypatch):
+    """backend="numpy": the engine's ops are the plain twins; no kernel is called."""
     model = random_model(rng, backend="numpy")
-    assert not model.uses_fast_path
     x = rng.normal(size=(2, 7, 5))
-    assert np.array_equal(model(x), model.forward(x)[0])
-    assert not random_model(rng, masked_rows="uniform").uses_fast_path  # the kernel zeroes rows
+    want = model.forward(x)[0]
+    for name in ("matmul", "matmul_batched", "project_heads"):
+        monkeypatch.setattr(gemm, name, lambda *a, **k: pytest.fail("a kernel ran on backend numpy"))
+    assert engine_ops("numpy") is PLAIN_ENGINE and model.uses_engine
+    assert relerr(model(x), want) <= FAST_FLOAT64_RTOL
+    assert not random_model(rng, masked_rows="uniform").uses_engine  # (o, lse) attention zeroes rows
 
 
-def test_fast_blocks_refuse_latents_they_cannot_update_in_place(rng):
+@pytest.mark.parametrize("ops", [PLAIN_ENGINE, NUMBA_ENGINE], ids=["numpy", "numba"])
+def test_engine_blocks_refuse_latents_they_cannot_update_in_place(rng, ops):
     model = random_model(rng)
     z = np.broadcast_to(model.params["latents"], (2, *model.params["latents"].shape))
     with pytest.raises(ValueError, match="z: expected a writeable C-contiguous array"):
-        fast.self_block(z, pnp.layers.sub(model.params, "self.0"), num_heads=2, gelu="exact")
+        engine.self_block(z, params_under(model.params, "self.0"), ops, num_heads=2, gelu="exact")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_engine_op_equals_its_plain_twin(rng, dtype):
+    """Op by op, the kernels (NUMBA_ENGINE) against the plain twins (PLAIN_ENGINE), one signature."""
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(2, 40)
+    x = rng.normal(size=(3, 300, 40)).astype(dtype)
+    w = rng.normal(size=(40, 12)).astype(dtype)
+    a = x.reshape(-1, 40)
+    assert relerr(NUMBA_ENGINE.matmul(a, w), PLAIN_ENGINE.matmul(a, w)) <= tol
+    view = x[:, 5:200]  # a strided chunk of a longer input
+    assert relerr(NUMBA_ENGINE.matmul_batched(view, w), PLAIN_ENGINE.matmul_batched(view, w)) <= tol
+    gamma, beta, bias = (rng.normal(size=40).astype(dtype) for _ in range(3))
+    wk, wv = rng.normal(size=(40, 8)).astype(dtype), rng.normal(size=(40, 6)).astype(dtype)
+    for got, want in zip(NUMBA_ENGINE.project_heads(x, [wk, wv], 2, norm=(gamma, beta, bias)),
+                         PLAIN_ENGINE.project_heads(x, [wk, wv], 2, norm=(gamma, beta, bias)), strict=True):
+        assert got.shape == want.shape and relerr(got, want) <= tol
+    want = PLAIN_ENGINE.layernorm(a, gamma, beta, bias)
+    assert relerr(NUMBA_ENGINE.layernorm(a, gamma, beta, bias), want) <= tol
+    t = rng.normal(size=a.shape).astype(dtype)
+    z1, z2 = a.copy(), a.copy()
+    assert relerr(NUMBA_ENGINE.residual_layernorm(z1, t, bias, gamma, beta),
+                  PLAIN_ENGINE.residual_layernorm(z2, t, bias, gamma, beta)) <= tol
+    assert relerr(z1, z2) <= tol
+    assert relerr(NUMBA_ENGINE.residual(z1, t, bias), PLAIN_ENGINE.residual(z2, t, bias)) <= tol
+    h1, h2 = t.copy(), t.copy()
+    assert relerr(NUMBA_ENGINE.bias_gelu(h1, bias, "tanh"), PLAIN_ENGINE.bias_gelu(h2, bias, "tanh")) <= tol
 
 
 # ---- the row kernels ------------------------------------------------------------------------
@@ -202,15 +237,18 @@ def test_merged_chunks_equal_attention_over_the_whole_input(rng):
     mask[0, :20] = False  # sample 0's first two chunks see nothing
     mask[1] = False  # sample 1 sees nothing at all
     want, _ = attention_forward(q, k, v, mask)
-    state = chunk_state(b, h, m, d)
-    for i in range(0, n, 10):
-        o_c, lse_c = attention_forward(q, k[:, :, i:i + 10], v[:, :, i:i + 10], mask[:, i:i + 10])
-        merge_chunk(state, o_c, lse_c)
-    got = finish_chunks(state, np.float64)
-    assert np.abs(got - want).max() <= FAST_FLOAT64_RTOL * np.abs(want).max()
-    assert np.all(got[1] == 0.0)
+    for ops in (PLAIN_ENGINE, NUMBA_ENGINE):  # the plain merge and the kernel's, one signature
+        state = ops.chunk_state(b, h, m, d)
+        for i in range(0, n, 10):
+            o_c, lse_c = ops.attention_forward(q, k[:, :, i:i + 10], v[:, :, i:i + 10], mask[:, i:i + 10])
+            ops.merge_chunk(state, o_c, lse_c)
+        got = ops.finish_chunks(state, np.float64)
+        assert np.abs(got - want).max() <= FAST_FLOAT64_RTOL * np.abs(want).max(), ops.name
+        assert np.all(got[1] == 0.0)
     with pytest.raises(ValueError, match="o_c, lse_c: expected shapes"):
         merge_chunk(state, o_c[:, :1], lse_c)
+    with pytest.raises(ValueError, match=r"o_c: expected shape \[B, H, M, dv\]"):
+        plain_attention.merge_chunk(state, o_c[:, :1], lse_c)
 
 
 # ---- reading .npy files in chunks -----------------------------------------------------------

@@ -1,0 +1,198 @@
+"""Where the fast backend of every op lives: the kernels under the plain layers' signatures.
+
+::
+
+    ops = layer_ops(cfg, "cross", training=True)    # a layers.LayerOps for one block
+    y, cache = layers.mha_forward(zq, h, p, num_heads=H, ops=ops)
+    eng = engine_ops("numba")                        # the inference engine's ops
+    k, v = eng.project_heads(h, [w_k, w_v], H, norm=(gamma, beta, None))
+
+Two backends, one signature per op, tested equal (tests/test_backends.py, tests/test_engine.py):
+
+- ``"numpy"``: the plain functions of :mod:`perceiver_np.layers` and :mod:`perceiver_np.attention`
+  (the teaching code), and for the inference engine their compositions below, written out in a
+  line or two each;
+- ``"numba"``: the parallel kernels of :mod:`perceiver_np.kernels` (products on Numba's thread
+  pool, fused row kernels, the tiled attention kernel).
+
+:data:`PLAIN_LSE` is the plain path with the ``(o, lse)`` attention of
+:mod:`perceiver_np.attention` in place of the one that keeps its probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from . import attention as plain_attention
+from . import layers
+from .config import PerceiverConfig
+from .kernels import attention as kernel_attention
+from .kernels import elementwise as elementwise
+from .kernels import gemm as gemm
+from .kernels import rows as rows
+from .layers import GeluCache, LayerNormCache, LayerOps, LinearCache, Params
+from .shapes import ChunkState, expect_shape
+
+# ---------------------------------------------------------------------------------------------
+# the training ops of the numba backend, under the layers' contract
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
+    """:func:`perceiver_np.layers.linear_forward` with the product on Numba's pool."""
+    w, b = params["weight"], params["bias"]
+    expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
+    expect_shape("linear bias", b, (w.shape[1],), "[out]")
+    y = gemm.matmul(x.reshape(-1, w.shape[0]), w).reshape(*x.shape[:-1], w.shape[1])  # [..., out]
+    y += b
+    return y, LinearCache(x, w)
+
+
+def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
+    """:func:`perceiver_np.layers.linear_backward` with the products on Numba's pool."""
+    x, w = cache
+    expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
+    x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]
+    dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
+    dweight = gemm.matmul_tn(x2, dy2)  # [in, R] @ [R, out] -> [in, out]
+    dx = gemm.matmul(dy2, w.T).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
+    return dx, {"weight": dweight, "bias": dy2.sum(axis=0)}
+
+
+def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerNormCache]:
+    """:func:`perceiver_np.layers.layernorm_forward` in one parallel pass over the rows."""
+    gamma, beta = params["gamma"], params["beta"]
+    expect_shape("layernorm x", x, (*x.shape[:-1], gamma.shape[0]), "[..., F]")
+    f = gamma.shape[0]
+    y2, xhat2, rstd2 = rows.layernorm_train(x.reshape(-1, f), gamma, beta)  # [..., F] -> [R, F]
+    return y2.reshape(x.shape), LayerNormCache(xhat2.reshape(x.shape), rstd2.reshape(*x.shape[:-1], 1),
+                                               gamma)
+
+
+def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarray, Params]:
+    """:func:`perceiver_np.layers.layernorm_backward` in one parallel pass over the rows."""
+    xhat, rstd, gamma = cache
+    expect_shape("layernorm dy", dy, xhat.shape, "[..., F]")
+    f = gamma.shape[0]
+    dx2, dgamma, dbeta = rows.layernorm_backward(dy.reshape(-1, f), xhat.reshape(-1, f),
+                                                 rstd.reshape(-1, 1), gamma)
+    return dx2.reshape(dy.shape), {"gamma": dgamma, "beta": dbeta}
+
+
+def gelu_forward(
+    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact"
+) -> tuple[np.ndarray, GeluCache]:
+    """:func:`perceiver_np.layers.gelu_forward` in the parallel element-wise kernel."""
+    if approximate not in ("exact", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'exact' or 'tanh', got {approximate!r}")
+    return elementwise.gelu_forward(x, approximate), GeluCache(x, approximate)
+
+
+def gelu_backward(dy: np.ndarray, cache: GeluCache) -> tuple[np.ndarray, Params]:
+    """:func:`perceiver_np.layers.gelu_backward` in the parallel element-wise kernel."""
+    expect_shape("gelu dy", dy, cache.x.shape, "[...]")
+    return elementwise.gelu_backward(dy, cache.x, cache.approximate), {}
+
+
+#: The plain path with the (o, lse) attention of perceiver_np.attention (no probabilities kept).
+PLAIN_LSE = layers.PLAIN._replace(attention_forward=plain_attention.attention_forward,
+                                  attention_backward=plain_attention.attention_backward)
+#: Every op on the kernels, attention through the tiled kernel.
+NUMBA = LayerOps("numba", linear_forward, linear_backward, layernorm_forward, layernorm_backward,
+                 gelu_forward, gelu_backward, kernel_attention.attention_forward,
+                 kernel_attention.attention_backward)
+#: The kernels for every op but the attention, which keeps its probabilities.
+NUMBA_PROBABILITIES = NUMBA._replace(attention_forward=None, attention_backward=None)
+
+
+def layer_ops(cfg: PerceiverConfig, kind: str, training: bool) -> LayerOps:
+    """The ops a block of ``kind`` ("cross" | "self" | "model": the input projection, the final
+    LayerNorm and the decoder's output projection) runs on: ``cfg.backend`` decides the
+    products, LayerNorms and GELU, and :meth:`PerceiverConfig.attention_backend` the attention."""
+    if cfg.backend == "numpy":
+        return layers.PLAIN
+    if kind == "model":
+        return NUMBA
+    return NUMBA if cfg.attention_backend(kind, training) == "numba" else NUMBA_PROBABILITIES
+
+
+# ---------------------------------------------------------------------------------------------
+# the inference engine's ops: the kernels' signatures, and their plain twins
+# ---------------------------------------------------------------------------------------------
+
+
+class EngineOps(NamedTuple):
+    """The ops of the inference engine (:mod:`perceiver_np.engine`), one signature each: the
+    kernels' (:mod:`perceiver_np.kernels`), and plain NumPy twins of them built from the layers."""
+
+    name: str
+    matmul: Callable[..., np.ndarray]  # (a [R, K], w [K, F]) -> [R, F]
+    matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F]) -> [B, S, F]
+    project_heads: Callable[..., list[np.ndarray]]  # (x [B, S, K], [w_j], H, norm) -> [B, H, S, d_j]
+    layernorm: Callable[..., np.ndarray]  # (x [R, F], gamma, beta, bias=None, out=None) -> [R, F]
+    residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias) -> LN(z)
+    residual: Callable[..., np.ndarray]  # z [R, F] += t + bias
+    bias_gelu: Callable[..., np.ndarray]  # h [R, F] = GELU(h + bias), in place
+    attention_forward: Callable[..., tuple[np.ndarray, np.ndarray]]  # (q, k, v, mask) -> (o, lse)
+    chunk_state: Callable[..., ChunkState]  # (B, H, M, dv) -> an empty running state
+    merge_chunk: Callable[..., None]  # (state, o_c, lse_c): fold one chunk's attention in
+    finish_chunks: Callable[..., np.ndarray]  # (state, dtype) -> o [B, H, M, dv]
+
+
+def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bias: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.rows.layernorm`: out = LN(x + bias)."""
+    y, _ = layers.layernorm_forward(x if bias is None else x + bias, {"gamma": gamma, "beta": beta})
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+def _residual_layernorm(z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray,
+                        beta: np.ndarray) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.rows.residual_layernorm`."""
+    z += t + bias
+    return _layernorm(z, gamma, beta)
+
+
+def _residual(z: np.ndarray, t: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.rows.residual`."""
+    z += t + bias
+    return z
+
+
+def _bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.rows.bias_gelu`."""
+    h[...] = layers.gelu_forward(h + bias, approximate=approximate)[0]
+    return h
+
+
+def _project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int,
+                   norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> list[np.ndarray]:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.project_heads`."""
+    u = x if norm is None else _layernorm(x, norm[0], norm[1], norm[2])
+    # [B, S, K] @ [K, H*d] -> [B, S, H*d] -> [B, H, S, d]
+    return [np.ascontiguousarray(layers.split_heads(u @ w, heads)) for w in weights]
+
+
+PLAIN_ENGINE = EngineOps(
+    "numpy", lambda a, w: a @ w, lambda x, w: x @ w, _project_heads, _layernorm, _residual_layernorm,
+    _residual, _bias_gelu, plain_attention.attention_forward, plain_attention.chunk_state,
+    plain_attention.merge_chunk, plain_attention.finish_chunks,
+)
+NUMBA_ENGINE = EngineOps(
+    "numba", gemm.matmul, gemm.matmul_batched, gemm.project_heads, rows.layernorm,
+    rows.residual_layernorm, rows.residual, rows.bias_gelu, kernel_attention.attention_forward,
+    plain_attention.chunk_state, kernel_attention.merge_chunk, plain_attention.finish_chunks,
+)
+
+
+def engine_ops(backend: str) -> EngineOps:
+    """The inference engine's ops: the plain twins for ``"numpy"``, the kernels otherwise."""
+    return PLAIN_ENGINE if backend == "numpy" else NUMBA_ENGINE
+
+

@@ -1,0 +1,231 @@
+"""The inference engine: what ``model(x)`` and ``model.encode_stream(chunks)`` run, on either backend.
+
+::
+
+    ops = backends.engine_ops(cfg.backend)                   # the kernels, or their plain twins
+    z = engine.encode(cfg, params, passes, batch=B, ops=ops)  # [B, M, D]: encoder + final LN
+    y = model.decode(z)[0]                                    # = model(x) = model.forward(x)[0]
+
+One encoder for a whole input and for an input that arrives in chunks: ``passes()`` returns a
+fresh iterable of ``(x_c [B, n, C], mask_c [B, n] or None)`` pieces along N (one pass per cross
+block); ``model(x)`` hands it the whole array, the streaming encoder
+(:mod:`perceiver_np.stream`) a file read a chunk at a time. The same function as
+:meth:`Perceiver.forward` in inference (tested equal on both backends: float64 to
+FAST_FLOAT64_RTOL, float32 within its bound), with fewer passes over memory. Per cross block::
+
+    h  = x_c @ W_in                                per chunk of the input, [B, n, C] -> [B, n, D]
+    k, v = LN_kv(h + b_in) @ [W_k | W_v]           [B, n, Ckv] -> [B, H, n, dh | dv]
+    o_c, lse_c = attention(q, k, v, mask_c)        per chunk, merged over the chunks (merge_chunk)
+    o  = o + b_v   (rows with a visible key)       [B, H, M, dv]
+    z += merge(o) @ W_out + b_out; u = LN_ffn(z)   z owned, updated in place
+    g  = GELU(u @ W_up + b_up)                     bias and GELU in one pass, in place
+    z += g @ W_down + b_down
+
+Two biases are moved, not dropped from the math:
+
+- ``b_k`` adds ``q . b_k`` to every score of a query's row; the softmax is invariant to that, so
+  the keys are used without it (exactly so in exact arithmetic, and masked keys are skipped, not
+  shifted). Its gradient is exactly 0 (docs/backward.md).
+- ``b_v``: ``P (V + 1 b_v^T) = P V + b_v`` because a softmax row sums to 1; added once per
+  output row instead of once per key, and only on rows that see a key (a row with no visible
+  key is 0, as in the forward).
+
+With the ``"numba"`` ops every product runs on Numba's pool and everything between two products
+is one fused row kernel; with the ``"numpy"`` ops (the plain twins of
+:mod:`perceiver_np.backends`) the same steps are plain NumPy, for reading and for checking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from .backends import EngineOps
+from .config import PerceiverConfig
+from .layers import Params, params_under
+from .shapes import ChunkState, expect_finite_output, expect_shape
+
+#: Rows (batch x positions) per chunk of the cross-attentions' input side: every buffer of the
+#: input side is [CHUNK_ROWS, width], so the engine's extra memory does not grow with N
+#: (docs/fast.md has the measurement behind the size).
+CHUNK_ROWS = 16384
+
+Piece = tuple[np.ndarray, "np.ndarray | None"]  # (x_c [B, n, C], mask_c [B, n] bool or None)
+Passes = Callable[[], Iterable[Piece]]  # a fresh pass over the input's pieces, along N
+
+
+def check_owned_latents(z: np.ndarray) -> np.ndarray:
+    """``z``, the latents a block updates in place: a writeable C-contiguous [B, M, D] array."""
+    if not (isinstance(z, np.ndarray) and z.ndim == 3 and z.flags.c_contiguous and z.flags.writeable):
+        raise ValueError("z: expected a writeable C-contiguous array [B, M, D] (the engine's blocks "
+                         "update the latents in place)")
+    return z
+
+
+def after_attention(
+    z: np.ndarray, o: np.ndarray, visible: np.ndarray | None, p: Params, ops: EngineOps, *,
+    query_residual: bool, gelu: str,
+) -> np.ndarray:
+    """The rest of a block after its attention core, on owned latents z [B, M, D] (updated in
+    place when ``query_residual``): the value bias, the output projection and its residual, and
+    the whole FFN sublayer. o: [B, H, M, dv] -> z [B, M, D]."""
+    b, h, m, dv = o.shape
+    d = p["attn.out.weight"].shape[1]
+    if query_residual:
+        expect_shape("z", check_owned_latents(z), (b, m, d), "[B, M, D]")
+    bv = p["attn.v.bias"].reshape(h, dv)  # [H*dv] -> [H, dv]
+    if visible is None:
+        o += bv[None, :, None, :]
+    else:
+        o += np.where(visible[:, None, None, None], bv[None, :, None, :], o.dtype.type(0.0))
+    # [B, H, M, dv] -> [B, M, H, dv] -> [B*M, H*dv]
+    merged = np.ascontiguousarray(o.transpose(0, 2, 1, 3)).reshape(b * m, h * dv)
+    t = ops.matmul(merged, p["attn.out.weight"])  # [B*M, H*dv] -> [B*M, D]
+    if not query_residual:
+        z = np.zeros((b, m, d), dtype=o.dtype)
+    z2 = z.reshape(b * m, d)  # [B, M, D] -> [B*M, D], a view: updated in place
+    u = ops.residual_layernorm(z2, t, p["attn.out.bias"], p["ffn_norm.gamma"], p["ffn_norm.beta"])
+    g = ops.matmul(u, p["ffn.up.weight"])  # [B*M, D] -> [B*M, wD]
+    ops.bias_gelu(g, p["ffn.up.bias"], gelu)
+    t = ops.matmul(g, p["ffn.down.weight"])  # [B*M, wD] -> [B*M, D]
+    ops.residual(z2, t, p["ffn.down.bias"])
+    return z
+
+
+def chunk_positions(b: int) -> int:
+    """Positions per chunk for a batch of b: CHUNK_ROWS rows of every [B*n, ·] buffer."""
+    return max(1, CHUNK_ROWS // b)
+
+
+def pieces_of(x: np.ndarray, mask: np.ndarray | None, size: int) -> list[Piece]:
+    """x [B, N, C] and mask [B, N] cut along N into views of ``size`` positions."""
+    return [(x[:, i:i + size], None if mask is None else mask[:, i:i + size])
+            for i in range(0, x.shape[1], size)]
+
+
+def cross_block(
+    z: np.ndarray, pieces: Iterable[Piece], p: Params, ops: EngineOps, *, num_heads: int,
+    in_weight: np.ndarray | None, in_bias: np.ndarray | None, use_query_residual: bool, gelu: str,
+) -> tuple[np.ndarray, int]:
+    """z: [B, M, D] owned latents (updated in place) attend to an input that arrives in pieces
+    along N -> (z [B, M, D], N).
+
+    The pieces (x_c [B, n, C], views into a longer array are fine, with their masks
+    mask_c [B, n]) are cut to ``chunk_positions(B)`` positions. Per chunk: ``h = x_c @ in_weight``
+    (when given), the keys and values of ``LN_kv(h + in_bias)`` in the attention's layout (the
+    LayerNorm fused into their product on the kernels), the attention's ``(o_c, lse_c)``, folded
+    into the running float64 state with ``merge_chunk``. Every buffer is chunk-sized."""
+    b, m, d = check_owned_latents(z).shape
+    zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"]).reshape(b, m, d)
+    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads)  # [B, M, D] -> [B, H, M, dh]
+    q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
+    ckv = p["kv_norm.gamma"].shape[0]
+    dv = p["attn.v.weight"].shape[1] // num_heads
+    state: ChunkState | None = None  # made at the second chunk: one chunk needs no merging
+    first: tuple[np.ndarray, np.ndarray] | None = None
+    visible = np.zeros(b, dtype=bool)  # [B]: the sample saw a key
+    n_total = 0
+    size = chunk_positions(b)
+    for x_c, mask_c in (chunk for piece in pieces for chunk in pieces_of(*piece, size)):
+        n = x_c.shape[1]
+        if in_weight is not None:
+            h = ops.matmul_batched(x_c, in_weight)  # [B, n, C] -> [B, n, D] (b_in in the LN)
+        else:
+            h = np.ascontiguousarray(x_c)  # [B, n, Ckv]
+        expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
+        k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
+                                 norm=(p["kv_norm.gamma"], p["kv_norm.beta"], in_bias))
+        # LN_kv(h + b_in) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
+        o_c, lse_c = ops.attention_forward(q, k, v, mask_c)  # [B, H, M, dv], [B, H, M]
+        if first is None:
+            first = (o_c, lse_c)
+        else:
+            if state is None:
+                state = ops.chunk_state(b, num_heads, m, dv)
+                ops.merge_chunk(state, *first)
+            ops.merge_chunk(state, o_c, lse_c)
+        visible |= True if mask_c is None else mask_c.any(axis=1)
+        n_total += n
+    if n_total == 0:
+        raise ValueError("chunks: the input is empty (N = 0)")
+    assert first is not None
+    o = first[0] if state is None else ops.finish_chunks(state, z.dtype)  # [B, H, M, dv]
+    return after_attention(z, o, visible, p, ops, query_residual=use_query_residual, gelu=gelu), n_total
+
+
+def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str) -> np.ndarray:
+    """z: [B, M, D] owned latents, updated in place -> [B, M, D]."""
+    b, m, d = check_owned_latents(z).shape
+    u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"]).reshape(b, m, d)
+    q, k, v = ops.project_heads(u, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
+                                num_heads)  # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
+    q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
+    o, _ = ops.attention_forward(q, k, v, None)  # [B, H, M, dv]
+    return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu)
+
+
+def encode(cfg: PerceiverConfig, p: Params, passes: Passes, *, batch: int, ops: EngineOps) -> np.ndarray:
+    """The encoder up to (and including) the final LayerNorm: the input of ``passes()`` -> z
+    [B, M, D]. ``p`` are the model's checked parameters; ``passes`` is called once per cross
+    block (so an input streamed from a file is read once per cross block). With several cross
+    blocks and an input projection, the caller may project once and pass ``h`` instead (see
+    :func:`encode_array`)."""
+    in_weight = p["input_proj.weight"] if cfg.input_projection else None
+    in_bias = p["input_proj.bias"] if cfg.input_projection else None
+    return _encode(cfg, p, passes, batch, ops, in_weight, in_bias)
+
+
+def encode_array(cfg: PerceiverConfig, p: Params, x: np.ndarray, mask: np.ndarray | None,
+                 ops: EngineOps) -> np.ndarray:
+    """:func:`encode` for an input held whole, x [B, N, C] and mask [B, N] (as checked by the
+    model): with several cross blocks the input projection is computed once for all of them
+    (h [B, N, D] is then held whole), else each chunk is projected when it is read."""
+    crosses = sum(1 for kind, _ in cfg.schedule if kind == "cross")
+    in_bias = p["input_proj.bias"] if cfg.input_projection else None
+    if cfg.input_projection and crosses > 1:
+        h = ops.matmul_batched(x, p["input_proj.weight"])  # [B, N, C] -> [B, N, D]
+        return _encode(cfg, p, lambda: [(h, mask)], x.shape[0], ops, None, in_bias)
+    return encode(cfg, p, lambda: [(x, mask)], batch=x.shape[0], ops=ops)
+
+
+def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: EngineOps,
+            in_weight: np.ndarray | None, in_bias: np.ndarray | None) -> np.ndarray:
+    z = np.repeat(p["latents"][None], batch, axis=0)  # [M, D] -> [B, M, D], owned
+    n_seen: int | None = None
+    for kind, i in cfg.schedule:
+        if kind == "cross":
+            z, n = cross_block(z, passes(), params_under(p, f"cross.{i}"), ops,
+                               num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
+                               use_query_residual=cfg.use_query_residual, gelu=cfg.gelu)
+            if n_seen is not None and n != n_seen:
+                raise ValueError(f"chunks: the input changed length between passes ({n_seen} then {n})")
+            n_seen = n
+        else:
+            z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu)
+        expect_finite_output(f"{kind}.{i} output", z)
+    if cfg.final_norm:
+        z2 = z.reshape(-1, z.shape[-1])  # [B, M, D] -> [B*M, D], a view: normalised in place
+        ops.layernorm(z2, p["final_norm.gamma"], p["final_norm.beta"], out=z2)
+    expect_shape("encoded latents", z, (batch, cfg.num_latents, cfg.latent_dim), "[B, M, D]")
+    return z
+
+
+def overflow_limit(dtype: np.dtype, width: int) -> float:
+    """The largest magnitude a LayerNorm input of ``width`` channels may reach: the sum of
+    ``width`` squared deviations (each at most (2 v)^2) must stay below finfo.max, so that the
+    plain path's variance is finite: v < sqrt(finfo.max / (4 width))."""
+    return float(np.sqrt(np.finfo(dtype).max / (4.0 * width)))
+
+
+def input_bound(cfg: PerceiverConfig, p: Params, x: np.ndarray) -> tuple[float, str]:
+    """A bound on the magnitude of what the cross blocks' key/value LayerNorm reads, and its
+    name: with the input projection, ``max|x| * max_j sum_i |W_in[i, j]| + max|b_in|``
+    (every entry of x @ W_in + b_in, and every partial sum of it, stays below it); without, max|x|."""
+    top = float(max(np.max(x), -np.min(x)))
+    if not cfg.input_projection:
+        return top, "the key/value LayerNorm's input"
+    w, bias = p["input_proj.weight"], p["input_proj.bias"]
+    col, b_top = float(np.abs(w).sum(axis=0, dtype=np.float64).max()), float(np.abs(bias).max())
+    return top * col + b_top, (f"the input projection x @ W_in + b_in (params['input_proj.weight']: "
+                               f"column sums of |W_in| up to {col:.3g}; |b_in| up to {b_top:.3g})")
