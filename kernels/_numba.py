@@ -75,8 +75,8 @@ def kernel_array(a: np.ndarray) -> np.ndarray:
     """``a`` as every kernel takes an array it reads: C-contiguous, writeable, native byte
     order; returned as is when it already is, else copied. Numba types a read-only array (a
     memory map opened with mode "r", ``np.broadcast_to``, an array marked read-only) or a
-    byte-swapped one as another type and would compile every kernel again for it (seconds on
-    the first masked ``predict`` from a memory-mapped mask); the copy keeps every call on the
+    byte-swapped one as another type and would compile every kernel again for it (on the first
+    masked ``predict`` from a memory-mapped mask, say); the copy keeps every call on the
     signatures compiled once."""
     if a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative:
         return a
