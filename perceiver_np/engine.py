@@ -44,7 +44,7 @@ import numpy as np
 from .backends import EngineOps
 from .config import PerceiverConfig
 from .layers import Params, params_under
-from .shapes import ChunkState, expect_finite_output, expect_shape
+from .shapes import ChunkState, expect_finite_output, expect_in_range, expect_shape
 
 #: Rows (batch x positions) per chunk of the cross-attentions' input side: every buffer of the
 #: input side is [CHUNK_ROWS, width], so the engine's extra memory does not grow with N
@@ -216,6 +216,15 @@ def overflow_limit(dtype: np.dtype, width: int) -> float:
     ``width`` squared deviations (each at most (2 v)^2) must stay below finfo.max, so that the
     plain path's variance is finite: v < sqrt(finfo.max / (4 width))."""
     return float(np.sqrt(np.finfo(dtype).max / (4.0 * width)))
+
+
+def check_input_range(name: str, cfg: PerceiverConfig, p: Params, x: np.ndarray) -> None:
+    """Refuse (:class:`~perceiver_np.shapes.OverflowRisk`, naming ``name``) an input x [B, n, C]
+    so large that the input side could overflow the dtype: :func:`input_bound` against
+    :func:`overflow_limit` of the key/value LayerNorm's width. ``model(x)``, ``forward`` and the
+    streaming encoder all call it before computing anything, so they refuse the same input."""
+    bound, what = input_bound(cfg, p, x)
+    expect_in_range(name, x, bound, overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
 
 
 def input_bound(cfg: PerceiverConfig, p: Params, x: np.ndarray) -> tuple[float, str]:

@@ -176,7 +176,8 @@ class Perceiver:
         """x -> float array [B, N, C] of the model's dtype, mask -> bool [B, N] or None.
 
         Also refuses an input so large that the input side could overflow the dtype (the
-        same refusal on every path, before anything is computed): see :func:`input_bound`."""
+        same refusal on every path, before anything is computed): see
+        :func:`perceiver_np.engine.check_input_range`."""
         cfg = self.config
         x = as_real_input("x", x, cfg.np_dtype)
         if x.ndim != 3:
@@ -185,8 +186,7 @@ class Perceiver:
         b, n, _ = x.shape
         if b == 0 or n == 0:
             raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
-        bound, what = engine.input_bound(cfg, p, x)
-        expect_in_range("x", x, bound, engine.overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
+        engine.check_input_range("x", cfg, p, x)
         return x, as_mask(mask, b, n)
 
     # ---- forward ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 from . import engine
 from .backends import engine_ops
 from .layers import Params
-from .shapes import as_mask, as_real_input, expect_in_range, expect_shape
+from .shapes import as_mask, as_real_input, expect_shape
 
 if TYPE_CHECKING:
     from .model import Perceiver
@@ -124,8 +124,7 @@ def _validated(
     for x in chunks:
         x = as_real_input("chunk", x, cfg.np_dtype)
         expect_shape("chunk", x, (b, None, cfg.input_dim), "[B, n, C]")
-        bound, what = engine.input_bound(cfg, p, x)
-        expect_in_range("chunk", x, bound, engine.overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
+        engine.check_input_range("chunk", cfg, p, x)
         keep = None
         if masks is not None:
             mask_chunk = next(masks, None)
