@@ -510,6 +510,9 @@ def mha_forward(
                 f"probabilities to drop; attention_dropout={attention_dropout} in training needs the "
                 "probabilities path"
             )
+        # the heads made contiguous once, here, and kept so for the backward: the (o, lse)
+        # attention reads each head's rows in blocks (the kernel copies any other layout)
+        qh, kh, vh = (np.ascontiguousarray(a) for a in (qh, kh, vh))
         lse: np.ndarray
         o, lse = ops.attention_forward(qh, kh, vh, mask)  # [B, H, M, dv], [B, H, M]
         attn = FlashCache(qh, kh, vh, o, lse, mask)

@@ -124,13 +124,17 @@ def as_mask(
 
 def first_nonfinite(name: str, array: np.ndarray) -> str | None:
     """None when every entry of the float array is finite, else a message naming ``name``, the
-    count of NaN/inf entries and the first one's index. One float64 sum decides the common case
-    (a sum is finite iff every term is, barring overflow, which float32 terms cannot reach in
-    float64); only a non-finite sum pays for the entry-by-entry look."""
-    if array.dtype.kind != "f" or array.size == 0 or np.isfinite(array.sum(dtype=np.float64)):
+    count of NaN/inf entries and the first one's index. One sum in the array's own dtype decides
+    the common case: a NaN or an infinity among the entries makes the sum NaN or infinite, so a
+    finite sum proves every entry finite. Only a non-finite sum (a bad entry, or finite entries
+    whose sum overflowed) pays for the entry-by-entry look."""
+    if array.dtype.kind != "f" or array.size == 0:
         return None
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the case decided below
+        if np.isfinite(array.sum()):
+            return None
     bad = ~np.isfinite(array)
-    if not bad.any():  # float64 entries whose sum overflowed: all finite
+    if not bad.any():  # finite entries whose sum overflowed
         return None
     if array.ndim == 0:
         return f"{name}: {array.item()} is not finite"

@@ -157,3 +157,20 @@ def test_heads_that_do_not_divide_name_the_option_given():
         pnp.build(input_dim=4, num_heads=3)
     with pytest.raises(ValueError, match=r"^cross_heads: 3 heads"):
         pnp.build(input_dim=4, cross_heads=3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_first_nonfinite_decides_by_entries_not_by_their_sum(dtype):
+    """The quick test is a sum in the array's dtype: finite entries whose sum overflows are
+    still finite, and an +inf beside a -inf (a NaN sum) is still named, with its count."""
+    from perceiver_np.shapes import first_nonfinite
+
+    big = np.finfo(dtype).max / 2
+    rng = np.random.default_rng(0)
+    finite = rng.uniform(0.9, 1.0, size=(5, 7)).astype(dtype) * big
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(finite.sum())
+    assert first_nonfinite("w", finite) is None
+    bad = rng.standard_normal((5, 7)).astype(dtype)
+    bad[1, 2], bad[3, 4] = np.inf, -np.inf
+    assert first_nonfinite("w", bad) == "w: 2 non-finite value(s) (NaN or inf), first at index (1, 2)"
