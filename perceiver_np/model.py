@@ -153,19 +153,22 @@ class Perceiver:
     ) -> np.ndarray:
         """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y: [B, D] (mean pool),
         [B, out] (classification) or [B, O, out] (query decoder)."""
-        if not self.uses_engine:
-            return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
         cfg, p = self.config, self.checked_params()
         x, mask = self._check_input(x, mask, p)
+        if not (self.uses_engine or mask is None or mask.any(axis=1).all()):
+            # masked_rows="uniform" differs from the engine's zero rows only for a sample whose
+            # every input is masked: such a batch takes the probabilities path
+            return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite_output
             z = engine.encode_array(cfg, p, x, mask, engine_ops(cfg.backend))  # [B, N, C] -> [B, M, D]
             return self.decode(z, queries=queries, query_mask=query_mask)[0]
 
     @property
     def uses_engine(self) -> bool:
-        """Whether inference (``model(x)``) runs the inference engine (:mod:`perceiver_np.engine`,
-        on the kernels or, with ``backend="numpy"``, on their plain twins): unless
-        ``masked_rows="uniform"``, which the engine's (o, lse) attention does not do."""
+        """Whether inference (``model(x)``) always runs the inference engine
+        (:mod:`perceiver_np.engine`, on the kernels or, with ``backend="numpy"``, on their plain
+        twins): unless ``masked_rows="uniform"``, which the engine's (o, lse) attention does not
+        do. Such a model still runs the engine on a batch where every sample keeps an input."""
         return self.config.masked_rows == "zero"
 
     def checked_params(self) -> Params:

@@ -280,3 +280,21 @@ def test_npy_chunks_refuse_what_they_cannot_read(tmp_path):
         NpyChunks(tmp_path / "t.npy")
     with pytest.raises(ValueError, match="chunk_size: expected an integer >= 1"):
         NpyChunks(tmp_path / "f.npy", 0)
+
+
+def test_uniform_masked_rows_run_the_engine_unless_a_sample_is_fully_masked(rng, monkeypatch):
+    """masked_rows="uniform" (HF's semantics) equals the engine's zero rows whenever every
+    sample keeps an input: model(x) runs the engine then, and the probabilities path (the
+    forward) only for a batch with a fully masked sample; both equal the forward."""
+    model = random_model(rng, masked_rows="uniform", dtype="float64")
+    x = rng.normal(size=(2, 7, 5))
+    mask = np.ones((2, 7), dtype=bool)
+    mask[0, 3:] = False
+    calls = []
+    encode = engine.encode_array
+    monkeypatch.setattr(engine, "encode_array", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    assert relerr(model(x, mask), model.forward(x, mask)[0]) <= FAST_FLOAT64_RTOL
+    assert calls == [1]
+    mask[1, :] = False
+    assert relerr(model(x, mask), model.forward(x, mask)[0]) <= FAST_FLOAT64_RTOL
+    assert calls == [1]  # the fully masked sample took the probabilities path
