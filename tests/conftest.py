@@ -21,3 +21,19 @@ settings.load_profile("perceiver_np")
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261128)
 
+
+
+@pytest.fixture
+def hf_in_float64(monkeypatch):
+    """Hugging Face's Perceiver code with its Fourier positions and torch's default dtype in
+    float64 (tests/hf_helpers.py says why)."""
+    torch = pytest.importorskip("torch", reason="the HF cross-checks need torch (make test installs it)")
+    modeling = pytest.importorskip("transformers.models.perceiver.modeling_perceiver",
+                                   reason="the HF cross-checks need transformers' Perceiver")
+    from .hf_helpers import linear_positions_float64
+
+    monkeypatch.setattr(modeling, "build_linear_positions", linear_positions_float64)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
