@@ -2,14 +2,18 @@
 
 The small shared vocabulary of :mod:`perceiver_np.pretrained` and the modules of its pieces
 (:mod:`perceiver_np.multimodal`): a :class:`ParamSpec` per parameter (our shape, the HF key,
-whether the HF tensor is the transpose of ours) and the specs of a Linear and of a cross block.
+whether the HF tensor is the transpose of ours), the specs of a Linear and of a cross block, and
+the ops a decoder's cross block runs on.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from .backends import layer_ops
+from .config import PerceiverConfig
 from .interop import _HF_CROSS
+from .layers import LayerOps
 
 #: HF's keys of every ``PerceiverFor*`` model sit under this prefix (``model.perceiver``).
 HF_PREFIX = "perceiver."
@@ -43,3 +47,10 @@ def _cross_specs(prefix: str, hf: str, q_dim: int, kv_dim: int, qk: int, v: int,
     }
     return {f"{prefix}.{k}": ParamSpec(s, f"{hf}.{_HF_CROSS[k]}", k.endswith(".weight") and len(s) == 2)
             for k, s in shapes.items()}
+
+
+def decoder_ops(cfg: PerceiverConfig, training: bool) -> LayerOps:
+    """The ops of a decoder's cross block: the encoder's cross-attention ops, except that the
+    decoder's keys (the latents) are never masked, so HF's ``masked_rows="uniform"`` and the
+    kernel's zero rows agree and the kernel runs (unless attention dropout is training)."""
+    return layer_ops(cfg.replace(masked_rows="zero"), "cross", training)

@@ -62,10 +62,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import prep_layers as pl
-from .backends import layer_ops
 from .blocks import CrossBlockCache, cross_block_backward, cross_block_forward
 from .config import PerceiverConfig
-from .hf_specs import HF_PREFIX, ParamSpec, _cross_specs, _linear_specs
+from .hf_specs import HF_PREFIX, ParamSpec, _cross_specs, _linear_specs, decoder_ops
 from .interop import InteropError, _int
 from .layers import LinearCache, Params, Record, linear_backward, linear_forward, params_under, tap
 from .position import add_position_encoding, fourier_channels, fourier_features, fourier_position_encoding
@@ -398,7 +397,7 @@ class MultimodalDecoder:
         u, block = cross_block_forward(
             q, z, params_under(p, "decoder"), num_heads=1, use_query_residual=False, gelu="exact",
             attention_dropout=cfg.attention_dropout, training=training, rng=rng, record=record,
-            name="decoder", ops=layer_ops(cfg, "cross", training),
+            name="decoder", ops=decoder_ops(cfg, training),
         )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
         y, output = linear_forward(u, params_under(p, "decoder.output"))  # [B, O, Cq] -> [B, O, out]
         sizes = dict(zip(MODALITIES, concat.sizes, strict=True))

@@ -32,11 +32,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import prep_layers as pl
-from .backends import layer_ops
 from .blocks import CrossBlockCache, cross_block_backward, cross_block_forward
 from .config import PerceiverConfig, make_config, param_shapes
 from .hf_files import read_pretrained_dir
-from .hf_specs import HF_PREFIX, ParamSpec, _cross_specs, _linear_specs
+from .hf_specs import HF_PREFIX, ParamSpec, _cross_specs, _linear_specs, decoder_ops
 from .interop import (
     HF_CONFIG_DEFAULTS,
     InteropError,
@@ -46,7 +45,15 @@ from .interop import (
     _int,
     hf_name_map,
 )
-from .layers import LinearCache, Params, Record, linear_backward, linear_forward, params_under, tap
+from .layers import (
+    LinearCache,
+    Params,
+    Record,
+    linear_backward,
+    linear_forward,
+    params_under,
+    tap,
+)
 from .model import ModelCache, Perceiver
 from .multimodal import structure as multimodal_structure
 from .position import (
@@ -352,7 +359,7 @@ class BasicDecoder:
         u, block = cross_block_forward(
             q, z, params_under(p, "decoder"), num_heads=self.heads, use_query_residual=self.query_residual,
             gelu="exact", attention_dropout=cfg.attention_dropout, training=training, rng=rng,
-            record=record, name="decoder", ops=layer_ops(cfg, "cross", training),
+            record=record, name="decoder", ops=decoder_ops(cfg, training),
         )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
         output = None
         y = u
@@ -613,8 +620,20 @@ class PretrainedPerceiver:
         return arr, as_mask(mask, arr.shape[0], arr.shape[1], name="mask")
 
     def __call__(self, inputs: Any, mask: Any = None, **options: Any) -> Any:
-        """Inference: the HF output's ``.logits`` (a dict of them for the multimodal model)."""
-        return self.forward(inputs, mask, **options)[0]
+        """Inference: the HF output's ``.logits`` (a dict of them for the multimodal model).
+        The encoder runs the inference engine (``Perceiver.__call__``), the decoder the kernel."""
+        p = self.checked_params()
+        arr, m = self._inputs(inputs, mask)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x, context, _ = self.preprocessor.forward(arr, p, self.buffers)
+            z = self.encoder(x, m)  # [B, N, C] -> [B, M, D]
+            y, _ = self.decoder.forward(z, x, context, p, cfg=self.config, training=False, rng=None,
+                                        options=options)
+            if self.postprocessor is not None:
+                y, _ = self.postprocessor.forward(y, context, p)
+            for key, value in (y.items() if isinstance(y, dict) else [("output", y)]):
+                expect_finite_output(key, value)
+        return y
 
     def forward(self, inputs: Any, mask: Any = None, training: bool = False,
                 rng: np.random.Generator | None = None, *, record: Record = None, **options: Any

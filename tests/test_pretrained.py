@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perceiver_np import pretrained
+from perceiver_np import engine, pretrained
 from perceiver_np.tolerances import (
+    FAST_FLOAT64_RTOL,
     INTEROP_GRAD_FLOOR,
     INTEROP_GRAD_RTOL,
     PUBLISHED_FLOAT32_RTOL,
@@ -148,3 +149,19 @@ def test_every_hidden_state_equals_hf_in_float64(arch):
     assert len(hidden) == len(names)
     for name, want in zip(names, hidden, strict=True):
         assert _rel(record[name], want.detach().numpy()) <= PUBLISHED_FLOAT64_RTOL, name
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_inference_runs_the_engine_and_equals_the_forward(arch, monkeypatch):
+    """model(x) runs the encoder's inference engine (and the decoder's kernel); it equals the
+    forward of the training path, with a mask on the text models."""
+    _, ours, x = _pair(arch)
+    mask = None
+    if x.dtype.kind in "iu":
+        mask = np.ones(x.shape, dtype=bool)
+        mask[0, 4:] = False
+    calls = []
+    encode = engine.encode_array
+    monkeypatch.setattr(engine, "encode_array", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    assert _rel(ours(x, mask), ours.forward(x, mask)[0]) <= FAST_FLOAT64_RTOL
+    assert calls == [1]
