@@ -9,6 +9,9 @@ by finite differences (:mod:`perceiver_np.gradcheck`). The API mirrors Edifice's
     y = model(x)                                     # x [B, N, 287] -> y [B, 256]
     y, cache = model.forward(x, mask, training=True, rng=np.random.default_rng(0))
     grads, dx = model.backward(dy, cache)            # grads keyed like model.params
+
+    model = pnp.from_pretrained("save_pretrained-dir")   # a published PerceiverFor* model
+    logits = model(inputs)                               # as the HF class's forward(inputs=...)
 """
 
 from . import (
@@ -24,7 +27,9 @@ from . import (
     memory,
     optim,
     position,
+    prep_layers,
     presets,
+    pretrained,
     runtime,
     shapes,
     stream,
@@ -40,14 +45,16 @@ from .blocks import (
     self_block_forward,
 )
 from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
-from .interop import from_hf, from_hf_state_dict, to_hf_state_dict
+from .interop import from_hf_state_dict, to_hf_state_dict
 from .model import Perceiver, build, init_params
+from .pretrained import PretrainedPerceiver, from_hf, from_pretrained
 from .threads import get_num_threads, set_num_threads
 from .version import __version__ as __version__
 
 __all__ = [
     "Perceiver",
     "PerceiverConfig",
+    "PretrainedPerceiver",
     "attention",
     "backends",
     "blocks",
@@ -58,6 +65,7 @@ __all__ = [
     "engine",
     "from_hf",
     "from_hf_state_dict",
+    "from_pretrained",
     "get_num_threads",
     "gradcheck",
     "init_params",
@@ -70,7 +78,9 @@ __all__ = [
     "param_count",
     "param_shapes",
     "position",
+    "prep_layers",
     "presets",
+    "pretrained",
     "recommended_defaults",
     "runtime",
     "self_block_backward",

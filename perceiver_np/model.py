@@ -171,6 +171,10 @@ class Perceiver:
         do. Such a model still runs the engine on a batch where every sample keeps an input."""
         return self.config.masked_rows == "zero"
 
+    def with_params(self, params: Params) -> Perceiver:
+        """A model of the same config with ``params`` (checked), e.g. a training state's."""
+        return Perceiver(self.config, params)
+
     def checked_params(self) -> Params:
         """``self.params`` checked against the schema (:func:`check_params`), in schema order."""
         return check_params(self.config, self.params)

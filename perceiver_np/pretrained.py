@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import interop
 from . import prep_layers as pl
 from .blocks import CrossBlockCache, cross_block_backward, cross_block_forward
 from .config import PerceiverConfig, make_config, param_shapes
@@ -532,6 +533,29 @@ ARCHITECTURES = (
 # ---------------------------------------------------------------------------------------------
 
 
+def _layout(architecture: str, config: Mapping[str, Any], dtype: str
+            ) -> tuple[dict[str, Any], tuple[Any, Any, Any], PerceiverConfig]:
+    """(the full HF config, (preprocessor, decoder, postprocessor), the encoder's config)."""
+    if architecture not in ARCHITECTURES:
+        raise InteropError(f"architecture: {architecture!r} is not supported; "
+                           f"supported: {list(ARCHITECTURES)}")
+    hf_config = _hf_config(config)
+    pieces = _structure(architecture, hf_config)
+    opts = _hf_options(hf_config)
+    opts.update(input_dim=pieces[0].num_channels, input_projection=False, decoder="latents", dtype=dtype)
+    return hf_config, pieces, make_config(**opts)
+
+
+def _specs(cfg: PerceiverConfig, pieces: list[Any]) -> dict[str, ParamSpec]:
+    """The encoder's parameters (HF names under ``perceiver.``), then the pieces'."""
+    hf = {k: HF_PREFIX + v for k, v in hf_name_map(cfg).items()}
+    out = {k: ParamSpec(s, hf[k], k.endswith(".weight") and len(s) == 2 and k != "latents")
+           for k, s in param_shapes(cfg).items()}
+    for piece in pieces:
+        out.update(piece.specs)
+    return out
+
+
 class PretrainedCache(NamedTuple):
     owner: object  # the model that made it
     pre: Any  # the preprocessor's cache
@@ -549,27 +573,28 @@ class PretrainedPerceiver:
     def __init__(self, architecture: str, config: Mapping[str, Any], params: Params | None = None,
                  buffers: Params | None = None, *, dtype: str = "float32") -> None:
         self.architecture = architecture
-        self.hf_config = _hf_config(config)
-        self.preprocessor, self.decoder, self.postprocessor = _structure(architecture, self.hf_config)
-        opts = _hf_options(self.hf_config)
-        opts.update(input_dim=self.preprocessor.num_channels, input_projection=False, decoder="latents",
-                    dtype=dtype)
-        self.encoder = Perceiver(make_config(**opts))
-        self.params: Params = dict(self.encoder.params)
-        specs = self.specs()
-        rng = np.random.default_rng(self.encoder.config.seed)
-        for name, spec in specs.items():
-            if name not in self.params:
-                self.params[name] = (0.02 * rng.standard_normal(spec.shape)).astype(self.config.np_dtype)
-        self.buffers: Params = {
-            name: (np.ones if name.endswith("running_var") else np.zeros)(spec.shape,
-                                                                      dtype=self.config.np_dtype)
-            for name, spec in self.buffer_specs().items()
-        }
-        if params is not None:
+        self.hf_config, (self.preprocessor, self.decoder, self.postprocessor), cfg = _layout(
+            architecture, config, dtype)
+        enc_names = list(param_shapes(cfg))
+        if params is None:  # random: the encoder's own initialisation, 0.02 * N(0, 1) elsewhere
+            self.encoder = Perceiver(cfg)
+            self.params: Params = dict(self.encoder.params)
+            rng = np.random.default_rng(cfg.seed)
+            for name, spec in self.specs().items():
+                if name not in self.params:
+                    self.params[name] = (0.02 * rng.standard_normal(spec.shape)).astype(cfg.np_dtype)
+        else:
+            if not isinstance(params, Mapping):
+                raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
             self.params = dict(params)
-        if buffers is not None:
-            self.buffers = dict(buffers)
+            missing = [k for k in enc_names if k not in self.params]
+            if missing:
+                raise ValueError(f"params: missing {missing}")
+            self.encoder = Perceiver(cfg, {k: self.params[k] for k in enc_names})
+        self.buffers: Params = {
+            name: (np.ones if name.endswith("running_var") else np.zeros)(spec.shape, dtype=cfg.np_dtype)
+            for name, spec in self.buffer_specs().items()
+        } if buffers is None else dict(buffers)
         self._token = object()
 
     @property
@@ -582,19 +607,26 @@ class PretrainedPerceiver:
 
     def specs(self) -> dict[str, ParamSpec]:
         """Every parameter: our name -> (shape, HF key, transposed), the encoder's first."""
-        enc = self.encoder.config
-        hf = {k: HF_PREFIX + v for k, v in hf_name_map(enc).items()}
-        out = {k: ParamSpec(s, hf[k], k.endswith(".weight") and len(s) == 2 and k != "latents")
-               for k, s in param_shapes(enc).items()}
-        for piece in self._pieces():
-            out.update(piece.specs)
-        return out
+        return _specs(self.config, self._pieces())
 
     def buffer_specs(self) -> dict[str, ParamSpec]:
         out: dict[str, ParamSpec] = {}
         for piece in self._pieces():
             out.update(piece.buffer_specs)
         return out
+
+    def with_params(self, params: Params) -> PretrainedPerceiver:
+        """The same architecture, config and buffers with ``params`` (checked at every call)."""
+        return PretrainedPerceiver(self.architecture, self.hf_config, params, self.buffers,
+                                   dtype=self.config.dtype)
+
+    @property
+    def param_count(self) -> int:
+        return sum(v.size for v in self.params.values())
+
+    def __repr__(self) -> str:
+        return (f"PretrainedPerceiver({self.architecture}, {self.param_count:,} parameters, "
+                f"{self.config.dtype})")
 
     def checked_params(self) -> Params:
         specs = self.specs()
@@ -697,30 +729,37 @@ def hf_names(model: PretrainedPerceiver) -> dict[str, str]:
 def from_state_dict(architecture: str, config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
                     dtype: str = "float32") -> PretrainedPerceiver:
     """The model of HF class ``architecture`` with config ``config`` (config.json) and weights
-    ``state_dict`` (HF key -> array; every key and shape checked, ``num_batches_tracked`` and a
-    tied embedding decoder weight ignored)."""
-    if architecture not in ARCHITECTURES:
-        raise InteropError(f"architecture: {architecture!r} is not supported; "
-                           f"supported: {list(ARCHITECTURES)}")
-    model = PretrainedPerceiver(architecture, config, dtype=dtype)
-    specs, bspecs = model.specs(), model.buffer_specs()
-    ignored = {k for k in state_dict if k.endswith("num_batches_tracked") or k == "embedding_decoder.weight"}
-    given = {k: v for k, v in state_dict.items() if k not in ignored}
+    ``state_dict`` (HF key -> array; every key and shape checked, ``num_batches_tracked``
+    ignored)."""
+    if not isinstance(state_dict, Mapping):
+        raise InteropError("state_dict: expected a mapping of name -> array, "
+                           f"got {type(state_dict).__name__}")
+    hf_config, pieces, cfg = _layout(architecture, config, dtype)
+    present = [x for x in pieces if x is not None]
+    specs = _specs(cfg, present)
+    bspecs: dict[str, ParamSpec] = {}
+    for piece in present:
+        bspecs.update(piece.buffer_specs)
+    given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     every = (*specs.values(), *bspecs.values())
     hf_shapes = {s.hf: (s.shape[::-1] if s.transpose else s.shape) for s in every}
-    _check_keys("state_dict", [s.hf for s in (*specs.values(), *bspecs.values())], given, hf_shapes)
-    np_dtype = model.config.np_dtype
-    model.params = {k: _as_param(s.hf, given[s.hf], s.shape, np_dtype, transpose=s.transpose, ours=k)
-                    for k, s in specs.items()}
-    model.buffers = {k: _as_param(s.hf, given[s.hf], s.shape, np_dtype, ours=k) for k, s in bspecs.items()}
-    return model
+    _check_keys("state_dict", [s.hf for s in every], given, hf_shapes)
+    params = {k: _as_param(s.hf, given[s.hf], s.shape, cfg.np_dtype, transpose=s.transpose, ours=k)
+              for k, s in specs.items()}
+    buffers = {k: _as_param(s.hf, given[s.hf], s.shape, cfg.np_dtype, ours=k) for k, s in bspecs.items()}
+    return PretrainedPerceiver(architecture, hf_config, params, buffers, dtype=dtype)
 
 
-def from_hf(hf_model: Any, *, dtype: str = "float64") -> PretrainedPerceiver:
-    """A live ``transformers.PerceiverFor*`` module -> the equal perceiver_np model."""
+def from_hf(hf_model: Any, *, dtype: str = "float64") -> Perceiver | PretrainedPerceiver:
+    """A live Hugging Face Perceiver -> the equal perceiver_np model: a ``PerceiverModel``
+    through :func:`perceiver_np.interop.from_hf` (a :class:`Perceiver`), any ``PerceiverFor*``
+    class of :data:`ARCHITECTURES` as a :class:`PretrainedPerceiver`."""
     name = type(hf_model).__name__
+    if name == "PerceiverModel":
+        return interop.from_hf(hf_model, dtype=dtype)
     if name not in ARCHITECTURES:
-        raise InteropError(f"hf_model: {name} is not supported; supported: {list(ARCHITECTURES)}")
+        raise InteropError(f"hf_model: {name} is not supported; supported: PerceiverModel and "
+                           f"{list(ARCHITECTURES)}")
     state = {k: v.detach().cpu().numpy() for k, v in hf_model.state_dict().items()}
     return from_state_dict(name, hf_model.config.to_dict(), state, dtype=dtype)
 
