@@ -8,11 +8,17 @@
     perceiver-np gradcheck --input-dim 5 --latent-dim 8 --num-latents 3 --num-heads 2
     perceiver-np golden --preset edifice --input-dim 7 --seed 0 --out golden.npz
     perceiver-np compare golden.npz theirs.npz [--json] [--allow-missing]
+    perceiver-np fill-mask DIR "This is an [MASK:9] sentence" [--top K]
+    perceiver-np classify-image DIR cat.jpg dog.png [--top 5]
+    perceiver-np flow DIR frame1.png frame2.png --out flow.npy [--png flow.png]
 
 Every model option of :class:`perceiver_np.PerceiverConfig` is a flag (``--latent-dim``,
 ``--no-final-norm``, ...) with the same default. Data files are ``.npz`` holding ``x``
 [S, N, C], ``y`` (labels [S] or targets [S, O, out]) and optionally ``mask`` [S, N]; they are
 loaded without pickle. ``info`` computes everything from the options alone (no model is built).
+``fill-mask``, ``classify-image`` and ``flow`` run Hugging Face's published Perceivers from a
+directory as ``save_pretrained`` writes it (config.json and the weights; no torch needed;
+docs/pretrained.md).
 
 Exit status: 0 success; 1 a check that failed (``compare`` beyond tolerance, ``gradcheck``,
 training that diverged); 2 a usage or input error (a flag out of range, a missing or unreadable
@@ -29,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -593,6 +600,311 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ---- Hugging Face's published Perceivers (a directory as save_pretrained writes it) -----------
+
+#: The classes each command runs.
+_COMMAND_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "fill-mask": ("PerceiverForMaskedLM",),
+    "classify-image": ("PerceiverForImageClassificationLearned", "PerceiverForImageClassificationFourier",
+                       "PerceiverForImageClassificationConvProcessing"),
+    "flow": ("PerceiverForOpticalFlow",),
+}
+
+
+def _model_dir(path: Path, command: str) -> tuple[str, dict[str, Any]]:
+    """(architecture, config.json with HF's defaults for the fields left out) of the model
+    directory ``path``, if it holds a class ``command`` runs; else a ValueError. The weights are
+    not read here."""
+    from .hf_files import CONFIG_NAME, _read_json
+    from .pretrained import HF_TASK_DEFAULTS
+
+    if not path.exists():
+        raise ValueError(f"{path}: no such directory (expected a model directory as save_pretrained "
+                         "writes it)")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (expected a model directory as save_pretrained writes it: "
+                         f"{CONFIG_NAME} and the weights)")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be read (permission denied)")
+    config = _read_json(path / CONFIG_NAME, "the model's configuration")  # an HFFileError naming it
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
+    archs = config.get("architectures")
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)):
+        raise ValueError(f"{path / CONFIG_NAME}: expected one model class in 'architectures', "
+                         f"got {archs!r:.200}")
+    wanted = _COMMAND_ARCHITECTURES[command]
+    if archs[0] not in wanted:
+        need = wanted[0] if len(wanted) == 1 else ", ".join(wanted[:-1]) + " or " + wanted[-1]
+        raise ValueError(f"{command} needs a {need}, {path} holds {archs[0]}")
+    return archs[0], {**HF_TASK_DEFAULTS, **config}
+
+
+def _positive(config: dict[str, Any], key: str, where: Path) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where / 'config.json'}: {key} must be a positive integer, got {value!r:.100}")
+    return value
+
+
+def _load_model(path: Path, dtype: str) -> Any:
+    from .pretrained import from_pretrained
+
+    return from_pretrained(path, dtype=dtype)  # every problem an HFFileError / InteropError naming it
+
+
+def _need_pillow() -> None:
+    from .images import _pillow
+
+    try:
+        _pillow()
+    except ImportError as err:
+        raise ValueError(str(err)) from err
+
+
+def _image(path: Path) -> np.ndarray:
+    """The image file ``path`` as [H, W, 3] uint8 RGB (images.load_image); errors name it."""
+    from .images import load_image
+
+    _input_file(path)
+    with _reading(path, ""):
+        return load_image(path)  # a ValueError naming the path when pillow cannot read it
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, in float64."""
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+# -- fill-mask ------------------------------------------------------------------------------------
+
+#: ``[MASK]`` (one masked byte) or ``[MASK:N]`` (N masked bytes) in fill-mask's TEXT.
+_MASK_MARK = re.compile(r"\[MASK(?::([^\[\]]*))?\]")
+
+_FILL_MASK_TEXT = """\
+the text, with the bytes to predict marked: [MASK] masks one byte, [MASK:N] masks N bytes
+(N >= 1); masks next to each other form one span ("[MASK][MASK:2]" is "[MASK:3]"). The rest is
+UTF-8 bytes, except the literal texts of the other special tokens ([PAD] [BOS] [EOS] [CLS]
+[SEP]), which become those tokens, as in HF's PerceiverTokenizer"""
+
+
+def _mask_spans(text: str) -> list[str | int]:
+    """fill-mask's TEXT -> its pieces in order: plain text (str) and masked spans (int: the
+    bytes masked), adjacent masks merged into one span."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"TEXT: character {err.start} ({text[err.start]!r}) cannot be encoded as UTF-8 "
+                         "(a lone surrogate: bytes the command line could not decode)") from err
+    pieces: list[str | int] = []
+    pos = 0
+    for m in _MASK_MARK.finditer(text):
+        count = 1
+        if m.group(1) is not None:
+            digits = m.group(1).lstrip("0")
+            if not re.fullmatch(r"[0-9]+", m.group(1)) or not digits:
+                raise ValueError(f"TEXT: {m.group()!r} at character {m.start()}: expected [MASK] (one masked "
+                                 "byte) or [MASK:N] with N a whole number >= 1")
+            count = int(digits) if len(digits) <= 18 else INT_MAX  # more than any model's positions
+        if m.start() > pos:
+            pieces.append(text[pos:m.start()])
+        if pieces and isinstance(pieces[-1], int):
+            pieces[-1] += count
+        else:
+            pieces.append(count)
+        pos = m.end()
+    if pos < len(text):
+        pieces.append(text[pos:])
+    for piece in pieces:
+        if isinstance(piece, str) and "[MASK:" in piece:
+            at = text.index("[MASK:")
+            raise ValueError(f"TEXT: '[MASK:' at character {at} is not closed; write [MASK:N]")
+    if not any(isinstance(p, int) for p in pieces):
+        raise ValueError(f"TEXT: {text!r:.80} has no [MASK]; mark the bytes to predict with [MASK] (one "
+                         "byte) or [MASK:N] (N bytes)")
+    return pieces
+
+
+def _token_text(token: int) -> str:
+    """One id of the byte tokenizer as a label: ``b' '``, ``b'\\xc3'``, ``[PAD]``."""
+    from .tokenizer import NUM_SPECIAL_TOKENS, SPECIAL_TOKENS
+
+    if token < NUM_SPECIAL_TOKENS:
+        return next(t for t, i in SPECIAL_TOKENS.items() if i == token)
+    return repr(bytes([token - NUM_SPECIAL_TOKENS]))
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from .tokenizer import VOCAB_SIZE, ByteTokenizer
+
+    _, config = _model_dir(args.dir, "fill-mask")
+    vocab = _positive(config, "vocab_size", args.dir)
+    if vocab != VOCAB_SIZE:
+        raise ValueError(f"{args.dir / 'config.json'}: vocab_size is {vocab}, but the language Perceiver's "
+                         f"byte tokenizer has {VOCAB_SIZE} ids")
+    positions = _positive(config, "max_position_embeddings", args.dir)
+    pieces = _mask_spans(args.text)
+    tok = ByteTokenizer()
+    text_ids = sum(len(tok.tokenize(p, name="TEXT")) for p in pieces if isinstance(p, str))
+    masked = sum(p for p in pieces if isinstance(p, int))
+    if 2 + text_ids + masked > positions:
+        raise ValueError(f"TEXT: {2 + text_ids + masked} ids ([CLS], {text_ids} of text, {masked} masked, "
+                         f"[SEP]), more than the model's max_position_embeddings = {positions}")
+    expanded = "".join(p if isinstance(p, str) else "[MASK]" * p for p in pieces)
+    batch = tok.encode(expanded, max_length=positions, padding="max_length")  # as HF's tokenizer
+    ids = batch["input_ids"]  # [1, positions]
+    where = np.flatnonzero(ids[0] == tok.mask_id)
+    assert len(where) == masked, "every [MASK] id comes from a mask of TEXT"
+    model = _load_model(args.dir, args.dtype)
+    logits = model(ids, batch["attention_mask"] == 1)[0]  # [positions, vocab]
+    out, spans, start = [], [], 0
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        span = where[start:start + piece]
+        start += piece
+        best = logits[span].argmax(axis=-1)  # [n]
+        out.append(tok.decode(best))  # as HF decodes: special ids as their text, bad UTF-8 as U+FFFD
+        spans.append(span)
+    print("".join(out))
+    if args.top is not None:
+        k = min(args.top, logits.shape[-1])
+        for s, span in enumerate(spans, 1):
+            probs = _softmax(logits[span])  # [n, vocab]
+            for b, (position, p) in enumerate(zip(span, probs, strict=True), 1):
+                order = np.argsort(-p, kind="stable")[:k]
+                best = "  ".join(f"{_token_text(int(i))} {p[i]:.6f}" for i in order)
+                print(f"span {s}, byte {b} (input position {position}): {best}")
+    return 0
+
+
+# -- classify-image -------------------------------------------------------------------------------
+
+#: What HF's PerceiverImageProcessor does besides the sizes, mean and std: the only settings the
+#: image processor here implements.
+_PROCESSOR_FIXED: dict[str, Any] = {"do_resize": True, "do_center_crop": True, "do_rescale": True,
+                                    "do_normalize": True, "resample": 3}
+
+
+def _square(value: Any, key: str, where: Path) -> int:
+    """A processor config's size: an int, or {"height": s, "width": s}."""
+    if isinstance(value, dict) and set(value) == {"height", "width"} and value["height"] == value["width"]:
+        value = value["height"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key} = {value!r:.100}: expected a positive int or "
+                         '{"height": s, "width": s} (a square; the image processor here crops and resizes '
+                         "to squares, as PerceiverImageProcessor's defaults do)")
+    return value
+
+
+def _image_processor(path: Path, architecture: str, config: dict[str, Any]) -> Any:
+    """HF's PerceiverImageProcessor for the model in ``path``: its defaults (a centre crop of
+    224/256 of the shorter side resized to 224 x 224, ImageNet's mean and std), the size
+    image_size for the learned-positions model (its positions fix it), and the values of
+    ``path/preprocessor_config.json`` when the directory has one (the hub's do)."""
+    from .hf_files import _read_json
+    from .images import IMAGENET_MEAN, IMAGENET_STD, ImageProcessor
+
+    learned = architecture == "PerceiverForImageClassificationLearned"
+    size = _positive(config, "image_size", path) if learned else 224
+    crop: int = 256
+    mean: Any = IMAGENET_MEAN
+    std: Any = IMAGENET_STD
+    file = path / "preprocessor_config.json"
+    if file.exists():
+        pc = _read_json(file, "the image processor's configuration")
+        if not isinstance(pc, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(pc).__name__}")
+        for key, want in _PROCESSOR_FIXED.items():
+            if key in pc and pc[key] != want:
+                raise ValueError(f"{file}: {key} = {pc[key]!r:.100} is not supported; the image processor "
+                                 f"here implements {key} = {want!r} (PerceiverImageProcessor's default)")
+        factor = pc.get("rescale_factor", 1 / 255)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or abs(factor - 1 / 255) > 1e-15:
+            raise ValueError(f"{file}: rescale_factor = {factor!r:.100} is not supported; the image "
+                             "processor here divides by 255 (PerceiverImageProcessor's default)")
+        size = _square(pc.get("size", size), "size", file)
+        crop = _square(pc.get("crop_size", crop), "crop_size", file)
+        mean, std = pc.get("image_mean", mean), pc.get("image_std", std)
+        if learned and size != config["image_size"]:
+            raise ValueError(f"{file}: size {size} differs from the model's image_size "
+                             f"{config['image_size']} (its trainable positions take image_size x "
+                             "image_size pixels)")
+    try:
+        return ImageProcessor(size=size, crop_size=crop, mean=mean, std=std)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from err
+
+
+def _labels(config: dict[str, Any], count: int) -> list[str]:
+    """id2label of config.json as a list (HF's LABEL_i where it has none)."""
+    id2label = config.get("id2label")
+    table = id2label if isinstance(id2label, dict) else {}
+    return [str(table.get(str(i), table.get(i, f"LABEL_{i}"))) for i in range(count)]
+
+
+def cmd_classify_image(args: argparse.Namespace) -> int:
+    architecture, config = _model_dir(args.dir, "classify-image")
+    _need_pillow()
+    processor = _image_processor(args.dir, architecture, config)
+    pixels = []
+    for path in args.images:  # every image read and prepared before the model is loaded
+        rgb = _image(path)
+        try:
+            pixels.append(processor(rgb))  # [1, 3, size, size]
+        except ValueError as err:
+            raise ValueError(f"{path}: {str(err).removeprefix('images: ')}") from err
+    model = _load_model(args.dir, args.dtype)
+    labels: list[str] | None = None
+    for path, px in zip(args.images, pixels, strict=True):
+        probs = _softmax(model(px)[0])  # [1, 3, size, size] -> logits [num_labels] -> probabilities
+        if labels is None:
+            labels = _labels(model.hf_config, len(probs))
+        print(path)
+        for i in np.argsort(-probs, kind="stable")[:args.top]:
+            print(f"  {probs[i]:.6f}  {labels[i]}")
+    return 0
+
+
+# -- flow -----------------------------------------------------------------------------------------
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    from ._files import atomic_write
+    from .images import flow_to_color, frames_for_flow, save_png
+
+    _output_file(args.out, "--out")
+    if args.png is not None:
+        _output_file(args.png, "--png")
+        if args.png.resolve() == args.out.resolve():
+            raise ValueError(f"--png {args.png}: the same file as --out; give two file names")
+    _, config = _model_dir(args.dir, "flow")
+    size = config.get("train_size")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"{args.dir / 'config.json'}: train_size must be [height, width], got {size!r:.100}")
+    h, w = size
+    _need_pillow()
+    frames = []
+    for path in (args.frame1, args.frame2):
+        rgb = _image(path)
+        if rgb.shape[:2] != (h, w):
+            raise ValueError(f"{path}: {rgb.shape[0]}x{rgb.shape[1]} pixels (height x width), but the model "
+                             f"takes frames of its train_size, {h}x{w}; resize or crop both frames to "
+                             f"{h}x{w} first")
+        frames.append(rgb)
+    x = frames_for_flow(frames[0], frames[1])  # [1, 2, 3, H, W]; the model cuts the 3x3 patches
+    model = _load_model(args.dir, args.dtype)
+    flow = np.ascontiguousarray(model(x)[0], dtype=np.float32)  # [H, W, 2]
+    atomic_write(args.out, lambda f: np.save(f, flow))  # exactly the path given
+    if args.png is not None:
+        save_png(args.png, flow_to_color(flow))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perceiver-np", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -686,6 +998,58 @@ def parser() -> argparse.ArgumentParser:
                     help="compare only the tensors present in theirs; still fails when no activation "
                          "or no gradient was compared")
     cp.set_defaults(func=cmd_compare)
+
+    dtype_help = "the dtype the model computes in (HF's published models: float32)"
+    fm = sub.add_parser(
+        "fill-mask", help="fill the masked bytes of a text with a PerceiverForMaskedLM (the language "
+        "Perceiver)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Predict the masked bytes of TEXT with a PerceiverForMaskedLM directory (as\n"
+        "save_pretrained writes it). TEXT is tokenised as HF's PerceiverTokenizer does it, padded\n"
+        "to max_position_embeddings with the attention mask; each masked span is filled with its\n"
+        "most likely bytes, decoded as the tokenizer decodes (a special id as its text, invalid\n"
+        "UTF-8 as U+FFFD), and the whole text printed.\n\n"
+        "    perceiver-np fill-mask DIR \"This is an incomplete sentence where some words are[MASK:9]\"\n"
+        "    perceiver-np fill-mask DIR \"a[MASK]c\" --top 3")
+    fm.add_argument("dir", type=Path, metavar="DIR", help="a PerceiverForMaskedLM directory")
+    fm.add_argument("text", metavar="TEXT", help=_FILL_MASK_TEXT)
+    fm.add_argument("--top", type=positive_int, metavar="K",
+                    help="also print, for every masked byte, the K most likely ids with their "
+                         "probabilities (one line a byte)")
+    fm.add_argument("--dtype", choices=DTYPES, default="float32", help=dtype_help)
+    fm.set_defaults(func=cmd_fill_mask)
+
+    ci = sub.add_parser(
+        "classify-image", help="the top labels of images with a PerceiverForImageClassification* model",
+        description="Classify each IMAGE with a PerceiverForImageClassificationLearned, -Fourier or\n"
+        "-ConvProcessing directory: the image prepared as HF's PerceiverImageProcessor does it\n"
+        "(a centre crop of 224/256 of the shorter side, a bicubic resize to 224 x 224, or to\n"
+        "image_size for the learned-positions model, ImageNet's mean and std; the values of\n"
+        "DIR/preprocessor_config.json when there is one), then for each image its path and the\n"
+        "top labels of config.json's id2label, each with its probability (softmax of the logits).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ci.add_argument("dir", type=Path, metavar="DIR", help="a PerceiverForImageClassification* directory")
+    ci.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files pillow can read")
+    ci.add_argument("--top", type=positive_int, default=5, metavar="K",
+                    help="labels printed per image (default 5; at most the model's labels)")
+    ci.add_argument("--dtype", choices=DTYPES, default="float32", help=dtype_help)
+    ci.set_defaults(func=cmd_classify_image)
+
+    fl = sub.add_parser(
+        "flow", help="the optical flow from FRAME1 to FRAME2 with a PerceiverForOpticalFlow",
+        description="The optical flow from FRAME1 to FRAME2 with a PerceiverForOpticalFlow directory.\n"
+        "Both frames must have the model's train_size (config.json, [height, width]; 368 x 496\n"
+        "for deepmind/optical-flow-perceiver). They are scaled to [-1, 1] and the model cuts the\n"
+        "3x3 patches itself. Writes the flow [H, W, 2] float32 (x then y, in pixels) to --out\n"
+        "with np.save, and with --png its Middlebury colour coding. Prints nothing.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    fl.add_argument("dir", type=Path, metavar="DIR", help="a PerceiverForOpticalFlow directory")
+    fl.add_argument("frame1", type=Path, metavar="FRAME1", help="the first frame (an image file)")
+    fl.add_argument("frame2", type=Path, metavar="FRAME2", help="the second frame, the same size")
+    fl.add_argument("--out", type=Path, required=True,
+                    help=".npy written to exactly this path (atomically): the flow [H, W, 2] float32")
+    fl.add_argument("--png", type=Path, help="also write the flow's colour coding here as a PNG")
+    fl.add_argument("--dtype", choices=DTYPES, default="float32", help=dtype_help)
+    fl.set_defaults(func=cmd_flow)
     return p
 
 

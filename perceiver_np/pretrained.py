@@ -649,7 +649,13 @@ class PretrainedPerceiver:
             return arr, None
         if not isinstance(self.preprocessor, TextPreprocessor):
             raise ValueError(f"mask: {self.architecture} takes no attention mask (only the text models do)")
-        return arr, as_mask(mask, arr.shape[0], arr.shape[1], name="mask")
+        m = np.asarray(mask)
+        if m.dtype.kind in "iu":  # HF's attention_mask: 1 = keep, 0 = padding
+            if not np.isin(m, (0, 1)).all():
+                raise ValueError(f"mask: an integer attention mask holds only 0 (padding) and 1 (keep), "
+                                 f"got the values {np.unique(m)[:8].tolist()}")
+            m = m.astype(bool)
+        return arr, as_mask(m, arr.shape[0], arr.shape[1], name="mask")
 
     def __call__(self, inputs: Any, mask: Any = None, **options: Any) -> Any:
         """Inference: the HF output's ``.logits`` (a dict of them for the multimodal model).

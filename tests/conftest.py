@@ -37,3 +37,23 @@ def hf_in_float64(monkeypatch):
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def hf_exact_positions(monkeypatch):
+    """Hugging Face's Perceiver code with its Fourier position encodings computed in float64
+    and rounded once to the model's dtype (as ours), the model itself untouched: the grid
+    (build_linear_positions), the frequency bands and features (generate_fourier_features) and
+    the subsampled query positions (decoder_query) run in float64 (tests/hf_helpers.py)."""
+    pytest.importorskip("torch", reason="the HF cross-checks need torch (make test installs it)")
+    modeling = pytest.importorskip("transformers.models.perceiver.modeling_perceiver",
+                                   reason="the HF cross-checks need transformers' Perceiver")
+    from .hf_helpers import in_float64, linear_positions_float64
+
+    monkeypatch.setattr(modeling, "build_linear_positions", linear_positions_float64)
+    features = modeling.generate_fourier_features
+    monkeypatch.setattr(modeling, "generate_fourier_features",
+                        lambda pos, *a, **k: in_float64(features, pos.double(), *a, **k))
+    query = modeling.PerceiverBasicDecoder.decoder_query
+    monkeypatch.setattr(modeling.PerceiverBasicDecoder, "decoder_query",
+                        lambda self, *a, **k: in_float64(query, self, *a, **k))

@@ -26,6 +26,16 @@ def linear_positions_float64(index_dims, output_range=(-1.0, 1.0), device=None):
     return torch.stack(torch.meshgrid(*ranges, indexing="ij"), dim=-1)
 
 
+def in_float64(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with torch's default dtype float64 for the call."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_default_dtype(before)
+
+
 def random_hf_model(cls, config, seed=0):
     """``cls(config)`` in float64, eval mode, every parameter made random (HF initialises some
     tables and biases to constants, so a mix-up of two of them could pass) and batch norm's

@@ -165,3 +165,13 @@ def test_inference_runs_the_engine_and_equals_the_forward(arch, monkeypatch):
     monkeypatch.setattr(engine, "encode_array", lambda *a, **k: calls.append(1) or encode(*a, **k))
     assert _rel(ours(x, mask), ours.forward(x, mask)[0]) <= FAST_FLOAT64_RTOL
     assert calls == [1]
+
+
+def test_an_integer_attention_mask_is_hfs_and_other_values_are_refused():
+    _, ours, ids = _pair("PerceiverForMaskedLM")
+    mask = np.ones(ids.shape, dtype=np.int64)
+    mask[0, 5:] = 0
+    assert np.array_equal(ours(ids, mask), ours(ids, mask.astype(bool)))
+    mask[1, 2] = 2
+    with pytest.raises(ValueError, match=r"mask: an integer attention mask .* got the values \[0, 1, 2\]"):
+        ours(ids, mask)
