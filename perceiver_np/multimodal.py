@@ -67,7 +67,12 @@ from .config import PerceiverConfig
 from .hf_specs import HF_PREFIX, ParamSpec, _cross_specs, _linear_specs, decoder_ops
 from .interop import InteropError, _int
 from .layers import LinearCache, Params, Record, linear_backward, linear_forward, params_under, tap
-from .position import add_position_encoding, fourier_channels, fourier_features, fourier_position_encoding
+from .position import (
+    add_position_encoding,
+    fourier_channels,
+    fourier_features,
+    shared_fourier_position_encoding,
+)
 from .shapes import as_real_input, expect_shape
 
 #: The modalities in HF's order of concatenation (sorted by name, ``restructure``).
@@ -230,15 +235,16 @@ class MultimodalPreprocessor:
         raw: dict[str, np.ndarray] = {}
         pos: dict[str, np.ndarray] = {}
         raw["audio"] = audio.reshape(b, -1, self.samples_per_patch)  # [B, L] -> [B, Na, spp]
-        pos["audio"] = fourier_position_encoding((raw["audio"].shape[1],), AUDIO_BANDS,
-                                                 max_resolution=self.audio_resolution, dtype=dt)  # [Na, Cpa]
+        pos["audio"] = shared_fourier_position_encoding(
+            (raw["audio"].shape[1],), AUDIO_BANDS, max_resolution=self.audio_resolution, dtype=dt
+        )  # [Na, Cpa]
         f, _ = pl.space_to_depth_forward(
             video, temporal_block=TEMPORAL_BLOCK, spatial_block=SPATIAL_BLOCK
         )  # [B, T, 3, H, W] -> [B, T, H/4, W/4, 48]
         grid = tuple(int(s) for s in f.shape[1:4])
         raw["image"] = f.reshape(b, math.prod(grid), f.shape[4])  # -> [B, Ni, 48]
-        pos["image"] = fourier_position_encoding(grid, IMAGE_BANDS, max_resolution=self.image_resolution,
-                                                 dtype=dt)  # [Ni, Cpi]
+        pos["image"] = shared_fourier_position_encoding(
+            grid, IMAGE_BANDS, max_resolution=self.image_resolution, dtype=dt)  # [Ni, Cpi]
         raw["label"] = label[:, None, :]  # [B, K] -> [B, 1, K]
         feats = {m: add_position_encoding(raw[m], pos[m], "concat")[0] if m in pos else raw[m]
                  for m in MODALITIES}  # [B, N_m, c] ++ [N_m, Cp] -> [B, N_m, c_m]

@@ -30,6 +30,7 @@ float32 values differ from these by float32 rounding of the sine's argument, see
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -245,6 +246,37 @@ def fourier_position_encoding(
         sine_only=sine_only,
     )  # [N, d] -> [N, Cp]
     return features.astype(out, copy=False)
+
+
+#: Argument sets whose features :func:`shared_fourier_position_encoding` keeps (each up to
+#: N x Cp values: 50,176 x 258 float32 = 52 MB for a 224 x 224 image).
+SHARED_FOURIER_ENTRIES = 4
+
+
+def shared_fourier_position_encoding(
+    index_dims: Sequence[int],
+    num_bands: int,
+    *,
+    max_resolution: Sequence[float] | None = None,
+    concat_pos: bool = True,
+    sine_only: bool = False,
+    dtype: DTypeLike = np.float32,
+) -> np.ndarray:
+    """:func:`fourier_position_encoding`, computed once per argument set and shared, read-only
+    (a model that asks for the same grid at every call computes it once): the features of the
+    last :data:`SHARED_FOURIER_ENTRIES` argument sets are kept."""
+    res = None if max_resolution is None else tuple(float(r) for r in max_resolution)
+    return _shared_fourier(tuple(_check_index_dims(index_dims)), int(_check_num_bands(num_bands)), res,
+                           bool(concat_pos), bool(sine_only), _float_dtype("dtype", dtype).str)
+
+
+@functools.lru_cache(maxsize=SHARED_FOURIER_ENTRIES)
+def _shared_fourier(dims: tuple[int, ...], num_bands: int, res: tuple[float, ...] | None, concat_pos: bool,
+                    sine_only: bool, dtype: str) -> np.ndarray:
+    features = fourier_position_encoding(dims, num_bands, max_resolution=res, concat_pos=concat_pos,
+                                         sine_only=sine_only, dtype=np.dtype(dtype))
+    features.setflags(write=False)
+    return features
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from .position import (
     add_position_encoding,
     add_position_encoding_backward,
     fourier_channels,
-    fourier_position_encoding,
+    shared_fourier_position_encoding,
 )
 from .shapes import as_mask, as_real_input, expect_finite_output, expect_shape
 
@@ -269,10 +269,10 @@ class ImagePreprocessor:
                 pos, projection = linear_forward(pos, params_under(p, "preprocessor.positions_projection"))
         else:
             assert self.fourier is not None
-            pos = fourier_position_encoding(grid, self.fourier["num_bands"],
-                                            max_resolution=self.fourier["max_resolution"],
-                                            concat_pos=self.fourier["concat_pos"],
-                                            sine_only=self.fourier["sine_only"], dtype=px.dtype)
+            pos = shared_fourier_position_encoding(grid, self.fourier["num_bands"],
+                                                   max_resolution=self.fourier["max_resolution"],
+                                                   concat_pos=self.fourier["concat_pos"],
+                                                   sine_only=self.fourier["sine_only"], dtype=px.dtype)
         x, position = add_position_encoding(x_raw, pos, "concat")  # [B, N, c] ++ [N, Cp] -> [B, N, C]
         tap(record, "preprocessor.out", x)
         return x, x_raw, ImageCache(tuple(stages), grid, x_raw.shape[2], position, projection)

@@ -354,3 +354,16 @@ def test_backward_checks_dy(rng):
     _, cache = P.add_position_encoding(np.zeros((2, 3, 4)), np.zeros((3, 5)))
     with pytest.raises(ValueError, match=r"position dy: expected shape \[B, N, C\] = \(2, 3, 9\)"):
         P.add_position_encoding_backward(np.zeros((2, 3, 4)), cache)
+
+
+def test_shared_fourier_features_equal_fresh_ones_and_are_read_only():
+    from perceiver_np.position import fourier_position_encoding, shared_fourier_position_encoding
+
+    a = shared_fourier_position_encoding((5, 7), 4, max_resolution=[224, 224], dtype="float64")
+    b = shared_fourier_position_encoding([5, 7], 4, max_resolution=(224.0, 224.0), dtype=np.float64)
+    assert a is b  # one computation for equal argument sets, however they are spelled
+    np.testing.assert_array_equal(a, fourier_position_encoding((5, 7), 4, max_resolution=(224, 224),
+                                                               dtype=np.float64))
+    assert not a.flags.writeable
+    with pytest.raises(ValueError, match="num_bands"):
+        shared_fourier_position_encoding((5, 7), 0)
