@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck demo bench bench-model bench-kernel clean
+.PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel clean
 
 # dev: the test tools; compare: torch (the CPU build this machine keeps on disk, pinned) and
 # transformers, so that the cross-checks against them run instead of skipping.
@@ -35,12 +35,17 @@ $(VENV)/.demo: $(STAMP)
 demo: $(VENV)/.demo
 	$(PY) -m perceiver_np.demo --out demo_out
 
-# The benchmarks: the whole model against PyTorch (docs/performance.md, ~10 min), then the tiled
-# attention kernel on its own (docs/performance-kernel.md, ~15 min). Each prints its table too.
-bench: bench-model bench-kernel
+# The benchmarks: the whole model against PyTorch (docs/performance.md, ~10 min), the published
+# Perceivers at their released sizes against HF transformers (docs/performance-pretrained.md,
+# minutes: optical flow is ~1.9 TFLOP a forward), then the tiled attention kernel on its own
+# (docs/performance-kernel.md, ~15 min). Each prints its table too.
+bench: bench-model bench-pretrained bench-kernel
 
 bench-model: $(VENV)/.bench
 	$(PY) benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png
+
+bench-pretrained: $(VENV)/.bench
+	$(PY) benchmarks/bench_pretrained.py --markdown docs/performance-pretrained.md
 
 bench-kernel: $(VENV)/.bench
 	$(PY) benchmarks/bench_attention.py --markdown docs/performance-kernel.md --plot docs/attention_time.png
