@@ -13,6 +13,13 @@ The file is an uncompressed ``np.savez`` archive (docs/checkpoints.md):
                        (``dataclasses.asdict``), step, RNG state, tensor listings, ``extra``
     params/<name>      one array per entry of ``param_shapes(config)``, in schema order
     opt/<name>         one array per entry of the optimizer state (if any)
+    buffers/<name>     a published model's buffers (batch norm's running statistics; below)
+
+A checkpoint of a :class:`perceiver_np.pretrained.PretrainedPerceiver` (``save_checkpoint(path,
+model=model, params=...)``) also holds, in ``meta.json``, the HF class (``architecture``) and
+its config.json (``hf_config``), from which its parameter schema and the encoder's config are
+rebuilt and checked before any tensor is read, and the model's buffers (not trained: fit never
+changes them). ``load_checkpoint(path).model()`` rebuilds either kind of model.
 
 Nothing is ever pickled: each member is read through ``zipfile`` and numpy's ``.npy`` header
 functions, and all metadata is JSON. Loading reads every member's header first and checks it
@@ -43,7 +50,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,13 +58,22 @@ from ._files import atomic_savez, remove_stale_temps
 from .config import PerceiverConfig, param_shapes
 from .version import __version__
 
+if TYPE_CHECKING:  # imported where used: pretrained imports most of the package
+    from .model import Perceiver
+    from .pretrained import PretrainedPerceiver
+
 FORMAT_NAME = "perceiver_np.checkpoint"
 FORMAT_VERSION = 1
 
 META_KEY = "meta.json"
 PARAMS_PREFIX = "params/"
 OPT_PREFIX = "opt/"
+BUFFERS_PREFIX = "buffers/"
 _META_KEYS = ("format", "version", "config", "step", "params", "opt", "rng", "extra", "written_by")
+#: The keys of meta.json a published model's checkpoint adds (both or neither): ``pretrained``
+#: = {"architecture": the HF class, "hf_config": its config.json}, ``buffers`` = the listing of
+#: its ``buffers/<name>`` tensors.
+_PRETRAINED_META_KEYS = ("pretrained", "buffers")
 #: dtype kinds an optimizer-state array may have: bool, signed / unsigned int, float, complex.
 _OPT_KINDS = "biufc"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -152,6 +168,25 @@ class Checkpoint:
     opt_state: dict[str, np.ndarray] | None
     rng_state: dict[str, Any] | None
     extra: dict[str, Any]
+    #: A published model's checkpoint: its HF class, config.json and buffers (schema order);
+    #: None, None, None for a Perceiver's. ``config`` is then its encoder's config.
+    architecture: str | None = None
+    hf_config: dict[str, Any] | None = None
+    buffers: dict[str, np.ndarray] | None = None
+
+    def model(self) -> Perceiver | PretrainedPerceiver:
+        """The saved model with the saved parameters: a ``Perceiver(config, params)``, or for a
+        published model's checkpoint a ``PretrainedPerceiver(architecture, hf_config, params,
+        buffers, dtype=config.dtype)``."""
+        if self.architecture is None:
+            from .model import Perceiver
+
+            return Perceiver(self.config, self.params)
+        from .pretrained import PretrainedPerceiver
+
+        assert self.hf_config is not None
+        return PretrainedPerceiver(self.architecture, self.hf_config, self.params, self.buffers,
+                                   dtype=self.config.dtype)
 
     def rng(self) -> np.random.Generator:
         """A new Generator of the saved bit generator class, restored to ``rng_state``: its draws
@@ -169,33 +204,47 @@ class Checkpoint:
 def save_checkpoint(
     path: PathLike,
     *,
-    config: PerceiverConfig,
+    config: PerceiverConfig | None = None,
     params: Mapping[str, np.ndarray],
     step: int = 0,
     opt_state: Mapping[str, np.ndarray] | None = None,
     rng: np.random.Generator | None = None,
     extra: Mapping[str, Any] | None = None,
+    model: Perceiver | PretrainedPerceiver | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` atomically and return ``path`` as a Path.
 
-    ``params`` must match ``param_shapes(config)`` exactly (names, shapes, dtype ``config.dtype``);
+    The schema comes from ``config`` or from ``model`` (give one): ``params`` must match
+    ``param_shapes(config)`` exactly (names, shapes, dtype ``config.dtype``); with ``model`` a
+    :class:`~perceiver_np.model.Perceiver`, its config; with ``model`` a
+    :class:`~perceiver_np.pretrained.PretrainedPerceiver`, the schema of its HF class and
+    config.json (``model.specs()``, dtype ``model.config.dtype``), and the checkpoint stores
+    its architecture, hf_config and buffers too (``model.buffers``, checked against its
+    ``buffer_specs()``). ``params`` are the ones to save (e.g. a training state's), not
+    necessarily ``model.params``.
+
     ``opt_state`` is a flat dict of numeric arrays (names like ``"m/<param>"``); ``rng`` a
     ``numpy.random.Generator`` whose state is stored; ``extra`` small JSON-able metadata (None,
     bool, int, float, str, list, dict with str keys; numpy scalars are converted; at most
     :data:`MAX_META_BYTES` of JSON with the rest of meta.json). Every problem with these is a
-    :class:`CheckpointError` raised before anything is written, NaN or inf in ``params`` or
-    ``opt_state`` included (naming the first such tensor and how many entries are not finite):
-    the file already at ``path`` stays as it was. The path is used as given (no ``.npz`` is
-    appended). Temporary files of earlier saves of ``path`` that were killed are removed.
+    :class:`CheckpointError` raised before anything is written, NaN or inf in ``params``,
+    ``opt_state`` or the buffers included (naming the first such tensor and how many entries
+    are not finite): the file already at ``path`` stays as it was. The path is used as given
+    (no ``.npz`` is appended). Temporary files of earlier saves of ``path`` that were killed are
+    removed.
     """
-    if not isinstance(config, PerceiverConfig):
-        raise CheckpointError(f"config: expected a PerceiverConfig, got {type(config).__name__}")
-    config_json = _config_to_json(config)
-    ordered = _check_params_for_save(config, params)
+    schema = _schema_for_save(config, model)
+    config_json = _config_to_json(schema.config)
+    ordered = _check_tensors_for_save(schema, schema.params, params, "params")
+    buffers = None
+    if schema.buffers is not None:  # a published model's
+        buffers = _check_tensors_for_save(schema, schema.buffers, getattr(model, "buffers", None), "buffers")
     step = _check_step(step, "step")
     opt = _check_opt_state_for_save(opt_state)
     target = Path(path)
     _check_finite_for_save(ordered, "params", target)
+    if buffers is not None:
+        _check_finite_for_save(buffers, "buffers", target)
     if opt is not None:
         _check_finite_for_save(opt, "opt_state", target)
     rng_json = None if rng is None else _generator_to_json(rng)
@@ -216,6 +265,9 @@ def save_checkpoint(
         "extra": extra_json,
         "written_by": {"perceiver_np": _package_version(), "numpy": np.__version__},
     }
+    if buffers is not None:
+        meta["pretrained"] = {"architecture": schema.architecture, "hf_config": schema.hf_config}
+        meta["buffers"] = _listing(buffers)
     meta_bytes = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
     if len(meta_bytes) > MAX_META_BYTES:
         raise CheckpointError(
@@ -224,19 +276,131 @@ def save_checkpoint(
         )
     arrays: dict[str, np.ndarray] = {META_KEY: np.frombuffer(meta_bytes, dtype=np.uint8)}
     arrays.update({PARAMS_PREFIX + name: value for name, value in ordered.items()})
+    if buffers is not None:
+        arrays.update({BUFFERS_PREFIX + name: value for name, value in buffers.items()})
     if opt is not None:
         arrays.update({OPT_PREFIX + name: value for name, value in opt.items()})
     atomic_savez(target, arrays)
     return target
 
 
-def _check_params_for_save(cfg: PerceiverConfig, params: object) -> dict[str, np.ndarray]:
-    if not isinstance(params, Mapping):
-        raise CheckpointError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    problems = _param_problems(cfg, params, lambda k: f"params[{k!r}]", "the config")
+@dataclass(frozen=True, eq=False)
+class _Schema:
+    """What a checkpoint's tensors are checked against: the (encoder's) config, the parameters'
+    names and shapes in schema order, and for a published model its buffers', HF class and
+    config.json (as JSON values); ``buffers`` is None for a Perceiver."""
+
+    config: PerceiverConfig
+    params: dict[str, tuple[int, ...]]
+    buffers: dict[str, tuple[int, ...]] | None = None
+    architecture: str | None = None
+    hf_config: dict[str, Any] | None = None
+    source: str = "the config"  # what the messages call the schema's origin
+
+
+def _schema_for_save(config: object, model: object) -> _Schema:
+    from .model import Perceiver
+    from .pretrained import PretrainedPerceiver
+
+    if config is not None and model is not None:
+        raise CheckpointError("config, model: expected one of them (model= brings its own config), got both")
+    if model is None:
+        if not isinstance(config, PerceiverConfig):
+            raise CheckpointError(f"config: expected a PerceiverConfig, got {type(config).__name__}")
+        return _Schema(config, param_shapes(config))
+    if isinstance(model, Perceiver):
+        return _Schema(model.config, param_shapes(model.config))
+    if not isinstance(model, PretrainedPerceiver):
+        raise CheckpointError(
+            f"model: expected a Perceiver or a PretrainedPerceiver, got {type(model).__name__}")
+    return _schema_of(model)
+
+
+def hf_config_json(model: PretrainedPerceiver) -> dict[str, Any]:
+    """A published ``model``'s hf_config as the JSON values a checkpoint (or a golden file)
+    stores: ``id2label``'s int keys as strings and tuples as lists, as config.json has them;
+    checked to rebuild exactly the model's parameter and buffer shapes."""
+    hf_config = _schema_of(model).hf_config
+    assert hf_config is not None
+    return hf_config
+
+
+def _schema_of(model: PretrainedPerceiver) -> _Schema:
+    """The schema a checkpoint of the published ``model`` stores: its hf_config as JSON values
+    (``id2label``'s int keys as strings, tuples as lists, as config.json has them), verified to
+    rebuild exactly the model's parameter and buffer shapes (a field that does not survive JSON
+    fails the save, naming it)."""
+    hf_json = _hf_config_to_json(model.hf_config)
+    try:
+        rebuilt = _pretrained_schema(model.architecture, json.loads(json.dumps(hf_json)), model.config.dtype,
+                                     hf_json, "the model")
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"hf_config: does not survive the JSON round trip of a checkpoint: {exc}") from exc
+    want = {k: s.shape for k, s in model.specs().items()}
+    want_buffers = {k: s.shape for k, s in model.buffer_specs().items()}
+    if rebuilt.params != want or rebuilt.buffers != want_buffers:
+        differ = sorted(k for k in {*want, *rebuilt.params} if want.get(k) != rebuilt.params.get(k))
+        raise CheckpointError(f"hf_config: does not survive the JSON round trip of a checkpoint: the "
+                              f"rebuilt model's tensors {differ or sorted(want_buffers)} differ")
+    return rebuilt
+
+
+def _pretrained_layout(architecture: str, hf_config: dict[str, Any], dtype: str
+                       ) -> tuple[PerceiverConfig, list[Any]]:
+    """The encoder's config and the pieces (preprocessor, decoder, postprocessor) of HF class
+    ``architecture`` with config.json ``hf_config``; cheap whatever the sizes (shapes only)."""
+    from .pretrained import _layout
+
+    _, pieces, cfg = _layout(architecture, hf_config, dtype)
+    return cfg, [x for x in pieces if x is not None]
+
+
+def _pretrained_shapes(cfg: PerceiverConfig, pieces: list[Any]
+                       ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Parameter and buffer shapes in schema order (``PretrainedPerceiver.specs()`` and
+    ``buffer_specs()``): ~16 entries a block of the encoder, a fixed number for the pieces."""
+    from .pretrained import _specs
+
+    buffers: dict[str, tuple[int, ...]] = {}
+    for piece in pieces:
+        buffers.update({k: s.shape for k, s in piece.buffer_specs.items()})
+    return {k: s.shape for k, s in _specs(cfg, pieces).items()}, buffers
+
+
+def _pretrained_schema(architecture: str, hf_config: dict[str, Any], dtype: str, hf_json: dict[str, Any],
+                       source: str) -> _Schema:
+    cfg, pieces = _pretrained_layout(architecture, hf_config, dtype)
+    params, buffers = _pretrained_shapes(cfg, pieces)
+    return _Schema(cfg, params, buffers, architecture, hf_json, source)
+
+
+def _hf_config_to_json(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """An HF config dict as JSON values: integer keys (``id2label``'s) become strings, as
+    ``json.dumps`` and config.json have them; everything else as :func:`_to_json` (tuples as
+    lists)."""
+
+    def keys_as_str(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {(str(int(k)) if isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
+                     else k): keys_as_str(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [keys_as_str(v) for v in value]
+        return value
+
+    if not isinstance(hf_config, Mapping):
+        raise CheckpointError(f"hf_config: expected a dict (config.json), got {type(hf_config).__name__}")
+    return dict(_to_json(keys_as_str(hf_config), "hf_config", tuples=True))
+
+
+def _check_tensors_for_save(schema: _Schema, shapes: dict[str, tuple[int, ...]], arrays: object,
+                            what: str) -> dict[str, np.ndarray]:
+    if not isinstance(arrays, Mapping):
+        raise CheckpointError(f"{what}: expected a dict of arrays, got {type(arrays).__name__}")
+    problems = _tensor_problems(schema.config, shapes, arrays, lambda k: f"{what}[{k!r}]", schema.source)
     if problems:
-        raise CheckpointError(_join("params", problems))
-    return {name: params[name] for name in param_shapes(cfg)}
+        raise CheckpointError(_join(what, problems))
+    return {name: arrays[name] for name in shapes}
 
 
 def _check_step(step: object, where: str) -> int:
@@ -313,14 +477,24 @@ def _package_version() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = None) -> Checkpoint:
+def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = None,
+                    expect_model: Perceiver | PretrainedPerceiver | None = None) -> Checkpoint:
     """Read and validate the checkpoint at ``path``.
 
     Every problem is a :class:`CheckpointError` whose message starts with the path: not a file,
     not an npz, truncated or corrupt, unknown format version, a stored config that does not
     rebuild, tensors missing, unexpected, mis-shaped, of the wrong dtype for the stored config or
     holding NaN or inf. With ``expect_config`` given, a stored config that differs from it in any
-    field is an error listing every differing field with both values.
+    field is an error listing every differing field with both values. With ``expect_model``
+    given, the checkpoint must be of the same kind of model with the same schema: a Perceiver's
+    with ``expect_model.config``, or a published model's with its architecture, hf_config
+    (compared as JSON values, listing every differing key) and encoder config.
+
+    A published model's checkpoint (``save_checkpoint(..., model=pretrained_model)``) is checked
+    the same way, against the schema rebuilt from its stored architecture and hf_config (which
+    must give the stored encoder config): its parameters, and its buffers ``buffers/<name>``;
+    a stored hf_config of more encoder blocks than the file has entries is refused before its
+    schema is built.
 
     Every member's ``.npy`` header is checked (against ``meta.json``'s listing, the stored
     config's parameter schema and the member's size in the zip directory) before any array data
@@ -339,6 +513,13 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
         raise TypeError(
             f"expect_config: expected a PerceiverConfig or None, got {type(expect_config).__name__}"
         )
+    if expect_model is not None:
+        from .model import Perceiver
+        from .pretrained import PretrainedPerceiver
+
+        if not isinstance(expect_model, (Perceiver, PretrainedPerceiver)):
+            raise TypeError("expect_model: expected a Perceiver, a PretrainedPerceiver or None, got "
+                            f"{type(expect_model).__name__}")
     p = Path(path)
     where = str(p)
     remove_stale_temps(p)
@@ -363,7 +544,7 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
         except (OSError, struct.error) as exc:
             raise _corrupt(where, f"{type(exc).__name__}: {exc}") from exc
         meta = _read_meta(_read_meta_member(f, record, where), where)
-        checked = _parse_meta(meta, record.offset, entries, where, expect_config)
+        checked = _parse_meta(meta, record.offset, entries, where, expect_config, expect_model)
         f.seek(0)
         try:
             zf = zipfile.ZipFile(f)
@@ -602,20 +783,24 @@ class _Meta:
 
     offset: int  # of its member's local header: the member zipfile must list as META_KEY
     config: PerceiverConfig
-    shapes: dict[str, tuple[int, ...]]  # param_shapes(config)
+    shapes: dict[str, tuple[int, ...]]  # param_shapes(config), or a published model's schema
     step: int
     params: dict[str, tuple[tuple[int, ...], str]]
     opt: dict[str, tuple[tuple[int, ...], str]] | None
     rng_state: dict[str, Any] | None
     extra: dict[str, Any]
+    schema: _Schema  # what the tensors are checked against (buffers None: a Perceiver's)
+    buffers: dict[str, tuple[tuple[int, ...], str]] | None = None  # the listing of buffers/<name>
 
 
 def _parse_meta(
-    meta: dict[str, Any], offset: int, entries: int, where: str, expect_config: PerceiverConfig | None
+    meta: dict[str, Any], offset: int, entries: int, where: str, expect_config: PerceiverConfig | None,
+    expect_model: Perceiver | PretrainedPerceiver | None = None,
 ) -> _Meta:
     """The parts of meta.json (from :func:`_read_meta`), checked, and the number of entries the
     zip directory holds checked against them: exactly meta.json, one per parameter of the stored
-    config and one per optimizer-state tensor listed. Called before zipfile parses the directory,
+    config (or of a published model's stored architecture and hf_config, and one per buffer)
+    and one per optimizer-state tensor listed. Called before zipfile parses the directory,
     whose cost (~500 bytes an entry) is then what the checkpoint meta.json describes would cost."""
     config = _config_from_json(meta["config"], where)
     if expect_config is not None:
@@ -629,6 +814,12 @@ def _parse_meta(
     extra = meta["extra"]
     if not isinstance(extra, dict):
         raise _corrupt(where, f"extra in {META_KEY} is {type(extra).__name__}, not an object")
+    architecture, hf_config, buffer_listing = None, None, None
+    if "pretrained" in meta:
+        architecture, hf_config = _parse_pretrained(meta["pretrained"], where)
+        buffer_listing = _parse_listing(meta["buffers"], "buffers", where)
+    if expect_model is not None:
+        _compare_models(config, architecture, hf_config, expect_model, where)
 
     def differs(expected: str) -> CheckpointError:
         return _corrupt(where, f"the zip directory holds {entries} entries, {META_KEY} describes {expected}")
@@ -638,15 +829,83 @@ def _parse_meta(
     blocks = config.num_layers + config.num_cross_layers
     if entries < 2 + blocks:
         raise differs(f"at least {2 + blocks} ({META_KEY}, the latents and {blocks} blocks of its config)")
-    shapes = param_shapes(config)
     n_opt = 0 if opt_listing is None else len(opt_listing)
-    expected = 1 + len(shapes) + n_opt
+    if architecture is None:
+        schema = _Schema(config, param_shapes(config), source="the stored config")
+        expected = 1 + len(schema.params) + n_opt
+        described = f"the {len(schema.params)} parameters of its config"
+    else:
+        assert hf_config is not None
+        schema = _stored_pretrained_schema(config, architecture, hf_config, where)
+        assert schema.buffers is not None
+        expected = 1 + len(schema.params) + len(schema.buffers) + n_opt
+        described = (f"the {len(schema.params)} parameters and {len(schema.buffers)} buffers of its "
+                     f"{architecture}")
     if entries > expected:  # fewer entries cost nothing: the tensor checks name what is missing
-        raise differs(
-            f"{expected} ({META_KEY}, the {len(shapes)} parameters of its config and {n_opt} "
-            "optimizer-state tensors)"
-        )
-    return _Meta(offset, config, shapes, step, param_listing, opt_listing, rng_state, extra)
+        raise differs(f"{expected} ({META_KEY}, {described} and {n_opt} optimizer-state tensors)")
+    return _Meta(offset, config, schema.params, step, param_listing, opt_listing, rng_state, extra, schema,
+                 buffer_listing)
+
+
+def _parse_pretrained(value: object, where: str) -> tuple[str, dict[str, Any]]:
+    """meta.json's ``pretrained`` entry: (architecture, hf_config), or a CheckpointError."""
+    if not (isinstance(value, dict) and set(value) == {"architecture", "hf_config"}
+            and isinstance(value["architecture"], str) and isinstance(value["hf_config"], dict)):
+        raise _corrupt(where, f"the pretrained entry of {META_KEY} is malformed (expected "
+                              "{'architecture': str, 'hf_config': object})")
+    return value["architecture"], value["hf_config"]
+
+
+def _stored_pretrained_schema(config: PerceiverConfig, architecture: str, hf_config: dict[str, Any],
+                              where: str) -> _Schema:
+    """The schema of a published model's checkpoint, rebuilt from its stored architecture and
+    hf_config, which must give the stored (encoder) config. Its blocks were checked against the
+    file's entries; the derived config is compared before the schema is built, so a hostile
+    hf_config of more blocks is refused from its config alone."""
+    try:
+        derived, pieces = _pretrained_layout(architecture, hf_config, config.dtype)
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{where}: the stored model ({architecture}, hf_config) is invalid: {exc}") from exc
+    diffs = [f"{f.name}: stored {getattr(config, f.name)!r}, rebuilt {getattr(derived, f.name)!r}"
+             for f in dataclasses.fields(PerceiverConfig)
+             if getattr(config, f.name) != getattr(derived, f.name)]
+    if diffs:
+        raise _corrupt(where, f"the stored config is not the encoder config of its {architecture} and "
+                              f"hf_config: " + "; ".join(diffs))
+    params, buffers = _pretrained_shapes(derived, pieces)
+    return _Schema(config, params, buffers, architecture, hf_config, f"the stored {architecture}")
+
+
+def _compare_models(config: PerceiverConfig, architecture: str | None, hf_config: dict[str, Any] | None,
+                    expected: Perceiver | PretrainedPerceiver, where: str) -> None:
+    """The checkpoint is of ``expected``'s kind and schema (load_checkpoint's expect_model)."""
+    from .pretrained import PretrainedPerceiver
+
+    want_arch = expected.architecture if isinstance(expected, PretrainedPerceiver) else None
+    if not isinstance(expected, PretrainedPerceiver) or architecture is None or hf_config is None:
+        if want_arch != architecture:
+            held = "a Perceiver" if architecture is None else f"a published {architecture}"
+            want_kind = "a Perceiver" if want_arch is None else f"a published {want_arch}"
+            raise CheckpointError(f"{where}: the checkpoint holds {held}, expect_model is {want_kind}")
+        _compare_configs(config, expected.config, where, "expect_model.config")
+        return
+    if architecture != want_arch:
+        raise CheckpointError(
+            f"{where}: the checkpoint holds a {architecture}, expect_model is a {want_arch}")
+    want = _hf_config_to_json(expected.hf_config)
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "(absent)" if value is missing else repr(value)
+
+    diffs = [f"{k}: checkpoint {show(hf_config.get(k, missing))}, expected {show(want.get(k, missing))}"
+             for k in [*hf_config, *(k for k in want if k not in hf_config)]
+             if hf_config.get(k, missing) != want.get(k, missing)]
+    if diffs:
+        raise CheckpointError(f"{where}: the checkpoint's hf_config differs from expect_model's in "
+                              f"{len(diffs)} field(s): " + "; ".join(diffs))
+    _compare_configs(config, expected.config, where, "expect_model.config")
 
 
 def _load(zf: zipfile.ZipFile, meta: _Meta, where: str) -> Checkpoint:
@@ -663,17 +922,22 @@ def _load(zf: zipfile.ZipFile, meta: _Meta, where: str) -> Checkpoint:
         raise _corrupt(where, f"zipfile lists another {META_KEY} entry than the one read")
     config = meta.config
 
+    schema = meta.schema
     param_names: list[str] = []
     opt_names: list[str] = []
+    buffer_names: list[str] = []
     for name in members:
         if name.startswith(PARAMS_PREFIX):
             param_names.append(name[len(PARAMS_PREFIX):])
         elif name.startswith(OPT_PREFIX):
             opt_names.append(name[len(OPT_PREFIX):])
+        elif name.startswith(BUFFERS_PREFIX) and schema.buffers is not None:
+            buffer_names.append(name[len(BUFFERS_PREFIX):])
         elif name != META_KEY:
+            kinds = "" if schema.buffers is None else f", {BUFFERS_PREFIX}<name>"
             raise CheckpointError(
                 f"{where}: unexpected entry {name!r} (a checkpoint holds only {META_KEY}, "
-                f"{PARAMS_PREFIX}<name> and {OPT_PREFIX}<name>)"
+                f"{PARAMS_PREFIX}<name>{kinds} and {OPT_PREFIX}<name>)"
             )
 
     def header(key: str) -> _Member:
@@ -684,12 +948,25 @@ def _load(zf: zipfile.ZipFile, meta: _Meta, where: str) -> Checkpoint:
     shapes = meta.shapes
     params_in = {name: header(PARAMS_PREFIX + name) for name in param_names if name in shapes}
     present = {name: _UNREAD for name in param_names}  # the names in file order, unread
-    problems = _param_problems(config, {**present, **params_in}, lambda k: f"tensor {PARAMS_PREFIX + k!r}",
-                               "the stored config")
+    problems = _tensor_problems(config, shapes, {**present, **params_in},
+                                lambda k: f"tensor {PARAMS_PREFIX + k!r}", schema.source)
     if problems:
         raise CheckpointError(_join(where, problems))
     params_in = {name: params_in[name] for name in shapes}  # schema order
     _check_against_listing(params_in, meta.params, "params", where)
+
+    buffers_in = None
+    if schema.buffers is not None:  # a published model's: its buffers, as its parameters
+        assert meta.buffers is not None
+        bshapes = schema.buffers
+        buffers_in = {name: header(BUFFERS_PREFIX + name) for name in buffer_names if name in bshapes}
+        present = {name: _UNREAD for name in buffer_names}
+        problems = _tensor_problems(config, bshapes, {**present, **buffers_in},
+                                    lambda k: f"tensor {BUFFERS_PREFIX + k!r}", schema.source)
+        if problems:
+            raise CheckpointError(_join(where, problems))
+        buffers_in = {name: buffers_in[name] for name in bshapes}
+        _check_against_listing(buffers_in, meta.buffers, "buffers", where)
 
     opt_in, opt_listing = None, meta.opt
     if opt_listing is None:
@@ -708,12 +985,15 @@ def _load(zf: zipfile.ZipFile, meta: _Meta, where: str) -> Checkpoint:
 
     # every header agrees with the listing, the schema and its member's size: now the data
     params = {name: _read_tensor(zf, member, where) for name, member in params_in.items()}
+    buffers = None
+    if buffers_in is not None:
+        buffers = {name: _read_tensor(zf, member, where) for name, member in buffers_in.items()}
     opt_state = None
     if opt_in is not None:
         opt_state = {name: _read_tensor(zf, member, where) for name, member in opt_in.items()}
     return Checkpoint(
         config=config, params=params, step=meta.step, opt_state=opt_state, rng_state=meta.rng_state,
-        extra=meta.extra,
+        extra=meta.extra, architecture=schema.architecture, hf_config=schema.hf_config, buffers=buffers,
     )
 
 
@@ -855,7 +1135,9 @@ def _read_meta(data: bytes, where: str) -> dict[str, Any]:
             f"{FORMAT_VERSION}"
         )
     missing = [k for k in _META_KEYS if k not in meta]
-    unknown = [k for k in meta if k not in _META_KEYS]
+    if any(k in meta for k in _PRETRAINED_META_KEYS):  # a published model's checkpoint
+        missing += [k for k in _PRETRAINED_META_KEYS if k not in meta]
+    unknown = [k for k in meta if k not in _META_KEYS and k not in _PRETRAINED_META_KEYS]
     if missing or unknown:
         raise _corrupt(where, f"{META_KEY} lacks keys {missing} / has unknown keys {unknown}")
     return meta
@@ -910,10 +1192,16 @@ def _check_against_listing(
 
 
 def _param_problems(cfg: PerceiverConfig, params: Mapping[Any, Any], label: Any, source: str) -> list[str]:
-    """Every way ``params`` differs from ``param_shapes(cfg)``: names, types, shapes, dtype.
-    Values may be arrays (save) or members' .npy headers (load, before any data is read); those
-    that are ``_UNREAD`` are checked by name only (load does not read unexpected tensors)."""
-    shapes = param_shapes(cfg)
+    """Every way ``params`` differs from ``param_shapes(cfg)``: :func:`_tensor_problems`."""
+    return _tensor_problems(cfg, param_shapes(cfg), params, label, source)
+
+
+def _tensor_problems(cfg: PerceiverConfig, shapes: Mapping[str, tuple[int, ...]], params: Mapping[Any, Any],
+                     label: Any, source: str) -> list[str]:
+    """Every way ``params`` differs from ``shapes`` (names and shapes) and ``cfg.dtype``: names,
+    types, shapes, dtype. Values may be arrays (save) or members' .npy headers (load, before any
+    data is read); those that are ``_UNREAD`` are checked by name only (load does not read
+    unexpected tensors)."""
     missing = [k for k in shapes if k not in params]
     unexpected = [k for k in params if k not in shapes]
     problems = []
@@ -1004,7 +1292,8 @@ def _config_from_json(d: object, where: str) -> PerceiverConfig:
         raise CheckpointError(f"{where}: the stored config is invalid: {exc}") from exc
 
 
-def _compare_configs(stored: PerceiverConfig, expected: PerceiverConfig, where: str) -> None:
+def _compare_configs(stored: PerceiverConfig, expected: PerceiverConfig, where: str,
+                     what: str = "expect_config") -> None:
     diffs = [
         f"{f.name}: checkpoint {getattr(stored, f.name)!r}, expected {getattr(expected, f.name)!r}"
         for f in dataclasses.fields(PerceiverConfig)
@@ -1012,7 +1301,7 @@ def _compare_configs(stored: PerceiverConfig, expected: PerceiverConfig, where: 
     ]
     if diffs:
         raise CheckpointError(
-            f"{where}: the checkpoint's config differs from expect_config in {len(diffs)} field(s): "
+            f"{where}: the checkpoint's config differs from {what} in {len(diffs)} field(s): "
             + "; ".join(diffs)
         )
 

@@ -214,3 +214,16 @@ PUBLISHED_FLOAT32_RTOL = 1e-5
 #: by rounding, ~ sqrt(K) U64 ~ 1e-15 (measured: 7.3e-16 at most over tests/test_prep_layers.py).
 #: 1e-12 leaves a 1000x margin; a wrong index, tap or term is off by O(1).
 PREP_TORCH_FLOAT64_RTOL = 1e-12
+
+# --- fine-tuning the published models (perceiver_np.train with a PretrainedPerceiver) -------------
+
+#: A few AdamW steps of a published model, ours (gradients from our backward, optim.adamw)
+#: against torch's (autograd through HF's model, torch.optim.AdamW with the same
+#: hyper-parameters), float64, parameters compared normwise per tensor after the last step. The
+#: gradients differ by rounding only (INTEROP_GRAD_RTOL's measurement: ~1e-14 relative), and
+#: AdamW passes a relative perturbation of a gradient on to its update at most unchanged (its
+#: first step m / sqrt(v) is the gradient's sign; eps bounds the update of a gradient that is
+#: rounding noise around 0, the key biases', to lr * noise / eps ~ 1e-11 of lr). Measured: 2.1e-12
+#: after 3 steps (lr 1e-2). 1e-10 is FLOAT64_RTOL's bar; a wrong gradient term, decay applied to
+#: an excluded tensor or a missing bias correction moves a parameter by ~lr or more.
+FINETUNE_TORCH_RTOL = FLOAT64_RTOL

@@ -14,6 +14,15 @@ A batch is a dict of arrays: ``x`` [B, N, C], ``y`` (labels [B] for classificati
 [B, O, out] for the query decoder), optional ``mask`` [B, N], ``queries`` [B, O, Cq] and
 ``query_mask`` [B, O].
 
+The model may also be a published Perceiver (:class:`perceiver_np.pretrained.PretrainedPerceiver`,
+fine-tuning): ``x`` is then what its HF class takes (int token ids [B, N] with an optional
+``mask`` [B, N], pixel values [B, 3, H, W], flow frames [B, 2, 3, H, W]) and ``y`` what its
+logits are compared with: labels [B] for the classifiers (logits [B, K]), labels [B, O] for the
+masked language model (logits [B, O, V], O = max_position_embeddings; ``Loss(ignore_index=...)``
+for the positions not masked), targets [B, H, W, 2] for optical flow (``Loss("mse")``). Its
+buffers (batch norm's running statistics) are not trained. The multimodal autoencoder (inputs
+and logits are dicts) is not supported here.
+
 Guards (docs/training.md): a step whose prediction, loss, gradients, updated parameters or
 optimizer state hold NaN or infinity raises :class:`NonFiniteError` naming the step and the first
 such tensor, before anything is logged or saved; :func:`fit` stores its settings in every
@@ -37,15 +46,22 @@ from . import losses
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import Perceiver
 from .optim import Optimizer, clip_by_global_norm, global_norm
+from .pretrained import PretrainedPerceiver
 from .shapes import OverflowRisk
 
 __all__ = [
-    "Batch", "History", "Loss", "NonFiniteError", "Params", "TrainState", "batches", "evaluate",
+    "Batch", "History", "Loss", "Model", "NonFiniteError", "Params", "TrainState", "batches", "evaluate",
     "fit", "init_state", "loss_and_grads", "train_step",
 ]
 
 Params = dict[str, np.ndarray]
 Batch = Mapping[str, np.ndarray]
+#: What trains here: a Perceiver, or a published one (fine-tuning).
+Model = Perceiver | PretrainedPerceiver
+#: The most entries of the zero prediction the targets are checked with at once (float64: 128 MiB);
+#: a larger dataset's targets are checked in chunks of samples (a masked language model's
+#: logits [S, 2048, 262] hold 0.5 M entries a sample).
+_CHECK_ENTRIES = 1 << 24
 
 
 class NonFiniteError(FloatingPointError):
@@ -135,31 +151,58 @@ class TrainState:
     step: int = 0
 
 
-def init_state(model: Perceiver, optimizer: Optimizer) -> TrainState:
+def init_state(model: Model, optimizer: Optimizer) -> TrainState:
+    """The state before the first step: the model's parameters (a published model's buffers
+    stay with the model: they are not trained) and the optimizer's fresh state."""
     return TrainState(dict(model.params), optimizer.init(model.params), 0)
 
 
-def _forward(model: Perceiver, batch: Batch, training: bool, rng: np.random.Generator | None):
+def _check_model(model: object) -> None:
+    """A model the step can train: a Perceiver, or a published one whose inputs and logits are
+    arrays (not the multimodal autoencoder's dicts)."""
+    if isinstance(model, Perceiver):
+        return
+    if not isinstance(model, PretrainedPerceiver):
+        raise TypeError(f"model: expected a Perceiver or a PretrainedPerceiver, got {type(model).__name__}")
+    if model.architecture == "PerceiverForMultimodalAutoencoding":
+        raise ValueError("model: PerceiverForMultimodalAutoencoding takes a dict of inputs and returns a "
+                         "dict of logits, which a batch of arrays and train.Loss do not describe; fine-tune "
+                         "it with its forward and backward directly")
+
+
+def _forward(model: Model, batch: Batch, training: bool, rng: np.random.Generator | None):
+    if isinstance(model, PretrainedPerceiver):
+        return model.forward(batch["x"], batch.get("mask"), training=training, rng=rng)
     return model.forward(batch["x"], batch.get("mask"), training=training, rng=rng,
                          queries=batch.get("queries"), query_mask=batch.get("query_mask"))
 
 
+def _backward(model: Model, dpred: np.ndarray, cache: Any) -> Params:
+    """The parameters' gradients (a Perceiver's backward also returns the input's)."""
+    if isinstance(model, PretrainedPerceiver):
+        return model.backward(dpred, cache)
+    grads, _ = model.backward(dpred, cache)
+    return grads
+
+
 def loss_and_grads(
-    model: Perceiver, params: Params, batch: Batch, loss: Loss, rng: np.random.Generator
+    model: Model, params: Params, batch: Batch, loss: Loss, rng: np.random.Generator
 ) -> tuple[float, dict[str, float], Params]:
     """Forward in training mode (dropout from ``rng``), the loss, and the gradient of the loss
-    w.r.t. every parameter: what one training step uses."""
+    w.r.t. every parameter: what one training step uses. ``model`` gives the architecture (and
+    a published model's buffers), ``params`` the values."""
+    _check_model(model)
     return _loss_and_grads(model, params, batch, loss, rng, None)
 
 
 def _loss_and_grads(
-    model: Perceiver, params: Params, batch: Batch, loss: Loss, rng: np.random.Generator,
+    model: Model, params: Params, batch: Batch, loss: Loss, rng: np.random.Generator,
     step: int | None,
 ) -> tuple[float, dict[str, float], Params]:
     """:func:`loss_and_grads`; with ``step`` given, a forward that overflows, or a prediction or
     loss that is not finite, is a :class:`NonFiniteError` at that step (checked before the loss,
     resp. before the backward)."""
-    m = Perceiver(model.config, params)
+    m = model.with_params(params)
     try:
         pred, cache = _forward(m, batch, True, rng)
     except OverflowRisk as err:
@@ -175,7 +218,7 @@ def _loss_and_grads(
     if step is not None:
         _raise_if_nonfinite(step, "loss", value)
     dpred = loss.backward(1.0, loss_cache)  # the step minimises the loss itself: dL/dL = 1
-    grads, _ = m.backward(dpred, cache)
+    grads = _backward(m, dpred, cache)
     return float(value), loss.metrics(pred, batch), grads
 
 
@@ -187,7 +230,7 @@ def _raise_if_nonfinite(step: int, label: str, value: np.ndarray, when: str = ""
 
 
 def train_step(
-    model: Perceiver,
+    model: Model,
     batch: Batch,
     loss: Loss,
     optimizer: Optimizer,
@@ -204,6 +247,7 @@ def train_step(
     :class:`NonFiniteError` naming step ``state.step + 1`` and that tensor, so a returned state
     is always finite. The cost is one sum per tensor (:func:`_nonfinite`) and the global norm.
     """
+    _check_model(model)
     step = state.step + 1
     value, metrics, grads = _loss_and_grads(model, state.params, batch, loss, rng, step)
     norm = global_norm(grads)  # float64; finite exactly when every entry is and it does not overflow
@@ -241,14 +285,15 @@ def _batches(data: Batch, n: int, batch_size: int, rng: np.random.Generator | No
         yield {k: v[idx] for k, v in data.items()}
 
 
-def evaluate(model: Perceiver, params: Params, data: Batch, loss: Loss, batch_size: int = 256, *,
+def evaluate(model: Model, params: Params, data: Batch, loss: Loss, batch_size: int = 256, *,
              name: str = "data") -> dict:
     """The loss and metrics over a whole dataset, averaged over samples (inference mode).
     ``data`` needs ``x`` and ``y`` with at least one sample; ``batch_size`` an integer >= 1;
     ``name``: what errors call the dataset."""
+    _check_model(model)
     _check_int("batch_size", batch_size, 1)
-    samples = _check_data(name, data, needs_y=True)
-    m = Perceiver(model.config, params)
+    samples = _check_data(name, data, needs_y=True, model=model)
+    m = model.with_params(params)
     totals: dict[str, float] = {}
     count = 0
     for batch in _batches(data, samples, int(batch_size), None):
@@ -272,7 +317,7 @@ class History:
 
 
 def fit(
-    model: Perceiver,
+    model: Model,
     optimizer: Optimizer,
     loss: Loss,
     train_data: Batch,
@@ -314,7 +359,13 @@ def fit(
     A step that produces NaN or infinity raises :class:`NonFiniteError` (its step and epoch, the
     first non-finite tensor) before that epoch is logged or checkpointed: the last good
     checkpoint stays at ``checkpoint_path``.
+
+    ``model`` may be a published Perceiver (fine-tuning; the module docstring says what its
+    batches hold): its checkpoints hold its architecture, hf_config and buffers too
+    (docs/checkpoints.md), and a resume is refused unless they equal the model's (the buffers
+    bit for bit: they are not trained, so the run would not continue the same otherwise).
     """
+    _check_model(model)
     _check_int("epochs", epochs, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
@@ -329,10 +380,10 @@ def fit(
         raise TypeError(f"resume: expected a bool, got {resume!r}")
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch: expected a callable or None, got {type(on_epoch).__name__}")
-    n = _check_data("train_data", train_data, needs_y=True)
+    n = _check_data("train_data", train_data, needs_y=True, model=model)
     _check_targets("train_data", train_data, model, loss)
     if eval_data is not None:
-        _check_data("eval_data", eval_data, needs_y=True)
+        _check_data("eval_data", eval_data, needs_y=True, model=model)
         _check_targets("eval_data", eval_data, model, loss)
     settings = _training_settings(optimizer, loss, batch_size, clip_norm, seed, n)
 
@@ -345,8 +396,10 @@ def fit(
             raise ValueError(
                 f"checkpoint_path: resume=True needs an existing checkpoint, got {checkpoint_path}"
             )
-        ck = load_checkpoint(checkpoint_path, expect_config=model.config)
+        ck = load_checkpoint(checkpoint_path, expect_model=model)
         _check_resume(ck.extra.get("training"), settings, str(checkpoint_path))
+        if isinstance(model, PretrainedPerceiver):
+            _check_buffers(ck.buffers, model.buffers, str(checkpoint_path))
         first_epoch = int(ck.extra.get("epoch", 0))
         if epochs < first_epoch:
             raise ValueError(
@@ -401,7 +454,7 @@ def fit(
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, config=model.config, params=state.params, step=state.step,
+            save_checkpoint(checkpoint_path, model=model, params=state.params, step=state.step,
                             opt_state=state.opt_state, rng=rng,
                             extra={"epoch": epoch + 1, "history": history.rows, "training": settings})
         if on_epoch is not None:
@@ -461,7 +514,7 @@ def _check_resume(stored: Any, settings: dict[str, Any], where: str) -> None:
             f"resume: the checkpoint {where} holds no record of the training settings "
             "(extra['training']: it was not written by fit, or by an older perceiver_np), so resuming "
             "cannot be checked to continue the same run; start a new run from its parameters instead "
-            "(fit(Perceiver(ck.config, ck.params), ...) without resume)"
+            "(fit(Perceiver(ck.config, ck.params), ...), or fit(ck.model(), ...), without resume)"
         )
     old, new = _flatten(stored), _flatten(settings)
     missing = object()
@@ -510,9 +563,11 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name}: expected {expected}, got {float(value)!r}")
 
 
-def _check_data(name: str, data: object, *, needs_y: bool) -> int:
+def _check_data(name: str, data: object, *, needs_y: bool, model: Model | None = None) -> int:
     """The number of samples of a dataset dict, after checking it: ``x`` (and ``y`` for a loss)
-    present, every value an array with one row per sample, at least one sample."""
+    present, every value an array with one row per sample, at least one sample; for a published
+    ``model``, ``x``'s dtype and shape (its first sample, as the model's preprocessor checks
+    inputs: int token ids for the text models) and no key the model cannot take."""
     if not isinstance(data, Mapping):
         raise TypeError(f"{name}: expected a dict of arrays (x, y, ...), got {type(data).__name__}")
     if "x" not in data:
@@ -533,7 +588,24 @@ def _check_data(name: str, data: object, *, needs_y: bool) -> int:
         )
     if count == 0:
         raise ValueError(f"{name}: expected at least one sample, got 0 (x has shape {data['x'].shape})")
+    if isinstance(model, PretrainedPerceiver):
+        _check_pretrained_data(name, data, model)
     return count
+
+
+def _check_pretrained_data(name: str, data: Mapping[str, np.ndarray], model: PretrainedPerceiver) -> None:
+    """What a published model takes: no ``queries`` (its decoder makes its own), a ``mask``
+    only for the text models, ``x`` of the dtype and shape its preprocessor takes."""
+    if "queries" in data:
+        raise ValueError(f"{name}['queries']: {model.architecture} takes no queries (its decoder's are its "
+                         "own parameters or its inputs)")
+    if "mask" in data and not hasattr(model.preprocessor, "vocab"):
+        raise ValueError(f"{name}['mask']: {model.architecture} takes no attention mask (only the text "
+                         "models do)")
+    try:
+        model.preprocessor.check(data["x"][:1], model.config.np_dtype)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{name}['x']: {err}") from err
 
 
 def _in_data(name: str, where: str, err: ValueError | TypeError) -> ValueError | TypeError:
@@ -543,12 +615,17 @@ def _in_data(name: str, where: str, err: ValueError | TypeError) -> ValueError |
     return kind(f"{name}: {where}: {err}")
 
 
-def _check_targets(name: str, data: Batch, model: Perceiver, loss: Loss) -> None:
-    """The loss on a zero prediction of the model's output shape for the whole dataset: what
-    it refuses in ``y`` (a dtype, a shape, a class index out of range) is refused here, before
-    any step, naming the dataset."""
+def _output_shape(model: Model, data: Batch) -> tuple[int, ...]:
+    """The shape of the model's prediction for the whole dataset ``data``."""
     cfg = model.config
     s = len(data["x"])
+    if isinstance(model, PretrainedPerceiver):
+        dec = model.decoder
+        if dec.kind == "classification":  # logits [S, K]
+            return (s, int(dec.out))
+        if dec.kind == "flow":  # flow [S, H, W, 2]
+            return (s, *dec.grid, int(dec.out))
+        return (s, int(dec.num_queries), int(model.preprocessor.vocab))  # masked LM: [S, O, V]
     if cfg.decoder == "classification":
         shape: tuple[int, ...] = (s, cfg.output_dim or 0)
     elif cfg.decoder == "query":
@@ -560,10 +637,41 @@ def _check_targets(name: str, data: Batch, model: Perceiver, loss: Loss) -> None
         shape = (s, cfg.latent_dim)
     else:
         shape = (s, cfg.num_latents, cfg.latent_dim)
-    try:
-        loss.forward(np.zeros(shape, dtype=cfg.np_dtype), data)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{name}['y']: {err}") from err
+    return shape
+
+
+def _check_targets(name: str, data: Batch, model: Model, loss: Loss) -> None:
+    """The loss on a zero prediction of the model's output shape for the whole dataset: what
+    it refuses in ``y`` (a dtype, a shape, a class index out of range) is refused here, before
+    any step, naming the dataset. A prediction of more than ``_CHECK_ENTRIES`` entries is
+    checked in chunks of samples (the error then names the chunk's samples too)."""
+    shape = _output_shape(model, data)
+    per_sample = max(math.prod(shape[1:]), 1)
+    chunk = max(_CHECK_ENTRIES // per_sample, 1)
+    s = shape[0]
+    for start in range(0, s, chunk):
+        stop = min(start + chunk, s)
+        part = data if chunk >= s else {k: data[k][start:stop] for k in ("y", "query_mask") if k in data}
+        where = "" if chunk >= s else f"samples {start} to {stop - 1}: "
+        try:
+            loss.forward(np.zeros((stop - start, *shape[1:]), dtype=model.config.np_dtype), part)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}['y']: {where}{err}") from err
+
+
+def _check_buffers(stored: Params | None, buffers: Params, where: str) -> None:
+    """A published model's buffers in the checkpoint equal the model's, bit for bit: they are
+    not trained, so a resume with other ones would not continue the same run."""
+    stored = stored or {}
+    differ = [k for k in {**buffers, **stored}
+              if k not in stored or k not in buffers or stored[k].dtype != buffers[k].dtype
+              or stored[k].shape != buffers[k].shape or stored[k].tobytes() != buffers[k].tobytes()]
+    if differ:
+        raise ValueError(
+            f"resume: the checkpoint {where} holds other buffers than the model's ({differ}: batch norm's "
+            "running statistics, which training does not change), so the run would not continue "
+            "bit-identically; resume with the model the run started from"
+        )
 
 
 class _progress:

@@ -19,12 +19,26 @@ and names the FIRST one, in forward order, that breaks its tolerance as the like
 comparison unless ``allow_missing=True``, and a comparison of no activation or no gradient
 always fails. The cross blocks' attention scores are compared only at the keys the mask keeps:
 the value a port fills masked keys with is not part of the contract.
+
+A published Perceiver (:class:`perceiver_np.pretrained.PretrainedPerceiver`, Hugging Face's
+``PerceiverFor*`` classes) has a golden file too: ``meta.json`` then also holds its
+``architecture`` and ``hf_config`` (config.json) and ``config`` is its encoder's; the file holds
+its buffers ``buffers/<name>`` (batch norm's running statistics), its inputs in their own dtype
+(``input/x``: int token ids stay int; a dict of inputs, the multimodal model's, as
+``input/x.<key>``; the decoder's call options as ``input/option.<name>[.<key>]``), the
+activations under the model's stable names (``preprocessor.out``, the encoder's, ``decoder.*``,
+``postprocessor.out``, ``output``; dict logits as ``output.<key>``), the loss with its upstream
+gradient (``loss/dy``, or ``loss/dy.<key>`` for dict logits) and every parameter's gradient, in
+backward order (postprocessor, decoder, encoder, preprocessor); no input gradient. It runs the
+plain attention path, so that every attention's scores and probabilities are recorded.
+:func:`golden_model` rebuilds the reference model and its run's arguments from a golden file of
+either kind.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +46,10 @@ from typing import Any
 import numpy as np
 
 from ._files import atomic_savez
+from .checkpoint import hf_config_json
 from .config import PerceiverConfig
 from .model import Perceiver, step_names
+from .pretrained import PretrainedPerceiver
 from .tolerances import GOLDEN_FLOAT32_RTOL, GOLDEN_FLOAT64_RTOL, GOLDEN_GRAD_FLOOR
 
 FORMAT = "perceiver_np.golden"
@@ -42,15 +58,25 @@ VERSION = 1
 
 def write_golden(
     path: str | Path,
-    model: Perceiver,
-    x: np.ndarray,
+    model: Perceiver | PretrainedPerceiver,
+    x: Any,
     mask: np.ndarray | None = None,
     *,
     seed: int = 0,
     queries: np.ndarray | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run ``model`` (recast to float64, plain attention path) on ``x`` and write everything
-    another implementation needs to check itself: see the module docstring."""
+    another implementation needs to check itself: see the module docstring.
+
+    For a :class:`PretrainedPerceiver`, ``x`` is what its HF class takes (token ids, pixel
+    values, flow frames, or a dict of arrays), ``mask`` the text models' attention mask and
+    ``options`` the decoder's call options (the multimodal model's
+    ``subsampled_output_points``); ``queries`` belongs to a Perceiver only."""
+    if isinstance(model, PretrainedPerceiver):
+        return _write_golden_pretrained(Path(path), model, x, mask, seed, queries, options)
+    if options:
+        raise ValueError(f"options: a Perceiver takes no decoder options, got {sorted(options)}")
     cfg = model.config.replace(dtype="float64", backend="numpy")
     ref = Perceiver(cfg, {k: v.astype(np.float64) for k, v in model.params.items()})
     run = run_and_record(ref, x, mask, seed=seed, queries=queries)
@@ -69,18 +95,161 @@ def write_golden(
     return Path(path)
 
 
+def _write_golden_pretrained(path: Path, model: PretrainedPerceiver, x: Any, mask: np.ndarray | None,
+                             seed: int, queries: np.ndarray | None, options: Mapping[str, Any] | None
+                             ) -> Path:
+    if queries is not None:
+        raise ValueError(f"queries: {model.architecture} makes its own decoder queries; pass none")
+    hf_config = hf_config_json(model)  # checked to rebuild the same model
+    ref = float64_reference(model)
+    inputs = _float64_inputs(x)
+    run = run_and_record(ref, inputs, mask, seed=seed, options=options)
+    arrays: dict[str, np.ndarray] = {f"params/{k}": v for k, v in ref.params.items()}
+    arrays.update({f"buffers/{k}": v for k, v in ref.buffers.items()})
+    if isinstance(inputs, Mapping):
+        arrays.update({f"input/x.{k}": v for k, v in inputs.items()})
+    else:
+        arrays["input/x"] = inputs
+    if mask is not None:
+        arrays["input/mask"] = np.asarray(mask)
+    arrays.update(_flat_options(options))
+    arrays.update(run)
+    meta = {"format": FORMAT, "version": VERSION, "config": asdict(ref.config),
+            "seed": seed, "architecture": model.architecture, "hf_config": hf_config,
+            "activations": [k[4:] for k in run if k.startswith("act/")],
+            "gradients": [k[5:] for k in run if k.startswith("grad/")]}
+    arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_savez(path, arrays)
+    return path
+
+
+def float64_reference(model: PretrainedPerceiver) -> PretrainedPerceiver:
+    """A float64 copy of a published ``model`` (parameters and buffers cast, exact from
+    float32) on the plain attention path: the golden file's reference run."""
+    return plain_path(_cast_pretrained(model, "float64"))
+
+
+def cast(model: Perceiver | PretrainedPerceiver, dtype: str) -> Perceiver | PretrainedPerceiver:
+    """The same model in ``dtype`` ("float32" or "float64"): parameters (and a published
+    model's buffers) cast, the config's other fields (its attention path too) kept. E.g. the
+    float32 run to compare with a golden file: ``write_run(out, cast(model, "float32"), ...)``."""
+    if isinstance(model, Perceiver):
+        cfg = model.config.replace(dtype=dtype)
+        return Perceiver(cfg, {k: np.asarray(v, dtype=cfg.np_dtype) for k, v in model.params.items()})
+    if not isinstance(model, PretrainedPerceiver):
+        raise TypeError(f"model: expected a Perceiver or a PretrainedPerceiver, got {type(model).__name__}")
+    return _cast_pretrained(model, dtype)
+
+
+def _cast_pretrained(model: PretrainedPerceiver, dtype: str) -> PretrainedPerceiver:
+    out = PretrainedPerceiver(model.architecture, model.hf_config,
+                              {k: np.asarray(v, dtype=dtype) for k, v in model.params.items()},
+                              {k: np.asarray(v, dtype=dtype) for k, v in model.buffers.items()}, dtype=dtype)
+    return plain_path(out) if model.config.backend == "numpy" else out
+
+
+def plain_path(model: PretrainedPerceiver) -> PretrainedPerceiver:
+    """``model`` on the plain attention path (the encoder's config with ``backend="numpy"``,
+    which the decoder follows): the same math as the kernels, with every attention's scores
+    and probabilities recorded. The same parameters and buffers (not copied)."""
+    if model.config.backend == "numpy":
+        return model
+    out = PretrainedPerceiver(model.architecture, model.hf_config, model.params, model.buffers,
+                              dtype=model.config.dtype)
+    encoder = out.encoder
+    out.encoder = Perceiver(encoder.config.replace(backend="numpy"), encoder.params)
+    return out
+
+
+def sample_inputs(model: PretrainedPerceiver, rng: np.random.Generator, *, batch: int = 2,
+                  length: int | None = None, mask: bool = False) -> tuple[Any, np.ndarray | None]:
+    """(inputs, mask) of the shapes a published ``model``'s HF class takes, drawn from ``rng``:
+    for a golden file of it (``write_golden(path, model, *sample_inputs(model, rng))``).
+
+    Token ids [B, N] uniform over the vocabulary (N = ``length``, default
+    max_position_embeddings); standard normal pixel values [B, 3, S, S] (S = the config's
+    image_size); flow frames [B, 2, 3, H, W] (H, W = train_size); for the multimodal model
+    ``{"audio": [B, num_frames * audio_samples_per_frame], "image": [B, num_frames, 3, S, S],
+    "label": [B, num_labels]}``. ``mask`` (text models only): the last sample keeps only its
+    first half, as ``perceiver-np golden --mask``."""
+    if not isinstance(model, PretrainedPerceiver):
+        raise TypeError(f"model: expected a PretrainedPerceiver, got {type(model).__name__}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected an integer >= 1, got {batch!r}")
+    c, pre, arch = model.hf_config, model.preprocessor, model.architecture
+    text = arch in ("PerceiverForMaskedLM", "PerceiverForSequenceClassification")
+    if mask and not text:
+        raise ValueError(f"mask: {arch} takes no attention mask (only the text models do)")
+    if length is not None and not text:
+        raise ValueError(f"length: {arch} takes no sequence length (only the text models do)")
+    if text:
+        n = pre.max_positions if length is None else length
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= pre.max_positions:
+            raise ValueError(f"length: expected an integer in [1, max_position_embeddings = "
+                             f"{pre.max_positions}], got {n!r}")
+        ids = rng.integers(0, pre.vocab, size=(batch, n))
+        keep = None
+        if mask:
+            keep = np.ones((batch, n), dtype=bool)
+            keep[-1, (n + 1) // 2:] = False
+        return ids, keep
+    size = int(c["image_size"])
+    if arch == "PerceiverForOpticalFlow":
+        h, w = (int(v) for v in c["train_size"])
+        return rng.standard_normal((batch, 2, 3, h, w)), None
+    if arch == "PerceiverForMultimodalAutoencoding":
+        frames = int(c["num_frames"])
+        return {"audio": rng.standard_normal((batch, frames * int(c["audio_samples_per_frame"]))),
+                "image": rng.standard_normal((batch, frames, 3, size, size)),
+                "label": rng.standard_normal((batch, pre.num_labels))}, None
+    return rng.standard_normal((batch, 3, size, size)), None
+
+
+def _float64_inputs(x: Any) -> Any:
+    """The inputs of the float64 reference run: float arrays in float64 (exact), integer ones
+    (token ids) as they are; a dict of them key by key."""
+    if isinstance(x, Mapping):
+        return {str(k): _float64_inputs(v) for k, v in x.items()}
+    arr = np.asarray(x)
+    return arr.astype(np.float64) if arr.dtype.kind == "f" else arr
+
+
+def _flat_options(options: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    """The decoder's call options as golden arrays ``input/option.<name>[.<key>]`` (None values
+    left out: they mean "absent")."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in (options or {}).items():
+        if isinstance(value, Mapping):
+            out.update({f"input/option.{name}.{k}": np.asarray(v) for k, v in value.items() if v is not None})
+        elif value is not None:
+            out[f"input/option.{name}"] = np.asarray(value)
+    return out
+
+
 def run_and_record(
-    model: Perceiver,
-    x: np.ndarray,
+    model: Perceiver | PretrainedPerceiver,
+    x: Any,
     mask: np.ndarray | None = None,
     *,
     seed: int = 0,
     queries: np.ndarray | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """One forward and backward of ``model`` (in its own dtype), recorded under the golden
     names: ``act/<name>`` in forward order, ``loss``, ``loss/dy`` (standard normal, seeded by
     ``seed``), then ``grad/<name>`` in backward order and ``grad/x``. Use the model's plain
-    attention path (``backend="numpy"``) to record scores and probabilities."""
+    attention path (``backend="numpy"``) to record scores and probabilities.
+
+    A :class:`PretrainedPerceiver` runs on its plain attention path (:func:`plain_path`) with
+    ``options`` (its decoder's call options); dict logits give ``act/output.<key>`` and
+    ``loss/dy.<key>`` (drawn in sorted key order from one generator), and there is no
+    ``grad/x``."""
+    if isinstance(model, PretrainedPerceiver):
+        if queries is not None:
+            raise ValueError(f"queries: {model.architecture} makes its own decoder queries; pass none")
+        return _run_pretrained(plain_path(model), x, mask, seed, options)
+    if options:
+        raise ValueError(f"options: a Perceiver takes no decoder options, got {sorted(options)}")
     record: dict[str, np.ndarray] = {}
     y, cache = model.forward(x, mask, queries=queries, record=record)
     dy = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
@@ -93,11 +262,54 @@ def run_and_record(
     return out
 
 
-def write_run(path: str | Path, model: Perceiver, x: np.ndarray, mask: np.ndarray | None = None,
-              *, seed: int = 0, queries: np.ndarray | None = None) -> Path:
+#: The order of a published model's gradients in a golden file: its pieces in backward order
+#: (each piece's parameters in reverse), the encoder's (every other name) between the decoder's
+#: and the preprocessor's.
+_BACKWARD_PIECES = {"postprocessor": 0, "decoder": 1, "preprocessor": 3}
+_ENCODER_PIECE = 2
+
+
+def _piece(name: str) -> int:
+    return _BACKWARD_PIECES.get(name.split(".", 1)[0], _ENCODER_PIECE)
+
+
+def _run_pretrained(model: PretrainedPerceiver, x: Any, mask: np.ndarray | None, seed: int,
+                    options: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    record: dict[str, np.ndarray] = {}
+    y, cache = model.forward(x, mask, record=record, **dict(options or {}))
+    # "output" is the logits, last: the encoder taps its own output under that name first, and
+    # a dict of logits is an object array in the record
+    record.pop("output", None)
+    rng = np.random.default_rng(seed)
+    if isinstance(y, Mapping):
+        ys = {f"output.{k}": y[k] for k in sorted(y)}
+        dys = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in ys.items()}
+        dy: Any = {k[len("output."):]: v for k, v in dys.items()}
+        dy_names = {f"loss/dy.{k[len('output.'):]}": v for k, v in dys.items()}
+    else:
+        ys = {"output": y}
+        dy = rng.standard_normal(y.shape).astype(y.dtype)
+        dys, dy_names = {"output": dy}, {"loss/dy": dy}
+    record.update(ys)
+    grads = model.backward(dy, cache)
+    out = {f"act/{k}": v for k, v in record.items()}
+    loss = None
+    for k, v in ys.items():  # sum(dy * y) over every logits array, in the logits' dtype
+        term = np.sum(dys[k] * v)
+        loss = term if loss is None else loss + term
+    out["loss"] = np.asarray(loss)
+    out.update(dy_names)
+    names = sorted(reversed(list(grads)), key=_piece)  # stable: reversed within each piece
+    out.update({f"grad/{k}": grads[k] for k in names})
+    return out
+
+
+def write_run(path: str | Path, model: Perceiver | PretrainedPerceiver, x: Any,
+              mask: np.ndarray | None = None, *, seed: int = 0, queries: np.ndarray | None = None,
+              options: Mapping[str, Any] | None = None) -> Path:
     """:func:`run_and_record` written to ``path``: a file :func:`compare` reads as "theirs"
     (e.g. this implementation in float32, or with weights of your own)."""
-    atomic_savez(Path(path), run_and_record(model, x, mask, seed=seed, queries=queries))
+    atomic_savez(Path(path), run_and_record(model, x, mask, seed=seed, queries=queries, options=options))
     return Path(path)
 
 
@@ -118,10 +330,40 @@ def read_golden(path: str | Path) -> tuple[PerceiverConfig, dict[str, np.ndarray
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: expected format {FORMAT} version {VERSION}, "
                          f"got {meta.get('format')} version {meta.get('version')}")
-    config = dict(meta["config"])
-    if config.get("output_index_dims") is not None:
-        config["output_index_dims"] = tuple(config["output_index_dims"])
+    config: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
     return PerceiverConfig(**config), arrays, meta
+
+
+def golden_model(path: str | Path) -> tuple[Perceiver | PretrainedPerceiver, dict[str, Any]]:
+    """The float64 reference model of a golden file (a Perceiver, or a published model on the
+    plain attention path) and the keyword arguments of its run: ``write_run(out, model,
+    **kwargs)`` (or :func:`run_and_record`) reproduces the golden tensors; ``write_run(out,
+    cast(model, "float32"), **kwargs)`` is the float32 run, or give the model other parameters
+    (``model.with_params``) to write a run of your own."""
+    config, arrays, meta = read_golden(path)
+    params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
+    kwargs: dict[str, Any] = {"seed": meta.get("seed", 0), "mask": arrays.get("input/mask")}
+    if "architecture" not in meta:
+        if "input/queries" in arrays:
+            kwargs["queries"] = arrays["input/queries"]
+        return Perceiver(config, params), {"x": arrays["input/x"], **kwargs}
+    buffers = {k[len("buffers/"):]: v for k, v in arrays.items() if k.startswith("buffers/")}
+    model = plain_path(PretrainedPerceiver(meta["architecture"], meta["hf_config"], params, buffers,
+                                           dtype="float64"))
+    x: Any = arrays.get("input/x")
+    if x is None:
+        x = {k[len("input/x."):]: v for k, v in arrays.items() if k.startswith("input/x.")}
+    options: dict[str, Any] = {}
+    for key, value in arrays.items():
+        if key.startswith("input/option."):
+            name, _, sub = key[len("input/option."):].partition(".")
+            if sub:
+                options.setdefault(name, {})[sub] = value
+            else:
+                options[name] = value
+    if options:
+        kwargs["options"] = options
+    return model, {"x": x, **kwargs}
 
 
 @dataclass(frozen=True)
@@ -295,7 +537,8 @@ def compare(
         floor = GOLDEN_GRAD_FLOOR * grad_scale if name.startswith("grad/") else 0.0
         rows.append(_row(name, g, t, keep, floor))
     missing = tuple(n for n in checked if n not in theirs)
-    known = set(order) | {k for k in golden if k.startswith(("params/", "input/"))} | {"loss/dy"}
+    known = set(order) | {k for k in golden if k.startswith(("params/", "buffers/", "input/", "loss/dy"))}
+    known.add("loss/dy")
     extra = tuple(sorted(k for k in theirs if k not in known))
     compared = {r.name for r in rows}
     return CompareReport(tuple(rows), missing, extra, tuple(mismatched), allow_missing,
