@@ -41,8 +41,9 @@ from .rows import _moments
 SMALL_PRODUCT = 1 << 18
 #: Fewest rows in one BLAS call: below this the call overhead outweighs splitting further.
 MIN_BLOCK_ROWS = 64
-#: Rows per work item of ``project_heads``: its [rows, H*(d0 + d1 + d2)] product stays in L2
-#: (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts.
+#: Rows per work item of ``project_heads`` (at most): its [rows, H*(d0 + d1 + d2)] product stays
+#: in L2 (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts. Fewer rows
+#: than threads * this (the latents of one sample) are cut into one block per thread instead.
 PROJECT_BLOCK_ROWS = 256
 
 
@@ -84,14 +85,13 @@ def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
 
 
 @parallel_kernel
-def _project_heads(x, w, out0, out1, out2, n_out, block,  # pragma: no cover - compiled
+def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out, block,  # pragma: no cover - compiled
                    norm, gamma, beta, bias, has_bias):
     """For each block of rows of x flattened to [B*S, K]: u = LN(x[lo:hi] + bias) when ``norm``
-    (else u = x[lo:hi]), t = u @ w, one wide product into a per-item buffer, then its column
-    groups scattered into the head layouts,
-    out_j[b, h, s] = t[r - lo, offset_j + h*d_j : offset_j + (h+1)*d_j] for row r = b*S + s.
-    x [B*S, K], w [K, H*(d0 + d1 + d2)], out_j [B, H, S, d_j] (j < n_out); gamma, beta, bias [K].
-    The LayerNorm is fused here so that its output never goes back to memory."""
+    (else u = x[lo:hi]), then for each j < n_out t = u @ w_j, the product scattered into the
+    head layout, out_j[b, h, s] = t[r - lo, h*d_j : (h+1)*d_j] for row r = b*S + s.
+    x [B*S, K], w_j [K, H*d_j], out_j [B, H, S, d_j]; gamma, beta, bias [K]. The LayerNorm is
+    fused here so that its output never goes back to memory; u stays in cache for every w_j."""
     rows, s = x.shape[0], out0.shape[2]
     k = x.shape[1]
     heads = out0.shape[1]
@@ -106,18 +106,17 @@ def _project_heads(x, w, out0, out1, out2, n_out, block,  # pragma: no cover - c
                 for c in range(k):
                     v = x[r, c] + bias[c] if has_bias else x[r, c]
                     u[r - lo, c] = (v - m) * rs * gamma[c] + beta[c]
-            t = np.dot(u, w)  # [hi - lo, H*(d0 + d1 + d2)]
         else:
-            t = np.dot(x[lo:hi], w)
-        col = 0
+            u = x[lo:hi]
         for j in range(n_out):
+            w = w0 if j == 0 else (w1 if j == 1 else w2)
             out = out0 if j == 0 else (out1 if j == 1 else out2)
+            t = np.dot(u, w)  # [hi - lo, H*d_j]
             d = out.shape[3]
             for h in range(heads):
                 for r in range(lo, hi):
                     b = r // s
-                    out[b, h, r - b * s, :] = t[r - lo, col:col + d]  # d contiguous values
-                col += d
+                    out[b, h, r - b * s, :] = t[r - lo, h * d:(h + 1) * d]  # d contiguous values
 
 
 class _BlasLimit:
@@ -298,12 +297,13 @@ def project_heads(
     outs = [np.empty((b, heads, s, w.shape[1] // heads), dtype=x.dtype) for w in ws]
     dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
     padded = outs + [dummy] * (3 - len(outs))
-    w_all = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]  # [K, H*(d0 + d1 + d2)]
+    w_pad = ws + [ws[0]] * (3 - len(ws))  # unused beyond len(ws)
     if norm is None:
         gamma = beta = np.zeros(k, dtype=x.dtype)  # unused
         bias = None
+    block = min(PROJECT_BLOCK_ROWS, max(MIN_BLOCK_ROWS, math.ceil(b * s / _threads())))
     with single_threaded_blas():
-        _project_heads(x.reshape(b * s, k), w_all, padded[0], padded[1], padded[2], len(outs),
-                       PROJECT_BLOCK_ROWS, norm is not None, gamma, beta,
+        _project_heads(x.reshape(b * s, k), w_pad[0], w_pad[1], w_pad[2], padded[0], padded[1], padded[2],
+                       len(outs), block, norm is not None, gamma, beta,
                        gamma if bias is None else bias, bias is not None)
     return outs
