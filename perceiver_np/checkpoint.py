@@ -50,17 +50,15 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
 from ._files import atomic_savez, remove_stale_temps
 from .config import PerceiverConfig, param_shapes
+from .model import Perceiver
+from .pretrained import PretrainedPerceiver, _layout, _specs
 from .version import __version__
-
-if TYPE_CHECKING:  # imported where used: pretrained imports most of the package
-    from .model import Perceiver
-    from .pretrained import PretrainedPerceiver
 
 FORMAT_NAME = "perceiver_np.checkpoint"
 FORMAT_VERSION = 1
@@ -179,10 +177,8 @@ class Checkpoint:
         published model's checkpoint a ``PretrainedPerceiver(architecture, hf_config, params,
         buffers, dtype=config.dtype)``."""
         if self.architecture is None:
-            from .model import Perceiver
 
             return Perceiver(self.config, self.params)
-        from .pretrained import PretrainedPerceiver
 
         assert self.hf_config is not None
         return PretrainedPerceiver(self.architecture, self.hf_config, self.params, self.buffers,
@@ -299,9 +295,6 @@ class _Schema:
 
 
 def _schema_for_save(config: object, model: object) -> _Schema:
-    from .model import Perceiver
-    from .pretrained import PretrainedPerceiver
-
     if config is not None and model is not None:
         raise CheckpointError("config, model: expected one of them (model= brings its own config), got both")
     if model is None:
@@ -350,7 +343,6 @@ def _pretrained_layout(architecture: str, hf_config: dict[str, Any], dtype: str
                        ) -> tuple[PerceiverConfig, list[Any]]:
     """The encoder's config and the pieces (preprocessor, decoder, postprocessor) of HF class
     ``architecture`` with config.json ``hf_config``; cheap whatever the sizes (shapes only)."""
-    from .pretrained import _layout
 
     _, pieces, cfg = _layout(architecture, hf_config, dtype)
     return cfg, [x for x in pieces if x is not None]
@@ -360,7 +352,6 @@ def _pretrained_shapes(cfg: PerceiverConfig, pieces: list[Any]
                        ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """Parameter and buffer shapes in schema order (``PretrainedPerceiver.specs()`` and
     ``buffer_specs()``): ~16 entries a block of the encoder, a fixed number for the pieces."""
-    from .pretrained import _specs
 
     buffers: dict[str, tuple[int, ...]] = {}
     for piece in pieces:
@@ -514,9 +505,6 @@ def load_checkpoint(path: PathLike, *, expect_config: PerceiverConfig | None = N
             f"expect_config: expected a PerceiverConfig or None, got {type(expect_config).__name__}"
         )
     if expect_model is not None:
-        from .model import Perceiver
-        from .pretrained import PretrainedPerceiver
-
         if not isinstance(expect_model, (Perceiver, PretrainedPerceiver)):
             raise TypeError("expect_model: expected a Perceiver, a PretrainedPerceiver or None, got "
                             f"{type(expect_model).__name__}")
@@ -880,7 +868,6 @@ def _stored_pretrained_schema(config: PerceiverConfig, architecture: str, hf_con
 def _compare_models(config: PerceiverConfig, architecture: str | None, hf_config: dict[str, Any] | None,
                     expected: Perceiver | PretrainedPerceiver, where: str) -> None:
     """The checkpoint is of ``expected``'s kind and schema (load_checkpoint's expect_model)."""
-    from .pretrained import PretrainedPerceiver
 
     want_arch = expected.architecture if isinstance(expected, PretrainedPerceiver) else None
     if not isinstance(expected, PretrainedPerceiver) or architecture is None or hf_config is None:

@@ -414,7 +414,11 @@ def _restore(path: Path) -> Perceiver:
     _input_file(path, "--checkpoint")
     with _reading(path, "--checkpoint"):
         ck = load_checkpoint(path)  # every problem a CheckpointError naming the path
-        return Perceiver(ck.config, ck.params)
+    if ck.architecture is not None:
+        raise ValueError(f"--checkpoint {path}: holds a published model ({ck.architecture}); eval and "
+                         "predict take a Perceiver's checkpoint (run a published model with fill-mask, "
+                         "classify-image, flow or perceiver_np.pretrained)")
+    return Perceiver(ck.config, ck.params)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

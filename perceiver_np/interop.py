@@ -243,9 +243,10 @@ def _is_linear_weight(name: str) -> bool:
 
 
 def _as_param(where: str, value: Any, shape: tuple[int, ...], dtype: np.dtype,
-              transpose: bool = False, ours: str | None = None) -> np.ndarray:
+              transpose: bool = False, ours: str | None = None, owned: bool = False) -> np.ndarray:
     """``value`` as a contiguous array of ``dtype`` (transposed first when ``transpose``), or an
-    InteropError naming ``where`` (and our name) and both shapes."""
+    InteropError naming ``where`` (and our name) and both shapes. A copy, unless ``owned`` (the
+    caller hands over an array nothing else refers to) and it already is that array."""
     arr = np.asarray(value)
     if arr.dtype.kind != "f":
         raise InteropError(f"{where}: expected floating-point numbers, got dtype {arr.dtype.name}")
@@ -260,6 +261,8 @@ def _as_param(where: str, value: Any, shape: tuple[int, ...], dtype: np.dtype,
     if not np.isfinite(arr).all():
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
         raise InteropError(f"{where}: contains NaN or infinity (first at index {bad})")
+    if owned and not transpose and arr.dtype == dtype and arr.flags.c_contiguous and arr.flags.writeable:
+        return arr
     return np.array(arr.T if transpose else arr, dtype=dtype, order="C", copy=True)  # never a view
 
 

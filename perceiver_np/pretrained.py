@@ -64,7 +64,7 @@ from .position import (
     fourier_channels,
     shared_fourier_position_encoding,
 )
-from .shapes import as_mask, as_real_input, expect_finite_output, expect_shape
+from .shapes import as_mask, as_real_input, expect_finite_output, expect_shape, first_nonfinite
 
 #: ``transformers.PerceiverConfig``'s defaults of the fields the ``PerceiverFor*`` classes read
 #: besides the encoder's (:data:`perceiver_np.interop.HF_CONFIG_DEFAULTS`).
@@ -629,6 +629,8 @@ class PretrainedPerceiver:
                 f"{self.config.dtype})")
 
     def checked_params(self) -> Params:
+        """``self.params`` checked (names, shapes, dtype, finite values; the encoder's through
+        :func:`perceiver_np.model.check_params` when the encoder runs), in schema order."""
         specs = self.specs()
         missing = [k for k in specs if k not in self.params]
         extra = [k for k in self.params if k not in specs]
@@ -641,6 +643,11 @@ class PretrainedPerceiver:
                 raise ValueError(f"params[{name!r}]: expected shape {spec.shape} of {self.config.dtype}, "
                                  f"got {got}")
         self.encoder.params = {k: self.params[k] for k in self.encoder.params}
+        for name in specs:
+            if name not in self.encoder.params:
+                problem = first_nonfinite(f"params[{name!r}]", self.params[name])
+                if problem is not None:
+                    raise ValueError(problem)
         return {k: self.params[k] for k in specs}
 
     def _inputs(self, inputs: Any, mask: Any) -> tuple[Any, np.ndarray | None]:
@@ -736,23 +743,33 @@ def from_state_dict(architecture: str, config: Mapping[str, Any], state_dict: Ma
                     dtype: str = "float32") -> PretrainedPerceiver:
     """The model of HF class ``architecture`` with config ``config`` (config.json) and weights
     ``state_dict`` (HF key -> array; every key and shape checked, ``num_batches_tracked``
-    ignored)."""
+    ignored). The model's arrays are copies: ``state_dict`` is left as it is."""
     if not isinstance(state_dict, Mapping):
         raise InteropError("state_dict: expected a mapping of name -> array, "
                            f"got {type(state_dict).__name__}")
+    return _build(architecture, config, dict(state_dict), dtype, owned=False)
+
+
+def _build(architecture: str, config: Mapping[str, Any], given: dict[str, Any], dtype: str, *,
+           owned: bool) -> PretrainedPerceiver:
+    """:func:`from_state_dict` on ``given``, which it empties: each array is dropped as soon as
+    it is converted, so that a model read from a file never needs twice its size in memory
+    (``owned``: the arrays are the caller's to give, used as they are where they fit)."""
     hf_config, pieces, cfg = _layout(architecture, config, dtype)
     present = [x for x in pieces if x is not None]
     specs = _specs(cfg, present)
     bspecs: dict[str, ParamSpec] = {}
     for piece in present:
         bspecs.update(piece.buffer_specs)
-    given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    for key in [k for k in given if k.endswith("num_batches_tracked")]:
+        del given[key]
     every = (*specs.values(), *bspecs.values())
     hf_shapes = {s.hf: (s.shape[::-1] if s.transpose else s.shape) for s in every}
     _check_keys("state_dict", [s.hf for s in every], given, hf_shapes)
-    params = {k: _as_param(s.hf, given[s.hf], s.shape, cfg.np_dtype, transpose=s.transpose, ours=k)
-              for k, s in specs.items()}
-    buffers = {k: _as_param(s.hf, given[s.hf], s.shape, cfg.np_dtype, ours=k) for k, s in bspecs.items()}
+    params = {k: _as_param(s.hf, given.pop(s.hf), s.shape, cfg.np_dtype, transpose=s.transpose, ours=k,
+                           owned=owned) for k, s in specs.items()}
+    buffers = {k: _as_param(s.hf, given.pop(s.hf), s.shape, cfg.np_dtype, ours=k, owned=owned)
+               for k, s in bspecs.items()}
     return PretrainedPerceiver(architecture, hf_config, params, buffers, dtype=dtype)
 
 
@@ -772,8 +789,8 @@ def from_hf(hf_model: Any, *, dtype: str = "float64") -> Perceiver | PretrainedP
 
 def from_pretrained(path: Any, *, dtype: str = "float32") -> PretrainedPerceiver:
     """A directory as HF's ``save_pretrained`` writes it (config.json and model.safetensors)."""
-    config, state = read_pretrained_dir(path)
+    config, state = read_pretrained_dir(path)  # fresh arrays, ours to hand over
     archs = config.get("architectures") or []
     if len(archs) != 1:
         raise InteropError(f"{path}/config.json: expected one entry in 'architectures', got {archs!r}")
-    return from_state_dict(archs[0], config, state, dtype=dtype)
+    return _build(archs[0], config, state, dtype, owned=True)

@@ -384,3 +384,17 @@ def test_help_lists_the_commands_and_the_mask_syntax(capsys):
         assert f"perceiver-np {command}" in out
     code, out, _ = run(["fill-mask", "--help"], capsys)
     assert code == 0 and "[MASK:N] masks N bytes" in " ".join(out.split())
+
+
+def test_eval_and_predict_refuse_a_published_models_checkpoint(tmp_path, capsys):
+    from perceiver_np import pretrained
+    from perceiver_np.checkpoint import save_checkpoint
+
+    model = pretrained.PretrainedPerceiver("PerceiverForSequenceClassification", _config(
+        d_model=16, vocab_size=262, max_position_embeddings=8, num_labels=2).to_dict())
+    ck = tmp_path / "ck.npz"
+    save_checkpoint(ck, model=model, params=model.params)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((2, 8, 16), np.float32), y=np.zeros(2, np.int64))
+    code, _, err = run(["eval", "--checkpoint", str(ck), "--data", str(data)], capsys)
+    assert code == 2 and "holds a published model (PerceiverForSequenceClassification)" in err, err

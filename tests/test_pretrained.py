@@ -175,3 +175,13 @@ def test_an_integer_attention_mask_is_hfs_and_other_values_are_refused():
     mask[1, 2] = 2
     with pytest.raises(ValueError, match=r"mask: an integer attention mask .* got the values \[0, 1, 2\]"):
         ours(ids, mask)
+
+
+@pytest.mark.parametrize("name", ["decoder.output.weight", "preprocessor.position_embeddings", "latents"])
+def test_a_nan_parameter_is_named_on_every_path(name):
+    _, ours, x = _pair("PerceiverForImageClassificationLearned")
+    ours.params[name] = ours.params[name].copy()
+    ours.params[name][0, 1] = np.nan
+    for run in (ours, lambda x: ours.forward(x)[0]):
+        with pytest.raises(ValueError, match=rf"params\['{name}'\]: 1 non-finite value\(s\)"):
+            run(x)
