@@ -1,13 +1,18 @@
-"""What both benchmarks measure the same way: resident memory and fresh-process start-up."""
+"""What the benchmarks share: resident memory, fresh-process start-up, the worker processes,
+the machine line and the page writer."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 
 def rss_high_water() -> int:
@@ -46,3 +51,52 @@ def finish_plot(fig, axes, path: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def machine(threads: int, packages: tuple[str, ...] = ("numpy", "numba", "torch")) -> dict[str, str]:
+    """The machine line of a benchmark page: CPU, cores, threads each system uses, versions."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "threads (each system)": str(threads),
+            "python": platform.python_version()}
+    for package in packages:
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    return info
+
+
+def write_page(path: Path, header: str, text: str) -> None:
+    """A benchmark's markdown page, written atomically."""
+    from perceiver_np._files import atomic_write
+
+    atomic_write(path, lambda f: f.write((header + text + "\n").encode()))
+
+
+class WorkerProcess:
+    """A benchmark worker in a fresh process of its own: ``script --worker ARGS...``, speaking
+    one JSON line per request and per reply on its stdin and stdout."""
+
+    def __init__(self, script: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "--worker", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=Path(script).resolve().parents[1], env={**os.environ, **(env or {})},
+        )
+
+    def ask(self, **msg: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait()

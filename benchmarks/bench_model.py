@@ -37,8 +37,6 @@ import gc
 import itertools
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -48,11 +46,14 @@ from typing import Any
 
 import numpy as np
 from _common import (  # benchmarks/
+    WorkerProcess,
     compile_then_cached,
     finish_plot,
+    machine,
     reset_high_water,
     rss_high_water,
     rss_now,
+    write_page,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,28 +195,9 @@ def worker(system: str, threads: int) -> None:
 SYSTEMS = {"ours": ("ours", "1"), "torch": ("torch", "0"), "torch_kept": ("torch", "1")}
 
 
-class Worker:
-    def __init__(self, system: str, threads: int) -> None:
-        impl, keep = SYSTEMS[system]
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", impl, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "PERCEIVER_NP_KEEP_MEMORY": keep},
-        )
-
-    def ask(self, **msg: Any) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker died (exit {self.proc.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin
-        self.proc.stdin.close()
-        self.proc.wait()
+def Worker(system: str, threads: int) -> WorkerProcess:
+    impl, keep = SYSTEMS[system]
+    return WorkerProcess(__file__, [impl, "--threads", str(threads)], {"PERCEIVER_NP_KEEP_MEMORY": keep})
 
 
 def sgemm_peak(repeats: int = 3) -> float:
@@ -388,34 +370,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     finish_plot(fig, axes, path)
 
 
-def machine(threads: int) -> dict[str, str]:
-    import numba
-
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "threads (each system)": str(threads),
-            "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        info["torch"] = "not installed"
-    return info
-
-
 def write_markdown(path: Path, text: str) -> None:
-    header = ("# Performance: the whole model against PyTorch\n\n```sh\nmake bench   "
-              "# benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png\n"
-              "```\n\nWritten by that command (the method is in the script's docstring); the plot is "
-              "![time against N, both systems](model_time.png). The tiled attention kernel on its "
-              "own: [performance-kernel.md](performance-kernel.md). One run on this machine:\n\n")
-    from perceiver_np._files import atomic_write
-
-    atomic_write(path, lambda f: f.write((header + text + "\n").encode()))
+    write_page(path, "# Performance: the whole model against PyTorch\n\n```sh\nmake bench   "
+               "# benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png\n"
+               "```\n\nWritten by that command (the method is in the script's docstring); the plot is "
+               "![time against N, both systems](model_time.png). The tiled attention kernel on its "
+               "own: [performance-kernel.md](performance-kernel.md). One run on this machine:\n\n", text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,17 +37,22 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import reset_high_water, rss_high_water, rss_now  # benchmarks/
+from _common import (  # benchmarks/
+    WorkerProcess,
+    machine,
+    reset_high_water,
+    rss_high_water,
+    rss_now,
+    write_page,
+)
 from bench_model import SETTLE, fmt3, sgemm_peak, stats  # benchmarks/
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,27 +270,8 @@ def prepare(spec: dict[str, Any]) -> None:
 # ---- the driver -----------------------------------------------------------------------------
 
 
-class Worker:
-    def __init__(self, system: str, threads: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", system, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-
-    def ask(self, **msg: Any) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker died (exit {self.proc.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin
-        self.proc.stdin.close()
-        self.proc.wait()
+def Worker(system: str, threads: int) -> WorkerProcess:
+    return WorkerProcess(__file__, [system, "--threads", str(threads)], {"HF_HUB_OFFLINE": "1"})
 
 
 def run_model(name: str, arch: str, cfg: dict[str, Any], directory: str, shape: tuple[int, ...],
@@ -350,31 +336,12 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def machine(threads: int) -> dict[str, str]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "threads (each system)": str(threads),
-            "python": platform.python_version()}
-    for package in ("numpy", "numba", "torch", "transformers"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = "not installed"
-    return info
-
-
 def write_markdown(path: Path, text: str) -> None:
-    header = ("# Performance: the published Perceivers against Hugging Face transformers\n\n```sh\n"
-              "make bench-pretrained   # benchmarks/bench_pretrained.py --markdown "
-              "docs/performance-pretrained.md\n```\n\nWritten by that command (the method is in the "
-              "script's docstring). The seed model against PyTorch: [performance.md](performance.md). "
-              "One run on this machine:\n\n")
-    from perceiver_np._files import atomic_write
-
-    atomic_write(path, lambda f: f.write((header + text + "\n").encode()))
+    write_page(path, "# Performance: the published Perceivers against Hugging Face transformers\n\n```sh\n"
+               "make bench-pretrained   # benchmarks/bench_pretrained.py --markdown "
+               "docs/performance-pretrained.md\n```\n\nWritten by that command (the method is in the "
+               "script's docstring). The seed model against PyTorch: [performance.md](performance.md). "
+               "One run on this machine:\n\n", text)
 
 
 def main(argv: list[str] | None = None) -> int:

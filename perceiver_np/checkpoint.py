@@ -60,6 +60,20 @@ from .model import Perceiver
 from .pretrained import PretrainedPerceiver, _layout, _specs
 from .version import __version__
 
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], old_name: str, new_name: str) -> list[str]:
+    """One line per key whose value differs between two flat dicts (absent on one side
+    included): ``"key: <old_name> 1, <new_name> 2"``, in ``old``'s key order, then ``new``'s."""
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "(absent)" if value is missing else repr(value)
+
+    return [f"{k}: {old_name} {show(old.get(k, missing))}, {new_name} {show(new.get(k, missing))}"
+            for k in [*old, *(k for k in new if k not in old)]
+            if old.get(k, missing) != new.get(k, missing)]
+
+
 FORMAT_NAME = "perceiver_np.checkpoint"
 FORMAT_VERSION = 1
 
@@ -881,14 +895,7 @@ def _compare_models(config: PerceiverConfig, architecture: str | None, hf_config
         raise CheckpointError(
             f"{where}: the checkpoint holds a {architecture}, expect_model is a {want_arch}")
     want = _hf_config_to_json(expected.hf_config)
-    missing = object()
-
-    def show(value: Any) -> str:
-        return "(absent)" if value is missing else repr(value)
-
-    diffs = [f"{k}: checkpoint {show(hf_config.get(k, missing))}, expected {show(want.get(k, missing))}"
-             for k in [*hf_config, *(k for k in want if k not in hf_config)]
-             if hf_config.get(k, missing) != want.get(k, missing)]
+    diffs = differences(hf_config, want, "checkpoint", "expected")
     if diffs:
         raise CheckpointError(f"{where}: the checkpoint's hf_config differs from expect_model's in "
                               f"{len(diffs)} field(s): " + "; ".join(diffs))

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from . import losses
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import differences, load_checkpoint, save_checkpoint
 from .model import Perceiver
 from .optim import Optimizer, clip_by_global_norm, global_norm
 from .pretrained import PretrainedPerceiver
@@ -516,15 +516,8 @@ def _check_resume(stored: Any, settings: dict[str, Any], where: str) -> None:
             "cannot be checked to continue the same run; start a new run from its parameters instead "
             "(fit(Perceiver(ck.config, ck.params), ...), or fit(ck.model(), ...), without resume)"
         )
-    old, new = _flatten(stored), _flatten(settings)
-    missing = object()
-
-    def show(value: Any) -> str:
-        return "(absent)" if value is missing else repr(value)
-
-    differ = [f"{name}: checkpoint {show(old.get(name, missing))}, now {show(new.get(name, missing))}"
-              for name in [*old, *(k for k in new if k not in old)]
-              if old.get(name, missing) != new.get(name, missing)]
+    new = _flatten(settings)
+    differ = differences(_flatten(stored), new, "checkpoint", "now")
     if differ:
         raise ValueError(
             f"resume: the checkpoint {where} was written with other training settings, so the run "
