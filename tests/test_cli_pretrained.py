@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from perceiver_np.cli import main as cli
 from perceiver_np.images import flow_to_color
 from perceiver_np.tolerances import PUBLISHED_FLOAT32_RTOL
 
 from .hf_helpers import random_hf_model
+from .test_cli import run
 
 torch = pytest.importorskip("torch", reason="the HF cross-checks need torch (make test installs it)")
 transformers = pytest.importorskip("transformers", reason="the HF cross-checks need transformers")
@@ -87,19 +87,6 @@ def m(tmp_path_factory):
         (ns.bad_processor / item.name).write_bytes(item.read_bytes())
     (ns.bad_processor / "preprocessor_config.json").write_text(json.dumps({"do_center_crop": False}))
     return ns
-
-
-def run(argv, capsys):
-    """-> (exit code, stdout, stderr). An exception escaping main fails the test: the user
-    would have seen a traceback."""
-    try:
-        code = cli([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own exit, as the console script would see it
-        code = exc.code
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main")
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _rel(a, b):
