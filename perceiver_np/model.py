@@ -216,8 +216,9 @@ class Perceiver:
         ``queries`` [B, O, Cq]: the output queries, with ``query_source="given"`` (only then).
         ``query_mask`` [B, O] bool (query decoder): False outputs are exactly 0, and so is
         everything's gradient through them. ``record`` (a dict) receives every intermediate
-        activation under a stable name (:func:`activation_names` gives them in forward order);
-        the plain attention path records scores and probabilities too, the kernel does not.
+        activation under a stable name (:func:`perceiver_np.verify.golden_names` lists them in
+        forward order); the plain attention path records scores and probabilities too, the
+        kernel does not.
         """
         cfg, p = self.config, self.checked_params()
         x, mask = self._check_input(x, mask, p)

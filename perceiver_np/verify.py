@@ -47,7 +47,7 @@ import numpy as np
 
 from ._files import atomic_savez
 from .checkpoint import hf_config_json
-from .config import PerceiverConfig
+from .config import PerceiverConfig, make_config, param_shapes
 from .model import Perceiver, step_names
 from .pretrained import PretrainedPerceiver
 from .tolerances import GOLDEN_FLOAT32_RTOL, GOLDEN_FLOAT64_RTOL, GOLDEN_GRAD_FLOOR
@@ -260,6 +260,22 @@ def run_and_record(
     out.update({f"grad/{k}": grads[k] for k in reversed(list(grads))})
     out["grad/x"] = dx
     return out
+
+
+def golden_names(config: PerceiverConfig | Mapping[str, Any]) -> list[str]:
+    """The names a golden file of a Perceiver of ``config`` holds, in the file's order, without
+    writing one: ``act/<name>`` in forward order (the plain attention path's, scores and
+    probabilities included), ``loss``, ``loss/dy``, ``grad/<name>`` in backward order and
+    ``grad/x`` (the inputs and parameters besides: ``input/x``, ``params/<name>``). They are
+    read off one forward and backward of the float64 plain-path model with zero parameters on a
+    [1, 2, C] input, so they are the names :func:`write_golden` writes, by construction."""
+    cfg = config if isinstance(config, PerceiverConfig) else make_config(**dict(config))
+    cfg = cfg.replace(dtype="float64", backend="numpy")
+    zero = Perceiver(cfg, {k: np.zeros(shape) for k, shape in param_shapes(cfg).items()})
+    queries = None
+    if cfg.decoder == "query" and cfg.query_source == "given":
+        queries = np.zeros((1, 1, cfg.decoder_query_channels))
+    return list(run_and_record(zero, np.zeros((1, 2, cfg.input_dim)), queries=queries))
 
 
 #: The order of a published model's gradients in a golden file: its pieces in backward order

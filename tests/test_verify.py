@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 import perceiver_np as pnp
 from perceiver_np import verify
 from perceiver_np.cli import main as cli
+
+from .helpers import small_opts
 
 FLAGS = ["--input-dim", "7", "--latent-dim", "16", "--num-latents", "4", "--num-heads", "2",
          "--num-layers", "3", "--num-cross-layers", "2"]
@@ -276,3 +279,22 @@ def test_a_fully_masked_sample_has_no_scores_to_compare(golden, tmp_path):
     np.savez(tmp_path / "theirs.npz", **theirs)
     report = verify.compare(g2, tmp_path / "theirs.npz")
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(decoder="classification", output_dim=3),
+    dict(decoder="query", query_source="given", query_dim=5, num_outputs=4, output_dim=2),
+    dict(num_cross_layers=2, num_blocks=2, masked_rows="uniform"),
+])
+def test_golden_names_are_the_names_a_golden_file_holds(tmp_path, opts):
+    model = pnp.build(**small_opts(dtype="float64", **opts))
+    x = np.random.default_rng(0).normal(size=(2, 3, model.config.input_dim))
+    queries = None
+    if model.config.query_source == "given" and model.config.decoder == "query":
+        queries = np.random.default_rng(1).normal(size=(2, 4, 5))
+    path = verify.write_golden(tmp_path / "g.npz", model, x, queries=queries)
+    with np.load(path) as f:
+        written = [k for k in f.files if k.split("/")[0] in ("act", "grad", "loss")]
+    assert verify.golden_names(model.config) == written
+    assert verify.golden_names(dataclasses.asdict(model.config)) == written
