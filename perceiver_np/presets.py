@@ -14,10 +14,16 @@ options; every switch in it is an ordinary option, so a preset can be overridden
 - ``hf``: Hugging Face ``transformers``' ``PerceiverModel`` with ``PerceiverConfig()``'s
   defaults: as DeepMind but exact GELU, dropout only on attention probabilities (0.1), and a
   row that sees no key attending uniformly over all keys (HF's additive ``finfo.min`` mask).
+
+:func:`from_deepmind` turns the keyword arguments of DeepMind's own ``PerceiverEncoder`` and
+``BasicDecoder`` / ``ClassificationDecoder`` (perceiver/perceiver.py of deepmind-research) into
+options, every argument checked by name.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from .config import RECOMMENDED_DEFAULTS
@@ -63,3 +69,140 @@ def preset(name: str, **overrides: Any) -> dict[str, Any]:
     if name not in table:
         raise ValueError(f"preset: expected one of {PRESETS}, got {name!r}")
     return table[name](**overrides)
+
+
+#: DeepMind's ``PerceiverEncoder`` keyword arguments and their defaults (deepmind-research,
+#: perceiver/perceiver.py). ``z_pos_enc_init_scale`` and ``name`` change no computation.
+DEEPMIND_ENCODER_DEFAULTS: dict[str, Any] = {
+    "num_self_attends_per_block": 6, "num_blocks": 8, "z_index_dim": 512, "num_z_channels": 1024,
+    "qk_channels": None, "v_channels": None, "num_cross_attend_heads": 1, "num_self_attend_heads": 8,
+    "cross_attend_widening_factor": 1, "self_attend_widening_factor": 1, "dropout_prob": 0.0,
+    "z_pos_enc_init_scale": 0.02, "cross_attention_shape_for_attn": "kv", "use_query_residual": True,
+    "name": "perceiver_encoder",
+}
+#: DeepMind's ``BasicDecoder`` keyword arguments and their defaults (``ClassificationDecoder``
+#: takes ``num_classes`` instead of ``output_num_channels`` and ``output_index_dims``).
+#: ``output_w_init``, the encodings' ``init_scale`` and ``name`` change no computation.
+DEEPMIND_DECODER_DEFAULTS: dict[str, Any] = {
+    "output_num_channels": None, "position_encoding_type": "trainable", "output_index_dims": None,
+    "subsampled_index_dims": None, "num_z_channels": 1024, "qk_channels": None, "v_channels": None,
+    "use_query_residual": False, "output_w_init": None, "concat_preprocessed_input": False,
+    "num_heads": 1, "final_project": True, "trainable_position_encoding_kwargs": None,
+    "fourier_position_encoding_kwargs": None, "num_classes": None, "name": "basic_decoder",
+}
+
+
+def _kwargs(what: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    if given is None:
+        return dict(defaults)
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{what}: expected a dict of DeepMind's keyword arguments, "
+                        f"got {type(given).__name__}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{what}: unknown argument(s) {unknown}; DeepMind's are {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def from_deepmind(
+    encoder_kwargs: Mapping[str, Any] | None = None,
+    decoder_kwargs: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Options of the model DeepMind's ``PerceiverEncoder(**encoder_kwargs)`` followed by its
+    decoder (``decoder_kwargs``: a ``ClassificationDecoder``'s when they hold ``num_classes``,
+    else a ``BasicDecoder``'s; None: no decoder, the latents are the output) computes, on inputs
+    of ``input_dim`` channels (an override, like every other option)::
+
+        opts = presets.from_deepmind(dict(num_z_channels=256, z_index_dim=64, num_blocks=2),
+                                     dict(num_classes=10, num_z_channels=256), input_dim=261)
+
+    Every argument is checked by name (a misspelt one would otherwise leave DeepMind's default
+    in place silently) and every value that perceiver_np does not compute is refused with the
+    reason. ``cross_attention_shape_for_attn='q'`` without ``qk_channels`` becomes
+    ``qk_channels = num_z_channels`` (DeepMind's cross-attention then takes its qk width from
+    the latents; the self-attention's default is that width too). DeepMind's GELU is the tanh
+    approximation, its ``dropout_prob`` drops after each attention and MLP (``dropout``), its
+    masked rows are zero, and there is no input projection and no final LayerNorm.
+    """
+    enc = _kwargs("encoder_kwargs", encoder_kwargs, DEEPMIND_ENCODER_DEFAULTS)
+    shape_for = enc["cross_attention_shape_for_attn"]
+    if shape_for not in ("kv", "q"):
+        raise ValueError("encoder_kwargs['cross_attention_shape_for_attn']: expected 'kv' or 'q', "
+                         f"got {shape_for!r}")
+    qk = enc["qk_channels"]
+    if qk is None and shape_for == "q":
+        qk = enc["num_z_channels"]
+    opts: dict[str, Any] = {
+        **deepmind(),
+        "latent_dim": enc["num_z_channels"], "num_latents": enc["z_index_dim"],
+        "num_layers": enc["num_self_attends_per_block"], "num_blocks": enc["num_blocks"],
+        "qk_channels": qk, "v_channels": enc["v_channels"],
+        "cross_heads": enc["num_cross_attend_heads"], "num_heads": enc["num_self_attend_heads"],
+        "cross_widening_factor": enc["cross_attend_widening_factor"],
+        "self_widening_factor": enc["self_attend_widening_factor"],
+        "dropout": enc["dropout_prob"], "use_query_residual": enc["use_query_residual"],
+    }
+    if decoder_kwargs is not None:
+        opts.update(_deepmind_decoder(_kwargs("decoder_kwargs", decoder_kwargs, DEEPMIND_DECODER_DEFAULTS),
+                                      enc["num_z_channels"]))
+    return {**opts, **overrides}
+
+
+def _deepmind_decoder(dec: dict[str, Any], latent_dim: int) -> dict[str, Any]:
+    """Our decoder options from DeepMind's BasicDecoder / ClassificationDecoder arguments."""
+    refused = {
+        "concat_preprocessed_input": (False, "our queries are not concatenated with the input"),
+        "final_project": (True, "our decoders end with their output Linear"),
+        "subsampled_index_dims": (None, "decode the whole output (subsampling is a call option "
+                                  "of the published multimodal model only)"),
+    }
+    for key, (want, why) in refused.items():
+        if dec[key] != want:
+            raise ValueError(f"decoder_kwargs[{key!r}]: {dec[key]!r} is not supported ({why})")
+    if dec["num_z_channels"] != latent_dim:
+        raise ValueError(f"decoder_kwargs['num_z_channels']: {dec['num_z_channels']} but the encoder's "
+                         f"num_z_channels is {latent_dim}: the decoder reads the encoder's latents")
+    opts: dict[str, Any] = {
+        "decoder_heads": dec["num_heads"], "decoder_qk_channels": dec["qk_channels"],
+        "decoder_v_channels": dec["v_channels"], "decoder_widening_factor": 1,
+        "decoder_query_residual": dec["use_query_residual"],
+    }
+    kind = dec["position_encoding_type"]
+    if dec["num_classes"] is not None:
+        if dec["output_num_channels"] is not None or dec["output_index_dims"] is not None:
+            raise ValueError("decoder_kwargs: a ClassificationDecoder takes num_classes, not "
+                             "output_num_channels or output_index_dims")
+        opts.update(decoder="classification", output_dim=dec["num_classes"])
+        dims: tuple[int, ...] = (1,)
+    else:
+        if dec["output_num_channels"] is None or dec["output_index_dims"] is None:
+            raise ValueError("decoder_kwargs: a BasicDecoder needs output_num_channels and "
+                             "output_index_dims (or give num_classes for a ClassificationDecoder)")
+        raw = dec["output_index_dims"]
+        dims = (int(raw),) if isinstance(raw, int) else tuple(int(d) for d in raw)
+        opts.update(decoder="query", output_dim=dec["output_num_channels"])
+    if kind == "trainable":
+        pos = dict(dec["trainable_position_encoding_kwargs"] or {})
+        unknown = sorted(set(pos) - {"num_channels", "init_scale"})
+        if unknown:
+            raise ValueError(f"decoder_kwargs['trainable_position_encoding_kwargs']: unknown {unknown}")
+        opts["query_dim"] = pos.get("num_channels", 128)  # DeepMind's TrainablePositionEncoding default
+        if opts["decoder"] == "query":
+            opts.update(query_source="trainable", num_outputs=math.prod(dims))
+    elif kind == "fourier" and opts["decoder"] == "query":
+        pos = dict(dec["fourier_position_encoding_kwargs"] or {})
+        expected = {"concat_pos": True, "sine_only": False, "max_resolution": None}
+        for key, value in pos.items():
+            if key == "num_bands" or (key in expected and value in (expected[key], list(dims), dims)):
+                continue
+            raise ValueError(f"decoder_kwargs['fourier_position_encoding_kwargs'][{key!r}]: {value!r} is not "
+                             "supported (our Fourier queries: concat_pos, both phases, the output grid "
+                             "as the resolution)")
+        if "num_bands" not in pos:
+            raise ValueError("decoder_kwargs['fourier_position_encoding_kwargs']: num_bands is required")
+        opts.update(query_source="fourier", output_index_dims=dims, query_num_bands=pos["num_bands"])
+    else:
+        raise ValueError(f"decoder_kwargs['position_encoding_type']: {kind!r} is not supported for this "
+                         "decoder (trainable queries, or Fourier queries of a BasicDecoder)")
+    return opts

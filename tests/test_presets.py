@@ -70,3 +70,63 @@ def test_uniform_masked_rows_use_the_plain_path(rng):
         pnp.build(**small_opts(masked_rows="uniform", backend="numba"))
     with pytest.raises(ValueError, match="masked_rows: expected one of"):
         pnp.build(**small_opts(masked_rows="nan"))
+
+
+def test_from_deepmind_defaults_are_the_deepmind_preset():
+    assert pnp.presets.from_deepmind() == pnp.presets.deepmind()
+
+
+def test_from_deepmind_imagenet_classifier():
+    """DeepMind's ImageNet configuration (its experiment config's encoder and decoder
+    arguments), made small; the model it describes, built."""
+    enc = dict(num_self_attends_per_block=2, num_blocks=3, z_index_dim=8, num_z_channels=16,
+               num_cross_attend_heads=1, num_self_attend_heads=4, cross_attend_widening_factor=1,
+               self_attend_widening_factor=1, dropout_prob=0.0, z_pos_enc_init_scale=0.02,
+               cross_attention_shape_for_attn="kv", use_query_residual=True)
+    dec = dict(num_z_channels=16, use_query_residual=True, position_encoding_type="trainable",
+               trainable_position_encoding_kwargs=dict(num_channels=16, init_scale=0.02), num_classes=5)
+    opts = pnp.presets.from_deepmind(enc, dec, input_dim=11, dtype="float64")
+    model = pnp.build(**opts)
+    cfg = model.config
+    assert (cfg.latent_dim, cfg.num_latents, cfg.num_layers, cfg.num_blocks) == (16, 8, 2, 3)
+    assert (cfg.cross_heads, cfg.num_heads, cfg.gelu, cfg.masked_rows) == (1, 4, "tanh", "zero")
+    assert (cfg.decoder, cfg.output_dim, cfg.decoder_query_channels) == ("classification", 5, 16)
+    assert cfg.decoder_query_residual and not cfg.input_projection and not cfg.final_norm
+    assert model.params["cross.0.attn.q.weight"].shape == (16, 11)  # qk width from the input ('kv')
+    assert model.params["decoder.queries"].shape == (1, 16)
+    assert model(np.zeros((2, 3, 11))).shape == (2, 5)
+
+
+def test_from_deepmind_q_shape_takes_the_qk_width_from_the_latents():
+    opts = pnp.presets.from_deepmind(dict(num_z_channels=16, z_index_dim=4, num_self_attend_heads=2,
+                                          cross_attention_shape_for_attn="q"), input_dim=7)
+    assert pnp.build(**opts).params["cross.0.attn.q.weight"].shape == (16, 16)
+
+
+def test_from_deepmind_basic_decoders():
+    enc = dict(num_z_channels=16, z_index_dim=4, num_self_attend_heads=2)
+    trainable = pnp.presets.from_deepmind(enc, dict(num_z_channels=16, output_num_channels=3,
+                                                    output_index_dims=(2, 3), num_heads=2,
+                                                    trainable_position_encoding_kwargs={"num_channels": 8}))
+    assert (trainable["decoder"], trainable["num_outputs"], trainable["query_dim"]) == ("query", 6, 8)
+    fourier = pnp.presets.from_deepmind(enc, dict(num_z_channels=16, output_num_channels=3,
+                                                  output_index_dims=5, position_encoding_type="fourier",
+                                                  fourier_position_encoding_kwargs={"num_bands": 4}))
+    assert (fourier["query_source"], fourier["output_index_dims"], fourier["query_num_bands"]) == \
+        ("fourier", (5,), 4)
+    for opts in (trainable, fourier):
+        assert pnp.build(input_dim=3, **opts).config.decoder == "query"
+
+
+@pytest.mark.parametrize("enc, dec, message", [
+    (dict(num_z_channel=16), None, r"encoder_kwargs: unknown argument\(s\) \['num_z_channel'\]"),
+    (None, dict(num_classes=3, num_heads=1, widening_factor=2), r"decoder_kwargs: unknown .*widening_factor"),
+    (None, dict(num_classes=3, concat_preprocessed_input=True), "concat_preprocessed_input.*not supported"),
+    (None, dict(num_classes=3, final_project=False), "final_project.*not supported"),
+    (None, dict(num_classes=3, num_z_channels=8), r"num_z_channels'\]: 8 but the encoder's .* is 1024"),
+    (None, dict(output_num_channels=3), "needs output_num_channels and output_index_dims"),
+    (dict(cross_attention_shape_for_attn="qk"), None, "expected 'kv' or 'q', got 'qk'"),
+])
+def test_from_deepmind_refuses_what_it_cannot_map(enc, dec, message):
+    with pytest.raises(ValueError, match=message):
+        pnp.presets.from_deepmind(enc, dec)
