@@ -33,15 +33,19 @@ backward order (postprocessor, decoder, encoder, preprocessor); no input gradien
 plain attention path, so that every attention's scores and probabilities are recorded.
 :func:`golden_model` rebuilds the reference model and its run's arguments from a golden file of
 either kind.
+
+:func:`record_torch` records a float64 PyTorch module (forward hooks on named submodules, one
+backward of ``loss/dy``) in this layout, to be ``np.savez``-ed and compared;
+:func:`hf_record_names` gives its name maps for Hugging Face's ``PerceiverModel``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -559,3 +563,233 @@ def compare(
     compared = {r.name for r in rows}
     return CompareReport(tuple(rows), missing, extra, tuple(mismatched), allow_missing,
                          tuple(f"act/{n}" for n in masked if f"act/{n}" in compared))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording a PyTorch model under the golden names
+# ---------------------------------------------------------------------------------------------
+
+#: What one entry of ``record_torch``'s ``activations`` may be: a submodule path (its output),
+#: ``(path, "output" | "input")`` or ``(path, "output" | "input", call)`` (the ``call``-th call
+#: of that submodule, from 0: a block shared across repeats runs once per repeat).
+TorchTap: TypeAlias = str | tuple[str, str] | tuple[str, str, int]
+
+
+def _tap(name: str, tap: TorchTap) -> tuple[str, str, int]:
+    if isinstance(tap, str):
+        return tap, "output", 0
+    path, where, *rest = tap
+    call = rest[0] if rest else 0
+    if where not in ("output", "input") or not isinstance(call, int) or call < 0 or len(rest) > 1:
+        raise ValueError(f"activations[{name!r}]: expected a path, (path, 'output'|'input') or "
+                         f"(path, 'output'|'input', call >= 0), got {tap!r}")
+    return path, where, call
+
+
+def _default_forward(module: Any, inputs: Any) -> Any:
+    out = module(**inputs) if isinstance(inputs, Mapping) else module(*inputs)
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(out, attr, None)
+        if value is not None:
+            return value
+    return out
+
+
+def record_torch(
+    module: Any,
+    inputs: Mapping[str, Any] | tuple[Any, ...],
+    dy: Any,
+    *,
+    activations: Mapping[str, TorchTap],
+    params: Mapping[str, str],
+    transpose: Callable[[str], bool] | None = None,
+    forward: Callable[[Any, Any], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """One forward and backward of a float64 PyTorch ``module``, recorded in the golden layout
+    (write it with ``np.savez`` and :func:`compare` it against the golden file).
+
+    ``inputs``: the module's keyword arguments (a dict) or positional ones (a tuple); NumPy
+    arrays become tensors, floating ones float64. The first floating-point input (in the dict's
+    or tuple's order) is the ``x`` whose gradient is ``grad/x``. ``dy``: the upstream gradient
+    (the golden file's ``loss/dy``). ``activations``: golden activation name (without ``act/``)
+    -> submodule path (``module.get_submodule``) whose output is recorded (a tuple output: its
+    first element), or ``(path, "input")`` for its first positional input, with an optional
+    third element, the call to record (from 0; default the first). ``params``: our parameter
+    name -> the module's parameter name (``named_parameters``). ``transpose(our_name)``: whether
+    to transpose that gradient to our ``[in, out]`` layout (default: our ``*.weight`` names of
+    2-D parameters, the Linear weights). ``forward(module, inputs) -> tensor``: the output
+    (default: ``module(**inputs)``, or ``module(*inputs)``, then its ``.logits`` if not None,
+    else its ``.last_hidden_state``, else the result itself).
+
+    Returns ``act/<name>`` (in the order recorded), ``act/output``, ``loss`` (``sum(dy *
+    output)``), ``loss/dy``, ``grad/<our name>`` for every entry of ``params`` and ``grad/x``,
+    all float64 NumPy arrays. The module runs in eval mode (each submodule's mode is restored
+    afterwards) and its hooks are removed, also on error; parameters' ``.grad`` are untouched
+    (the gradients come from ``torch.autograd.grad``)."""
+    import torch
+
+    from .interop import _is_linear_weight
+
+    by_name = dict(module.named_parameters())
+    not_float64 = sorted(k for k, p in by_name.items() if p.is_floating_point() and p.dtype != torch.float64)
+    if not_float64:
+        raise ValueError(f"record_torch runs in float64: {len(not_float64)} parameters are not "
+                         f"(e.g. {not_float64[0]}); call module.double() first")
+    unknown = [f"{ours} -> {theirs}" for ours, theirs in params.items() if theirs not in by_name]
+    if unknown:
+        raise ValueError(f"params: no such parameter of the module: {', '.join(unknown)}")
+    taps = {name: _tap(name, tap) for name, tap in activations.items()}
+    submodules = {path: module.get_submodule(path) for path, _, _ in taps.values()}
+    def linear_weight(ours: str) -> bool:
+        return _is_linear_weight(ours) and by_name[params[ours]].ndim == 2
+
+    to_ours = transpose or linear_weight
+
+    x: Any = None
+
+    def to_tensor(value: Any) -> Any:
+        nonlocal x
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if t.is_floating_point():
+            t = t.detach().to(torch.float64)
+            if x is None:
+                x = t.requires_grad_()
+        return t
+
+    if isinstance(inputs, Mapping):
+        run_inputs: Any = {k: to_tensor(v) for k, v in inputs.items()}
+    else:
+        run_inputs = tuple(to_tensor(v) for v in inputs)
+
+    recorded: dict[str, np.ndarray] = {}
+    calls = dict.fromkeys(submodules, 0)
+
+    def as_numpy(value: Any) -> np.ndarray:
+        if isinstance(value, (tuple, list)):
+            value = value[0]
+        return np.array(value.detach().cpu().numpy(), dtype=np.float64)
+
+    def hook_for(path: str) -> Any:
+        wanted = [(name, where, call) for name, (p, where, call) in taps.items() if p == path]
+
+        def hook(_mod: Any, args: tuple[Any, ...], output: Any) -> None:
+            call = calls[path]
+            calls[path] += 1
+            for name, where, at in wanted:
+                if at != call:
+                    continue
+                if where == "input":
+                    if not args:
+                        raise ValueError(f"activations[{name!r}]: {path} got no positional input")
+                    recorded[name] = as_numpy(args[0])
+                else:
+                    recorded[name] = as_numpy(output)
+        return hook
+
+    modes = {m: m.training for m in module.modules()}
+    handles = []
+    try:
+        module.eval()
+        for path, sub in submodules.items():
+            handles.append(sub.register_forward_hook(hook_for(path)))
+        with torch.enable_grad():
+            y = (forward or _default_forward)(module, run_inputs)
+            dy_t = (dy if isinstance(dy, torch.Tensor) else torch.as_tensor(np.asarray(dy))).detach()
+            dy_t = dy_t.to(torch.float64)
+            if tuple(dy_t.shape) != tuple(y.shape):
+                raise ValueError(f"dy: shape {tuple(dy_t.shape)} does not fit the output {tuple(y.shape)}")
+            loss = (dy_t * y).sum()
+            wrt = [by_name[theirs] for theirs in params.values()] + ([x] if x is not None else [])
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    never = [f"{name} ({path}, call {call})" for name, (path, _, call) in taps.items()
+             if name not in recorded]
+    if never:
+        raise ValueError("activations: never recorded (the submodule did not run that often): "
+                         + ", ".join(never))
+
+    out: dict[str, np.ndarray] = {f"act/{name}": recorded[name] for name in recorded}
+    out["act/output"] = as_numpy(y)
+    out["loss"] = np.asarray(float(loss.detach()), dtype=np.float64)
+    out["loss/dy"] = as_numpy(dy_t)
+    for (ours, _), grad, p in zip(params.items(), grads, wrt, strict=False):
+        g = as_numpy(grad) if grad is not None else np.zeros(tuple(p.shape))
+        out[f"grad/{ours}"] = np.ascontiguousarray(g.T) if to_ours(ours) else g
+    if x is not None:
+        gx = grads[-1]
+        out["grad/x"] = as_numpy(gx) if gx is not None else np.zeros(tuple(x.shape))
+    return out
+
+
+#: Our block-local activation names -> the HF ``PerceiverLayer`` submodule whose output is the
+#: same tensor (``attention.self``'s first output is the heads merged, before the projection).
+_HF_LAYER_TAPS = {
+    "q_norm.out": "attention.self.layernorm1",
+    "kv_norm.out": "attention.self.layernorm2",
+    "norm.out": "attention.self.layernorm1",
+    "attn.q.out": "attention.self.query",
+    "attn.k.out": "attention.self.key",
+    "attn.v.out": "attention.self.value",
+    "attn.heads.out": "attention.self",
+    "attn.out": "attention.output.dense",
+    "attn_residual.out": "attention",
+    "ffn_norm.out": "layernorm",
+    "ffn.up.out": "mlp.dense1",
+    "ffn.act.out": "mlp.intermediate_act_fn",
+    "ffn.down.out": "mlp.dense2",
+    "out": "",
+}
+
+
+def hf_record_names(config: PerceiverConfig | Mapping[str, Any]
+                    ) -> tuple[dict[str, TorchTap], dict[str, str]]:
+    """``(activations, params)`` for :func:`record_torch` of Hugging Face's ``PerceiverModel``
+    built from ``config`` (:func:`perceiver_np.interop.to_hf_config`): ``params`` is
+    :func:`perceiver_np.interop.hf_name_map`; ``activations`` maps every golden activation
+    HF's modules expose as the identical tensor: ``input`` (the first input of the input
+    projection, or else of the cross-attention's kv LayerNorm), ``input_proj.out``, and for
+    the cross block, each self block (each repeat of a shared one: the ``u``-th call of
+    ``encoder.self_attends.{j}``) and the decoder: the LayerNorm outputs, ``attn.q/k/v.out``
+    (the projections, before the head split), ``attn.heads.out``, ``attn.out`` (the output
+    dense), ``attn_residual.out``, ``ffn.up/act/down.out`` and the block's ``out``. Left out,
+    as no HF module outputs them: ``attn.scores`` and ``attn.probs`` (computed inside
+    ``PerceiverSelfAttention.forward``); ``output`` is ``record_torch``'s own."""
+    from .interop import _hf_decoder_prefix, hf_name_map
+
+    cfg = config if isinstance(config, PerceiverConfig) else make_config(**dict(config))
+    params = hf_name_map(cfg)
+    acts: dict[str, TorchTap] = {}
+    for act in golden_names(cfg):
+        if not act.startswith("act/"):
+            continue
+        name = act[len("act/"):]
+        head, _, rest = name.partition(".")
+        if name == "input":
+            acts[name] = (("input_preprocessor.linear" if cfg.input_projection
+                           else "encoder.cross_attention.attention.self.layernorm2"), "input")
+            continue
+        if name == "input_proj.out":
+            acts[name] = "input_preprocessor.linear"
+            continue
+        call = 0
+        if head == "cross":
+            layer, local = "encoder.cross_attention", rest.partition(".")[2]
+        elif head == "self":
+            j, _, local = rest.partition(".")
+            layer = f"encoder.self_attends.{j}"
+            if local.startswith("use"):
+                use, _, local = local.partition(".")
+                call = int(use[len("use"):])
+        elif head == "decoder":
+            layer, local = _hf_decoder_prefix(cfg) + "decoding_cross_attention", rest
+        else:
+            continue  # output
+        sub = _HF_LAYER_TAPS.get(local)
+        if sub is not None:
+            path = f"{layer}.{sub}" if sub else layer
+            acts[name] = path if call == 0 else (path, "output", call)
+    return acts, params
