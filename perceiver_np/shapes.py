@@ -114,9 +114,14 @@ def as_mask(
         return None
     arr = np.asarray(mask)
     if arr.dtype != np.bool_:
+        hint = "e.g. mask = (padding == 0)"
+        if arr.dtype.kind in "iu":  # the ports' integer masks are keep-masks, not padding masks
+            hint = ("a keep-mask (Hugging Face's attention_mask, DeepMind's input_mask: 1 = keep) "
+                    "converts as mask = keep.astype(bool); a padding mask (1 = padding) as "
+                    "mask = (padding == 0)")
         raise TypeError(
             f"{name}: expected dtype bool (True = keep this position), got {arr.dtype.name}; "
-            "convert explicitly, e.g. mask = (padding == 0)"
+            f"convert explicitly: {hint}"
         )
     expect_shape(name, arr, (batch, length), letters)
     return arr

@@ -302,8 +302,13 @@ def test_input_shape_errors(shape, match):
 def test_mask_errors(rng):
     model = pnp.build(**small_opts())
     x = rng.normal(size=(2, 4, 5))
-    with pytest.raises(TypeError, match="mask: expected dtype bool"):
+    with pytest.raises(TypeError, match=r"mask: expected dtype bool .* a keep-mask \(Hugging Face's "
+                                        r"attention_mask, DeepMind's input_mask: 1 = keep\) converts as "
+                                        r"mask = keep.astype\(bool\); a padding mask"):
         model(x, np.ones((2, 4), dtype=int))
+    with pytest.raises(TypeError, match=r"mask: expected dtype bool .* got float64; convert explicitly: "
+                                        r"e.g. mask = \(padding == 0\)$"):
+        model(x, np.ones((2, 4)))
     with pytest.raises(ValueError, match=r"mask: expected shape \[B, N\] = \(2, 4\), got \(4,\)"):
         model(x, np.ones(4, dtype=bool))
 
