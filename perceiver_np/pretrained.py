@@ -42,6 +42,7 @@ from .interop import (
     InteropError,
     _as_param,
     _check_keys,
+    _hf_num_labels,
     _hf_options,
     _int,
     hf_name_map,
@@ -428,12 +429,6 @@ def _hf_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {**HF_TASK_DEFAULTS, **dict(config_dict)}
 
 
-def _num_labels(c: Mapping[str, Any]) -> int:
-    if c.get("id2label"):
-        return _int("len(id2label)", len(c["id2label"]))
-    return _int("num_labels", c.get("num_labels", 2))
-
-
 def _cross_widths(c: Mapping[str, Any], q_dim: int, kv_dim: int, qk: int | None, v: int | None
                   ) -> tuple[int, int]:
     """HF's ``PerceiverAttention`` widths of a cross-attention: qk from the queries or the
@@ -448,7 +443,7 @@ def _classification(c: Mapping[str, Any]) -> BasicDecoder:
     qk, v = _cross_widths(c, d, d, None, None)
     return BasicDecoder("classification", hf=HF_PREFIX + "decoder.decoder", queries="trainable",
                         num_queries=1, q_dim=d, kv_dim=d, qk=qk, v=v, heads=1, widening=1,
-                        query_residual=True, out=_num_labels(c))
+                        query_residual=True, out=_hf_num_labels(c))
 
 
 def _structure(architecture: str, c: dict[str, Any]) -> tuple[Any, BasicDecoder, Any]:
@@ -485,7 +480,7 @@ def _structure(architecture: str, c: dict[str, Any]) -> tuple[Any, BasicDecoder,
                            v=v, heads=1, widening=1, query_residual=False, out=2, grid=train_size)
         return pre, dec, None
     if architecture == "PerceiverForMultimodalAutoencoding":
-        return multimodal_structure(c, num_labels=_num_labels(c))  # type: ignore[return-value]
+        return multimodal_structure(c, num_labels=_hf_num_labels(c))  # type: ignore[return-value]
     raise InteropError(f"architecture: {architecture!r} is not supported; supported: {sorted(ARCHITECTURES)}")
 
 
