@@ -7,11 +7,17 @@ STAMP  := $(VENV)/.installed
 .PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel clean
 
 # dev: the test tools; compare: torch (the CPU build this machine keeps on disk, pinned) and
-# transformers, so that the cross-checks against them run instead of skipping.
+# transformers, so that the cross-checks against them run instead of skipping. Then krasserm's
+# perceiver-io for tests/test_krasserm.py: its 0.11.0 (the last) says Python <3.11 and pins its
+# training stack (pytorch-lightning, torchmetrics<0.10, einops<0.5, ...), so it is installed
+# without its dependencies and with the Python bound overridden: only its core modules
+# (perceiver.model.core) are used, which need torch, einops (from compare) and fairscale's
+# checkpoint_wrapper, and they run on this Python.
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,compare]'
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0 fairscale==0.4.13
 	touch $(STAMP)
 
 $(VENV)/.bench: $(STAMP)

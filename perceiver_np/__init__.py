@@ -22,11 +22,14 @@ from . import (
     engine,
     gradcheck,
     interop,
+    krasserm,
     layers,
     losses,
+    lucidrains,
     memory,
     optim,
     position,
+    precision,
     prep_layers,
     presets,
     pretrained,
@@ -46,6 +49,8 @@ from .blocks import (
 )
 from .config import PerceiverConfig, output_size, param_count, param_shapes, recommended_defaults
 from .interop import from_hf_state_dict, to_hf_state_dict
+from .krasserm import from_krasserm
+from .lucidrains import from_lucidrains
 from .model import Perceiver, build, init_params
 from .pretrained import PretrainedPerceiver, from_hf, from_pretrained
 from .threads import get_num_threads, set_num_threads
@@ -65,19 +70,24 @@ __all__ = [
     "engine",
     "from_hf",
     "from_hf_state_dict",
+    "from_krasserm",
+    "from_lucidrains",
     "from_pretrained",
     "get_num_threads",
     "gradcheck",
     "init_params",
     "interop",
+    "krasserm",
     "layers",
     "losses",
+    "lucidrains",
     "memory",
     "optim",
     "output_size",
     "param_count",
     "param_shapes",
     "position",
+    "precision",
     "prep_layers",
     "presets",
     "pretrained",

@@ -43,22 +43,25 @@ from .shapes import ChunkState, expect_shape
 
 def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
     """:func:`perceiver_np.layers.linear_forward` with the product on Numba's pool."""
-    w, b = params["weight"], params["bias"]
+    w, b = params["weight"], params.get("bias")
     expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
-    expect_shape("linear bias", b, (w.shape[1],), "[out]")
     y = gemm.matmul(x.reshape(-1, w.shape[0]), w).reshape(*x.shape[:-1], w.shape[1])  # [..., out]
-    y += b
-    return y, LinearCache(x, w)
+    if b is not None:
+        expect_shape("linear bias", b, (w.shape[1],), "[out]")
+        y += b
+    return y, LinearCache(x, w, b is not None)
 
 
 def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
     """:func:`perceiver_np.layers.linear_backward` with the products on Numba's pool."""
-    x, w = cache
+    x, w, has_bias = cache
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
     dweight = gemm.matmul_tn(x2, dy2)  # [in, R] @ [R, out] -> [in, out]
     dx = gemm.matmul(dy2, w.T).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
+    if not has_bias:
+        return dx, {"weight": dweight}
     return dx, {"weight": dweight, "bias": dy2.sum(axis=0)}
 
 

@@ -15,6 +15,8 @@ names of the parameter schema (docs/params.md), i.e. the model's names without t
            ffn_norm.gamma|beta [D]  ffn.up.weight [D, wD] ...  ffn.down.weight [wD, D] ...
     self:  norm.gamma|beta [D]  attn.{q,k,v,out}.weight|bias  ffn_norm.*  ffn.*
 
+(no ``attn.{q,k,v}.bias`` with ``qkv_bias=False``; ``ffn.up.weight [D, 2wD]`` with GEGLU).
+
 ``dropout`` is the rate of the dropout after the attention output projection and after the
 FFN down projection; ``attention_dropout`` drops attention probabilities. Both act only with
 ``training=True`` and draw from ``rng`` in a fixed order (attention, then FFN). ``ops``
@@ -70,15 +72,17 @@ def ffn_sublayer_forward(
     dropout: float,
     training: bool,
     rng: np.random.Generator | None,
+    ffn_kind: str = "gelu",
     record: Record = None,
     name: str = "",
     ops: LayerOps = PLAIN,
 ) -> tuple[np.ndarray, FFNSublayerCache]:
-    """The second half of both blocks: a: [B, M, D] -> a + Drop(FFN(LN_ffn(a))): [B, M, D]."""
+    """The second half of both blocks: a: [B, M, D] -> a + Drop(FFN(LN_ffn(a))): [B, M, D]
+    (``ffn_kind``: the FFN's activation, GELU or GEGLU, see :func:`perceiver_np.layers.ffn_forward`)."""
     u, norm = ops.layernorm_forward(a, params_under(params, "ffn_norm"))
     tap(record, f"{name}.ffn_norm.out", u)
-    f, ffn = ffn_forward(u, params_under(params, "ffn"), gelu=gelu, record=record, name=f"{name}.ffn",
-                         ops=ops)
+    f, ffn = ffn_forward(u, params_under(params, "ffn"), gelu=gelu, kind=ffn_kind, record=record,
+                         name=f"{name}.ffn", ops=ops)
     f, drop = dropout_forward(f, rate=dropout, training=training, rng=rng)
     y = residual_forward(a, f)
     tap(record, f"{name}.out", y)
@@ -105,7 +109,7 @@ class CrossBlockCache(NamedTuple):
     attn: MHACache  # queries [B, M, D], keys/values [B, N, Ckv]
     drop: DropoutCache  # attention output [B, M, D] or None
     use_query_residual: bool
-    ffn: FFNSublayerCache
+    ffn: FFNSublayerCache | None  # None: a block without its FFN sublayer (``ffn=False``)
     ops: LayerOps  # the implementations the forward used, for the backward
 
 
@@ -123,11 +127,18 @@ def cross_block_forward(
     training: bool = False,
     rng: np.random.Generator | None = None,
     masked_rows: str = "zero",
+    ffn_kind: str = "gelu",
+    ffn: bool = True,
+    query_mask: np.ndarray | None = None,
     record: Record = None,
     name: str = "cross",
     ops: LayerOps = PLAIN,
 ) -> tuple[np.ndarray, CrossBlockCache]:
-    """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D]."""
+    """z: [B, M, D] latents, h: [B, N, Ckv] inputs, mask: [B, N] bool -> y: [B, M, D].
+    ``ffn=False``: the block ends after the attention (y = a; lucidrains' PerceiverIO decoder
+    without ``decoder_ff``); ``params`` then has no ``ffn_norm.*`` / ``ffn.*``. ``query_mask``
+    [B, M] bool: a False query attends to nothing (:func:`perceiver_np.layers.mha_forward`); the
+    rest of its block runs."""
     b, m, d = z.shape
     expect_shape("cross_block h", h, (b, None, params["kv_norm.gamma"].shape[0]), "[B, N, Ckv]")
     zq, q_norm = ops.layernorm_forward(z, params_under(params, "q_norm"))
@@ -144,6 +155,7 @@ def cross_block_forward(
         training=training,
         rng=rng,
         masked_rows=masked_rows,
+        query_mask=query_mask,
         record=record,
         name=f"{name}.attn",
         ops=ops,
@@ -151,19 +163,24 @@ def cross_block_forward(
     att, drop = dropout_forward(att, rate=dropout, training=training, rng=rng)
     a = residual_forward(z, att) if use_query_residual else att
     tap(record, f"{name}.attn_residual.out", a)
-    y, ffn = ffn_sublayer_forward(
-        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name,
-        ops=ops,
-    )
+    ffn_cache = None
+    if ffn:
+        y, ffn_cache = ffn_sublayer_forward(
+            a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, ffn_kind=ffn_kind,
+            record=record, name=name, ops=ops,
+        )
+    else:
+        y = a
+        tap(record, f"{name}.out", y)
     expect_shape("cross_block output", y, (b, m, d), "[B, M, D]")
-    return y, CrossBlockCache(q_norm, kv_norm, attn, drop, use_query_residual, ffn, ops)
+    return y, CrossBlockCache(q_norm, kv_norm, attn, drop, use_query_residual, ffn_cache, ops)
 
 
 def cross_block_backward(
     dy: np.ndarray, cache: CrossBlockCache
 ) -> tuple[tuple[np.ndarray, np.ndarray], Params]:
     """dy: [B, M, D] -> ((dz [B, M, D], d_h [B, N, Ckv]), grads keyed like params)."""
-    da, g_ffn = ffn_sublayer_backward(dy, cache.ffn)
+    da, g_ffn = (dy, {}) if cache.ffn is None else ffn_sublayer_backward(dy, cache.ffn)
     # in the forward pass this was a = z + att (or a = att without the query residual)
     if cache.use_query_residual:
         dz, datt = residual_backward(da)
@@ -206,6 +223,7 @@ def self_block_forward(
     attention_dropout: float = 0.0,
     training: bool = False,
     rng: np.random.Generator | None = None,
+    ffn_kind: str = "gelu",
     record: Record = None,
     name: str = "self",
     ops: LayerOps = PLAIN,
@@ -229,8 +247,8 @@ def self_block_forward(
     a = residual_forward(z, att)
     tap(record, f"{name}.attn_residual.out", a)
     y, ffn = ffn_sublayer_forward(
-        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, record=record, name=name,
-        ops=ops,
+        a, params, gelu=gelu, dropout=dropout, training=training, rng=rng, ffn_kind=ffn_kind,
+        record=record, name=name, ops=ops,
     )
     return y, SelfBlockCache(norm, attn, drop, ffn, ops)
 

@@ -8,6 +8,7 @@
     perceiver-np gradcheck --input-dim 5 --latent-dim 8 --num-latents 3 --num-heads 2
     perceiver-np golden --preset edifice --input-dim 7 --seed 0 --out golden.npz
     perceiver-np compare golden.npz theirs.npz [--json] [--allow-missing]
+    perceiver-np precision-report golden.npz [--recorded theirs.npz] [--plot out.png] [--json out.json]
     perceiver-np fill-mask DIR "This is an [MASK:9] sentence" [--top K]
     perceiver-np classify-image DIR cat.jpg dog.png [--top 5]
     perceiver-np flow DIR frame1.png frame2.png --out flow.npy [--png flow.png]
@@ -52,15 +53,18 @@ from .config import (
     BACKENDS,
     DECODERS,
     DTYPES,
+    FFN_KINDS,
     GELU_KINDS,
+    INPUT_FOURIER,
     MASKED_ROWS,
+    QUERY_MASKINGS,
     QUERY_SOURCES,
     PerceiverConfig,
     cross_block_shapes,
     decoder_shapes,
     self_block_shapes,
 )
-from .model import Perceiver
+from .model import Perceiver, output_shape
 
 # ---- argument types: each refuses a value out of its range, naming the range --------------------
 
@@ -112,8 +116,20 @@ any_float.__name__ = "float"
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "gelu": GELU_KINDS, "decoder": DECODERS, "masked_rows": MASKED_ROWS,
-    "query_source": QUERY_SOURCES, "dtype": DTYPES, "backend": BACKENDS,
+    "query_source": QUERY_SOURCES, "dtype": DTYPES, "backend": BACKENDS, "ffn_kind": FFN_KINDS,
+    "input_fourier": INPUT_FOURIER, "query_masking": QUERY_MASKINGS,
 }
+
+
+def block_step(text: str) -> tuple[str, int]:
+    """``cross.0`` / ``self.3`` -> ("cross", 0) / ("self", 3): one step of ``--block-order``."""
+    kind, _, index = text.partition(".")
+    if kind not in ("cross", "self") or not index.isdigit():
+        raise argparse.ArgumentTypeError(f"expected cross.I or self.J (a block and its index), got {text!r}")
+    return kind, int(index)
+
+
+block_step.__name__ = "block_step"
 _RATES = {"dropout", "attention_dropout"}
 _SKIP = {"input_dim"}  # required, added by hand
 
@@ -131,6 +147,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, required_input_dim: bool 
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                help=f"(default {default})")
+        elif f.name == "block_order":
+            group.add_argument(flag, type=block_step, nargs="+", default=default,
+                               help="the blocks in the order they run, e.g. cross.0 self.0 cross.1 self.1 "
+                                    "cross.1 self.1 (a repeated block shares its weights; default: the "
+                                    "schedule of num_cross_layers, num_layers and num_blocks)")
         elif "tuple" in kind:
             group.add_argument(flag, type=positive_int, nargs="+", default=default,
                                help=f"(default {default})")
@@ -150,8 +171,9 @@ def _config_from(args: argparse.Namespace) -> PerceiverConfig:
     """The flags as a config; with ``--preset``, the preset's options overridden by every flag
     given a value other than its default."""
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(PerceiverConfig)}
-    if opts.get("output_index_dims") is not None:
-        opts["output_index_dims"] = tuple(opts["output_index_dims"])
+    for name in ("output_index_dims", "input_index_dims", "block_order"):
+        if opts.get(name) is not None:
+            opts[name] = tuple(opts[name])
     if getattr(args, "preset", None):
         from .presets import preset
 
@@ -289,7 +311,7 @@ def summary(cfg: PerceiverConfig) -> str:
     d = cfg.latent_dim
     rows: list[tuple[str, int | None]] = []
     if cfg.input_projection:
-        rows.append(("input_proj", cfg.input_dim * d + d))
+        rows.append(("input_proj", cfg.encoder_input_channels * d + d))
     rows.append(("latents", cfg.num_latents * d))
     rows += _elided("cross", cfg.num_cross_layers, _size(cross_block_shapes(cfg)))
     rows += _elided("self", cfg.num_layers, _size(self_block_shapes(cfg)))
@@ -304,10 +326,7 @@ def summary(cfg: PerceiverConfig) -> str:
     shown = [f"{k}.{i}" for k, i in _schedule(cfg, limit=64)]
     more = f" -> ... ({steps:,} steps)" if steps > len(shown) else ""
     lines.append("schedule: " + " -> ".join(shown) + more)
-    out = {"pool": f"[B, {cfg.latent_dim}]", "latents": f"[B, {cfg.num_latents}, {cfg.latent_dim}]",
-           "classification": f"[B, {cfg.output_dim}]",
-           "query": f"[B, {cfg.decoder_queries or 'O'}, {cfg.output_dim}]"}[cfg.decoder]
-    lines.append(f"output:   {out} from x [B, N, {cfg.input_dim}]")
+    lines.append(f"output:   {output_shape(cfg)} from x [B, N, {cfg.input_dim}]")
     return "\n".join(lines)
 
 
@@ -602,6 +621,93 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.golden}, {args.theirs}: too large to compare in memory ({err})") from err
     print(json.dumps(report.to_json(), indent=1) if args.json else report)
     return 0 if report.ok else 1
+
+
+def _precision_formats(text: str) -> tuple[str, ...]:
+    from .precision import FORMATS
+
+    formats = tuple(f.strip() for f in text.split(","))
+    if not all(f in FORMATS for f in formats) or len(set(formats)) != len(formats):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(FORMATS)}, each "
+                                         f"once, got {text!r}")
+    return formats
+
+
+_precision_formats.__name__ = "formats"
+
+
+def _golden_or_checkpoint(path: Path) -> tuple[Any, dict[str, Any] | None]:
+    """(model, its golden run's arguments) of a golden file, or (model, None) of a checkpoint."""
+    from .checkpoint import load_checkpoint
+    from .verify import FORMAT, golden_model
+
+    _input_file(path)
+    with _reading(path, "", ".npz"):
+        if not _signature(path).startswith(_ZIP_MAGIC):
+            raise ValueError(f"{path}: not a readable .npz file (no zip signature at the start)")
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            meta = json.loads(z["meta.json"].tobytes()) if "meta.json" in z.files else None
+        if isinstance(meta, dict) and meta.get("format") == FORMAT:
+            return golden_model(path)
+    with _reading(path, ""):
+        return load_checkpoint(path).model(), None  # every problem a CheckpointError naming the path
+
+
+def _precision_inputs(args: argparse.Namespace, model: Any, golden: dict[str, Any] | None
+                      ) -> tuple[Any, Any, Any, Any]:
+    """(x, mask, queries, options) of precision-report: the --x/--mask/--queries files, or the
+    golden file's own run."""
+    if args.x is None:
+        if golden is None:
+            raise ValueError(f"--x: required with the checkpoint {args.model} (a golden file holds its own "
+                             "input)")
+        for flag, value in (("--mask", args.mask), ("--queries", args.queries)):
+            if value is not None:
+                raise ValueError(f"{flag} {value}: goes with --x; the golden file {args.model} brings its "
+                                 "own input, mask and queries")
+        return golden["x"], golden.get("mask"), golden.get("queries"), golden.get("options")
+    x = np.asarray(_read_npy(args.x, "--x"))
+    mask = None if args.mask is None else np.asarray(_read_npy(args.mask, "--mask"))
+    queries = None if args.queries is None else np.asarray(_read_npy(args.queries, "--queries"))
+    if isinstance(model, Perceiver):
+        if x.ndim != 3 or 0 in x.shape:
+            raise ValueError(f"--x {args.x}: expected [B, N, C] with B, N, C >= 1, got shape {x.shape}")
+        _check_width(x.shape[2], args.x, "--x", model.config)
+        if mask is not None and (mask.dtype != np.bool_ or mask.shape != x.shape[:2]):
+            raise ValueError(f"--mask {args.mask}: expected bool [B, N] = {x.shape[:2]} like --x, got "
+                             f"{mask.dtype.name} {mask.shape}")
+    return x, mask, queries, golden.get("options") if golden else None
+
+
+def cmd_precision_report(args: argparse.Namespace) -> int:
+    from .precision import _pyplot, report, write_json
+
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        if path is not None:
+            _output_file(path, flag)
+    if args.plot is not None and args.json is not None and args.plot.resolve() == args.json.resolve():
+        raise ValueError(f"--json {args.json}: the same file as --plot; give two file names")
+    if args.plot is not None:
+        try:
+            _pyplot()
+        except ImportError as err:
+            raise ValueError(f"--plot {args.plot}: {err}") from err
+    if args.recorded is not None:
+        _input_file(args.recorded, "--recorded")
+        with _reading(args.recorded, "--recorded", ".npz"):
+            if not _signature(args.recorded).startswith(_ZIP_MAGIC):
+                raise ValueError(f"--recorded {args.recorded}: not a readable .npz file (no zip signature "
+                                 "at the start)")
+    model, golden = _golden_or_checkpoint(args.model)
+    x, mask, queries, options = _precision_inputs(args, model, golden)
+    rep = report(model, x, mask, formats=args.formats, recorded=args.recorded, queries=queries,
+                 options=options)
+    print(rep)
+    if args.json is not None:
+        write_json(args.json, rep)
+    if args.plot is not None:
+        rep.plot(args.plot)
+    return 0
 
 
 # ---- Hugging Face's published Perceivers (a directory as save_pretrained writes it) -----------
@@ -1002,6 +1108,33 @@ def parser() -> argparse.ArgumentParser:
                     help="compare only the tensors present in theirs; still fails when no activation "
                          "or no gradient was compared")
     cp.set_defaults(func=cmd_compare)
+
+    pq = sub.add_parser(
+        "precision-report", help="the error of every layer of a model run in float16 and bfloat16 "
+        "(emulated), and of a recorded run, against float64 (docs/precision.md)",
+        description="Emulate the model in float16 and bfloat16 (parameters and every golden-file\n"
+        "activation rounded to the format, float32 arithmetic in between) and print, per\n"
+        "activation in forward order, its max and rms relative error against the float64 run:\n"
+        "accumulated, and local (the layer alone, fed the exact inputs as the format holds them).\n"
+        "A golden file brings its own input; a checkpoint needs --x.\n\n"
+        "    perceiver-np precision-report golden.npz --recorded onnx_run.npz --plot precision.png\n"
+        "    perceiver-np precision-report model.npz --x x.npy --mask mask.npy --json precision.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pq.add_argument("model", type=Path, metavar="CHECKPOINT_OR_GOLDEN",
+                    help="a checkpoint (train --out, save_checkpoint) or a golden file (golden, "
+                         "write_golden)")
+    pq.add_argument("--x", type=Path, help=".npy input [B, N, C] (a published model's: what its HF class "
+                    "takes); default: the golden file's own")
+    pq.add_argument("--mask", type=Path, help=".npy [B, N], True = keep (with --x)")
+    pq.add_argument("--queries", type=Path, help=".npy [B, O, Cq] for query_source given (with --x)")
+    pq.add_argument("--formats", type=_precision_formats, default=("float16", "bfloat16"),
+                    help="comma-separated formats to emulate (default float16,bfloat16)")
+    pq.add_argument("--recorded", type=Path,
+                    help=".npz of another implementation's run of the same parameters and input, in the "
+                         "golden layout (act/<name>; docs/verify.md)")
+    pq.add_argument("--plot", type=Path, help="also write the error per layer as a PNG (needs matplotlib)")
+    pq.add_argument("--json", type=Path, help="also write the report as JSON to this path")
+    pq.set_defaults(func=cmd_precision_report)
 
     dtype_help = "the dtype the model computes in (HF's published models: float32)"
     fm = sub.add_parser(

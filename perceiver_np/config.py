@@ -20,7 +20,10 @@ import numpy as np
 from .position import fourier_channels
 
 GELU_KINDS = ("exact", "tanh")
-DECODERS = ("pool", "latents", "classification", "query")
+DECODERS = ("pool", "latents", "classification", "query", "pool_linear")
+FFN_KINDS = ("gelu", "geglu")
+INPUT_FOURIER = ("none", "lucidrains")
+QUERY_MASKINGS = ("output", "attention")
 MASKED_ROWS = ("zero", "uniform")
 QUERY_SOURCES = ("trainable", "fourier", "given")
 BACKENDS = ("auto", "numba", "numpy")
@@ -62,6 +65,18 @@ class PerceiverConfig:
     final_norm: bool = True
     attention_dropout: float = 0.0
     masked_rows: str = "zero"
+    # --- extended options (lucidrains' perceiver-pytorch, krasserm's perceiver-io) ---
+    cross_qk_channels: int | None = None
+    cross_v_channels: int | None = None
+    self_qk_channels: int | None = None
+    self_v_channels: int | None = None
+    qkv_bias: bool = True
+    ffn_kind: str = "gelu"
+    block_order: tuple[tuple[str, int], ...] | None = None
+    input_fourier: str = "none"
+    input_index_dims: tuple[int, ...] | None = None
+    input_num_bands: int = 4
+    input_max_freq: float = 10.0
     # --- decoding (Perceiver IO, docs/architecture.md) ---
     decoder: str = "pool"
     output_dim: int | None = None
@@ -75,41 +90,76 @@ class PerceiverConfig:
     decoder_v_channels: int | None = None
     decoder_widening_factor: int = 1
     decoder_query_residual: bool = False
+    decoder_ffn: bool = True
+    decoder_output: bool = True
+    query_masking: str = "output"
     # --- construction and execution ---
     dtype: str = "float32"
     seed: int = 0
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.block_order, (list, tuple)):  # JSON gives lists: one canonical form
+            order = tuple(tuple(step) if isinstance(step, (list, tuple)) else step
+                          for step in self.block_order)
+            object.__setattr__(self, "block_order", order)
+        if isinstance(self.input_index_dims, list):
+            object.__setattr__(self, "input_index_dims", tuple(self.input_index_dims))
         _validate(self)
 
     # ---- derived widths -------------------------------------------------------------------
 
     @property
+    def position_channels(self) -> int:
+        """P, the Fourier features the model appends to every input position (``input_fourier``):
+        ``len(input_index_dims) * (2 * input_num_bands + 1)``, else 0."""
+        if self.input_fourier == "none":
+            return 0
+        return len(self.input_index_dims or ()) * (2 * self.input_num_bands + 1)
+
+    @property
+    def encoder_input_channels(self) -> int:
+        """C + P: the width of an input position with its appended Fourier features, what the
+        input projection (or, without one, the cross-attention's key/value side) reads."""
+        return self.input_dim + self.position_channels
+
+    @property
     def kv_channels(self) -> int:
-        """Ckv: the width of what the cross-attention keys/values project from (D, or C raw)."""
-        return self.latent_dim if self.input_projection else self.input_dim
+        """Ckv: the width of what the cross-attention keys/values project from (D, or C + P raw)."""
+        return self.latent_dim if self.input_projection else self.encoder_input_channels
 
     @property
     def cross_num_heads(self) -> int:
         return self.num_heads if self.cross_heads is None else self.cross_heads
 
     @property
-    def cross_qk_channels(self) -> int:
-        """Cross-attention query/key width: ``qk_channels``, else the KV input width (DeepMind)."""
+    def cross_qk(self) -> int:
+        """Cross-attention query/key width: ``cross_qk_channels``, else ``qk_channels``, else the
+        KV input width (DeepMind)."""
+        if self.cross_qk_channels is not None:
+            return self.cross_qk_channels
         return self.kv_channels if self.qk_channels is None else self.qk_channels
 
     @property
-    def cross_v_channels(self) -> int:
-        return self.cross_qk_channels if self.v_channels is None else self.v_channels
+    def cross_v(self) -> int:
+        """Cross-attention value width: ``cross_v_channels``, else ``v_channels``, else its qk width."""
+        if self.cross_v_channels is not None:
+            return self.cross_v_channels
+        return self.cross_qk if self.v_channels is None else self.v_channels
 
     @property
-    def self_qk_channels(self) -> int:
+    def self_qk(self) -> int:
+        """Self-attention query/key width: ``self_qk_channels``, else ``qk_channels``, else D."""
+        if self.self_qk_channels is not None:
+            return self.self_qk_channels
         return self.latent_dim if self.qk_channels is None else self.qk_channels
 
     @property
-    def self_v_channels(self) -> int:
-        return self.self_qk_channels if self.v_channels is None else self.v_channels
+    def self_v(self) -> int:
+        """Self-attention value width: ``self_v_channels``, else ``v_channels``, else its qk width."""
+        if self.self_v_channels is not None:
+            return self.self_v_channels
+        return self.self_qk if self.v_channels is None else self.v_channels
 
     @property
     def decoder_queries(self) -> int:
@@ -143,6 +193,16 @@ class PerceiverConfig:
         return self.decoder_qk if self.decoder_v_channels is None else self.decoder_v_channels
 
     @property
+    def output_width(self) -> int:
+        """The last axis of the model's output: D for the mean pool and the latents, Cq for a
+        query decoder without its output projection, else ``output_dim``."""
+        if self.decoder in ("pool", "latents"):
+            return self.latent_dim
+        if not self.decoder_output:
+            return self.decoder_query_channels
+        return int(self.output_dim or 0)
+
+    @property
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
@@ -162,6 +222,9 @@ class PerceiverConfig:
 
     def iter_schedule(self) -> Iterator[tuple[str, int]]:
         """The order the blocks run in, one step at a time (no list of a huge model's steps)."""
+        if self.block_order is not None:
+            yield from self.block_order
+            return
         for c in range(self.num_cross_layers):
             yield ("cross", c)
             for _ in range(self.num_blocks):
@@ -170,7 +233,8 @@ class PerceiverConfig:
     @property
     def schedule(self) -> tuple[tuple[str, int], ...]:
         """The order the blocks run in: ``("cross", i)`` then its self group, ``num_blocks``
-        times in a row (the repeats share weights), for every cross block i."""
+        times in a row (the repeats share weights), for every cross block i; or ``block_order``
+        as given (a block index that appears twice is one set of weights used twice)."""
         return tuple(self.iter_schedule())
 
     def attention_backend(self, kind: str, training: bool) -> str:
@@ -208,7 +272,8 @@ def _validate(cfg: PerceiverConfig) -> None:
         if not is_int(v) or v <= 0:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     for name in ("qk_channels", "v_channels", "cross_heads", "output_dim", "num_outputs",
-                 "query_dim", "decoder_qk_channels", "decoder_v_channels"):
+                 "query_dim", "decoder_qk_channels", "decoder_v_channels", "cross_qk_channels",
+                 "cross_v_channels", "self_qk_channels", "self_v_channels"):
         v = getattr(cfg, name)
         if v is not None and (not is_int(v) or v <= 0):
             raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
@@ -218,11 +283,13 @@ def _validate(cfg: PerceiverConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             raise ValueError(f"{name}: expected a rate in [0, 1), got {v!r}")
-    for name in ("input_projection", "use_query_residual", "final_norm", "decoder_query_residual"):
+    for name in ("input_projection", "use_query_residual", "final_norm", "decoder_query_residual",
+                 "qkv_bias", "decoder_ffn", "decoder_output"):
         v = getattr(cfg, name)
         if not isinstance(v, bool):
             raise ValueError(f"{name}: expected True or False, got {v!r}")
     _validate_decoder(cfg, is_int)
+    _validate_lucidrains(cfg, is_int)
     if cfg.gelu not in GELU_KINDS:
         raise ValueError(f"gelu: expected one of {GELU_KINDS}, got {cfg.gelu!r}")
     if cfg.backend not in BACKENDS:
@@ -239,7 +306,7 @@ def _validate(cfg: PerceiverConfig) -> None:
                          f"masked_rows is {cfg.masked_rows!r}; use backend 'auto' or 'numpy'")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {cfg.dtype!r}")
-    if cfg.num_layers < cfg.num_cross_layers:
+    if cfg.block_order is None and cfg.num_layers < cfg.num_cross_layers:
         raise ValueError(
             f"num_layers ({cfg.num_layers}) < num_cross_layers ({cfg.num_cross_layers}): every "
             "cross block needs at least one self block after it"
@@ -247,9 +314,9 @@ def _validate(cfg: PerceiverConfig) -> None:
     for heads_field, heads, widths in (
         ("cross_heads" if cfg.cross_heads is not None else "num_heads (cross_heads defaults to it)",
          cfg.cross_num_heads,
-         (("cross qk width", cfg.cross_qk_channels), ("cross v width", cfg.cross_v_channels))),
+         (("cross qk width", cfg.cross_qk), ("cross v width", cfg.cross_v))),
         ("num_heads", cfg.num_heads,
-         (("self qk width", cfg.self_qk_channels), ("self v width", cfg.self_v_channels))),
+         (("self qk width", cfg.self_qk), ("self v width", cfg.self_v))),
     ):
         for what, width in widths:
             if width % heads:
@@ -262,13 +329,23 @@ def _validate(cfg: PerceiverConfig) -> None:
 def _validate_decoder(cfg: PerceiverConfig, is_int: Any) -> None:
     if cfg.decoder not in DECODERS:
         raise ValueError(f"decoder: expected one of {DECODERS}, got {cfg.decoder!r}")
+    if cfg.query_masking not in QUERY_MASKINGS:
+        raise ValueError(f"query_masking: expected one of {QUERY_MASKINGS}, got {cfg.query_masking!r}")
     if cfg.query_source not in QUERY_SOURCES:
         raise ValueError(f"query_source: expected one of {QUERY_SOURCES}, got {cfg.query_source!r}")
+    if not cfg.decoder_output and cfg.decoder != "query":
+        raise ValueError(f"decoder_output: only the query decoder can leave out its output "
+                         f"projection, got decoder {cfg.decoder!r}")
     if cfg.decoder in ("pool", "latents"):
         return
-    if cfg.output_dim is None:
+    if cfg.decoder_output and cfg.output_dim is None:
         raise ValueError(f"output_dim: decoder {cfg.decoder!r} needs the width of its output "
                          "(the number of classes, or channels per output query)")
+    if not cfg.decoder_output and cfg.output_dim is not None:
+        raise ValueError(f"output_dim: decoder_output=False outputs the decoded queries as they "
+                         f"are (width Cq); leave output_dim None, got {cfg.output_dim!r}")
+    if cfg.decoder == "pool_linear":
+        return
     if cfg.decoder == "query":
         if cfg.query_source == "trainable" and cfg.num_outputs is None:
             raise ValueError("num_outputs: trainable output queries need their number O")
@@ -294,15 +371,62 @@ def _validate_decoder(cfg: PerceiverConfig, is_int: Any) -> None:
                              f"{width} ({source})")
 
 
+def _validate_lucidrains(cfg: PerceiverConfig, is_int: Any) -> None:
+    """The options of the ports' structures: the FFN kind, the block order, input positions."""
+    if cfg.ffn_kind not in FFN_KINDS:
+        raise ValueError(f"ffn_kind: expected one of {FFN_KINDS}, got {cfg.ffn_kind!r}")
+    if cfg.input_fourier not in INPUT_FOURIER:
+        raise ValueError(f"input_fourier: expected one of {INPUT_FOURIER}, got {cfg.input_fourier!r}")
+    if cfg.input_fourier != "none":
+        dims = cfg.input_index_dims
+        if not isinstance(dims, tuple) or not dims or not all(is_int(d) and d > 0 for d in dims):
+            raise ValueError("input_index_dims: input Fourier features need the input grid as a "
+                             f"tuple of positive ints, got {dims!r}")
+        if not is_int(cfg.input_num_bands) or cfg.input_num_bands <= 0:
+            raise ValueError(f"input_num_bands: expected a positive integer, got {cfg.input_num_bands!r}")
+        freq = cfg.input_max_freq
+        if isinstance(freq, bool) or not isinstance(freq, (int, float)) or not 0 < freq < math.inf:
+            raise ValueError(f"input_max_freq: expected a positive finite number, got {freq!r}")
+    elif cfg.input_index_dims is not None:
+        raise ValueError("input_index_dims: only input_fourier='lucidrains' uses it; leave it None")
+    order = cfg.block_order
+    if order is None:
+        return
+    steps_ok = isinstance(order, tuple) and all(
+        isinstance(step, tuple) and len(step) == 2 and step[0] in ("cross", "self") and is_int(step[1])
+        for step in order)
+    if not steps_ok or not order:
+        raise ValueError("block_order: expected a non-empty tuple of ('cross', i) / ('self', j) steps, "
+                         f"got {order!r}")
+    if order[0][0] != "cross":
+        raise ValueError(f"block_order: the first step must be a cross block (the latents read the "
+                         f"input first), got {order[0]!r}")
+    if cfg.num_blocks != 1:
+        raise ValueError(f"num_blocks: block_order lists every step itself; leave num_blocks 1, "
+                         f"got {cfg.num_blocks}")
+    for kind, count, field in (("cross", cfg.num_cross_layers, "num_cross_layers"),
+                               ("self", cfg.num_layers, "num_layers")):
+        used = sorted({i for k, i in order if k == kind})
+        if used != list(range(count)):
+            raise ValueError(f"block_order: the {kind} steps must use each of the {field}={count} "
+                             f"{kind} blocks (indices 0..{count - 1}), got indices {used}")
+
+
 def _width_source(cfg: PerceiverConfig, what: str) -> str:
+    kind = "cross" if what.startswith("cross") else "self"
+    for field in (f"{kind}_v_channels",) * what.endswith("v width") + (f"{kind}_qk_channels",):
+        if getattr(cfg, field) is not None:
+            return field
     if what.endswith("v width") and cfg.v_channels is not None:
         return "v_channels"
     if cfg.qk_channels is not None:
         return "qk_channels"
     if what.startswith("cross"):
-        return "defaults to latent_dim" if cfg.input_projection else (
-            "defaults to input_dim, as input_projection=False"
-        )
+        if cfg.input_projection:
+            return "defaults to latent_dim"
+        if cfg.position_channels:
+            return "defaults to input_dim + the input's Fourier features, as input_projection=False"
+        return "defaults to input_dim, as input_projection=False"
     return "defaults to latent_dim"
 
 
@@ -326,8 +450,23 @@ def make_config(**opts: Any) -> PerceiverConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _linear(prefix: str, n_in: int, n_out: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.weight", (n_in, n_out)), (f"{prefix}.bias", (n_out,))]
+def _linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.weight", (n_in, n_out))] + ([(f"{prefix}.bias", (n_out,))] if bias else [])
+
+
+def _attention(cfg: PerceiverConfig, cq: int, ckv: int, qk: int, v: int, dout: int
+               ) -> list[tuple[str, tuple[int, ...]]]:
+    """attn.{q,k,v,out}: the q/k/v projections without biases when ``qkv_bias=False``."""
+    b = cfg.qkv_bias
+    return (_linear("attn.q", cq, qk, b) + _linear("attn.k", ckv, qk, b) + _linear("attn.v", ckv, v, b)
+            + _linear("attn.out", v, dout))
+
+
+def _ffn(cfg: PerceiverConfig, width: int, factor: int) -> list[tuple[str, tuple[int, ...]]]:
+    """ffn.up / ffn.down: the up projection twice as wide for GEGLU (value half, then gate half)."""
+    hidden = factor * width
+    up = 2 * hidden if cfg.ffn_kind == "geglu" else hidden
+    return _norm("ffn_norm", width) + _linear("ffn.up", width, up) + _linear("ffn.down", hidden, width)
 
 
 def _norm(prefix: str, width: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -336,33 +475,22 @@ def _norm(prefix: str, width: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def cross_block_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
     """Block-local parameter names and shapes of one cross block."""
-    d, ckv, qk, v = cfg.latent_dim, cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels
-    wd = cfg.cross_widening_factor * d
-    return dict(
-        _norm("q_norm", d) + _norm("kv_norm", ckv)
-        + _linear("attn.q", d, qk) + _linear("attn.k", ckv, qk) + _linear("attn.v", ckv, v)
-        + _linear("attn.out", v, d)
-        + _norm("ffn_norm", d) + _linear("ffn.up", d, wd) + _linear("ffn.down", wd, d)
-    )
+    d, ckv, qk, v = cfg.latent_dim, cfg.kv_channels, cfg.cross_qk, cfg.cross_v
+    return dict(_norm("q_norm", d) + _norm("kv_norm", ckv) + _attention(cfg, d, ckv, qk, v, d)
+                + _ffn(cfg, d, cfg.cross_widening_factor))
 
 
 def self_block_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
     """Block-local parameter names and shapes of one self block."""
-    d, qk, v = cfg.latent_dim, cfg.self_qk_channels, cfg.self_v_channels
-    wd = cfg.self_widening_factor * d
-    return dict(
-        _norm("norm", d)
-        + _linear("attn.q", d, qk) + _linear("attn.k", d, qk) + _linear("attn.v", d, v)
-        + _linear("attn.out", v, d)
-        + _norm("ffn_norm", d) + _linear("ffn.up", d, wd) + _linear("ffn.down", wd, d)
-    )
+    d, qk, v = cfg.latent_dim, cfg.self_qk, cfg.self_v
+    return dict(_norm("norm", d) + _attention(cfg, d, d, qk, v, d) + _ffn(cfg, d, cfg.self_widening_factor))
 
 
 def param_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter name of the model and its shape, in schema order."""
     shapes: dict[str, tuple[int, ...]] = {}
     if cfg.input_projection:
-        shapes.update(_linear("input_proj", cfg.input_dim, cfg.latent_dim))
+        shapes.update(_linear("input_proj", cfg.encoder_input_channels, cfg.latent_dim))
     shapes["latents"] = (cfg.num_latents, cfg.latent_dim)
     for i in range(cfg.num_cross_layers):
         shapes.update({f"cross.{i}.{k}": s for k, s in cross_block_shapes(cfg).items()})
@@ -380,18 +508,17 @@ def decoder_shapes(cfg: PerceiverConfig) -> dict[str, tuple[int, ...]]:
     are), a cross block with the queries as its query side and the latents as its keys and
     values, and the output projection."""
     d, cq, qk, v = cfg.latent_dim, cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v
-    wq = cfg.decoder_widening_factor * cq
     out_dim = int(cfg.output_dim or 0)
+    if cfg.decoder == "pool_linear":  # LN(mean_M(z)) @ W + b
+        return dict(_norm("norm", d) + _linear("output", d, out_dim))
     shapes: list[tuple[str, tuple[int, ...]]] = []
     if cfg.decoder == "classification" or cfg.query_source == "trainable":
         shapes.append(("queries", (cfg.decoder_queries, cq)))
-    shapes += (
-        _norm("q_norm", cq) + _norm("kv_norm", d)
-        + _linear("attn.q", cq, qk) + _linear("attn.k", d, qk) + _linear("attn.v", d, v)
-        + _linear("attn.out", v, cq)
-        + _norm("ffn_norm", cq) + _linear("ffn.up", cq, wq) + _linear("ffn.down", wq, cq)
-        + _linear("output", cq, out_dim)
-    )
+    shapes += _norm("q_norm", cq) + _norm("kv_norm", d) + _attention(cfg, cq, d, qk, v, cq)
+    if cfg.decoder_ffn:
+        shapes += _ffn(cfg, cq, cfg.decoder_widening_factor)
+    if cfg.decoder_output:
+        shapes += _linear("output", cq, out_dim)
     return dict(shapes)
 
 
@@ -414,11 +541,10 @@ def output_size(**opts: Any) -> int:
     Like Edifice's ``output_size/1`` it needs no ``input_dim``; the options given are validated
     as a whole when ``input_dim`` is among them."""
     if "input_dim" in opts:
-        cfg = make_config(**opts)
-        return cfg.latent_dim if cfg.decoder in ("pool", "latents") else int(cfg.output_dim or 0)
+        return make_config(**opts).output_width
     _check_names(opts)
     if opts.get("decoder", "pool") not in ("pool", "latents"):
-        return int(make_config(input_dim=1, **opts).output_dim or 0)
+        return make_config(input_dim=1, **opts).output_width
     latent_dim = opts.get("latent_dim", PerceiverConfig.latent_dim)
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, (int, np.integer)) or latent_dim <= 0:
         raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim!r}")

@@ -34,21 +34,25 @@ def forward_flops(cfg: PerceiverConfig, n: int) -> dict[str, int]:
     block), ``decoder`` and ``total``. Element-wise work (LayerNorm, GELU, softmax) is not
     counted: it is O(1) per value against the products' O(width)."""
     d, m = cfg.latent_dim, cfg.num_latents
-    parts = {"input projection": 2 * n * cfg.input_dim * d if cfg.input_projection else 0}
-    ckv, qk, v = cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels
+    parts = {"input projection": 2 * n * cfg.encoder_input_channels * d if cfg.input_projection else 0}
+    ffn = ffn_products(cfg)  # the FFN's products per row, in units of width x hidden width
+    ckv, qk, v = cfg.kv_channels, cfg.cross_qk, cfg.cross_v
     cross = 2 * (m * d * qk + n * ckv * (qk + v) + m * n * (qk + v) + m * v * d
-                 + 2 * m * d * cfg.cross_widening_factor * d)
-    parts["cross-attention"] = cfg.num_cross_layers * cross
-    sq, sv = cfg.self_qk_channels, cfg.self_v_channels
+                 + ffn * m * d * cfg.cross_widening_factor * d)
+    parts["cross-attention"] = cross_block_uses(cfg) * cross
+    sq, sv = cfg.self_qk, cfg.self_v
     self_ = 2 * (m * d * (2 * sq + sv) + m * m * (sq + sv) + m * sv * d
-                 + 2 * m * d * cfg.self_widening_factor * d)
+                 + ffn * m * d * cfg.self_widening_factor * d)
     parts["latent self-attention"] = self_block_uses(cfg) * self_
     dec = 0
-    if cfg.decoder not in ("pool", "latents"):
+    if cfg.decoder == "pool_linear":
+        dec = 2 * d * int(cfg.output_dim or 0)
+    elif cfg.decoder not in ("pool", "latents"):
         o = cfg.decoder_queries or 1
         cq, dqk, dv = cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v
         dec = 2 * (o * cq * dqk + m * d * (dqk + dv) + o * m * (dqk + dv) + o * dv * cq
-                   + 2 * o * cq * cfg.decoder_widening_factor * cq + o * cq * int(cfg.output_dim or 0))
+                   + (ffn * o * cq * cfg.decoder_widening_factor * cq if cfg.decoder_ffn else 0)
+                   + (o * cq * int(cfg.output_dim or 0) if cfg.decoder_output else 0))
     parts["decoder"] = dec
     parts["total"] = sum(parts.values())
     return parts
@@ -60,16 +64,33 @@ def flops_line(cfg: PerceiverConfig) -> tuple[int, int]:
     return forward_flops(cfg, 1)["total"] - b, b
 
 
+def ffn_products(cfg: PerceiverConfig) -> int:
+    """The FFN's two products per row, in units of (width x hidden width): 2 with GELU (up and
+    down), 3 with GEGLU (its up projection is twice as wide)."""
+    return 3 if cfg.ffn_kind == "geglu" else 2
+
+
 def self_block_uses(cfg: PerceiverConfig) -> int:
     """How many self blocks the forward runs: ``num_blocks`` uses of each of the ``num_layers``
-    blocks (the self steps of ``cfg.schedule``, counted without building it)."""
+    blocks (the self steps of ``cfg.schedule``, counted without building it), or the self steps
+    of ``block_order``."""
+    if cfg.block_order is not None:
+        return sum(1 for kind, _ in cfg.block_order if kind == "self")
     return cfg.num_blocks * cfg.num_layers
+
+
+def cross_block_uses(cfg: PerceiverConfig) -> int:
+    """How many cross blocks the forward runs: each of the ``num_cross_layers`` once, or the
+    cross steps of ``block_order``."""
+    if cfg.block_order is not None:
+        return sum(1 for kind, _ in cfg.block_order if kind == "cross")
+    return cfg.num_cross_layers
 
 
 def transformer_layers(cfg: PerceiverConfig) -> int:
     """The depth of the transformer compared against: one layer per block the Perceiver runs
     (``len(cfg.schedule)``)."""
-    return cfg.num_cross_layers + self_block_uses(cfg)
+    return cross_block_uses(cfg) + self_block_uses(cfg)
 
 
 def transformer_flops(cfg: PerceiverConfig, n: int) -> int:
@@ -77,8 +98,8 @@ def transformer_flops(cfg: PerceiverConfig, n: int) -> int:
     projection, then ``transformer_layers(cfg)`` blocks of width D with full self-attention over
     all n positions (q/k/v/out projections D x D, scores and weighted sums 4 n^2 D, the FFN
     with the self blocks' widening factor): O(N^2)."""
-    d = cfg.latent_dim if cfg.input_projection else cfg.input_dim
-    proj = 2 * n * cfg.input_dim * d if cfg.input_projection else 0
+    d = cfg.latent_dim if cfg.input_projection else cfg.encoder_input_channels
+    proj = 2 * n * cfg.encoder_input_channels * d if cfg.input_projection else 0
     layer = 2 * n * d * 4 * d + 4 * n * n * d + 4 * n * d * cfg.self_widening_factor * d
     return proj + transformer_layers(cfg) * layer
 
@@ -105,7 +126,8 @@ def param_count(cfg: PerceiverConfig) -> int:
     d = cfg.latent_dim
     total = cfg.num_latents * d + cfg.num_cross_layers * block(cross_block_shapes(cfg))
     total += cfg.num_layers * block(self_block_shapes(cfg))
-    total += (cfg.input_dim * d + d if cfg.input_projection else 0) + (2 * d if cfg.final_norm else 0)
+    total += ((cfg.encoder_input_channels * d + d if cfg.input_projection else 0)
+              + (2 * d if cfg.final_norm else 0))
     if cfg.decoder not in ("pool", "latents"):
         total += block(decoder_shapes(cfg))
     return total
@@ -121,43 +143,59 @@ def training_bytes_line(cfg: PerceiverConfig) -> tuple[int, int]:
     does not copy, are not counted. Training with dropout adds its masks (per sample), which are
     not counted either."""
     d, m = cfg.latent_dim, cfg.num_latents
-    per_position = cfg.input_dim if cfg.input_projection else 0  # the input projection's x [N, C]
+    # the input projection's x [N, C + P] (with the input's Fourier features, input_fourier)
+    per_position = cfg.encoder_input_channels if cfg.input_projection else 0
     per_sample = 0
+    acts = ffn_activations(cfg)
     # every cross block: LN_kv's xhat [N, Ckv], rstd [N] and output [N, Ckv] (the key/value
     # projections' input), the keys [N, qk] and values [N, v], and on the plain attention path
     # the probabilities [H, M, N]; and its query side
-    ckv, qk, v, heads = cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels, cfg.cross_num_heads
+    ckv, qk, v, heads = cfg.kv_channels, cfg.cross_qk, cfg.cross_v, cfg.cross_num_heads
     flash = cfg.attention_backend("cross", False) == "numba"
-    per_position += cfg.num_cross_layers * (2 * ckv + 1 + qk + v + (0 if flash else heads * m))
-    per_sample += cfg.num_cross_layers * _query_side(m, d, qk, v, heads, cfg.cross_widening_factor, flash)
+    crosses = cross_block_uses(cfg)
+    per_position += crosses * (2 * ckv + 1 + qk + v + (0 if flash else heads * m))
+    per_sample += crosses * _query_side(m, d, qk, v, heads, acts * cfg.cross_widening_factor, flash)
     # every use of a self block: its query side, keys, values (and probabilities)
-    qk, v, heads = cfg.self_qk_channels, cfg.self_v_channels, cfg.num_heads
+    qk, v, heads = cfg.self_qk, cfg.self_v, cfg.num_heads
     flash = cfg.attention_backend("self", False) == "numba"
-    per_sample += self_block_uses(cfg) * (_query_side(m, d, qk, v, heads, cfg.self_widening_factor, flash)
+    per_sample += self_block_uses(cfg) * (_query_side(m, d, qk, v, heads, acts * cfg.self_widening_factor,
+                                                      flash)
                                           + m * (qk + v) + (0 if flash else heads * m * m))
     if cfg.final_norm:  # xhat [M, D], rstd [M]
         per_sample += m * d + m
-    if cfg.decoder not in ("pool", "latents"):  # a cross block from O queries to the M latents
+    if cfg.decoder == "pool_linear":  # LN's xhat [D] and rstd [1], the output projection's input [D]
+        per_sample += 2 * d + 1
+    elif cfg.decoder not in ("pool", "latents"):  # a cross block from O queries to the M latents
         o = cfg.decoder_queries or 1
         cq, qk, v, heads = cfg.decoder_query_channels, cfg.decoder_qk, cfg.decoder_v, cfg.decoder_heads
         flash = cfg.attention_backend("cross", False) == "numba"
-        per_sample += (_query_side(o, cq, qk, v, heads, cfg.decoder_widening_factor, flash)
+        per_sample += (_query_side(o, cq, qk, v, heads, acts * cfg.decoder_widening_factor, flash)
                        + 2 * m * d + m + m * (qk + v)  # LN_kv of the latents, keys, values
                        + (0 if flash else heads * o * m)
-                       + o * cq)  # the output projection's input
+                       + (o * cq if cfg.decoder_output else 0))  # the output projection's input
+        if not cfg.decoder_ffn:  # no LN_ffn (xhat, rstd, output) and no FFN activations
+            per_sample -= 2 * o * cq + o + acts * o * cfg.decoder_widening_factor * cq
     item = cfg.np_dtype.itemsize
     return item * per_position, item * per_sample
 
 
-def _query_side(rows: int, width: int, qk: int, v: int, heads: int, widening: int, flash: bool) -> int:
+def ffn_activations(cfg: PerceiverConfig) -> int:
+    """What an FFN's cache keeps per row, in units of its hidden width wD: GELU's pre-activation
+    and output (2); GEGLU's pre-activation [2wD], its gate half copied, the gate's GELU and the
+    gated product (5)."""
+    return 5 if cfg.ffn_kind == "geglu" else 2
+
+
+def _query_side(rows: int, width: int, qk: int, v: int, heads: int, ffn_values: int, flash: bool) -> int:
     """The values a block's cache keeps on its query side, for ``rows`` queries of ``width``
     channels: the two LayerNorms' xhat and rstd and their outputs (the query projection's and
     the FFN's input), the queries [rows, qk], the merged heads [rows, v] (the output
-    projection's input), the FFN's pre-activation and GELU output [rows, widening * width];
+    projection's input), the FFN's activations, ``ffn_values`` per row and channel
+    (:func:`ffn_activations` times the widening factor);
     with the kernel (``flash``) also its log-sum-exp [H, rows] and output o [H, rows, v / H],
     of which the merged heads are a view when merging needs no copy (one head, one row or one
     channel per head)."""
-    acts = 2 * (2 * rows * width + rows) + rows * (qk + v) + 2 * rows * widening * width
+    acts = 2 * (2 * rows * width + rows) + rows * (qk + v) + rows * ffn_values * width
     if flash:
         acts += heads * rows + (rows * v if heads > 1 and rows > 1 and v > heads else 0)
     return acts
@@ -194,8 +232,8 @@ def inference_extra_bytes(cfg: PerceiverConfig, batch: int, n: int) -> int:
 
     item = 4 if cfg.dtype == "float32" else 8
     rows = batch * min(n, chunk_positions(batch))
-    chunk = rows * (cfg.kv_channels + cfg.cross_qk_channels + cfg.cross_v_channels)
+    chunk = rows * (cfg.kv_channels + cfg.cross_qk + cfg.cross_v)
     whole_h = batch * n * cfg.latent_dim if (cfg.input_projection and cfg.num_cross_layers > 1) else 0
-    latents = batch * cfg.num_latents * cfg.latent_dim * (max(cfg.self_widening_factor,
-                                                              cfg.cross_widening_factor) + 6)
+    hidden = max(cfg.self_widening_factor, cfg.cross_widening_factor) * (2 if cfg.ffn_kind == "geglu" else 1)
+    latents = batch * cfg.num_latents * cfg.latent_dim * (hidden + 6)
     return item * (chunk + whole_h + latents)

@@ -19,7 +19,10 @@ FAST_FLOAT64_RTOL, float32 within its bound), with fewer passes over memory. Per
     o  = o + b_v   (rows with a visible key)       [B, H, M, dv]
     z += merge(o) @ W_out + b_out; u = LN_ffn(z)   z owned, updated in place
     g  = GELU(u @ W_up + b_up)                     bias and GELU in one pass, in place
+         (GEGLU: g = (u @ W_up + b_up)[:, :wD] * GELU((u @ W_up + b_up)[:, wD:]))
     z += g @ W_down + b_down
+
+Without q/k/v biases (``qkv_bias=False``) their steps are left out.
 
 Two biases are moved, not dropped from the math:
 
@@ -65,7 +68,7 @@ def check_owned_latents(z: np.ndarray) -> np.ndarray:
 
 def after_attention(
     z: np.ndarray, o: np.ndarray, visible: np.ndarray | None, p: Params, ops: EngineOps, *,
-    query_residual: bool, gelu: str,
+    query_residual: bool, gelu: str, ffn_kind: str = "gelu",
 ) -> np.ndarray:
     """The rest of a block after its attention core, on owned latents z [B, M, D] (updated in
     place when ``query_residual``): the value bias, the output projection and its residual, and
@@ -74,11 +77,12 @@ def after_attention(
     d = p["attn.out.weight"].shape[1]
     if query_residual:
         expect_shape("z", check_owned_latents(z), (b, m, d), "[B, M, D]")
-    bv = p["attn.v.bias"].reshape(h, dv)  # [H*dv] -> [H, dv]
-    if visible is None:
-        o += bv[None, :, None, :]
-    else:
-        o += np.where(visible[:, None, None, None], bv[None, :, None, :], o.dtype.type(0.0))
+    if "attn.v.bias" in p:
+        bv = p["attn.v.bias"].reshape(h, dv)  # [H*dv] -> [H, dv]
+        if visible is None:
+            o += bv[None, :, None, :]
+        else:
+            o += np.where(visible[:, None, None, None], bv[None, :, None, :], o.dtype.type(0.0))
     # [B, H, M, dv] -> [B, M, H, dv] -> [B*M, H*dv]
     merged = np.ascontiguousarray(o.transpose(0, 2, 1, 3)).reshape(b * m, h * dv)
     t = ops.matmul(merged, p["attn.out.weight"])  # [B*M, H*dv] -> [B*M, D]
@@ -86,8 +90,14 @@ def after_attention(
         z = np.zeros((b, m, d), dtype=o.dtype)
     z2 = z.reshape(b * m, d)  # [B, M, D] -> [B*M, D], a view: updated in place
     u = ops.residual_layernorm(z2, t, p["attn.out.bias"], p["ffn_norm.gamma"], p["ffn_norm.beta"])
-    g = ops.matmul(u, p["ffn.up.weight"])  # [B*M, D] -> [B*M, wD]
-    ops.bias_gelu(g, p["ffn.up.bias"], gelu)
+    g = ops.matmul(u, p["ffn.up.weight"])  # [B*M, D] -> [B*M, wD] (GEGLU: [B*M, 2wD])
+    if ffn_kind == "geglu":
+        wd = g.shape[1] // 2
+        gate = np.ascontiguousarray(g[:, wd:])  # [B*M, 2wD] -> [B*M, wD]
+        ops.bias_gelu(gate, p["ffn.up.bias"][wd:], gelu)
+        g = (g[:, :wd] + p["ffn.up.bias"][:wd]) * gate  # value half times GELU(gate half): [B*M, wD]
+    else:
+        ops.bias_gelu(g, p["ffn.up.bias"], gelu)
     t = ops.matmul(g, p["ffn.down.weight"])  # [B*M, wD] -> [B*M, D]
     ops.residual(z2, t, p["ffn.down.bias"])
     return z
@@ -107,6 +117,7 @@ def pieces_of(x: np.ndarray, mask: np.ndarray | None, size: int) -> list[Piece]:
 def cross_block(
     z: np.ndarray, pieces: Iterable[Piece], p: Params, ops: EngineOps, *, num_heads: int,
     in_weight: np.ndarray | None, in_bias: np.ndarray | None, use_query_residual: bool, gelu: str,
+    ffn_kind: str = "gelu",
 ) -> tuple[np.ndarray, int]:
     """z: [B, M, D] owned latents (updated in place) attend to an input that arrives in pieces
     along N -> (z [B, M, D], N).
@@ -119,7 +130,8 @@ def cross_block(
     b, m, d = check_owned_latents(z).shape
     zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"]).reshape(b, m, d)
     (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads)  # [B, M, D] -> [B, H, M, dh]
-    q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
+    if "attn.q.bias" in p:
+        q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     ckv = p["kv_norm.gamma"].shape[0]
     dv = p["attn.v.weight"].shape[1] // num_heads
     state: ChunkState | None = None  # made at the second chunk: one chunk needs no merging
@@ -151,18 +163,21 @@ def cross_block(
         raise ValueError("chunks: the input is empty (N = 0)")
     assert first is not None
     o = first[0] if state is None else ops.finish_chunks(state, z.dtype)  # [B, H, M, dv]
-    return after_attention(z, o, visible, p, ops, query_residual=use_query_residual, gelu=gelu), n_total
+    return after_attention(z, o, visible, p, ops, query_residual=use_query_residual, gelu=gelu,
+                           ffn_kind=ffn_kind), n_total
 
 
-def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str) -> np.ndarray:
+def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str,
+               ffn_kind: str = "gelu") -> np.ndarray:
     """z: [B, M, D] owned latents, updated in place -> [B, M, D]."""
     b, m, d = check_owned_latents(z).shape
     u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"]).reshape(b, m, d)
     q, k, v = ops.project_heads(u, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
                                 num_heads)  # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
-    q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
+    if "attn.q.bias" in p:
+        q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     o, _ = ops.attention_forward(q, k, v, None)  # [B, H, M, dv]
-    return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu)
+    return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu, ffn_kind=ffn_kind)
 
 
 def encode(cfg: PerceiverConfig, p: Params, passes: Passes, *, batch: int, ops: EngineOps) -> np.ndarray:
@@ -197,12 +212,14 @@ def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: En
         if kind == "cross":
             z, n = cross_block(z, passes(), params_under(p, f"cross.{i}"), ops,
                                num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
-                               use_query_residual=cfg.use_query_residual, gelu=cfg.gelu)
+                               use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
+                               ffn_kind=cfg.ffn_kind)
             if n_seen is not None and n != n_seen:
                 raise ValueError(f"chunks: the input changed length between passes ({n_seen} then {n})")
             n_seen = n
         else:
-            z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu)
+            z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu,
+                           ffn_kind=cfg.ffn_kind)
         expect_finite_output(f"{kind}.{i} output", z)
     if cfg.final_norm:
         z2 = z.reshape(-1, z.shape[-1])  # [B, M, D] -> [B*M, D], a view: normalised in place

@@ -144,6 +144,21 @@ def _structure_problems(cfg: PerceiverConfig, target: str = "Hugging Face") -> l
     if cfg.final_norm:
         problems.append(f"final_norm=True: {target}'s encoder has no final LayerNorm (final_norm.gamma/beta "
                         "would have no name); build with final_norm=False")
+    defaults = PerceiverConfig(input_dim=1)
+    for field, why in (
+        ("ffn_kind", "its MLPs are GELU, not GEGLU"), ("qkv_bias", "its q/k/v projections have biases"),
+        ("block_order", "its blocks run in the fixed order of num_blocks"),
+        ("input_fourier", "its encoder appends no input positions (its preprocessors do)"),
+        ("cross_qk_channels", "one qk_channels for both attentions"),
+        ("cross_v_channels", "one v_channels for both attentions"),
+        ("self_qk_channels", "one qk_channels for both attentions"),
+        ("self_v_channels", "one v_channels for both attentions"),
+        ("decoder_ffn", "its decoders have an MLP"), ("decoder_output", "its decoders project their output"),
+    ):
+        if getattr(cfg, field) != getattr(defaults, field):
+            problems.append(f"{field}={getattr(cfg, field)!r}: {target} has {why}")
+    if cfg.decoder == "pool_linear":
+        problems.append(f"decoder='pool_linear': {target} has no mean-pool classifier head")
     if target == "Hugging Face" and cfg.decoder == "query" and cfg.query_source != "trainable":
         problems.append(f"query_source={cfg.query_source!r}: only trainable output queries map to a "
                         "decoder with trainable position encodings")
@@ -579,8 +594,8 @@ def to_hf_config(model: Perceiver) -> tuple[dict[str, Any], dict[str, Any] | Non
     problems = _structure_problems(cfg)
     if cfg.gelu != "exact":
         problems.append(f"gelu={cfg.gelu!r}: HF's hidden_act 'gelu' is exact")
-    if cfg.self_v_channels != cfg.latent_dim:
-        problems.append(f"self value width {cfg.self_v_channels} != latent_dim {cfg.latent_dim}: "
+    if cfg.self_v != cfg.latent_dim:
+        problems.append(f"self value width {cfg.self_v} != latent_dim {cfg.latent_dim}: "
                         "HF's self-attention output projection maps v -> v, and its residual needs D")
     for field, heads in (("num_heads", cfg.num_heads), ("cross_heads", cfg.cross_num_heads)):
         if cfg.latent_dim % heads:

@@ -39,8 +39,15 @@ Record = dict[str, np.ndarray] | None
 
 
 def tap(record: Record, name: str, value: np.ndarray) -> None:
-    """Keep a copy of the activation ``value`` as ``record[name]`` (nothing if ``record`` is None)."""
+    """Keep a copy of the activation ``value`` as ``record[name]`` (nothing if ``record`` is None).
+
+    A record with a ``rewrite(name, value)`` method first lets it change ``value`` in place, and
+    the rest of the forward reads the rewritten value (:mod:`perceiver_np.precision` rounds every
+    activation this way)."""
     if record is not None:
+        rewrite = getattr(record, "rewrite", None)
+        if rewrite is not None:
+            rewrite(name, value)
         record[name] = np.array(value, copy=True)
 
 _SQRT_2 = math.sqrt(2.0)
@@ -57,26 +64,32 @@ _GELU_TANH_C = 0.044715
 class LinearCache(NamedTuple):
     x: np.ndarray  # [..., in]  the layer's input
     weight: np.ndarray  # [in, out]
+    has_bias: bool = True  # params had a "bias" (lucidrains' q/kv projections have none)
 
 
 def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
-    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out]."""
-    w, b = params["weight"], params["bias"]
+    """``y = x @ weight + bias``.  x: [..., in], weight: [in, out], bias: [out] -> y: [..., out].
+    Without a ``"bias"`` entry the layer is ``y = x @ weight`` (and its grads have no bias)."""
+    w, b = params["weight"], params.get("bias")
     expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
-    expect_shape("linear bias", b, (w.shape[1],), "[out]")
-    y = x @ w + b  # [..., in] -> [..., out]
-    return y, LinearCache(x, w)
+    y = x @ w  # [..., in] -> [..., out]
+    if b is not None:
+        expect_shape("linear bias", b, (w.shape[1],), "[out]")
+        y = y + b
+    return y, LinearCache(x, w, b is not None)
 
 
 def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
-    """dy: [..., out] -> dx: [..., in]; grads weight [in, out], bias [out]."""
-    x, w = cache
+    """dy: [..., out] -> dx: [..., in]; grads weight [in, out], bias [out] (when it had one)."""
+    x, w, has_bias = cache
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     # in the forward pass this was y = x @ W + b
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]   (R = product of leading axes)
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
     dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
     dx = dy @ w.T  # [..., out] -> [..., in]
+    if not has_bias:
+        return dx, {"weight": dweight}
     dbias = dy2.sum(axis=0)  # [R, out] -> [out]
     return dx, {"weight": dweight, "bias": dbias}
 
@@ -164,6 +177,48 @@ def gelu_backward(dy: np.ndarray, cache: GeluCache) -> tuple[np.ndarray, Params]
         dudx = k * (1.0 + 3.0 * c * x * x)
         dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx
     return dy * dydx, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# GEGLU: the value half of the input times the GELU of its gate half
+# ---------------------------------------------------------------------------------------------
+
+
+class GegluCache(NamedTuple):
+    value: np.ndarray  # [..., F]  the first half of the input
+    gate: np.ndarray  # [..., F]  GELU of the second half
+    act: GeluCache  # the second half [..., F]
+
+
+def geglu_forward(
+    x: np.ndarray, params: Params | None = None, *, approximate: str = "exact",
+    gelu: Callable[..., Any] | None = None,
+) -> tuple[np.ndarray, GegluCache]:
+    """x: [..., 2F] -> y = x[..., :F] * GELU(x[..., F:]): [..., F] (Shazeer's GEGLU, as
+    lucidrains' ``x, gates = x.chunk(2, dim=-1); x * gelu(gates)``). No parameters.
+    ``gelu``: the GELU's implementation (default :func:`gelu_forward`)."""
+    gelu = gelu_forward if gelu is None else gelu
+    width = x.shape[-1]
+    if width % 2:
+        raise ValueError(f"geglu x: expected an even last axis [..., 2F], got shape {x.shape}")
+    value = x[..., : width // 2]  # [..., 2F] -> [..., F]
+    gate_in = x[..., width // 2:].copy()  # [..., 2F] -> [..., F], contiguous
+    gate, act = gelu(gate_in, approximate=approximate)
+    return value * gate, GegluCache(value, gate, act)
+
+
+def geglu_backward(
+    dy: np.ndarray, cache: GegluCache, gelu_grad: Callable[..., Any] | None = None
+) -> tuple[np.ndarray, Params]:
+    """dy: [..., F] -> dx: [..., 2F]; no parameters, so grads is ``{}``. ``gelu_grad``: the
+    GELU backward's implementation (default :func:`gelu_backward`)."""
+    value, gate, act = cache
+    expect_shape("geglu dy", dy, value.shape, "[..., F]")
+    backward = gelu_backward if gelu_grad is None else gelu_grad
+    # in the forward pass this was y = value * gate, gate = GELU(gate_in)
+    dvalue = dy * gate
+    dgate_in, _ = backward(dy * value, act)
+    return np.concatenate([dvalue, dgate_in], axis=-1), {}  # [..., F] x 2 -> [..., 2F]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,14 +333,14 @@ def mean_pool_backward(dy: np.ndarray, cache: MeanPoolCache) -> tuple[np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------
-# Feed-forward network: y = GELU(x @ W_up + b_up) @ W_down + b_down
+# Feed-forward network: y = GELU(x @ W_up + b_up) @ W_down + b_down, or with GEGLU
 # ---------------------------------------------------------------------------------------------
 
 
 class FFNCache(NamedTuple):
-    up: LinearCache  # x [..., D], weight [D, wD]
-    act: GeluCache  # pre-activation [..., wD]
-    down: LinearCache  # GELU output [..., wD], weight [wD, D]
+    up: LinearCache  # x [..., D], weight [D, wD] (GEGLU: [D, 2wD])
+    act: GeluCache | GegluCache  # pre-activation [..., wD] (GEGLU: [..., 2wD])
+    down: LinearCache  # activation [..., wD], weight [wD, D]
     ops: LayerOps  # the implementations the forward used, for the backward
 
 
@@ -294,17 +349,26 @@ def ffn_forward(
     params: Params,
     *,
     gelu: str = "exact",
+    kind: str = "gelu",
     record: Record = None,
     name: str = "ffn",
     ops: LayerOps | None = None,
 ) -> tuple[np.ndarray, FFNCache]:
     """x: [..., D] -> y: [..., D] through a hidden width wD.
     params: ``up.weight [D, wD]``, ``up.bias [wD]``, ``down.weight [wD, D]``, ``down.bias [D]``.
+    ``kind="geglu"``: ``up`` is [D, 2wD] and the activation :func:`geglu_forward` (value half
+    times GELU of the gate half) instead of GELU.
     ``ops``: the products' and the GELU's implementation (:class:`LayerOps`; None: this module's)."""
     ops = PLAIN if ops is None else ops
-    pre, up = ops.linear_forward(x, params_under(params, "up"))  # [..., D] -> [..., wD]
+    if kind not in ("gelu", "geglu"):
+        raise ValueError(f"ffn kind: expected 'gelu' or 'geglu', got {kind!r}")
+    pre, up = ops.linear_forward(x, params_under(params, "up"))  # [..., D] -> [..., wD] (GEGLU: 2wD)
     tap(record, f"{name}.up.out", pre)
-    a, act = ops.gelu_forward(pre, approximate=gelu)
+    act: GeluCache | GegluCache
+    if kind == "geglu":
+        a, act = geglu_forward(pre, approximate=gelu, gelu=ops.gelu_forward)  # [..., 2wD] -> [..., wD]
+    else:
+        a, act = ops.gelu_forward(pre, approximate=gelu)
     tap(record, f"{name}.act.out", a)
     y, down = ops.linear_forward(a, params_under(params, "down"))  # [..., wD] -> [..., D]
     tap(record, f"{name}.down.out", y)
@@ -316,8 +380,11 @@ def ffn_backward(dy: np.ndarray, cache: FFNCache) -> tuple[np.ndarray, Params]:
     ops = cache.ops
     # in the forward pass this was y = GELU(x @ W_up + b_up) @ W_down + b_down, step by step
     da, g_down = ops.linear_backward(dy, cache.down)  # [..., D] -> [..., wD]
-    dpre, _ = ops.gelu_backward(da, cache.act)
-    dx, g_up = ops.linear_backward(dpre, cache.up)  # [..., wD] -> [..., D]
+    if isinstance(cache.act, GegluCache):
+        dpre, _ = geglu_backward(da, cache.act, ops.gelu_backward)  # [..., wD] -> [..., 2wD]
+    else:
+        dpre, _ = ops.gelu_backward(da, cache.act)
+    dx, g_up = ops.linear_backward(dpre, cache.up)  # [..., wD] (GEGLU: 2wD) -> [..., D]
     return dx, {**prefixed(g_up, "up"), **prefixed(g_down, "down")}
 
 
@@ -439,6 +506,7 @@ class MHACache(NamedTuple):
     out: LinearCache  # merged heads [B, M, v], weight [v, Dout]
     num_heads: int
     ops: LayerOps  # the implementations the forward used, for the backward
+    query_mask: np.ndarray | None = None  # [B, M] bool: False rows attended to nothing
 
 
 def split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
@@ -464,6 +532,7 @@ def mha_forward(
     training: bool = False,
     rng: np.random.Generator | None = None,
     masked_rows: str = "zero",
+    query_mask: np.ndarray | None = None,
     record: Record = None,
     name: str = "attn",
     ops: LayerOps | None = None,
@@ -471,6 +540,8 @@ def mha_forward(
     """Multi-head attention of queries from ``xq`` over keys/values from ``xkv``.
 
     xq: [B, M, Cq], xkv: [B, N, Ckv], mask: [B, N] -> y: [B, M, Dout].
+    ``query_mask`` [B, M] bool (DeepMind's ``query_mask``): a False query attends to nothing,
+    its merged heads are 0, so its output is the output projection's bias.
     params: ``q.weight [Cq, qk]``, ``k.weight [Ckv, qk]``, ``v.weight [Ckv, v]``,
     ``out.weight [v, Dout]`` and their biases. The logit scale is 1/sqrt(qk / H).
     ``ops`` (:class:`LayerOps`; None: this module's plain functions): the projections'
@@ -517,10 +588,13 @@ def mha_forward(
         o, lse = ops.attention_forward(qh, kh, vh, mask)  # [B, H, M, dv], [B, H, M]
         attn = FlashCache(qh, kh, vh, o, lse, mask)
     o = merge_heads(o)  # [B, H, M, dv] -> [B, M, v]
+    if query_mask is not None:
+        expect_shape("attention query_mask", query_mask, o.shape[:2], "[B, M]")
+        o = o * query_mask[..., None]  # a masked query's row attends to nothing
     tap(record, f"{name}.heads.out", o)
     y, out = ops.linear_forward(o, params_under(params, "out"))  # [B, M, v] -> [B, M, Dout]
     tap(record, f"{name}.out", y)
-    return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads, ops)
+    return y, MHACache(q_cache, k_cache, v_cache, attn, out, num_heads, ops, query_mask)
 
 
 def mha_backward(
@@ -530,6 +604,9 @@ def mha_backward(
     h, ops = cache.num_heads, cache.ops
     # in the forward pass this was y = merge_heads(o) @ W_out + b_out
     do, g_out = ops.linear_backward(dy, cache.out)  # [B, M, Dout] -> [B, M, v]
+    if cache.query_mask is not None:
+        # in the forward pass this was o = o * query_mask: masked rows pass no gradient back
+        do = do * cache.query_mask[..., None]
     do_h = split_heads(do, h)  # [B, M, v] -> [B, H, M, dv]
     # in the forward pass this was o = attention(q, k, v)
     if isinstance(cache.attn, AttentionCache):

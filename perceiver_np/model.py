@@ -2,7 +2,8 @@
 
 ::
 
-    h = x @ W_in + b_in                      [B, N, C] -> [B, N, D]   (input_projection; else h = x)
+    x = [x, pos]                             [B, N, C] -> [B, N, C + P]  (input_fourier; else as is)
+    h = x @ W_in + b_in                      [B, N, C + P] -> [B, N, D]  (input_projection; else h = x)
     z = broadcast(latents)                   [M, D] -> [B, M, D]
     for step in config.schedule:             cross blocks interleaved with groups of self blocks
         z = CrossBlock_i(z, h, mask)  or  z = SelfBlock_j(z)
@@ -12,6 +13,7 @@
     decoder "query":           u = CrossBlock_dec(queries, z)                [B, O, Cq]
                                y = u @ W_out + b_out                         [B, O, Cq] -> [B, O, out]
     decoder "classification":  the same with one trainable query, y[:, 0]    [B, out]
+    decoder "pool_linear":     y = LN(mean_M(z)) @ W_out + b_out             [B, out]
 
 The model holds only its config and parameters; ``forward`` returns a cache that ``backward``
 consumes, so nothing grows between calls.
@@ -48,7 +50,7 @@ from .layers import (
     prefixed,
     tap,
 )
-from .position import fourier_position_encoding
+from .position import fourier_position_encoding, lucidrains_fourier_encoding
 from .shapes import (
     as_mask,
     as_real_input,
@@ -111,8 +113,15 @@ def check_params(cfg: PerceiverConfig, params: Params) -> Params:
 
 class DecoderCache(NamedTuple):
     block: CrossBlockCache  # queries [B, O, Cq] attending to the latents [B, M, D]
-    output: LinearCache  # decoded queries [B, O, Cq], weight [Cq, out]
+    output: LinearCache | None  # decoded queries [B, O, Cq], weight [Cq, out]; None: no projection
     query_mask: np.ndarray | None  # [B, O] bool, True = keep this output
+    queries_shape: tuple[int, int, int]  # (B, O, Cq)
+
+
+class PoolLinearCache(NamedTuple):
+    pool: MeanPoolCache  # z [B, M, D] -> [B, D]
+    norm: LayerNormCache  # the pooled latents [B, D]
+    output: LinearCache  # LN(pooled) [B, D], weight [D, out]
 
 
 class ModelCache(NamedTuple):
@@ -123,7 +132,7 @@ class ModelCache(NamedTuple):
     input_proj: LinearCache | None  # x [B, N, C], weight [C, D]; None without the projection
     steps: tuple[CrossBlockCache | SelfBlockCache, ...]  # one per entry of config.schedule
     final_norm: LayerNormCache | None  # z [B, M, D]
-    head: MeanPoolCache | DecoderCache | None  # mean pool (B, M, D), decoder caches, or none
+    head: MeanPoolCache | DecoderCache | PoolLinearCache | None  # the output head's cache, or none
 
 
 class Perceiver:
@@ -145,6 +154,11 @@ class Perceiver:
             self.fixed_queries = fourier_position_encoding(
                 tuple(config.output_index_dims or ()), config.query_num_bands, dtype=config.np_dtype
             )
+        self.input_positions: np.ndarray | None = None  # [N, P]: Fourier features of the input grid
+        if config.input_fourier == "lucidrains":
+            self.input_positions = lucidrains_fourier_encoding(
+                tuple(config.input_index_dims or ()), config.input_num_bands, config.input_max_freq,
+                dtype=config.np_dtype)
 
     # ---- inference ------------------------------------------------------------------------
 
@@ -155,12 +169,13 @@ class Perceiver:
         [B, out] (classification) or [B, O, out] (query decoder)."""
         cfg, p = self.config, self.checked_params()
         x, mask = self._check_input(x, mask, p)
+        x_in = self.encoder_input(x)  # [B, N, C] -> [B, N, C + P]
         if not (self.uses_engine or mask is None or mask.any(axis=1).all()):
             # masked_rows="uniform" differs from the engine's zero rows only for a sample whose
             # every input is masked: such a batch takes the probabilities path
             return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite_output
-            z = engine.encode_array(cfg, p, x, mask, engine_ops(cfg.backend))  # [B, N, C] -> [B, M, D]
+            z = engine.encode_array(cfg, p, x_in, mask, engine_ops(cfg.backend))  # [B, N, C+P] -> [B, M, D]
             return self.decode(z, queries=queries, query_mask=query_mask)[0]
 
     @property
@@ -179,6 +194,15 @@ class Perceiver:
         """``self.params`` checked against the schema (:func:`check_params`), in schema order."""
         return check_params(self.config, self.params)
 
+    def encoder_input(self, x: np.ndarray) -> np.ndarray:
+        """x [B, N, C] (checked) -> what the encoder reads: [x, pos] [B, N, C + P] with the
+        input grid's Fourier features (``input_fourier``), else x itself."""
+        if self.input_positions is None:
+            return x
+        pos = self.input_positions  # [N, P]
+        pos = np.broadcast_to(pos, (x.shape[0], *pos.shape))  # [N, P] -> [B, N, P]
+        return np.concatenate([x, pos], axis=-1)  # [B, N, C] + [B, N, P] -> [B, N, C + P]
+
     def _check_input(self, x: Any, mask: Any, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
         """x -> float array [B, N, C] of the model's dtype, mask -> bool [B, N] or None.
 
@@ -193,7 +217,11 @@ class Perceiver:
         b, n, _ = x.shape
         if b == 0 or n == 0:
             raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
-        engine.check_input_range("x", cfg, p, x)
+        if self.input_positions is not None and n != self.input_positions.shape[0]:
+            raise ValueError(f"x: input_index_dims={cfg.input_index_dims} makes N = "
+                             f"{self.input_positions.shape[0]} positions (the grid flattened in "
+                             f"row-major order), got shape {x.shape}")
+        engine.check_input_range("x", cfg, p, self.encoder_input(x))
         return x, as_mask(mask, b, n)
 
     # ---- forward ----------------------------------------------------------------------------
@@ -214,11 +242,13 @@ class Perceiver:
         With ``training=True`` dropout is active and draws from ``rng`` (a
         ``numpy.random.Generator``, required whenever a dropout rate is non-zero).
         ``queries`` [B, O, Cq]: the output queries, with ``query_source="given"`` (only then).
-        ``query_mask`` [B, O] bool (query decoder): False outputs are exactly 0, and so is
-        everything's gradient through them. ``record`` (a dict) receives every intermediate
-        activation under a stable name (:func:`perceiver_np.verify.golden_names` lists them in
-        forward order); the plain attention path records scores and probabilities too, the
-        kernel does not.
+        ``query_mask`` [B, O] bool (query decoder): with ``query_masking="output"`` (the
+        default) False outputs are exactly 0, and so is everything's gradient through them; with
+        ``query_masking="attention"`` (DeepMind's ``query_mask``) a False query attends to
+        nothing and the rest of the decoder still runs on it (its output is not 0). ``record``
+        (a dict) receives every intermediate activation under a stable name
+        (:func:`perceiver_np.verify.golden_names` lists them in forward order); the plain
+        attention path records scores and probabilities too, the kernel does not.
         """
         cfg, p = self.config, self.checked_params()
         x, mask = self._check_input(x, mask, p)
@@ -234,12 +264,13 @@ class Perceiver:
         with np.errstate(over="ignore", invalid="ignore"):
             ops = layer_ops(cfg, "model", training)  # the input projection's and final LayerNorm's
             input_proj = None
-            h = x
             tap(record, "input", x)
+            x_in = self.encoder_input(x)  # [B, N, C] -> [B, N, C + P] (input_fourier; else x)
+            h = x_in
             if cfg.input_projection:
                 h, input_proj = ops.linear_forward(
-                    x, params_under(p, "input_proj")
-                )  # [B, N, C] -> [B, N, D]
+                    x_in, params_under(p, "input_proj")
+                )  # [B, N, C + P] -> [B, N, D]
                 tap(record, "input_proj.out", h)
             names = step_names(cfg)
             z = np.broadcast_to(p["latents"], (b, *p["latents"].shape))  # [M, D] -> [B, M, D]
@@ -250,16 +281,16 @@ class Perceiver:
                         z, h, params_under(p, f"cross.{i}"), num_heads=cfg.cross_num_heads, mask=mask,
                         use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
                         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                        training=training, rng=rng, masked_rows=cfg.masked_rows, record=record,
-                        name=step_name, ops=layer_ops(cfg, "cross", training),
+                        training=training, rng=rng, masked_rows=cfg.masked_rows, ffn_kind=cfg.ffn_kind,
+                        record=record, name=step_name, ops=layer_ops(cfg, "cross", training),
                     )  # [B, M, D] x [B, N, Ckv] -> [B, M, D]
                     steps.append(cross)
                 else:
                     z, self_ = self_block_forward(
                         z, params_under(p, f"self.{i}"), num_heads=cfg.num_heads, gelu=cfg.gelu,
                         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                        training=training, rng=rng, record=record, name=step_name,
-                        ops=layer_ops(cfg, "self", training),
+                        training=training, rng=rng, ffn_kind=cfg.ffn_kind, record=record,
+                        name=step_name, ops=layer_ops(cfg, "self", training),
                     )  # [B, M, D] -> [B, M, D]
                     steps.append(self_)
                 expect_finite_output(f"{step_name} output", z)
@@ -281,17 +312,26 @@ class Perceiver:
         training: bool = False,
         rng: np.random.Generator | None = None,
         record: Record = None,
-    ) -> tuple[np.ndarray, MeanPoolCache | DecoderCache | None]:
+    ) -> tuple[np.ndarray, MeanPoolCache | DecoderCache | PoolLinearCache | None]:
         """The output head on the final (normed) latents z [B, M, D]: the mean pool, the
         latents themselves, or a decoder. -> (y, its cache)."""
         cfg, p = self.config, self.params
         b = z.shape[0]
-        head: MeanPoolCache | DecoderCache | None
-        if cfg.decoder in ("pool", "latents"):
+        head: MeanPoolCache | DecoderCache | PoolLinearCache | None
+        if cfg.decoder in ("pool", "latents", "pool_linear"):
             if queries is not None or query_mask is not None:
                 raise ValueError(f"queries, query_mask: decoder {cfg.decoder!r} has no output queries")
             if cfg.decoder == "pool":
                 y, head = mean_pool_forward(z)  # [B, M, D] -> [B, D]
+            elif cfg.decoder == "pool_linear":
+                ops = layer_ops(cfg, "model", training)
+                pooled, pool = mean_pool_forward(z)  # [B, M, D] -> [B, D]
+                tap(record, "decoder.pool.out", pooled)
+                normed, norm = ops.layernorm_forward(pooled, params_under(p, "decoder.norm"))
+                tap(record, "decoder.norm.out", normed)
+                y, output = ops.linear_forward(
+                    normed, params_under(p, "decoder.output"))  # [B, D] -> [B, out]
+                head = PoolLinearCache(pool, norm, output)
             else:
                 y, head = z, None  # the latents themselves (Hugging Face's last_hidden_state)
         else:
@@ -301,21 +341,28 @@ class Perceiver:
                 if cfg.decoder != "query":
                     raise ValueError("query_mask: only the query decoder has several outputs")
                 qmask = as_mask(query_mask, b, q.shape[1], name="query_mask", letters="[B, O]")
+            attention_only = qmask is not None and cfg.query_masking == "attention"
             u, block = cross_block_forward(
                 q, z, params_under(p, "decoder"), num_heads=cfg.decoder_heads,
+                query_mask=qmask if attention_only else None,
                 use_query_residual=cfg.decoder_query_residual, gelu=cfg.gelu,
                 dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-                training=training, rng=rng, record=record, name="decoder",
-                ops=layer_ops(cfg, "cross", training),
+                training=training, rng=rng, ffn_kind=cfg.ffn_kind, ffn=cfg.decoder_ffn,
+                record=record, name="decoder", ops=layer_ops(cfg, "cross", training),
             )  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
-            y, output = layer_ops(cfg, "model", training).linear_forward(
-                u, params_under(p, "decoder.output")
-            )  # [B, O, Cq] -> [B, O, out]
+            output = None
+            y = u
+            if cfg.decoder_output:
+                y, output = layer_ops(cfg, "model", training).linear_forward(
+                    u, params_under(p, "decoder.output")
+                )  # [B, O, Cq] -> [B, O, out]
+            if attention_only:
+                qmask = None  # DeepMind's query_mask: applied inside the attention only
             if qmask is not None:
                 y = y * qmask[..., None]
             if cfg.decoder == "classification":
                 y = y[:, 0]  # [B, 1, out] -> [B, out]
-            head = DecoderCache(block, output, qmask)
+            head = DecoderCache(block, output, qmask, q.shape)
         expect_finite_output("output", y)
         tap(record, "output", y)
         return y, head
@@ -380,12 +427,20 @@ class Perceiver:
             expect_shape("dy", dy, (b, cfg.latent_dim), "[B, D]")
             # in the forward pass this was y = mean_M(z)
             dz, _ = mean_pool_backward(dy, cache.head)  # [B, D] -> [B, M, D]
+        elif isinstance(cache.head, PoolLinearCache):
+            expect_shape("dy", dy, (b, cfg.output_dim), "[B, out]")
+            # in the forward pass this was y = LN(mean_M(z)) @ W_out + b_out
+            dnormed, g = cache.ops.linear_backward(dy, cache.head.output)  # [B, out] -> [B, D]
+            _accumulate(grads, prefixed(g, "decoder.output"))
+            dpooled, g = cache.ops.layernorm_backward(dnormed, cache.head.norm)
+            _accumulate(grads, prefixed(g, "decoder.norm"))
+            dz, _ = mean_pool_backward(dpooled, cache.head.pool)  # [B, D] -> [B, M, D]
         else:
             dz = self._decoder_backward(dy, cache.head, grads, cache.ops)
         if cache.final_norm is not None:
             dz, g = cache.ops.layernorm_backward(dz, cache.final_norm)
             _accumulate(grads, prefixed(g, "final_norm"))
-        d_h = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)  # gradient of h
+        d_h = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)  # gradient of h [B, N, Ckv]
         for (kind, i), step in zip(reversed(cfg.schedule), reversed(cache.steps), strict=True):
             if kind == "cross":
                 assert isinstance(step, CrossBlockCache)
@@ -399,26 +454,29 @@ class Perceiver:
         # in the forward pass this was z = broadcast(latents) over the batch
         grads["latents"] += dz.sum(axis=0)  # [B, M, D] -> [M, D]
         if cache.input_proj is not None:
-            dx, g = cache.ops.linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C]
+            dx, g = cache.ops.linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C + P]
             _accumulate(grads, prefixed(g, "input_proj"))
         else:
             dx = d_h
-        return grads, dx
+        # in the forward pass this was x_in = [x, pos]: the positions are constants
+        return grads, dx[..., : cfg.input_dim]  # [B, N, C + P] -> [B, N, C]
 
     def _decoder_backward(self, dy: np.ndarray, cache: DecoderCache, grads: Params,
                           ops: LayerOps) -> np.ndarray:
         """dy: [B, out] or [B, O, out] -> dz [B, M, D], the gradient of the (normed) latents."""
         cfg = self.config
-        b, o, _ = cache.output.x.shape
+        b, o, _ = cache.queries_shape
         if cfg.decoder == "classification":
             expect_shape("dy", dy, (b, cfg.output_dim), "[B, out]")
             dy = dy[:, None, :]  # in the forward pass this was y = y[:, 0]: [B, out] -> [B, 1, out]
         else:
-            expect_shape("dy", dy, (b, o, cfg.output_dim), "[B, O, out]")
+            expect_shape("dy", dy, (b, o, cfg.output_width), "[B, O, out]")
         if cache.query_mask is not None:
             dy = dy * cache.query_mask[..., None]  # masked outputs were set to 0
-        du, g = ops.linear_backward(dy, cache.output)  # [B, O, out] -> [B, O, Cq]
-        _accumulate(grads, prefixed(g, "decoder.output"))
+        du = dy
+        if cache.output is not None:
+            du, g = ops.linear_backward(dy, cache.output)  # [B, O, out] -> [B, O, Cq]
+            _accumulate(grads, prefixed(g, "decoder.output"))
         (dq, dz), g = cross_block_backward(du, cache.block)
         _accumulate(grads, prefixed(g, "decoder"))
         if "decoder.queries" in grads:
@@ -454,27 +512,38 @@ class Perceiver:
             lines.append(f"  {name:<24}{count:>12,}")
         lines.append(f"  {'total':<24}{self.param_count:>12,}")
         lines.append("schedule: " + " -> ".join(f"{k}.{i}" for k, i in cfg.schedule))
-        out = {"pool": f"[B, {cfg.latent_dim}]", "latents": f"[B, {cfg.num_latents}, {cfg.latent_dim}]",
-               "classification": f"[B, {cfg.output_dim}]",
-               "query": f"[B, {cfg.decoder_queries or 'O'}, {cfg.output_dim}]"}[cfg.decoder]
-        lines.append(f"output:   {out} from x [B, N, {cfg.input_dim}]")
+        lines.append(f"output:   {output_shape(cfg)} from x [B, N, {cfg.input_dim}]")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"Perceiver({self.config!r}, params={self.param_count:,})"
 
 
+def output_shape(cfg: PerceiverConfig) -> str:
+    """The output's shape in the shape vocabulary, e.g. ``[B, 256]`` or ``[B, O, 3]``."""
+    if cfg.decoder == "latents":
+        return f"[B, {cfg.num_latents}, {cfg.latent_dim}]"
+    if cfg.decoder == "query":
+        return f"[B, {cfg.decoder_queries or 'O'}, {cfg.output_width}]"
+    return f"[B, {cfg.output_width}]"
+
+
 def step_names(cfg: PerceiverConfig) -> list[str]:
     """The recorded name of every step of ``cfg.schedule``: ``cross.{i}``, ``self.{j}``, and
-    ``self.{j}.use{u}`` for the u-th use of a shared self block when ``num_blocks > 1``."""
-    uses: dict[int, int] = {}
+    ``{kind}.{i}.use{u}`` for the u-th use of a block the schedule runs more than once (a shared
+    self block with ``num_blocks > 1``, or any block ``block_order`` repeats)."""
+    schedule = cfg.schedule
+    total: dict[tuple[str, int], int] = {}
+    for step in schedule:
+        total[step] = total.get(step, 0) + 1
+    uses: dict[tuple[str, int], int] = {}
     names = []
-    for kind, i in cfg.schedule:
-        if kind == "cross" or cfg.num_blocks == 1:
+    for kind, i in schedule:
+        if total[(kind, i)] == 1:
             names.append(f"{kind}.{i}")
         else:
-            names.append(f"self.{i}.use{uses.get(i, 0)}")
-            uses[i] = uses.get(i, 0) + 1
+            names.append(f"{kind}.{i}.use{uses.get((kind, i), 0)}")
+            uses[(kind, i)] = uses.get((kind, i), 0) + 1
     return names
 
 

@@ -248,6 +248,33 @@ def fourier_position_encoding(
     return features.astype(out, copy=False)
 
 
+def lucidrains_fourier_encoding(
+    index_dims: Sequence[int], num_bands: int, max_freq: float, *, dtype: DTypeLike = np.float32,
+) -> np.ndarray:
+    """lucidrains' ``fourier_encode`` of a grid, channel for channel: index_dims (n_1, ..., n_d)
+    -> [N, d * (2K + 1)] in ``dtype`` (what perceiver-pytorch's ``Perceiver`` appends to its data
+    with ``fourier_encode_data=True``).
+
+    The grid is :func:`linear_positions`'. One frequency set for every axis,
+    ``f = linspace(1, max_freq / 2, K)`` (DeepMind's is per axis, up to its resolution), and the
+    channels axis-major, each axis' block ``[sin(pi x f), cos(pi x f), x]`` (DeepMind's order is
+    ``[pos of every axis, sin of every axis, cos of every axis]``)::
+
+        features[p] = [sin(pi x_0 f), cos(pi x_0 f), x_0, sin(pi x_1 f), cos(pi x_1 f), x_1, ...]
+
+    Computed in float64, rounded once (perceiver-pytorch computes in the data's dtype).
+    """
+    k = _check_num_bands(num_bands)
+    if isinstance(max_freq, bool) or not isinstance(max_freq, (int, float)) or not 0 < max_freq < np.inf:
+        raise ValueError(f"max_freq: expected a positive finite number, got {max_freq!r}")
+    pos = linear_positions(index_dims)  # [N, d]
+    n, d = pos.shape
+    f = np.linspace(1.0, max_freq / 2.0, k)  # [K]
+    u = pos[:, :, None] * f * np.pi  # [N, d, 1] * [K] -> [N, d, K] (their order of products)
+    blocks = np.concatenate([np.sin(u), np.cos(u), pos[:, :, None]], axis=-1)  # -> [N, d, 2K + 1]
+    return blocks.reshape(n, d * (2 * k + 1)).astype(_float_dtype("dtype", dtype), copy=False)
+
+
 #: Argument sets whose features :func:`shared_fourier_position_encoding` keeps (each up to
 #: N x Cp values: 50,176 x 258 float32 = 52 MB for a 224 x 224 image).
 SHARED_FOURIER_ENTRIES = 4

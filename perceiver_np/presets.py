@@ -15,9 +15,15 @@ options; every switch in it is an ordinary option, so a preset can be overridden
   defaults: as DeepMind but exact GELU, dropout only on attention probabilities (0.1), and a
   row that sees no key attending uniformly over all keys (HF's additive ``finfo.min`` mask).
 
+- ``lucidrains``: lucidrains' ``perceiver-pytorch`` ``Perceiver`` with its defaults: GEGLU
+  feed-forwards (x4), bias-free query and key/value projections, 1 cross head of 64 channels and
+  8 self heads of 64, no input projection and no final LayerNorm, a row that sees no key
+  attending uniformly (its ``-finfo.max`` fill), and its classifier head ``LN(mean(z)) @ W``.
+
 :func:`from_deepmind` turns the keyword arguments of DeepMind's own ``PerceiverEncoder`` and
 ``BasicDecoder`` / ``ClassificationDecoder`` (perceiver/perceiver.py of deepmind-research) into
-options, every argument checked by name.
+options, every argument checked by name; :func:`from_lucidrains` and :func:`from_lucidrains_io`
+do the same for perceiver-pytorch's ``Perceiver`` and ``PerceiverIO``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 
 from .config import RECOMMENDED_DEFAULTS
 
-PRESETS = ("edifice", "deepmind", "hf")
+PRESETS = ("edifice", "deepmind", "hf", "lucidrains")
 
 
 def edifice(**overrides: Any) -> dict[str, Any]:
@@ -46,7 +52,7 @@ def deepmind(**overrides: Any) -> dict[str, Any]:
         "num_cross_layers": 1, "num_layers": 6, "num_blocks": 8,
         "use_query_residual": True, "gelu": "tanh",
         "dropout": 0.0, "attention_dropout": 0.0, "masked_rows": "zero",
-        "final_norm": False, "decoder": "latents",
+        "final_norm": False, "decoder": "latents", "query_masking": "attention",
     }
     return {**opts, **overrides}
 
@@ -59,13 +65,21 @@ def hf(**overrides: Any) -> dict[str, Any]:
         "latent_dim": 1280, "num_latents": 256,
         "cross_heads": 8, "num_heads": 8, "num_layers": 26, "num_blocks": 1,
         "gelu": "exact", "dropout": 0.0, "attention_dropout": 0.1, "masked_rows": "uniform",
+        "query_masking": "output",
     }
     return {**opts, **overrides}
 
 
+def lucidrains(**overrides: Any) -> dict[str, Any]:
+    """lucidrains' ``perceiver_pytorch.Perceiver`` with its defaults (without its Fourier input
+    features, which need the input grid: :func:`from_lucidrains` adds them)."""
+    return {**from_lucidrains({"num_freq_bands": 6, "depth": 1, "max_freq": 10.0,
+                               "fourier_encode_data": False}), **overrides}
+
+
 def preset(name: str, **overrides: Any) -> dict[str, Any]:
     """The preset called ``name`` (one of :data:`PRESETS`) with ``overrides`` applied."""
-    table = {"edifice": edifice, "deepmind": deepmind, "hf": hf}
+    table = {"edifice": edifice, "deepmind": deepmind, "hf": hf, "lucidrains": lucidrains}
     if name not in table:
         raise ValueError(f"preset: expected one of {PRESETS}, got {name!r}")
     return table[name](**overrides)
@@ -206,3 +220,131 @@ def _deepmind_decoder(dec: dict[str, Any], latent_dim: int) -> dict[str, Any]:
         raise ValueError(f"decoder_kwargs['position_encoding_type']: {kind!r} is not supported for this "
                          "decoder (trainable queries, or Fourier queries of a BasicDecoder)")
     return opts
+
+
+#: lucidrains' ``perceiver_pytorch.Perceiver`` keyword arguments and their defaults
+#: (perceiver-pytorch 0.11.0; ``num_freq_bands``, ``depth`` and ``max_freq`` have none).
+LUCIDRAINS_DEFAULTS: dict[str, Any] = {
+    "num_freq_bands": None, "depth": None, "max_freq": None, "input_channels": 3, "input_axis": 2,
+    "num_latents": 512, "latent_dim": 512, "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64,
+    "latent_dim_head": 64, "num_classes": 1000, "attn_dropout": 0.0, "ff_dropout": 0.0,
+    "weight_tie_layers": False, "fourier_encode_data": True, "self_per_cross_attn": 1,
+    "final_classifier_head": True, "inverted_cross_attn": False, "attn_residual": False,
+    "attn_residual_rank": 64,
+}
+#: lucidrains' ``perceiver_pytorch.PerceiverIO`` keyword arguments and their defaults
+#: (``depth``, ``dim`` and ``queries_dim`` have none).
+LUCIDRAINS_IO_DEFAULTS: dict[str, Any] = {
+    "depth": None, "dim": None, "queries_dim": None, "logits_dim": None, "num_latents": 512,
+    "latent_dim": 512, "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64, "latent_dim_head": 64,
+    "weight_tie_layers": False, "decoder_ff": False, "seq_dropout_prob": 0.0, "attn_residual": False,
+    "attn_residual_rank": 64, "inverted_cross_attn": False,
+}
+#: perceiver-pytorch's FeedForward widening (``mult=4``, not an argument of its models).
+LUCIDRAINS_FF_MULT = 4
+
+
+def _lucidrains_kwargs(what: str, given: Mapping[str, Any], defaults: Mapping[str, Any],
+                       required: tuple[str, ...]) -> dict[str, Any]:
+    kw = _kwargs(what, given, defaults)
+    missing = sorted(k for k in required if kw[k] is None)
+    if missing:
+        raise ValueError(f"{what}: missing required argument(s) {missing}")
+    for key, why in (("inverted_cross_attn", "inverted (slot-style) cross-attention"),
+                     ("attn_residual", "the Enformer attention residual over block outputs")):
+        value = kw[key]
+        if value is not False and not (isinstance(value, tuple) and not any(value)):
+            raise ValueError(f"{what}[{key!r}]: {value!r} is not supported (perceiver_np has no {why}; "
+                             "it is not part of the published Perceiver)")
+    return kw
+
+
+def _lucidrains_common(kw: Mapping[str, Any]) -> dict[str, Any]:
+    """The options every perceiver-pytorch model shares: GEGLU x4 feed-forwards with exact GELU,
+    bias-free q and kv projections of ``heads * dim_head`` channels, pre-LayerNorm blocks with
+    residuals, masked logits filled with ``-finfo.max`` (a row with no visible key attends
+    uniformly), no input projection, no final LayerNorm. Dropout rates are not carried over:
+    they act only in training, where no two libraries draw the same masks."""
+    return {
+        "latent_dim": kw["latent_dim"], "num_latents": kw["num_latents"],
+        "input_projection": False, "cross_heads": kw["cross_heads"], "num_heads": kw["latent_heads"],
+        "cross_qk_channels": kw["cross_heads"] * kw["cross_dim_head"],
+        "cross_v_channels": kw["cross_heads"] * kw["cross_dim_head"],
+        "self_qk_channels": kw["latent_heads"] * kw["latent_dim_head"],
+        "self_v_channels": kw["latent_heads"] * kw["latent_dim_head"],
+        "cross_widening_factor": LUCIDRAINS_FF_MULT, "self_widening_factor": LUCIDRAINS_FF_MULT,
+        "ffn_kind": "geglu", "gelu": "exact", "qkv_bias": False, "use_query_residual": True,
+        "final_norm": False, "masked_rows": "uniform", "dropout": 0.0, "attention_dropout": 0.0,
+        "num_blocks": 1,
+    }
+
+
+def from_lucidrains(
+    kwargs: Mapping[str, Any], index_dims: tuple[int, ...] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Options of the model ``perceiver_pytorch.Perceiver(**kwargs)`` computes::
+
+        opts = presets.from_lucidrains(dict(num_freq_bands=6, depth=2, max_freq=10.0,
+                                            input_channels=3, num_classes=10), index_dims=(8, 8))
+
+    ``index_dims``: the input grid (the data's axes, ``data.shape[1:-1]``), needed with
+    ``fourier_encode_data`` (the default): the model then appends lucidrains' Fourier features
+    (``input_fourier="lucidrains"``) to x [B, N, C], the data flattened to N = prod(index_dims)
+    positions. ``depth`` blocks of one cross block and ``self_per_cross_attn`` self blocks;
+    ``weight_tie_layers``: every block after the first shares the second's weights
+    (``block_order``). The classifier head ``mean -> LayerNorm -> Linear`` is
+    ``decoder="pool_linear"``; without it (``final_classifier_head=False``) the latents.
+    Every argument is checked by name; inverted cross-attention and the attention residual are
+    refused (not part of the published Perceiver)."""
+    kw = _lucidrains_kwargs("kwargs", kwargs, LUCIDRAINS_DEFAULTS, ("num_freq_bands", "depth", "max_freq"))
+    depth, spc = kw["depth"], kw["self_per_cross_attn"]
+    if spc < 1:
+        raise ValueError(f"kwargs['self_per_cross_attn']: {spc} is not supported (every cross block "
+                         "of perceiver_np is followed by a self block)")
+    opts = _lucidrains_common(kw)
+    opts["input_dim"] = kw["input_channels"]
+    if kw["fourier_encode_data"]:
+        if index_dims is None or len(tuple(index_dims)) != kw["input_axis"]:
+            raise ValueError(f"index_dims: fourier_encode_data needs the input grid, {kw['input_axis']} "
+                             f"axes (input_axis), got {index_dims!r}")
+        opts.update(input_fourier="lucidrains", input_index_dims=tuple(int(d) for d in index_dims),
+                    input_num_bands=kw["num_freq_bands"], input_max_freq=float(kw["max_freq"]))
+    tied = kw["weight_tie_layers"] and depth > 2  # with depth 2 the second block is its own anyway
+    crosses = 2 if tied else depth
+    opts.update(num_cross_layers=crosses, num_layers=crosses * spc)
+    if tied:
+        opts["block_order"] = tuple(step for i in range(depth) for step in (
+            ("cross", min(i, 1)), *(("self", min(i, 1) * spc + s) for s in range(spc))))
+    if kw["final_classifier_head"]:
+        opts.update(decoder="pool_linear", output_dim=kw["num_classes"])
+    else:
+        opts["decoder"] = "latents"
+    return {**opts, **overrides}
+
+
+def from_lucidrains_io(kwargs: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Options of the model ``perceiver_pytorch.PerceiverIO(**kwargs)`` computes with its
+    ``queries`` given (``query_source="given"``, [B, O, queries_dim]: a 2-D ``queries`` of theirs
+    broadcast over the batch)::
+
+        opts = presets.from_lucidrains_io(dict(depth=2, dim=32, queries_dim=16, logits_dim=10))
+
+    One cross block (no self block of its own), then ``depth`` self blocks (``weight_tie_layers``:
+    one, run ``depth`` times), then the decoder: a cross block from the queries to the latents
+    with no query residual, its GEGLU feed-forward only with ``decoder_ff``, and the output
+    Linear only with ``logits_dim``. Every argument is checked by name."""
+    kw = _lucidrains_kwargs("kwargs", kwargs, LUCIDRAINS_IO_DEFAULTS, ("depth", "dim", "queries_dim"))
+    opts = _lucidrains_common(kw)
+    depth = kw["depth"]
+    tied = kw["weight_tie_layers"] and depth > 1
+    cross_width = kw["cross_heads"] * kw["cross_dim_head"]
+    opts.update(
+        input_dim=kw["dim"], num_cross_layers=1, num_layers=1 if tied else depth,
+        num_blocks=depth if tied else 1,
+        decoder="query", query_source="given", query_dim=kw["queries_dim"],
+        decoder_heads=kw["cross_heads"], decoder_qk_channels=cross_width, decoder_v_channels=cross_width,
+        decoder_query_residual=False, decoder_ffn=bool(kw["decoder_ff"]),
+        decoder_widening_factor=LUCIDRAINS_FF_MULT, decoder_output=kw["logits_dim"] is not None,
+        output_dim=kw["logits_dim"],
+    )
+    return {**opts, **overrides}

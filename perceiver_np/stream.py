@@ -154,6 +154,9 @@ def encode_stream(
     if cfg.decoder == "query" and cfg.query_source == "given":
         raise ValueError("decoder: the streaming encoder makes its own queries; query_source "
                          "'given' needs model.forward")
+    if cfg.input_fourier != "none":
+        raise ValueError(f"input_fourier: the streaming encoder reads the input as given; a model that "
+                         f"appends input positions ({cfg.input_fourier!r}) needs model(x)")
     chunk_size = check_chunk_size(chunk_size)
     p = model.checked_params()
     passes = _passes(chunks, chunk_size)

@@ -227,3 +227,42 @@ PREP_TORCH_FLOAT64_RTOL = 1e-12
 #: after 3 steps (lr 1e-2). 1e-10 is FLOAT64_RTOL's bar; a wrong gradient term, decay applied to
 #: an excluded tensor or a missing bias correction moves a parameter by ~lr or more.
 FINETUNE_TORCH_RTOL = FLOAT64_RTOL
+
+# --- reduced precision (perceiver_np.precision, tests/test_precision.py) -------------------------
+
+#: The precision report's errors (max and rms relative, in float64) against the test's own
+#: evaluation of the same formulas on the same tensors in torch: a max, two sums of squares and
+#: a square root over at most ~1e5 terms, in two summation orders, so rounding only: ~sqrt(n) U64
+#: ~ 3e-14. FLOAT64_RTOL's bar; a wrong formula (rms for max, a missing square root, the masked
+#: keys counted) is off by O(1).
+PRECISION_METRIC_RTOL = FLOAT64_RTOL
+
+
+def float32_gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float32 (Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., section 3.1, eq. (3.5)): a sum of ``n`` float32 terms (products included)
+    computed in float32 in any order, with or without fused multiply-adds, is within gamma_n
+    times the sum of the terms' magnitudes of the exact sum. A deterministic worst case, not a
+    probabilistic one: a test may rely on it for every entry."""
+    return n * U32 / (1 - n * U32)
+
+
+# --- exported models in ONNX Runtime and OpenVINO (perceiver_np.onnx_record) ---------------------
+
+#: The bug tests/test_record_onnx.py plants in an exported ONNX file: one Linear weight (the
+#: whole initializer) scaled by 1 + 1e-3. The layer's matmul moves by 1e-3 relative, its output
+#: (bias included) by 8.1e-4 to 1.2e-3 normwise (measured at eight weights), 4x
+#: GOLDEN_FLOAT32_RTOL or more, while every tensor upstream keeps the float32 runtimes' rounding
+#: error (at most 7.3e-7 in ONNX Runtime and OpenVINO): the comparison must name that layer first.
+ONNX_PERTURBATION = 1e-3
+
+#: OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT "bf16" against the float64 golden file,
+#: normwise relative per activation. bf16 keeps 8 significant bits (unit roundoff u = 2**-8 ~
+#: 3.9e-3); the plugin rounds the operands of the matmuls (weights and activations) to bf16 and
+#: accumulates in f32, so each sublayer's output is off by ~u, and the errors add up along the
+#: residual stream (the test model runs 6 blocks of 2 sublayers), which the LayerNorms rescale
+#: but do not remove. Measured: 1.5e-2 (~4 u) at most over the test model's activations (an FFN
+#: output), 1.7e-3 on the loss, against 5.5e-7 for the same run with the hint "f32". 5e-2
+#: (~13 u) leaves a 3x margin; a run below bf16 (int8, f8) or a wrong computation is off by more.
+#: The test also asserts that the bf16 run breaks GOLDEN_FLOAT32_RTOL: that the hint took effect.
+ONNX_BF16_RTOL = 5e-2

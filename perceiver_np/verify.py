@@ -42,19 +42,25 @@ backward of ``loss/dy``) in this layout, to be ``np.savez``-ed and compared;
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 
 from ._files import atomic_savez
 from .checkpoint import hf_config_json
 from .config import PerceiverConfig, make_config, param_shapes
+from .jax_record import JaxTap, deepmind_record_names, record_flax, record_haiku  # noqa: F401 - re-exported
+from .krasserm import record_krasserm  # noqa: F401 - re-exported
+from .lucidrains import record_lucidrains  # noqa: F401 - re-exported
 from .model import Perceiver, step_names
+from .onnx_record import onnx_module_names, onnx_record_names, onnx_value_names, record_onnx, schema_taps  # noqa: F401 - re-exported
 from .pretrained import PretrainedPerceiver
 from .tolerances import GOLDEN_FLOAT32_RTOL, GOLDEN_FLOAT64_RTOL, GOLDEN_GRAD_FLOOR
+from .torch_record import TorchParam, TorchTap, record_torch  # noqa: F401 - re-exported
 
 FORMAT = "perceiver_np.golden"
 VERSION = 1
@@ -272,14 +278,16 @@ def golden_names(config: PerceiverConfig | Mapping[str, Any]) -> list[str]:
     probabilities included), ``loss``, ``loss/dy``, ``grad/<name>`` in backward order and
     ``grad/x`` (the inputs and parameters besides: ``input/x``, ``params/<name>``). They are
     read off one forward and backward of the float64 plain-path model with zero parameters on a
-    [1, 2, C] input, so they are the names :func:`write_golden` writes, by construction."""
+    [1, 2, C] input (the grid's N with ``input_fourier``), so they are the names
+    :func:`write_golden` writes, by construction."""
     cfg = config if isinstance(config, PerceiverConfig) else make_config(**dict(config))
     cfg = cfg.replace(dtype="float64", backend="numpy")
     zero = Perceiver(cfg, {k: np.zeros(shape) for k, shape in param_shapes(cfg).items()})
     queries = None
     if cfg.decoder == "query" and cfg.query_source == "given":
         queries = np.zeros((1, 1, cfg.decoder_query_channels))
-    return list(run_and_record(zero, np.zeros((1, 2, cfg.input_dim)), queries=queries))
+    n = math.prod(cfg.input_index_dims or ()) if cfg.input_fourier != "none" else 2  # the grid's N
+    return list(run_and_record(zero, np.zeros((1, n, cfg.input_dim)), queries=queries))
 
 
 #: The order of a published model's gradients in a golden file: its pieces in backward order
@@ -410,6 +418,7 @@ class CompareReport:
     mismatched: tuple[str, ...]  # present in both with different shapes
     allow_missing: bool = False  # missing golden tensors are listed, not failed
     masked_scores: tuple[str, ...] = ()  # attention scores compared at kept keys only
+    forward_only: bool = False  # theirs says it is a forward-only run: no gradient expected
 
     @property
     def compared(self) -> dict[str, int]:
@@ -430,7 +439,7 @@ class CompareReport:
                        "(pass --allow-missing to compare only the ones present)")
         if counts["activations"] == 0:
             out.append("FAILED: no activation was compared")
-        if counts["gradients"] == 0:
+        if counts["gradients"] == 0 and not self.forward_only:
             out.append("FAILED: no gradient was compared")
         if self.mismatched:
             out.append(f"FAILED: {_plural(len(self.mismatched), 'tensor')} with a different shape or dtype")
@@ -449,6 +458,7 @@ class CompareReport:
         return {"ok": self.ok, "first_break": None if self.first_break is None else self.first_break.name,
                 "compared": self.compared, "failures": list(self.failures),
                 "allow_missing": self.allow_missing, "masked_scores": list(self.masked_scores),
+                "forward_only": self.forward_only,
                 "rows": [asdict(r) for r in self.rows], "missing": list(self.missing),
                 "extra": list(self.extra), "mismatched": list(self.mismatched)}
 
@@ -469,6 +479,8 @@ class CompareReport:
             lines.append(f"different shapes: {', '.join(self.mismatched)}")
         if self.masked_scores:
             lines.append(f"compared at the keys the mask keeps only: {', '.join(self.masked_scores)}")
+        if self.forward_only:
+            lines.append("a forward-only run (its meta.json says so): no gradient expected")
         counts = self.compared
         loss = " and the loss" if counts["loss"] else ", not the loss"
         lines.append(f"compared {counts['activations']} activations, {counts['gradients']} gradients"
@@ -525,7 +537,7 @@ def compare(
     compare only the golden tensors theirs has (missing ones are still listed)."""
     config, golden, meta = read_golden(golden_path)
     theirs = _load(theirs_path)
-    theirs.pop("meta.json", None)
+    forward_only = _forward_only(theirs_path, theirs.pop("meta.json", None))
     order = ([f"act/{n}" for n in meta["activations"]] + ["loss"]
              + [f"grad/{n}" for n in meta["gradients"]])
     checked = [n for n in order if n in golden]
@@ -562,168 +574,25 @@ def compare(
     extra = tuple(sorted(k for k in theirs if k not in known))
     compared = {r.name for r in rows}
     return CompareReport(tuple(rows), missing, extra, tuple(mismatched), allow_missing,
-                         tuple(f"act/{n}" for n in masked if f"act/{n}" in compared))
+                         tuple(f"act/{n}" for n in masked if f"act/{n}" in compared), forward_only)
+
+
+def _forward_only(path: str | Path, meta: np.ndarray | None) -> bool:
+    """Whether theirs says it is a forward-only run (a ``meta.json`` with ``"forward_only":
+    true``, as :func:`record_onnx` writes: a deployed runtime has no backward pass), so that no
+    gradient compared is no failure."""
+    if meta is None:
+        return False
+    try:
+        info = json.loads(meta.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: meta.json is not JSON ({err})") from err
+    return isinstance(info, dict) and info.get("forward_only") is True
 
 
 # ---------------------------------------------------------------------------------------------
 # Recording a PyTorch model under the golden names
 # ---------------------------------------------------------------------------------------------
-
-#: What one entry of ``record_torch``'s ``activations`` may be: a submodule path (its output),
-#: ``(path, "output" | "input")`` or ``(path, "output" | "input", call)`` (the ``call``-th call
-#: of that submodule, from 0: a block shared across repeats runs once per repeat).
-TorchTap: TypeAlias = str | tuple[str, str] | tuple[str, str, int]
-
-
-def _tap(name: str, tap: TorchTap) -> tuple[str, str, int]:
-    if isinstance(tap, str):
-        return tap, "output", 0
-    path, where, *rest = tap
-    call = rest[0] if rest else 0
-    if where not in ("output", "input") or not isinstance(call, int) or call < 0 or len(rest) > 1:
-        raise ValueError(f"activations[{name!r}]: expected a path, (path, 'output'|'input') or "
-                         f"(path, 'output'|'input', call >= 0), got {tap!r}")
-    return path, where, call
-
-
-def _default_forward(module: Any, inputs: Any) -> Any:
-    out = module(**inputs) if isinstance(inputs, Mapping) else module(*inputs)
-    for attr in ("logits", "last_hidden_state"):
-        value = getattr(out, attr, None)
-        if value is not None:
-            return value
-    return out
-
-
-def record_torch(
-    module: Any,
-    inputs: Mapping[str, Any] | tuple[Any, ...],
-    dy: Any,
-    *,
-    activations: Mapping[str, TorchTap],
-    params: Mapping[str, str],
-    transpose: Callable[[str], bool] | None = None,
-    forward: Callable[[Any, Any], Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """One forward and backward of a float64 PyTorch ``module``, recorded in the golden layout
-    (write it with ``np.savez`` and :func:`compare` it against the golden file).
-
-    ``inputs``: the module's keyword arguments (a dict) or positional ones (a tuple); NumPy
-    arrays become tensors, floating ones float64. The first floating-point input (in the dict's
-    or tuple's order) is the ``x`` whose gradient is ``grad/x``. ``dy``: the upstream gradient
-    (the golden file's ``loss/dy``). ``activations``: golden activation name (without ``act/``)
-    -> submodule path (``module.get_submodule``) whose output is recorded (a tuple output: its
-    first element), or ``(path, "input")`` for its first positional input, with an optional
-    third element, the call to record (from 0; default the first). ``params``: our parameter
-    name -> the module's parameter name (``named_parameters``). ``transpose(our_name)``: whether
-    to transpose that gradient to our ``[in, out]`` layout (default: our ``*.weight`` names of
-    2-D parameters, the Linear weights). ``forward(module, inputs) -> tensor``: the output
-    (default: ``module(**inputs)``, or ``module(*inputs)``, then its ``.logits`` if not None,
-    else its ``.last_hidden_state``, else the result itself).
-
-    Returns ``act/<name>`` (in the order recorded), ``act/output``, ``loss`` (``sum(dy *
-    output)``), ``loss/dy``, ``grad/<our name>`` for every entry of ``params`` and ``grad/x``,
-    all float64 NumPy arrays. The module runs in eval mode (each submodule's mode is restored
-    afterwards) and its hooks are removed, also on error; parameters' ``.grad`` are untouched
-    (the gradients come from ``torch.autograd.grad``)."""
-    import torch
-
-    from .interop import _is_linear_weight
-
-    by_name = dict(module.named_parameters())
-    not_float64 = sorted(k for k, p in by_name.items() if p.is_floating_point() and p.dtype != torch.float64)
-    if not_float64:
-        raise ValueError(f"record_torch runs in float64: {len(not_float64)} parameters are not "
-                         f"(e.g. {not_float64[0]}); call module.double() first")
-    unknown = [f"{ours} -> {theirs}" for ours, theirs in params.items() if theirs not in by_name]
-    if unknown:
-        raise ValueError(f"params: no such parameter of the module: {', '.join(unknown)}")
-    taps = {name: _tap(name, tap) for name, tap in activations.items()}
-    submodules = {path: module.get_submodule(path) for path, _, _ in taps.values()}
-    def linear_weight(ours: str) -> bool:
-        return _is_linear_weight(ours) and by_name[params[ours]].ndim == 2
-
-    to_ours = transpose or linear_weight
-
-    x: Any = None
-
-    def to_tensor(value: Any) -> Any:
-        nonlocal x
-        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        if t.is_floating_point():
-            t = t.detach().to(torch.float64)
-            if x is None:
-                x = t.requires_grad_()
-        return t
-
-    if isinstance(inputs, Mapping):
-        run_inputs: Any = {k: to_tensor(v) for k, v in inputs.items()}
-    else:
-        run_inputs = tuple(to_tensor(v) for v in inputs)
-
-    recorded: dict[str, np.ndarray] = {}
-    calls = dict.fromkeys(submodules, 0)
-
-    def as_numpy(value: Any) -> np.ndarray:
-        if isinstance(value, (tuple, list)):
-            value = value[0]
-        return np.array(value.detach().cpu().numpy(), dtype=np.float64)
-
-    def hook_for(path: str) -> Any:
-        wanted = [(name, where, call) for name, (p, where, call) in taps.items() if p == path]
-
-        def hook(_mod: Any, args: tuple[Any, ...], output: Any) -> None:
-            call = calls[path]
-            calls[path] += 1
-            for name, where, at in wanted:
-                if at != call:
-                    continue
-                if where == "input":
-                    if not args:
-                        raise ValueError(f"activations[{name!r}]: {path} got no positional input")
-                    recorded[name] = as_numpy(args[0])
-                else:
-                    recorded[name] = as_numpy(output)
-        return hook
-
-    modes = {m: m.training for m in module.modules()}
-    handles = []
-    try:
-        module.eval()
-        for path, sub in submodules.items():
-            handles.append(sub.register_forward_hook(hook_for(path)))
-        with torch.enable_grad():
-            y = (forward or _default_forward)(module, run_inputs)
-            dy_t = (dy if isinstance(dy, torch.Tensor) else torch.as_tensor(np.asarray(dy))).detach()
-            dy_t = dy_t.to(torch.float64)
-            if tuple(dy_t.shape) != tuple(y.shape):
-                raise ValueError(f"dy: shape {tuple(dy_t.shape)} does not fit the output {tuple(y.shape)}")
-            loss = (dy_t * y).sum()
-            wrt = [by_name[theirs] for theirs in params.values()] + ([x] if x is not None else [])
-            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in modes.items():
-            m.train(mode)
-    never = [f"{name} ({path}, call {call})" for name, (path, _, call) in taps.items()
-             if name not in recorded]
-    if never:
-        raise ValueError("activations: never recorded (the submodule did not run that often): "
-                         + ", ".join(never))
-
-    out: dict[str, np.ndarray] = {f"act/{name}": recorded[name] for name in recorded}
-    out["act/output"] = as_numpy(y)
-    out["loss"] = np.asarray(float(loss.detach()), dtype=np.float64)
-    out["loss/dy"] = as_numpy(dy_t)
-    for (ours, _), grad, p in zip(params.items(), grads, wrt, strict=False):
-        g = as_numpy(grad) if grad is not None else np.zeros(tuple(p.shape))
-        out[f"grad/{ours}"] = np.ascontiguousarray(g.T) if to_ours(ours) else g
-    if x is not None:
-        gx = grads[-1]
-        out["grad/x"] = as_numpy(gx) if gx is not None else np.zeros(tuple(x.shape))
-    return out
-
 
 #: Our block-local activation names -> the HF ``PerceiverLayer`` submodule whose output is the
 #: same tensor (``attention.self``'s first output is the heads merged, before the projection).

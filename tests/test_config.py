@@ -41,10 +41,10 @@ def test_config_round_trips_and_is_frozen():
 
 def test_derived_widths():
     cfg = pnp.PerceiverConfig(input_dim=6, latent_dim=8, num_heads=2, input_projection=False, cross_heads=3)
-    assert (cfg.kv_channels, cfg.cross_qk_channels, cfg.cross_v_channels) == (6, 6, 6)
-    assert (cfg.self_qk_channels, cfg.self_v_channels, cfg.cross_num_heads) == (8, 8, 3)
+    assert (cfg.kv_channels, cfg.cross_qk, cfg.cross_v) == (6, 6, 6)
+    assert (cfg.self_qk, cfg.self_v, cfg.cross_num_heads) == (8, 8, 3)
     cfg = cfg.replace(qk_channels=12, v_channels=6)
-    assert (cfg.cross_qk_channels, cfg.cross_v_channels, cfg.self_qk_channels) == (12, 6, 12)
+    assert (cfg.cross_qk, cfg.cross_v, cfg.self_qk) == (12, 6, 12)
 
 
 def test_schedule_interleaves_like_edifice():

@@ -68,6 +68,21 @@ MEMORY_CONFIGS = {
                                   output_dim=2, decoder_heads=2),
     "given-queries": small_opts(decoder="query", query_source="given", query_dim=6, output_dim=2),
     "latents": small_opts(decoder="latents", num_latents=1, qk_channels=4, v_channels=6),
+    # the ports' switches (lucidrains, krasserm): GEGLU, no q/k/v biases, per-kind widths, a
+    # block order with a tied block, Fourier input features, the pooled classifier head, a
+    # decoder without its FFN and one without its output projection
+    "lucidrains": small_opts(ffn_kind="geglu", qkv_bias=False, input_projection=False, cross_heads=1,
+                             cross_qk_channels=6, self_qk_channels=4, masked_rows="uniform",
+                             final_norm=False, decoder="pool_linear", output_dim=3, num_cross_layers=2,
+                             num_layers=2, input_fourier="lucidrains", input_index_dims=(4,),
+                             input_num_bands=2, block_order=(("cross", 0), ("self", 0), ("cross", 1),
+                                                             ("self", 1), ("cross", 1), ("self", 1))),
+    "fourier-projected": small_opts(input_fourier="lucidrains", input_index_dims=(2, 2), input_num_bands=1),
+    "io-no-ffn": small_opts(decoder="query", query_source="given", query_dim=6, output_dim=2,
+                            decoder_ffn=False, ffn_kind="geglu"),
+    "classification-no-ffn": small_opts(decoder="classification", output_dim=2,
+                               decoder_ffn=False),
+    "io-raw": small_opts(decoder="query", num_outputs=3, decoder_output=False, ffn_kind="geglu"),
 }
 
 
@@ -81,6 +96,9 @@ def test_training_memory_line_is_the_cache(name):
     if cfg.decoder == "query" and cfg.query_source == "given":
         queries = np.zeros((1, 1, cfg.decoder_query_channels), dtype=cfg.np_dtype)
     for n in (1, 16, 77):
+        if cfg.input_fourier != "none":  # the grid fixes N: a grid of n positions, same axes
+            dims = (n,) + (1,) * (len(cfg.input_index_dims or ()) - 1)
+            model = pnp.Perceiver(cfg.replace(input_index_dims=dims))
         _, cache = model.forward(np.zeros((1, n, cfg.input_dim), dtype=cfg.np_dtype), queries=queries)
         assert cost.cache_bytes(cache) == a * n + b, n
     assert a > 0 and b > 0

@@ -9,7 +9,7 @@ import pytest
 
 from perceiver_np import backends, layers
 from perceiver_np.gradcheck import check_layer
-from perceiver_np.tolerances import FLOAT64_RTOL, GRADCHECK_RTOL
+from perceiver_np.tolerances import FLOAT64_RTOL, GRADCHECK_RTOL, KERNEL_FLOAT64_RTOL
 
 
 def _lin(rng, n_in, n_out):
@@ -177,6 +177,47 @@ def test_ffn_backward(rng, kind):
     p = {**{f"up.{k}": v for k, v in _lin(rng, 4, 12).items()},
          **{f"down.{k}": v for k, v in _lin(rng, 12, 4).items()}}
     _check(layers.ffn_forward, layers.ffn_backward, rng.normal(size=(2, 3, 4)), p, gelu=kind)
+
+
+def test_linear_without_bias_backward(rng):
+    """lucidrains' bias-free q/kv projections: y = x @ W, grads keyed {"weight"} only."""
+    p = {"weight": rng.normal(size=(4, 5))}
+    report = _check(layers.linear_forward, layers.linear_backward, rng.normal(size=(2, 3, 4)), p)
+    assert {r.name for r in report.rows} == {"x", "weight"}
+    y, _ = layers.linear_forward(np.ones((1, 4)), p)
+    assert np.array_equal(y, np.ones((1, 4)) @ p["weight"])
+
+
+@pytest.mark.parametrize("size", list(NUMBA_SHAPES))
+def test_linear_without_bias_numba_backend_equals_plain(rng, size):
+    shape = NUMBA_SHAPES[size]
+    x, dy = rng.normal(size=shape), rng.normal(size=(*shape[:-1], 40))
+    p = {"weight": rng.normal(size=(shape[-1], 40))}
+    (y1, c1), (y2, c2) = layers.linear_forward(x, p), backends.linear_forward(x, p)
+    (dx1, g1), (dx2, g2) = layers.linear_backward(dy, c1), backends.linear_backward(dy, c2)
+    assert set(g1) == set(g2) == {"weight"}
+    for a, b in ((y1, y2), (dx1, dx2), (g1["weight"], g2["weight"])):
+        assert np.abs(a - b).max() <= KERNEL_FLOAT64_RTOL * np.abs(a).max()
+
+
+@pytest.mark.parametrize("kind", ["exact", "tanh"])
+def test_geglu_backward(rng, kind):
+    _check(layers.geglu_forward, layers.geglu_backward, 2 * rng.normal(size=(3, 2, 10)), approximate=kind)
+
+
+def test_geglu_is_value_times_gelu_of_gate(rng):
+    x = rng.normal(size=(2, 8))
+    y, _ = layers.geglu_forward(x)
+    assert np.array_equal(y, x[:, :4] * layers.gelu_forward(np.ascontiguousarray(x[:, 4:]))[0])
+    with pytest.raises(ValueError, match=r"geglu x: expected an even last axis"):
+        layers.geglu_forward(np.zeros((2, 5)))
+
+
+@pytest.mark.parametrize("kind", ["exact", "tanh"])
+def test_ffn_geglu_backward(rng, kind):
+    p = {**{f"up.{k}": v for k, v in _lin(rng, 4, 24).items()},
+         **{f"down.{k}": v for k, v in _lin(rng, 12, 4).items()}}
+    _check(layers.ffn_forward, layers.ffn_backward, rng.normal(size=(2, 3, 4)), p, gelu=kind, kind="geglu")
 
 
 def test_residual_backward_copies_the_gradient(rng):

@@ -10,7 +10,8 @@ import pytest
 
 import perceiver_np as pnp
 from perceiver_np.gradcheck import check_model
-from perceiver_np.tolerances import FLOAT64_RTOL, GRADCHECK_RTOL, float32_forward_rtol
+from perceiver_np.model import step_names
+from perceiver_np.tolerances import FAST_FLOAT64_RTOL, FLOAT64_RTOL, GRADCHECK_RTOL, float32_forward_rtol
 
 from .helpers import small_opts
 from .spec_model import spec_forward
@@ -160,6 +161,87 @@ GRAD_CASES = {
     "dropout-training": {"dropout": 0.2, "attention_dropout": 0.1, "num_blocks": 2},
     "dropout-training-two-cross": {"dropout": 0.3, "num_cross_layers": 2, "num_layers": 3},
 }
+
+
+#: The switches of the ports' structures (lucidrains' perceiver-pytorch, krasserm's perceiver-io);
+#: tests/test_lucidrains.py holds their forward against the real package.
+PORT_GRAD_CASES = {
+    "geglu": {"ffn_kind": "geglu"},
+    "no-qkv-bias": {"qkv_bias": False},
+    "per-kind-widths": {"cross_qk_channels": 4, "cross_v_channels": 2, "self_qk_channels": 6,
+                        "self_v_channels": 4},
+    "tied-after-first": {"num_cross_layers": 2, "num_layers": 2, "block_order": (
+        ("cross", 0), ("self", 0), ("cross", 1), ("self", 1), ("cross", 1), ("self", 1))},
+    "input-fourier": {"input_fourier": "lucidrains", "input_index_dims": (2, 2), "input_num_bands": 2,
+                      "input_max_freq": 6.0, "input_projection": False, "cross_heads": 1},
+    "input-fourier-projected": {"input_fourier": "lucidrains", "input_index_dims": (4,),
+                                "input_num_bands": 3},
+    "pool-linear": {"decoder": "pool_linear", "output_dim": 3, "final_norm": False},
+    "io-decoder-no-ffn": {"decoder": "query", "num_outputs": 3, "output_dim": 2, "decoder_ffn": False,
+                          "ffn_kind": "geglu", "qkv_bias": False},
+    "io-decoder-no-output": {"decoder": "query", "num_outputs": 2, "decoder_output": False,
+                             "decoder_heads": 2},
+    "lucidrains-like": {"ffn_kind": "geglu", "qkv_bias": False, "input_projection": False,
+                        "cross_heads": 1, "cross_qk_channels": 6, "self_qk_channels": 4,
+                        "masked_rows": "uniform", "final_norm": False, "decoder": "pool_linear",
+                        "output_dim": 2, "num_cross_layers": 2, "num_layers": 2,
+                        "block_order": (("cross", 0), ("self", 0), ("cross", 1), ("self", 1),
+                                        ("cross", 1), ("self", 1))},
+}
+
+
+@pytest.mark.parametrize("case", list(PORT_GRAD_CASES))
+def test_port_switch_gradients(rng, case):
+    """Every switch of the ports' structures: the backward against central finite differences,
+    and model(x) (the inference engine) equal to the layer-by-layer forward."""
+    model = _randomise(pnp.build(**small_opts(**PORT_GRAD_CASES[case])), rng)
+    x = rng.normal(size=(3, 4, 5))
+    mask = np.array([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)  # partial, full, none
+    report = check_model(model, x, mask, max_entries=12)
+    assert report.max_rel_error <= GRADCHECK_RTOL, str(report)
+    assert {r.name for r in report.rows} == {"x", *model.params}
+    for mk in (None, mask[[0, 2]]):
+        xs = x if mk is None else x[[0, 2]]
+        assert _rel(model(xs, mk), model.forward(xs, mk)[0]) <= FAST_FLOAT64_RTOL
+
+
+def test_block_order_shares_weights_and_names_each_use(rng):
+    order = (("cross", 0), ("self", 0), ("cross", 1), ("self", 1), ("cross", 1), ("self", 1))
+    model = pnp.build(**small_opts(num_cross_layers=2, num_layers=2, block_order=order))
+    assert model.config.schedule == order
+    assert not any(k.startswith(("cross.2", "self.2")) for k in model.params)
+    assert step_names(model.config) == ["cross.0", "self.0", "cross.1.use0", "self.1.use0",
+                                        "cross.1.use1", "self.1.use1"]
+    # a config read back from JSON (lists) is the same config
+    as_json = {**model.config.__dict__, "block_order": [list(s) for s in order]}
+    assert pnp.PerceiverConfig(**as_json) == model.config
+    for bad, match in (
+        ((("self", 0), ("cross", 0), ("self", 1), ("cross", 1)),
+         "the first step must be a cross block"),
+        ((("cross", 0), ("self", 0), ("self", 1)),
+         r"the cross steps must use each of the num_cross_layers=2"),
+        ((("cross", 0), ("cross", 1), ("self", 0), ("self", 3)),
+         r"self blocks \(indices 0..1\), got indices \[0, 3\]"),
+        ((("cross", 0), ("mlp", 0)), "block_order: expected a non-empty tuple"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pnp.build(**small_opts(num_cross_layers=2, num_layers=2, block_order=bad))
+    with pytest.raises(ValueError, match="num_blocks: block_order lists every step"):
+        pnp.build(**small_opts(num_blocks=2, block_order=(("cross", 0), ("self", 0), ("self", 1))))
+
+
+def test_input_fourier_appends_lucidrains_features(rng):
+    model = pnp.build(**small_opts(input_fourier="lucidrains", input_index_dims=(2, 3), input_num_bands=2,
+                                   input_max_freq=5.0, input_projection=False, cross_heads=1))
+    assert model.config.kv_channels == 5 + 2 * (2 * 2 + 1)
+    rec: dict = {}
+    x = rng.normal(size=(1, 6, 5))
+    model.forward(x, record=rec)
+    assert np.array_equal(rec["input"], x)  # the recorded input is the data, without the features
+    with pytest.raises(ValueError, match=r"x: input_index_dims=\(2, 3\) makes N = 6 positions"):
+        model(rng.normal(size=(1, 5, 5)))
+    with pytest.raises(ValueError, match="input_fourier: the streaming encoder"):
+        model.encode_stream(x)
 
 
 @pytest.mark.parametrize("case", list(GRAD_CASES))

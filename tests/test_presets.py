@@ -23,17 +23,19 @@ def test_presets_build_and_run(rng, name):
     if name == "edifice":
         assert y.shape == (2, 8)
         assert pnp.presets.edifice(input_dim=287) == {**pnp.recommended_defaults(), "input_dim": 287}
+    elif name == "lucidrains":
+        assert y.shape == (2, 1000)  # perceiver-pytorch's classifier head, 1000 classes by default
     else:
         assert y.shape == (2, 3, 8)  # the latents: DeepMind's encoder output, HF's last_hidden_state
     with pytest.raises(ValueError, match="preset: expected one of"):
-        pnp.presets.preset("lucidrains")
+        pnp.presets.preset("perceiver-tf")
 
 
 def test_preset_defaults_are_the_published_ones():
     dm = pnp.PerceiverConfig(input_dim=3, **pnp.presets.deepmind())
     assert (dm.gelu, dm.input_projection, dm.cross_num_heads, dm.num_heads, dm.num_blocks) == (
         "tanh", False, 1, 8, 8)
-    assert (dm.cross_qk_channels, dm.masked_rows, dm.final_norm) == (3, "zero", False)
+    assert (dm.cross_qk, dm.masked_rows, dm.final_norm) == (3, "zero", False)
     hf = pnp.PerceiverConfig(input_dim=768, **pnp.presets.hf())
     assert (hf.gelu, hf.latent_dim, hf.num_latents, hf.num_layers, hf.dropout, hf.attention_dropout,
             hf.masked_rows) == ("exact", 1280, 256, 26, 0.0, 0.1, "uniform")
