@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import competitors
 import numpy as np
 from _common import (  # benchmarks/
     WorkerProcess,
@@ -55,6 +56,7 @@ from _common import (  # benchmarks/
     rss_now,
     write_page,
 )
+from competitors import inputs, labels
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = {"input_dim": 287, "dtype": "float32"}
@@ -70,12 +72,6 @@ SETTLE = 0.25
 # ---- the workers ---------------------------------------------------------------------------
 
 
-def inputs(b: int, n: int) -> np.ndarray:
-    return np.random.default_rng(n).standard_normal((b, n, SEED["input_dim"]), dtype=np.float32)
-
-
-def labels(b: int) -> np.ndarray:
-    return np.random.default_rng(b).integers(0, 256, size=b)
 
 
 class Ours:
@@ -165,7 +161,13 @@ class Torch:
 
 
 def worker(system: str, threads: int) -> None:
-    impl = Ours(threads) if system == "ours" else Torch(threads)
+    impl: Any
+    if system == "ours":
+        impl = Ours(threads)
+    elif system == "torch":
+        impl = Torch(threads)
+    else:
+        impl = competitors.INFERENCE[system](threads)
     out = sys.stdout
     sys.stdout = sys.stderr  # only the protocol on stdout
     for line in sys.stdin:
@@ -191,8 +193,19 @@ def worker(system: str, threads: int) -> None:
 
 
 #: The systems: perceiver_np (runtime.tune()); torch as a PyTorch user runs it (glibc's default
-#: malloc); and torch with freed memory kept too, to show what the allocator setting alone is worth to torch.
-SYSTEMS = {"ours": ("ours", "1"), "torch": ("torch", "0"), "torch_kept": ("torch", "1")}
+#: malloc); torch with freed memory kept too, to show what the allocator setting alone is worth
+#: to torch; and the competitors of benchmarks/competitors.py (torch.compile frozen and not, ONNX
+#: Runtime, OpenVINO with both performance hints, JAX jit), with glibc's default malloc.
+SYSTEMS = {"ours": ("ours", "1"), "torch": ("torch", "0"), "torch_kept": ("torch", "1"),
+           **{name: (name, "0") for name in competitors.INFERENCE}}
+#: Which systems run each kind of shape: the inference runtimes have no training step.
+KIND_SYSTEMS = {"infer": list(SYSTEMS), "stream": list(SYSTEMS),
+                "train": ["ours", "torch", "torch_kept", *competitors.TRAINING]}
+#: Short column names of the competitors' table.
+LABELS = {"torch": "torch eager", "torch_kept": "torch eager, memory kept", "torch_compile": "torch.compile",
+          "torch_compile_frozen": "torch.compile frozen", "onnxruntime": "ONNX Runtime",
+          "openvino_latency": "OpenVINO latency", "openvino_throughput": "OpenVINO throughput",
+          "jax": "JAX jit"}
 
 
 def Worker(system: str, threads: int) -> WorkerProcess:
@@ -263,6 +276,8 @@ def run_shape(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int
     first = {k: np.asarray(w.ask(cmd="run")["y"]) for k, w in workers.items()}  # warm-up, the check
     yt = first["torch"]
     agree = float(np.max(np.abs(first["ours"] - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
+    agree_all = {k: float(np.max(np.abs(v - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
+                 for k, v in first.items() if k != "torch"}
     times: dict[str, list[float]] = {k: [] for k in workers}
     names = list(workers)
     for r in range(rounds):
@@ -272,7 +287,8 @@ def run_shape(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int
     peaks = {k: w.ask(cmd="peak")["peak"] for k, w in workers.items()}
     ratios = {k: [t / o for t, o in zip(times[k], times["ours"], strict=True)] for k in names if k != "ours"}
     row = {"kind": kind, "b": b, "n": n, "times": times, "ratios": ratios["torch"],
-           "ratios_kept": ratios["torch_kept"], "peak": peaks, "rss_before": rss, "agree": agree,
+           "ratios_kept": ratios["torch_kept"], "ratios_all": ratios, "agree_all": agree_all,
+           "peak": peaks, "rss_before": rss, "agree": agree,
            "flops": flops,
            "fraction": {k: flops / float(np.median(v)) / (peak * 1e9) for k, v in times.items()}}
     print(f"  {kind} B {b} N {n}: ours {fmt3(stats(times['ours']), 1e3, 0)} ms, torch "
@@ -301,11 +317,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def competitor_table(rows: list[dict[str, Any]]) -> str:
+    names = [k for k in LABELS if any(k in r["ratios_all"] for r in rows)]
+    head = "| run | B | N | ours ms | " + " | ".join(LABELS[k] for k in names) + " |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    kinds = {"infer": "inference", "stream": "inference (ours streaming)", "train": "training step"}
+    for r in rows:
+        cells = [f"{fmt3(stats(r['ratios_all'][k]))}" + (f", agree {r['agree_all'][k]:.0e}"
+                                                         if k in r["agree_all"] else "")
+                 if k in r["ratios_all"] else "–" for k in names]
+        ours = fmt3(stats(r["times"]["ours"]), 1e3, 0)
+        out.append(f"| {kinds[r['kind']]} | {r['b']} | {r['n']} | {ours} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
     out = []
+    for r in rows:  # issue 14: >= 1.10x the fastest competitor (inference), torch and compile (training)
+        others = {k: float(np.median(v)) for k, v in r["ratios_all"].items()
+                  if r["kind"] != "train" or k in ("torch", "torch_kept", "torch_compile")}
+        if not others:
+            continue
+        fastest = min(others, key=others.__getitem__)
+        out.append(f"{r['kind']} B {r['b']} N {r['n']}: >= 1.10x the fastest of "
+                   f"{len(others)} competitors, {LABELS[fastest]}: {others[fastest]:.2f}x -> "
+                   f"{verdict(others[fastest] >= 1.10)}")
     infer = [r for r in rows if r["kind"] in ("infer", "stream")]
     train = [r for r in rows if r["kind"] == "train"]
     if infer:
@@ -383,13 +422,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N <= 4k (B = 32) and <= 256k (B = 1)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-n", type=int, default=None, help="leave out shapes with a larger N")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--kinds", default="infer,stream,train",
                         help="comma-separated subset of infer (B = 32), stream (B = 1), train")
-    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma-separated subset of the systems (ours and torch always run)")
+    parser.add_argument("--worker", choices=["ours", "torch", *competitors.INFERENCE], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.threads)
@@ -406,11 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     infer_ns = [n for n in INFER_B32 if "infer" in kinds and (not args.quick or n <= 4096)]
     stream_ns = [n for n in STREAM_B1 if "stream" in kinds and (not args.quick or n <= 1 << 18)]
     train_ns = [n for n in TRAIN_B32 if "train" in kinds and (not args.quick or n <= 1024)]
+    if args.max_n is not None:
+        infer_ns, stream_ns, train_ns = ([n for n in ns if n <= args.max_n]
+                                         for ns in (infer_ns, stream_ns, train_ns))
     rows = []
 
     def shape(kind: str, b: int, n: int, path: str | None, flops: float) -> None:
         # fresh workers per shape: a peak RSS is this shape's alone, not what earlier ones left
-        workers = {k: Worker(k, args.threads) for k in SYSTEMS}
+        chosen = set(args.systems.split(",")) | {"ours", "torch", "torch_kept"}
+        workers = {k: Worker(k, args.threads) for k in KIND_SYSTEMS[kind] if k in chosen}
         try:
             rows.append(run_shape(workers, kind, b, n, args.rounds, path, flops, peak))
         finally:
@@ -439,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         "|ours - torch| / max |torch| over the outputs (training: the first step's loss)",
         "",
         table(rows),
+        "",
+        "Against every competitor (each in its own fresh process per shape, the same threads; "
+        "ratio = their time / ours per paired round, median (min–max): above 1 we are faster; "
+        "agree = max |theirs - torch| / max |torch| over the outputs):",
+        "",
+        competitor_table(rows),
         "",
         "Targets, as this run measured them:",
         "",
