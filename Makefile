@@ -4,9 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel clean
+.PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel bench-distributed clean
 
-# dev: the test tools; compare: torch (the CPU build this machine keeps on disk, pinned) and
+# dev: the test tools (and the notebooks' runner); distributed: Dask, for tests/test_distributed.py;
+# compare: torch (the CPU build this machine keeps on disk, pinned) and
 # transformers, so that the cross-checks against them run instead of skipping. Then krasserm's
 # perceiver-io for tests/test_krasserm.py: its 0.11.0 (the last) says Python <3.11 and pins its
 # training stack (pytorch-lightning, torchmetrics<0.10, einops<0.5, ...), so it is installed
@@ -16,7 +17,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,compare]'
+	$(PY) -m pip install --quiet -e '.[dev,compare,distributed]'
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0 fairscale==0.4.13
 	touch $(STAMP)
 
@@ -45,13 +46,17 @@ demo: $(VENV)/.demo
 # Perceivers at their released sizes against HF transformers (docs/performance-pretrained.md,
 # minutes: optical flow is ~1.9 TFLOP a forward), then the tiled attention kernel on its own
 # (docs/performance-kernel.md, ~15 min). Each prints its table too.
-bench: bench-model bench-pretrained bench-kernel
+bench: bench-model bench-pretrained bench-kernel bench-distributed
 
 bench-model: $(VENV)/.bench
 	$(PY) benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png
 
 bench-pretrained: $(VENV)/.bench
 	$(PY) benchmarks/bench_pretrained.py --markdown docs/performance-pretrained.md
+
+# Batch prediction on a local Dask cluster (1 and 2 workers) against single-process predict.
+bench-distributed: $(STAMP)
+	$(PY) benchmarks/bench_distributed.py --markdown docs/performance-distributed.md
 
 bench-kernel: $(VENV)/.bench
 	$(PY) benchmarks/bench_attention.py --markdown docs/performance-kernel.md --plot docs/attention_time.png

@@ -40,6 +40,7 @@ from . import (
     tolerances,
     train,
     verify,
+    viz,
 )
 from .blocks import (
     cross_block_backward,
@@ -103,4 +104,5 @@ __all__ = [
     "tolerances",
     "train",
     "verify",
+    "viz",
 ]

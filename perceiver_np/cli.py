@@ -9,6 +9,7 @@
     perceiver-np golden --preset edifice --input-dim 7 --seed 0 --out golden.npz
     perceiver-np compare golden.npz theirs.npz [--json] [--allow-missing]
     perceiver-np precision-report golden.npz [--recorded theirs.npz] [--plot out.png] [--json out.json]
+    perceiver-np attention model.npz --x x.npy [--latents 0,1,2] [--heads 0] [--image-shape 8 8] --out a.png
     perceiver-np fill-mask DIR "This is an [MASK:9] sentence" [--top K]
     perceiver-np classify-image DIR cat.jpg dog.png [--top 5]
     perceiver-np flow DIR frame1.png frame2.png --out flow.npy [--png flow.png]
@@ -64,7 +65,7 @@ from .config import (
     decoder_shapes,
     self_block_shapes,
 )
-from .model import Perceiver, output_shape
+from .model import Perceiver, output_shape, step_names
 
 # ---- argument types: each refuses a value out of its range, naming the range --------------------
 
@@ -443,6 +444,8 @@ def _restore(path: Path) -> Perceiver:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import Loss, evaluate
 
+    if args.dask is not None or args.dask_workers is not None:
+        return _eval_on_dask(args)
     model = _restore(args.checkpoint)
     data = _load_data(args.data, "--data", model.config)
     print(json.dumps(evaluate(model, model.params, data, Loss(args.loss), args.batch_size)))
@@ -540,6 +543,8 @@ def _predict_batches(model: Perceiver, args: argparse.Namespace) -> tuple[np.nda
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.dask is not None or args.dask_workers is not None:
+        return _predict_on_dask(args)
     _output_file(args.out, "--out")
     model = _restore(args.checkpoint)
     t0 = time.perf_counter()
@@ -549,6 +554,64 @@ def cmd_predict(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     print(f"{count} samples ({tokens:,} tokens) -> {args.out} {y.shape} in {seconds:.2f} s: "
           f"{count / seconds:.1f} samples/s, {tokens / seconds:,.0f} tokens/s")
+    return 0
+
+
+# -- predict and eval on a Dask cluster (perceiver_np.distributed, docs/distributed.md) -------------
+
+
+def _dask_flags(parser: argparse.ArgumentParser, files: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--dask", metavar="SCHEDULER_ADDRESS",
+                       help=f"run on the Dask cluster of this scheduler (tcp://host:8786): {files}; every "
+                            "path must be the same on every worker (docs/distributed.md)")
+    group.add_argument("--dask-workers", type=positive_int, metavar="N",
+                       help="the same on a local Dask cluster of N worker processes")
+
+
+def _on_dask(args: argparse.Namespace, run: Callable[[Any, Any], Any]) -> Any:
+    """``run(perceiver_np.distributed, client)`` with --dask's address or --dask-workers' count
+    as the client (connected to or started after every check, closed at the end)."""
+    from . import distributed
+
+    try:
+        return run(distributed, args.dask if args.dask is not None else args.dask_workers)
+    except ImportError as err:
+        raise ValueError(f"{'--dask' if args.dask is not None else '--dask-workers'}: {err}") from err
+
+
+def _predict_on_dask(args: argparse.Namespace) -> int:
+    from .distributed import WorkerLost
+
+    if args.mask is not None:
+        raise ValueError("--mask: not with --dask or --dask-workers (shards bring their masks: the lengths "
+                         "of an .npz's sequences, a Zarr group's mask)")
+    if args.stream:
+        raise ValueError("--stream: not with --dask or --dask-workers (it streams one long input; shards "
+                         "are read a batch at a time)")
+    try:
+        report = _on_dask(args, lambda d, client: d.predict(
+            args.checkpoint, str(args.input), args.out, client, batch_size=args.batch_size,
+            progress=not args.quiet))
+    except WorkerLost as err:
+        _error("predict", err)
+        return 1
+    print(f"{report}; the outputs and manifest.json in {report.out_dir}")
+    return 0
+
+
+def _eval_on_dask(args: argparse.Namespace) -> int:
+    from .distributed import WorkerLost
+
+    try:
+        report = _on_dask(args, lambda d, client: d.evaluate(
+            args.checkpoint, str(args.data), client, batch_size=args.batch_size, loss=args.loss,
+            progress=sys.stderr.isatty()))
+    except WorkerLost as err:
+        _error("eval", err)
+        return 1
+    print(report, file=sys.stderr)
+    print(json.dumps(report.metrics))
     return 0
 
 
@@ -707,6 +770,90 @@ def cmd_precision_report(args: argparse.Namespace) -> int:
         write_json(args.json, rep)
     if args.plot is not None:
         rep.plot(args.plot)
+    return 0
+
+
+# ---- attention maps (perceiver_np.viz, docs/attention-maps.md) ----------------------------------
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    """``0,3,5`` -> (0, 3, 5): indices for --latents and --heads (their ranges are the model's)."""
+    parts = [t.strip() for t in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", t) for t in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, e.g. 0,1,2, got {text!r}")
+    return tuple(int(t) for t in parts)
+
+
+_index_list.__name__ = "indices"
+
+
+def _perceiver_checkpoint(path: Path) -> Perceiver:
+    """The Perceiver of the checkpoint ``path`` (a positional argument: errors name the path)."""
+    from .checkpoint import load_checkpoint
+
+    _input_file(path)
+    with _reading(path, ""):
+        ck = load_checkpoint(path)  # every problem a CheckpointError naming the path
+    if ck.architecture is not None:
+        raise ValueError(f"{path}: holds a published model ({ck.architecture}); attention draws the maps "
+                         "of a Perceiver's checkpoint (train --out, save_checkpoint)")
+    return Perceiver(ck.config, ck.params)
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from . import viz
+    from .shapes import as_real_input
+
+    _output_file(args.out, "--out")
+    try:
+        viz._figure_class()
+    except ImportError as err:
+        raise ValueError(f"--out {args.out}: {err}") from err
+    model = _perceiver_checkpoint(args.checkpoint)
+    cfg = model.config
+    latents = args.latents if args.latents is not None else tuple(range(min(4, cfg.num_latents)))
+    try:  # each message starts with the argument's name: "latents: ..." -> "--latents: ..."
+        latents, heads, step = viz.selection(cfg, latents=latents, heads=args.heads, block=args.block,
+                                             use=args.use)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from err
+    x = _read_npy(args.x, "--x")
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"--x {args.x}: expected [S, N, C] with S, N, C >= 1, got shape {x.shape}")
+    _check_width(x.shape[2], args.x, "--x", cfg)
+    mask = None if args.mask is None else _read_npy(args.mask, "--mask")
+    if mask is not None and (mask.dtype != np.bool_ or mask.shape != x.shape[:2]):
+        raise ValueError(f"--mask {args.mask}: expected bool [S, N] = {x.shape[:2]} like --x, got "
+                         f"{mask.dtype.name} {mask.shape}")
+    if args.sample >= x.shape[0]:
+        raise ValueError(f"--sample: expected a sample of --x in [0, {x.shape[0]}), got {args.sample}")
+    image = None if args.image is None else np.asarray(_read_npy(args.image, "--image"))
+    shape = args.image_shape
+    if image is not None:
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        planes = image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
+        if not planes or image.dtype.kind not in "iuf":
+            raise ValueError(f"--image {args.image}: expected numbers [H, W] or [H, W, 3], got "
+                             f"{image.dtype.name} {image.shape}")
+        if shape is not None and tuple(shape) != image.shape[:2]:
+            raise ValueError(f"--image {args.image}: {image.shape[0]} x {image.shape[1]} pixels, but "
+                             f"--image-shape is {shape[0]} x {shape[1]}")
+        shape = image.shape[:2]
+    n = x.shape[1]
+    if shape is not None and shape[0] * shape[1] != n:
+        raise ValueError(f"--image-shape: expected H W with H * W = N = {n} (the positions of --x), got "
+                         f"{shape[0]} {shape[1]}")
+    s = args.sample
+    xs = as_real_input(f"--x {args.x} sample {s}", x[s:s + 1], cfg.np_dtype)  # [1, N, C]: read alone
+    ms = None if mask is None else np.asarray(mask[s:s + 1])
+    maps = viz.attention_maps(model, xs, ms, latents=latents, heads=heads, block=args.block,
+                              use=args.use)  # [1, h, m, N]
+    name = step_names(cfg)[step]  # cross.{block}, or cross.{block}.use{use} for a shared block
+    viz.draw_attention_maps(maps[0], path=args.out, image_shape=shape, image=image, latents=latents,
+                            heads=heads, title=f"{name} attention of sample {s} of {args.x.name}")
+    print(f"{args.out}: {name}, latents {','.join(map(str, latents))} x heads "
+          f"{','.join(map(str, heads))} over {n:,} positions of sample {s}")
     return 0
 
 
@@ -1060,6 +1207,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, required=True)
     ev.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy")
     ev.add_argument("--batch-size", type=positive_int, default=256)
+    _dask_flags(ev, "--data is then a glob of .npz datasets (quoted), one, or a Zarr group")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="run a checkpoint on x.npy, write y.npy")
@@ -1075,6 +1223,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--chunk-size", type=positive_int, default=16384,
                     help="positions per chunk with --stream (read into one reused buffer)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _dask_flags(pr, "--input is then a glob of .npy / .npz shards (quoted), one, or a Zarr store, and "
+                    "--out a directory: <input stem>.npy per shard and manifest.json")
     pr.set_defaults(func=cmd_predict)
 
     gc = sub.add_parser("gradcheck", help="finite-difference check of a configuration, in float64; "
@@ -1135,6 +1285,35 @@ def parser() -> argparse.ArgumentParser:
     pq.add_argument("--plot", type=Path, help="also write the error per layer as a PNG (needs matplotlib)")
     pq.add_argument("--json", type=Path, help="also write the report as JSON to this path")
     pq.set_defaults(func=cmd_precision_report)
+
+    at = sub.add_parser(
+        "attention", help="draw a checkpoint's cross-attention maps over one input as a PNG "
+        "(docs/attention-maps.md)",
+        description="Draw the cross-attention weights of chosen latents and heads of a Perceiver\n"
+        "checkpoint over the positions of one sample of --x (one panel per latent and head),\n"
+        "computed from the attention's log-sum-exp without holding all M x N weights\n"
+        "(perceiver_np.viz). A sequence is drawn as weight against position; with --image-shape\n"
+        "H W (N = H * W, row-major) or --image, as an H x W image.\n\n"
+        "    perceiver-np attention model.npz --x x.npy --latents 0,1,2 --heads 0 --out attention.png\n"
+        "    perceiver-np attention digits.npz --x x.npy --sample 3 --image-shape 8 8 --out a.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    at.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                    help="a Perceiver checkpoint (train --out, save_checkpoint)")
+    at.add_argument("--x", type=Path, required=True, help=".npy input [S, N, C] (memory-mapped)")
+    at.add_argument("--mask", type=Path, help=".npy bool [S, N], True = keep")
+    at.add_argument("--sample", type=nonnegative_int, default=0, help="which sample of --x (default 0)")
+    at.add_argument("--latents", type=_index_list,
+                    help="comma-separated latent indices, e.g. 0,1,2 (default the first 4)")
+    at.add_argument("--heads", type=_index_list, help="comma-separated head indices (default all)")
+    at.add_argument("--block", type=nonnegative_int, default=0, help="which cross block (default 0)")
+    at.add_argument("--use", type=nonnegative_int, default=0,
+                    help="which use of a cross block the schedule runs several times (default 0)")
+    at.add_argument("--image-shape", type=positive_int, nargs=2, metavar=("H", "W"),
+                    help="draw the N = H * W positions as an image (row-major)")
+    at.add_argument("--image", type=Path,
+                    help=".npy [H, W] or [H, W, 3] drawn beneath the maps (implies --image-shape)")
+    at.add_argument("--out", type=Path, required=True, help="the PNG, written atomically")
+    at.set_defaults(func=cmd_attention)
 
     dtype_help = "the dtype the model computes in (HF's published models: float32)"
     fm = sub.add_parser(

@@ -266,3 +266,37 @@ ONNX_PERTURBATION = 1e-3
 #: (~13 u) leaves a 3x margin; a run below bf16 (int8, f8) or a wrong computation is off by more.
 #: The test also asserts that the bf16 run breaks GOLDEN_FLOAT32_RTOL: that the hint took effect.
 ONNX_BF16_RTOL = 5e-2
+
+# --- attention maps (perceiver_np.viz, tests/test_viz.py) -------------------------------------------
+
+#: viz.attention_maps against the probabilities the plain path records (model.forward on
+#: backend="numpy", act cross.*.attn.probs), float64, absolute per weight (weights lie in [0, 1]
+#: and a row sums to 1). Both compute the same softmax row, ours as exp(s - lse) with lse merged
+#: over chunks of keys (the kernel's or its plain twin's), the plain path as e / sum(e); the
+#: latents entering the block come from the inference engine, FAST_FLOAT64_RTOL's rounding away
+#: from the forward's. A weight then differs by p |ds - dlse|, a few ulps of the scores (|s| of a
+#: few units) and of lse: ~1e-15 (measured: 1.3e-15 at most over tests/test_viz.py). 1e-12 leaves
+#: a 1000x margin; a wrong head's columns, a missing query bias, LayerNorm or scale, or latents
+#: taken from the wrong step move weights by 1e-3 or more.
+ATTENTION_MAPS_FLOAT64_ATOL = 1e-12
+
+
+# --- the one-file Perceiver (examples/perceiver_min.py, tests/test_examples.py) ------------------
+
+#: The bar of the script's last line (issue 15: X <= 1e-8). X is the worst of two checks: its
+#: Richardson-extrapolated finite differences (measured ~1e-9, their rounding noise on the key
+#: biases, whose exact gradient is 0, against GRADCHECK_FLOOR of the largest gradient) and the
+#: agreement with perceiver_np, the same float64 math (~1e-12). A wrong term in a backward
+#: gives 1e-3 or worse. The script is self-contained and states the same bar as a literal.
+MINIMAL_EXAMPLE_RTOL = 1e-8
+
+
+# --- the notebooks (examples/notebooks/, tests/test_notebooks.py) ----------------------------
+
+#: The run is bitwise reproducible on one machine; on another, float32 rounds differently in
+#: the products (another BLAS), which perturbs every step. Measured with three different
+#: rounding paths for the same run (float32 on the Numba kernels, float32 on the plain NumPy
+#: path, float64): the same 345 of 360 test images right, test losses within 5e-4. 3 images
+#: leave room for a borderline image or two to flip; a broken training step (a wrong
+#: gradient, schedule or loss) misses by tens of images.
+DIGITS_NOISE_IMAGES = 3  # test images, of 360
