@@ -270,6 +270,38 @@ def fmt3(t: tuple[float, float, float], scale: float = 1.0, digits: int = 2) -> 
     return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
+#: The systems of every shape's first group; the competitors run paired with ours afterwards.
+BASE = ("ours", "torch", "torch_kept")
+
+
+def run_pair(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int,
+             path: str | None) -> dict[str, Any]:
+    """Ours and one competitor, paired rounds: their outputs (the first, warm-up run) and their
+    times."""
+    for w in workers.values():
+        w.ask(cmd="setup", kind=kind, b=b, n=n, path=path)
+    first = {k: np.asarray(w.ask(cmd="run")["y"]) for k, w in workers.items()}
+    times: dict[str, list[float]] = {k: [] for k in workers}
+    names = list(workers)
+    for r in range(rounds):
+        for name in names[r % 2:] + names[:r % 2]:  # each goes first in turn
+            time.sleep(SETTLE)
+            times[name].append(workers[name].ask(cmd="run")["time"])
+    return {"first": first, "times": times}
+
+
+def add_competitor(row: dict[str, Any], name: str, pair: dict[str, Any]) -> None:
+    """The competitor's ratio (its time / ours in the same round) and agreement (against torch's
+    output of the first group) into the shape's row."""
+    theirs, ours = pair["times"][name], pair["times"]["ours"]
+    row["ratios_all"][name] = [t / o for t, o in zip(theirs, ours, strict=True)]
+    yt = np.asarray(row["y_torch"])
+    scale = max(float(np.max(np.abs(yt))), 1e-30)
+    row["agree_all"][name] = float(np.max(np.abs(pair["first"][name] - yt)) / scale)
+    ratio = fmt3(stats(row["ratios_all"][name]))
+    print(f"    {LABELS[name]}: {fmt3(stats(theirs), 1e3, 0)} ms, ratio {ratio}", flush=True)
+
+
 def run_shape(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int,
               path: str | None, flops: float, peak: float) -> dict[str, Any]:
     rss = {k: w.ask(cmd="setup", kind=kind, b=b, n=n, path=path)["rss"] for k, w in workers.items()}
@@ -288,7 +320,7 @@ def run_shape(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int
     ratios = {k: [t / o for t, o in zip(times[k], times["ours"], strict=True)] for k in names if k != "ours"}
     row = {"kind": kind, "b": b, "n": n, "times": times, "ratios": ratios["torch"],
            "ratios_kept": ratios["torch_kept"], "ratios_all": ratios, "agree_all": agree_all,
-           "peak": peaks, "rss_before": rss, "agree": agree,
+           "peak": peaks, "rss_before": rss, "agree": agree, "y_torch": yt.tolist(),
            "flops": flops,
            "fraction": {k: flops / float(np.median(v)) / (peak * 1e9) for k, v in times.items()}}
     print(f"  {kind} B {b} N {n}: ours {fmt3(stats(times['ours']), 1e3, 0)} ms, torch "
@@ -454,11 +486,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def shape(kind: str, b: int, n: int, path: str | None, flops: float) -> None:
-        # fresh workers per shape: a peak RSS is this shape's alone, not what earlier ones left
-        chosen = set(args.systems.split(",")) | {"ours", "torch", "torch_kept"}
-        workers = {k: Worker(k, args.threads) for k in KIND_SYSTEMS[kind] if k in chosen}
+        # fresh workers per shape: a peak RSS is this shape's alone, not what earlier ones left.
+        # ours, torch and torch with memory kept run together; then each competitor runs paired
+        # with a fresh worker of ours (all nine at once would not fit in memory at B 32, N 16k),
+        # its ratio taken against that worker's times, round by round.
+        chosen = set(args.systems.split(",")) | set(BASE)
+        with_workers(BASE, lambda ws: rows.append(run_shape(ws, kind, b, n, args.rounds, path, flops, peak)))
+        for name in [k for k in KIND_SYSTEMS[kind] if k in chosen and k not in BASE]:
+            with_workers(("ours", name), lambda ws, name=name: add_competitor(
+                rows[-1], name, run_pair(ws, kind, b, n, args.rounds, path)))
+
+    def with_workers(names: Any, job: Any) -> None:
+        workers = {k: Worker(k, args.threads) for k in names}
         try:
-            rows.append(run_shape(workers, kind, b, n, args.rounds, path, flops, peak))
+            job(workers)
         finally:
             for w in workers.values():
                 w.close()
@@ -486,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows),
         "",
-        "Against every competitor (each in its own fresh process per shape, the same threads; "
-        "ratio = their time / ours per paired round, median (min–max): above 1 we are faster; "
+        "Against every competitor (each in its own fresh process per shape, the same threads, run "
+        "paired with a fresh worker of ours; ratio = their time / ours per paired round, median "
+        "(min–max): above 1 we are faster; "
         "agree = max |theirs - torch| / max |torch| over the outputs):",
         "",
         competitor_table(rows),
