@@ -66,6 +66,7 @@ from .config import (
     self_block_shapes,
 )
 from .model import Perceiver, output_shape, step_names
+from .shapes import pad_sequences
 
 # ---- argument types: each refuses a value out of its range, naming the range --------------------
 
@@ -464,15 +465,6 @@ def _sequences(path: Path, cfg: PerceiverConfig) -> list[np.ndarray]:
     return seqs
 
 
-def _pad(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Sequences [n_i, C] -> (x [B, max n, C] zero-padded, mask [B, max n], True = real)."""
-    n = max(len(s) for s in seqs)
-    x = np.zeros((len(seqs), n, seqs[0].shape[1]), dtype=np.result_type(*seqs))
-    mask = np.zeros((len(seqs), n), dtype=bool)
-    for i, s in enumerate(seqs):
-        x[i, : len(s)] = s
-        mask[i, : len(s)] = True
-    return x, mask
 
 
 def _check_mask(mask_shape: tuple[int, ...], mask_dtype: np.dtype, x_shape: tuple[int, ...],
@@ -520,7 +512,7 @@ def _predict_batches(model: Perceiver, args: argparse.Namespace) -> tuple[np.nda
             raise ValueError(f"--mask {args.mask}: sequences in an .npz are masked by their lengths; "
                              "--mask goes with an .npy --input")
         seqs = _sequences(args.input, model.config)
-        batches = (_pad(seqs[i:i + size]) for i in range(0, len(seqs), size))
+        batches = (pad_sequences(seqs[i:i + size]) for i in range(0, len(seqs), size))
         count, tokens = len(seqs), sum(len(s) for s in seqs)
     else:
         x = _read_npy(args.input, "--input")

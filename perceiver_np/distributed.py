@@ -71,6 +71,7 @@ from ._files import atomic_write
 from .checkpoint import differences, load_checkpoint
 from .config import PerceiverConfig
 from .model import Perceiver
+from .shapes import pad_sequences
 from .train import Loss, _batches, _check_data, _forward, _in_data
 
 if TYPE_CHECKING:
@@ -382,7 +383,7 @@ def _input_batches(shard: Shard, job: _Job,
             seqs = [z[k] for k in z.files]
         _check_sequences({str(k): (s.shape, s.dtype) for k, s in enumerate(seqs)}, cfg, _where(shard))
         for i in range(0, len(seqs), size):
-            yield _pad(seqs[i:i + size])
+            yield pad_sequences(seqs[i:i + size])
         return
     if shard.kind == "npy":  # memory-mapped, read a batch at a time
         with _reading(shard, ".npy file"):
@@ -398,15 +399,6 @@ def _input_batches(shard: Shard, job: _Job,
         yield arrays["x"][i:i + size], None if mask is None else mask[i:i + size]
 
 
-def _pad(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Sequences [n_i, C] -> (x [B, max n, C] zero-padded, mask [B, max n], True = real)."""
-    n = max(len(s) for s in seqs)
-    x = np.zeros((len(seqs), n, seqs[0].shape[1]), dtype=np.result_type(*seqs))
-    mask = np.zeros((len(seqs), n), dtype=bool)
-    for i, s in enumerate(seqs):
-        x[i, : len(s)] = s
-        mask[i, : len(s)] = True
-    return x, mask
 
 
 def _zarr_rows(shard: Shard, store: Any, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

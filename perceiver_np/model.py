@@ -209,6 +209,13 @@ class Perceiver:
         Also refuses an input so large that the input side could overflow the dtype (the
         same refusal on every path, before anything is computed): see
         :func:`perceiver_np.engine.check_input_range`."""
+        x = self.checked_x(x)
+        engine.check_input_range("x", self.config, p, self.encoder_input(x))
+        return x, as_mask(mask, x.shape[0], x.shape[1])
+
+    def checked_x(self, x: Any) -> np.ndarray:
+        """x as a float array [B, N, C] of the model's dtype, its shape checked (B, N >= 1, C =
+        ``input_dim``, N = the input grid's size with ``input_fourier``); not its range."""
         cfg = self.config
         x = as_real_input("x", x, cfg.np_dtype)
         if x.ndim != 3:
@@ -221,8 +228,7 @@ class Perceiver:
             raise ValueError(f"x: input_index_dims={cfg.input_index_dims} makes N = "
                              f"{self.input_positions.shape[0]} positions (the grid flattened in "
                              f"row-major order), got shape {x.shape}")
-        engine.check_input_range("x", cfg, p, self.encoder_input(x))
-        return x, as_mask(mask, b, n)
+        return x
 
     # ---- forward ----------------------------------------------------------------------------
 

@@ -200,3 +200,15 @@ def check_attention_args(
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a positive finite number, got {scale}")
     return float(scale)
+
+
+def pad_sequences(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences [n_i, C] -> (x [B, max n, C] zero-padded, mask [B, max n], True = real): how
+    ``perceiver-np predict`` and :mod:`perceiver_np.distributed` batch ragged inputs."""
+    n = max(len(s) for s in seqs)
+    x = np.zeros((len(seqs), n, seqs[0].shape[1]), dtype=np.result_type(*seqs))
+    mask = np.zeros((len(seqs), n), dtype=bool)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    return x, mask

@@ -44,7 +44,7 @@ from .config import PerceiverConfig
 from .constants import MASK_FILL
 from .layers import Params, params_under
 from .model import Perceiver
-from .shapes import as_mask, as_real_input, expect_finite_output, expect_shape
+from .shapes import as_mask, expect_finite_output
 
 #: Above this many positions a sequence's map is drawn as the maximum over bins of positions
 #: (one point per bin), so that a peak of a single position still shows.
@@ -81,16 +81,8 @@ def attention_maps(
         raise TypeError(f"model: expected a perceiver_np.Perceiver, got {type(model).__name__}")
     cfg, p = model.config, model.checked_params()
     latent_ids, head_ids, step = selection(cfg, latents=latents, heads=heads, block=block, use=use)
-    x = as_real_input("x", x, cfg.np_dtype)
-    if x.ndim != 3:
-        raise ValueError(f"x: expected shape [B, N, C] with C = {cfg.input_dim}, got {x.shape}")
-    expect_shape("x", x, (None, None, cfg.input_dim), "[B, N, C]")
+    x = model.checked_x(x)
     b, n, _ = x.shape
-    if b == 0 or n == 0:
-        raise ValueError(f"x: expected B >= 1 and N >= 1, got shape {x.shape}")
-    if model.input_positions is not None and n != model.input_positions.shape[0]:
-        raise ValueError(f"x: input_index_dims={cfg.input_index_dims} makes N = "
-                         f"{model.input_positions.shape[0]} positions, got shape {x.shape}")
     mask = as_mask(mask, b, n)
     size = engine.chunk_positions(b)
     for x_c, _ in _pieces(model, x, mask, size):  # the model's refusal of a too large input
