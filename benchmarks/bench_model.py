@@ -128,7 +128,6 @@ class Torch:
 
     def setup(self, kind: str, b: int, n: int, path: str | None) -> None:
         torch, ref = self.torch, self.ref
-        from perceiver_np.optim import default_decay_mask
 
         if kind in ("infer", "stream"):
             x = torch.from_numpy(inputs(b, n) if kind == "infer" else np.load(path))
@@ -142,19 +141,10 @@ class Torch:
         else:
             x, y = torch.from_numpy(inputs(b, n)), torch.from_numpy(labels(b))
             tp = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in self.params.items()}
-            decay = [p for k, p in tp.items() if default_decay_mask(k)]
-            rest = [p for k, p in tp.items() if not default_decay_mask(k)]
-            groups = [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
-            opt = torch.optim.AdamW(groups, lr=1e-4)
+            def loss(xb: Any, yb: Any) -> Any:
+                return torch.nn.functional.cross_entropy(ref.forward(tp, xb, fused=True), yb)
 
-            def step() -> np.ndarray:
-                loss = torch.nn.functional.cross_entropy(ref.forward(tp, x, fused=True), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return np.array([loss.item()])
-
-            self.job = step
+            self.job = competitors.adamw_step(tp, loss, x, y)
 
     def run(self) -> np.ndarray:
         return np.asarray(self.job())

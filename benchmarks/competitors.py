@@ -78,6 +78,29 @@ def seed_module(params: dict[str, np.ndarray], trainable: bool = False) -> Any:
     return Seed()
 
 
+def adamw_step(named: dict[str, Any], loss_fn: Any, x: Any, y: Any) -> Any:
+    """The training step every torch worker times: ``loss_fn(x, y)``, backward, and AdamW over
+    ``named`` (our parameter name -> torch tensor) with perceiver_np's decay mask (weight decay
+    0.01 on the weights, none on biases, norms and latents), lr 1e-4 -> step() -> [loss]."""
+    import torch
+
+    from perceiver_np.optim import default_decay_mask
+
+    decay = [p for k, p in named.items() if default_decay_mask(k)]
+    rest = [p for k, p in named.items() if not default_decay_mask(k)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": rest, "weight_decay": 0.0}], lr=1e-4)
+
+    def step() -> np.ndarray:
+        loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return np.array([loss.item()])
+
+    return step
+
+
 class TorchCompile:
     def __init__(self, threads: int, frozen: bool) -> None:
         import torch
@@ -104,25 +127,11 @@ class TorchCompile:
             return
         if self.frozen:
             raise ValueError("freezing is for inference: a frozen graph has no trainable weights")
-        from perceiver_np.optim import default_decay_mask
-
         module = seed_module(self.params, trainable=True)
         x, y = torch.from_numpy(inputs(b, n)), torch.from_numpy(labels(b))
-        names = dict(zip((k.replace(".", "/") for k in self.params), self.params, strict=True))
-        decay = [p for k, p in module.p.items() if default_decay_mask(names[k])]
-        rest = [p for k, p in module.p.items() if not default_decay_mask(names[k])]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                 {"params": rest, "weight_decay": 0.0}], lr=1e-4)
+        named = {k: module.p[k.replace(".", "/")] for k in self.params}
         loss_fn = torch.compile(lambda xb, yb: torch.nn.functional.cross_entropy(module(xb), yb))
-
-        def step() -> np.ndarray:
-            loss = loss_fn(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return np.array([loss.item()])
-
-        self.job = step
+        self.job = adamw_step(named, loss_fn, x, y)
 
     def run(self) -> np.ndarray:
         return np.asarray(self.job())
