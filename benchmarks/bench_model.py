@@ -10,10 +10,11 @@ F.layer_norm, F.gelu, scaled_dot_product_attention: the model a PyTorch user wou
 eager, under ``torch.inference_mode`` for inference. Each system lives in a worker process of its
 own (fresh for every shape), with its own thread pool set to the same number of threads; the
 driver asks them for one run at a time, each going first in turn, so each round's times are taken
-under the same load and their ratio (torch time / our time) is paired. torch runs with glibc's
-default malloc, as PyTorch users run it; a third worker runs torch with freed memory kept, as
-``perceiver_np.runtime.tune()`` keeps it for us (perceiver_np.memory), to show what that setting
-alone gives torch. Every figure is from this run:
+under the same load and their ratio (torch time / our time) is paired. Every system runs with
+glibc's default malloc, perceiver_np too (``runtime.tune(keep_memory=False)``: its inference
+engine reuses buffers of its own, perceiver_np.workspace); a third worker runs torch with freed
+memory kept (perceiver_np.memory's process-wide setting), to show what that setting alone gives
+torch. Every figure is from this run:
 
 - the machine's sgemm peak (NumPy float32 4096^3, best of 3) and each system's FLOP/s against it
   (the model's FLOPs from ``perceiver_np.cost.forward_flops``; a training step counted as 3x the
@@ -79,7 +80,9 @@ class Ours:
         import perceiver_np as pnp
         from perceiver_np import optim, train
 
-        pnp.runtime.tune(threads)  # threads, passive OpenMP wait, freed memory kept (as the CLI)
+        # threads and passive OpenMP wait; freed memory is not kept (PERCEIVER_NP_KEEP_MEMORY=0 from
+        # SYSTEMS): the speed must not come from a process-wide allocator setting
+        pnp.runtime.tune(threads)
         self.pnp, self.optim, self.train = pnp, optim, train
         self.model = pnp.build(**SEED, dropout=0.0)
         self.job: Any = None
@@ -182,11 +185,12 @@ def worker(system: str, threads: int) -> None:
 # ---- the driver ----------------------------------------------------------------------------
 
 
-#: The systems: perceiver_np (runtime.tune()); torch as a PyTorch user runs it (glibc's default
+#: The systems, each with the value of PERCEIVER_NP_KEEP_MEMORY its worker gets: perceiver_np
+#: (runtime.tune(), glibc's default malloc); torch as a PyTorch user runs it (glibc's default
 #: malloc); torch with freed memory kept too, to show what the allocator setting alone is worth
 #: to torch; and the competitors of benchmarks/competitors.py (torch.compile frozen and not, ONNX
 #: Runtime, OpenVINO with both performance hints, JAX jit), with glibc's default malloc.
-SYSTEMS = {"ours": ("ours", "1"), "torch": ("torch", "0"), "torch_kept": ("torch", "1"),
+SYSTEMS = {"ours": ("ours", "0"), "torch": ("torch", "0"), "torch_kept": ("torch", "1"),
            **{name: (name, "0") for name in competitors.INFERENCE}}
 #: Which systems run each kind of shape: the inference runtimes have no training step.
 KIND_SYSTEMS = {"infer": list(SYSTEMS), "stream": list(SYSTEMS),
@@ -510,9 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
         "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours extra = our peak RSS "
-        "minus our worker's RSS before the shape (inputs made, nothing run); torch runs with glibc's "
-        "default malloc, as a PyTorch user runs it, and the last two columns show torch with freed "
-        "memory kept as perceiver_np keeps it (docs/fast.md); outputs agree = max "
+        "minus our worker's RSS before the shape (inputs made, nothing run); both run with glibc's "
+        "default malloc (ours reuses the buffers of its workspace, docs/fast.md), and the last two "
+        "columns show torch with freed memory kept (a process-wide mallopt); outputs agree = max "
         "|ours - torch| / max |torch| over the outputs (training: the first step's loss)",
         "",
         table(rows),

@@ -162,7 +162,9 @@ class Ours:
     def __init__(self, threads: int) -> None:
         import perceiver_np as pnp
 
-        pnp.runtime.tune(threads)  # threads, passive OpenMP wait, freed memory kept (as the CLI)
+        # threads and passive OpenMP wait; glibc's default malloc, as HF runs (the engine's
+        # buffers are its workspace's, docs/fast.md)
+        pnp.runtime.tune(threads, keep_memory=False)
         self.pnp = pnp
         self.job: Any = None
 

@@ -30,7 +30,7 @@ inside a parallel region, each on its own rows, with every BLAS held to one thre
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numba
 import numpy as np
@@ -69,6 +69,20 @@ def threads_for(elements: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(n)
+
+
+def empty(alloc: Callable[..., np.ndarray] | None, name: str, shape: tuple[int, ...],
+          dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised output: ``np.empty(shape, dtype)``, or ``alloc(name, shape, dtype)``
+    when the caller hands in an allocator (the engine's workspace,
+    :mod:`perceiver_np.workspace`, which gives the same memory back on the next call)."""
+    if alloc is None:
+        return np.empty(shape, dtype=dtype)
+    out = alloc(name, shape, dtype)
+    if out.shape != tuple(shape) or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
+        raise ValueError(f"alloc: {name!r} expected a C-contiguous {np.dtype(dtype).name} array "
+                         f"{tuple(shape)}, got {out.dtype.name} {out.shape}")
+    return out
 
 
 def kernel_array(a: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ Every parallel loop writes disjoint outputs; the reductions over splits are pass
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numba import prange
@@ -41,7 +42,7 @@ from numba import prange
 from perceiver_np.constants import MASK_FILL
 from perceiver_np.shapes import ChunkState, check_attention_args
 
-from ._numba import kernel_array, parallel_kernel, serial_kernel
+from ._numba import empty, kernel_array, parallel_kernel, serial_kernel
 from .fastexp import fast_exp
 from .tiles import matmul_acc
 
@@ -372,10 +373,12 @@ def attention_forward(
     block_m: int = FORWARD_BLOCK_M,
     block_n: int = FORWARD_BLOCK_N,
     n_splits: int | None = None,
+    alloc: Callable[..., np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (o [B, H, M, dv], lse [B, H, M]) in the inputs' dtype. ``n_splits`` (default: chosen
-    from the thread count) splits N across threads; the result does not depend on it beyond
-    rounding."""
+    from N and the work items, never from the thread count) splits N into work items; the result
+    does not depend on it beyond rounding. Every buffer (the splits' partial states, o and lse)
+    comes from ``alloc`` when given (:func:`perceiver_np.kernels._numba.empty`)."""
     q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale)
     b, h, m, _ = q.shape
     n, dv = k.shape[2], v.shape[3]
@@ -383,13 +386,13 @@ def attention_forward(
     if n_splits is None:
         n_splits = choose_splits(b * h * n_mblocks, n)
     n_splits = max(1, min(int(n_splits), n))
-    part_m = np.empty((n_splits, b, h, m), dtype=q.dtype)
-    part_l = np.empty((n_splits, b, h, m), dtype=np.float64)
-    part_acc = np.empty((n_splits, b, h, dv, m), dtype=q.dtype)
+    part_m = empty(alloc, "part_m", (n_splits, b, h, m), q.dtype)
+    part_l = empty(alloc, "part_l", (n_splits, b, h, m), np.float64)
+    part_acc = empty(alloc, "part_acc", (n_splits, b, h, dv, m), q.dtype)
     _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
                      part_m, part_l, part_acc)
-    o = np.empty((b, h, m, dv), dtype=q.dtype)
-    lse = np.empty((b, h, m), dtype=q.dtype)
+    o = empty(alloc, "o", (b, h, m, dv), q.dtype)
+    lse = empty(alloc, "lse", (b, h, m), q.dtype)
     _forward_merge(part_m, part_l, part_acc, o, lse)
     return o, lse
 

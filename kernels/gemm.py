@@ -32,8 +32,10 @@ import numpy as np
 from numba import prange
 
 from . import rows
-from ._numba import REDUCTION_BLOCK_ROWS, kernel_array, parallel_kernel
+from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel
 from .rows import _moments
+
+Alloc = Callable[[str, tuple[int, ...], Any], np.ndarray]  # (name, shape, dtype) -> a buffer
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no
@@ -217,15 +219,16 @@ def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | 
     return kernel_array(a)
 
 
-def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """a: [R, K] @ w: [K, F] -> [R, F], in a's dtype."""
+def matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
+    """a: [R, K] @ w: [K, F] -> [R, F], in a's dtype (the output from ``alloc``'s "out" when
+    given: :func:`perceiver_np.kernels._numba.empty`)."""
     a = _check("a", a, 2, "[R, K]")
     w = _check("w", w, 2, "[K, F]", a.dtype)
     if w.shape[0] != a.shape[1]:
         raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
+    out = empty(alloc, "out", (a.shape[0], w.shape[1]), a.dtype)
     if a.shape[0] * a.shape[1] * w.shape[1] < SMALL_PRODUCT:
-        return a @ w
-    out = np.empty((a.shape[0], w.shape[1]), dtype=a.dtype)
+        return np.matmul(a, w, out=out)
     block = max(MIN_BLOCK_ROWS, math.ceil(a.shape[0] / _threads()))
     with single_threaded_blas():
         _matmul_rows(a, w, out, block)
@@ -249,9 +252,9 @@ def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return part[0] if items == 1 else part.sum(axis=0)
 
 
-def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def matmul_batched(x: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
     """x: [B, S, K] (any strides; each sample's rows are read a block at a time) @ w: [K, F]
-    -> [B, S, F] contiguous, in x's dtype."""
+    -> [B, S, F] contiguous, in x's dtype (from ``alloc``'s "out" when given)."""
     if not isinstance(x, np.ndarray) or x.ndim != 3:
         got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
         raise ValueError(f"x: expected an array [B, S, K], got {got}")
@@ -263,9 +266,9 @@ def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if not (x.flags.writeable and x.dtype.isnative):
         x = kernel_array(x)  # a read-only chunk (of a memory map): copied, one chunk at a time
     b, s, _ = x.shape
+    out = empty(alloc, "out", (b, s, w.shape[1]), x.dtype)
     if b * s * x.shape[2] * w.shape[1] < SMALL_PRODUCT:
-        return np.ascontiguousarray(x @ w)
-    out = np.empty((b, s, w.shape[1]), dtype=x.dtype)
+        return np.matmul(x, w, out=out)
     with single_threaded_blas():
         _matmul_batched(x, w, out, PROJECT_BLOCK_ROWS)
     return out
@@ -273,12 +276,13 @@ def matmul_batched(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def project_heads(
     x: np.ndarray, weights: list[np.ndarray], heads: int,
-    norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+    norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None, *, alloc: Alloc | None = None,
 ) -> list[np.ndarray]:
     """x: [B, S, K] @ each w_j: [K, H*d_j] (one to three of them) -> [B, H, S, d_j] each: the
     projections of every head, written in the attention kernel's layout. ``norm`` = (gamma,
     beta, bias or None): project LN(x + bias) instead, the LayerNorm fused into the product
-    (:func:`perceiver_np.kernels.rows.layernorm`'s formula, block by block)."""
+    (:func:`perceiver_np.kernels.rows.layernorm`'s formula, block by block). The outputs come
+    from ``alloc``'s "out0", "out1", "out2" when given."""
     x = _check("x", x, 3, "[B, S, K]")
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"weights: expected 1 to 3 matrices, got {len(weights)}")
@@ -291,10 +295,12 @@ def project_heads(
         gamma = rows._vector("gamma", norm[0], k, x.dtype)
         beta = rows._vector("beta", norm[1], k, x.dtype)
         bias = None if norm[2] is None else rows._vector("bias", norm[2], k, x.dtype)
+    outs = [empty(alloc, f"out{j}", (b, heads, s, w.shape[1] // heads), x.dtype) for j, w in enumerate(ws)]
     if b * s * k * sum(w.shape[1] for w in ws) < SMALL_PRODUCT:  # [B, S, H*d] -> [B, H, S, d]
         u = x if norm is None else rows.layernorm(x.reshape(b * s, k), gamma, beta, bias).reshape(x.shape)
-        return [np.ascontiguousarray((u @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)) for w in ws]
-    outs = [np.empty((b, heads, s, w.shape[1] // heads), dtype=x.dtype) for w in ws]
+        for w, out in zip(ws, outs, strict=True):
+            out[...] = (u @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
+        return outs
     dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
     padded = outs + [dummy] * (3 - len(outs))
     w_pad = ws + [ws[0]] * (3 - len(ws))  # unused beyond len(ws)

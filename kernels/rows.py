@@ -20,12 +20,14 @@ kernel ever sees a broadcast or a strided view.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import prange
 
 from perceiver_np.constants import LN_EPS
 
-from ._numba import REDUCTION_BLOCK_ROWS, kernel_array, parallel_kernel, serial_kernel, threads_for
+from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any
 
 _K = 0.7978845608028654  # sqrt(2 / pi)
@@ -184,15 +186,17 @@ def layernorm(
 
 
 def residual_layernorm(
-    z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray
+    z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *,
+    alloc: Callable[..., np.ndarray] | None = None,
 ) -> np.ndarray:
-    """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F]."""
+    """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F] (from ``alloc``'s
+    "out" when given)."""
     z = _rows("z", z, inplace=True)
     f, dt = z.shape[1], z.dtype
     t = _rows("t", t, f, dt)
     if t.shape != z.shape:
         raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
-    out = np.empty_like(z)
+    out = empty(alloc, "out", z.shape, z.dtype)
     with threads_for(z.size):
         _residual_layernorm_rows(z, t, _vector("bias", bias, f, dt), _vector("gamma", gamma, f, dt),
                                  _vector("beta", beta, f, dt), out)

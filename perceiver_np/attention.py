@@ -26,6 +26,7 @@ import numpy as np
 
 from .constants import MASK_FILL
 from .shapes import ChunkState, check_attention_args, expect_shape
+from .workspace import Alloc, fresh
 
 
 def _scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
@@ -91,9 +92,15 @@ def attention_backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def chunk_state(b: int, h: int, m: int, dv: int) -> ChunkState:
-    """The state before any chunk: no key seen (m at MASK_FILL, l and acc 0), in float64."""
-    return ChunkState(np.full((b, h, m), MASK_FILL), np.zeros((b, h, m)), np.zeros((b, h, m, dv)))
+def chunk_state(b: int, h: int, m: int, dv: int, alloc: Alloc = fresh) -> ChunkState:
+    """The state before any chunk: no key seen (m at MASK_FILL, l and acc 0), in float64
+    (its buffers from ``alloc``, :mod:`perceiver_np.workspace`)."""
+    state = ChunkState(alloc("m", (b, h, m), np.float64), alloc("l", (b, h, m), np.float64),
+                       alloc("acc", (b, h, m, dv), np.float64))
+    state.m.fill(MASK_FILL)
+    state.l.fill(0.0)
+    state.acc.fill(0.0)
+    return state
 
 
 def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
@@ -116,7 +123,9 @@ def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
     state.m[...] = m_new
 
 
-def finish_chunks(state: ChunkState, dtype: np.dtype) -> np.ndarray:
-    """o = acc / l: [B, H, M, dv] in ``dtype``; 0 for a query that saw no visible key (its acc
-    is 0: every chunk gave it o_c = 0)."""
-    return (state.acc / np.where(state.l > 0, state.l, 1.0)[..., None]).astype(dtype)
+def finish_chunks(state: ChunkState, dtype: np.dtype, alloc: Alloc = fresh) -> np.ndarray:
+    """o = acc / l: [B, H, M, dv] in ``dtype`` (from ``alloc``'s "o"); 0 for a query that saw
+    no visible key (its acc is 0: every chunk gave it o_c = 0)."""
+    o = alloc("o", state.acc.shape, dtype)
+    np.divide(state.acc, np.where(state.l > 0, state.l, 1.0)[..., None], out=o, casting="same_kind")
+    return o

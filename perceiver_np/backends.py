@@ -35,6 +35,7 @@ from .kernels import gemm as gemm
 from .kernels import rows as rows
 from .layers import GeluCache, LayerNormCache, LayerOps, LinearCache, Params
 from .shapes import ChunkState, expect_shape
+from .workspace import Alloc
 
 # ---------------------------------------------------------------------------------------------
 # the training ops of the numba backend, under the layers' contract
@@ -132,17 +133,20 @@ class EngineOps(NamedTuple):
     kernels' (:mod:`perceiver_np.kernels`), and plain NumPy twins of them built from the layers."""
 
     name: str
-    matmul: Callable[..., np.ndarray]  # (a [R, K], w [K, F]) -> [R, F]
-    matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F]) -> [B, S, F]
-    project_heads: Callable[..., list[np.ndarray]]  # (x [B, S, K], [w_j], H, norm) -> [B, H, S, d_j]
+    # ``alloc=`` (:mod:`perceiver_np.workspace`) names where an op's outputs and scratch come
+    # from; the plain twins take it and allocate afresh (they are for reading and checking).
+    matmul: Callable[..., np.ndarray]  # (a [R, K], w [K, F], *, alloc) -> [R, F]
+    matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F], *, alloc) -> [B, S, F]
+    # (x [B, S, K], [w_j], H, norm, *, alloc) -> [B, H, S, d_j] each
+    project_heads: Callable[..., list[np.ndarray]]
     layernorm: Callable[..., np.ndarray]  # (x [R, F], gamma, beta, bias=None, out=None) -> [R, F]
-    residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias) -> LN(z)
+    residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias, *, alloc) -> LN(z)
     residual: Callable[..., np.ndarray]  # z [R, F] += t + bias
     bias_gelu: Callable[..., np.ndarray]  # h [R, F] = GELU(h + bias), in place
-    attention_forward: Callable[..., tuple[np.ndarray, np.ndarray]]  # (q, k, v, mask) -> (o, lse)
-    chunk_state: Callable[..., ChunkState]  # (B, H, M, dv) -> an empty running state
+    attention_forward: Callable[..., tuple[np.ndarray, np.ndarray]]  # (q, k, v, mask, *, alloc) -> (o, lse)
+    chunk_state: Callable[..., ChunkState]  # (B, H, M, dv, alloc) -> an empty running state
     merge_chunk: Callable[..., None]  # (state, o_c, lse_c): fold one chunk's attention in
-    finish_chunks: Callable[..., np.ndarray]  # (state, dtype) -> o [B, H, M, dv]
+    finish_chunks: Callable[..., np.ndarray]  # (state, dtype, alloc) -> o [B, H, M, dv]
 
 
 def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bias: np.ndarray | None = None,
@@ -156,7 +160,7 @@ def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bias: np.ndar
 
 
 def _residual_layernorm(z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray,
-                        beta: np.ndarray) -> np.ndarray:
+                        beta: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
     """Plain twin of :func:`perceiver_np.kernels.rows.residual_layernorm`."""
     z += t + bias
     return _layernorm(z, gamma, beta)
@@ -175,17 +179,38 @@ def _bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> n
 
 
 def _project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int,
-                   norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> list[np.ndarray]:
+                   norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None, *,
+                   alloc: Alloc | None = None) -> list[np.ndarray]:
     """Plain twin of :func:`perceiver_np.kernels.gemm.project_heads`."""
     u = x if norm is None else _layernorm(x, norm[0], norm[1], norm[2])
     # [B, S, K] @ [K, H*d] -> [B, S, H*d] -> [B, H, S, d]
     return [np.ascontiguousarray(layers.split_heads(u @ w, heads)) for w in weights]
 
 
+def _matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.matmul` (and of ``matmul_batched``)."""
+    return a @ w
+
+
+def _attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, *,
+                       alloc: Alloc | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Plain twin of :func:`perceiver_np.kernels.attention.attention_forward`."""
+    return plain_attention.attention_forward(q, k, v, mask)
+
+
+def _chunk_state(b: int, h: int, m: int, dv: int, alloc: Alloc | None = None) -> ChunkState:
+    """:func:`perceiver_np.attention.chunk_state`, allocated afresh (the plain twins keep nothing)."""
+    return plain_attention.chunk_state(b, h, m, dv)
+
+
+def _finish_chunks(state: ChunkState, dtype: np.dtype, alloc: Alloc | None = None) -> np.ndarray:
+    """:func:`perceiver_np.attention.finish_chunks`, allocated afresh."""
+    return plain_attention.finish_chunks(state, dtype)
+
+
 PLAIN_ENGINE = EngineOps(
-    "numpy", lambda a, w: a @ w, lambda x, w: x @ w, _project_heads, _layernorm, _residual_layernorm,
-    _residual, _bias_gelu, plain_attention.attention_forward, plain_attention.chunk_state,
-    plain_attention.merge_chunk, plain_attention.finish_chunks,
+    "numpy", _matmul, _matmul, _project_heads, _layernorm, _residual_layernorm,
+    _residual, _bias_gelu, _attention_forward, _chunk_state, plain_attention.merge_chunk, _finish_chunks,
 )
 NUMBA_ENGINE = EngineOps(
     "numba", gemm.matmul, gemm.matmul_batched, gemm.project_heads, rows.layernorm,

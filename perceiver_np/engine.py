@@ -48,6 +48,7 @@ from .backends import EngineOps
 from .config import PerceiverConfig
 from .layers import Params, params_under
 from .shapes import ChunkState, expect_finite_output, expect_in_range, expect_shape
+from .workspace import Alloc, fresh, scoped
 
 #: Rows (batch x positions) per chunk of the cross-attentions' input side: every buffer of the
 #: input side is [CHUNK_ROWS, width], so the engine's extra memory does not grow with N
@@ -68,11 +69,12 @@ def check_owned_latents(z: np.ndarray) -> np.ndarray:
 
 def after_attention(
     z: np.ndarray, o: np.ndarray, visible: np.ndarray | None, p: Params, ops: EngineOps, *,
-    query_residual: bool, gelu: str, ffn_kind: str = "gelu",
+    query_residual: bool, gelu: str, ffn_kind: str = "gelu", alloc: Alloc = fresh,
 ) -> np.ndarray:
     """The rest of a block after its attention core, on owned latents z [B, M, D] (updated in
     place when ``query_residual``): the value bias, the output projection and its residual, and
-    the whole FFN sublayer. o: [B, H, M, dv] -> z [B, M, D]."""
+    the whole FFN sublayer. o: [B, H, M, dv] -> z [B, M, D]. Every intermediate comes from
+    ``alloc`` (:mod:`perceiver_np.workspace`), named by the step that makes it."""
     b, h, m, dv = o.shape
     d = p["attn.out.weight"].shape[1]
     if query_residual:
@@ -83,22 +85,28 @@ def after_attention(
             o += bv[None, :, None, :]
         else:
             o += np.where(visible[:, None, None, None], bv[None, :, None, :], o.dtype.type(0.0))
-    # [B, H, M, dv] -> [B, M, H, dv] -> [B*M, H*dv]
-    merged = np.ascontiguousarray(o.transpose(0, 2, 1, 3)).reshape(b * m, h * dv)
-    t = ops.matmul(merged, p["attn.out.weight"])  # [B*M, H*dv] -> [B*M, D]
+    merged = alloc("merged", (b * m, h * dv), o.dtype)
+    merged.reshape(b, m, h, dv)[...] = o.transpose(0, 2, 1, 3)  # [B, H, M, dv] -> [B, M, H, dv] = [B*M, H*dv]
+    t = ops.matmul(merged, p["attn.out.weight"], alloc=scoped(alloc, "out"))  # [B*M, H*dv] -> [B*M, D]
     if not query_residual:
-        z = np.zeros((b, m, d), dtype=o.dtype)
+        z = np.zeros((b, m, d), dtype=o.dtype)  # the new latents: the caller keeps them
     z2 = z.reshape(b * m, d)  # [B, M, D] -> [B*M, D], a view: updated in place
-    u = ops.residual_layernorm(z2, t, p["attn.out.bias"], p["ffn_norm.gamma"], p["ffn_norm.beta"])
-    g = ops.matmul(u, p["ffn.up.weight"])  # [B*M, D] -> [B*M, wD] (GEGLU: [B*M, 2wD])
+    u = ops.residual_layernorm(z2, t, p["attn.out.bias"], p["ffn_norm.gamma"], p["ffn_norm.beta"],
+                               alloc=scoped(alloc, "ffn_norm"))
+    # [B*M, D] -> [B*M, wD] (GEGLU: [B*M, 2wD])
+    g = ops.matmul(u, p["ffn.up.weight"], alloc=scoped(alloc, "ffn.up"))
     if ffn_kind == "geglu":
         wd = g.shape[1] // 2
-        gate = np.ascontiguousarray(g[:, wd:])  # [B*M, 2wD] -> [B*M, wD]
+        gate = alloc("ffn.gate", (b * m, wd), g.dtype)
+        gate[...] = g[:, wd:]  # [B*M, 2wD] -> [B*M, wD]
         ops.bias_gelu(gate, p["ffn.up.bias"][wd:], gelu)
-        g = (g[:, :wd] + p["ffn.up.bias"][:wd]) * gate  # value half times GELU(gate half): [B*M, wD]
+        value = alloc("ffn.value", (b * m, wd), g.dtype)
+        np.add(g[:, :wd], p["ffn.up.bias"][:wd], out=value)
+        value *= gate  # value half times GELU(gate half): [B*M, wD]
+        g = value
     else:
         ops.bias_gelu(g, p["ffn.up.bias"], gelu)
-    t = ops.matmul(g, p["ffn.down.weight"])  # [B*M, wD] -> [B*M, D]
+    t = ops.matmul(g, p["ffn.down.weight"], alloc=scoped(alloc, "ffn.down"))  # [B*M, wD] -> [B*M, D]
     ops.residual(z2, t, p["ffn.down.bias"])
     return z
 
@@ -117,7 +125,7 @@ def pieces_of(x: np.ndarray, mask: np.ndarray | None, size: int) -> list[Piece]:
 def cross_block(
     z: np.ndarray, pieces: Iterable[Piece], p: Params, ops: EngineOps, *, num_heads: int,
     in_weight: np.ndarray | None, in_bias: np.ndarray | None, use_query_residual: bool, gelu: str,
-    ffn_kind: str = "gelu",
+    ffn_kind: str = "gelu", alloc: Alloc = fresh,
 ) -> tuple[np.ndarray, int]:
     """z: [B, M, D] owned latents (updated in place) attend to an input that arrives in pieces
     along N -> (z [B, M, D], N).
@@ -126,10 +134,14 @@ def cross_block(
     mask_c [B, n]) are cut to ``chunk_positions(B)`` positions. Per chunk: ``h = x_c @ in_weight``
     (when given), the keys and values of ``LN_kv(h + in_bias)`` in the attention's layout (the
     LayerNorm fused into their product on the kernels), the attention's ``(o_c, lse_c)``, folded
-    into the running float64 state with ``merge_chunk``. Every buffer is chunk-sized."""
+    into the running float64 state with ``merge_chunk``. Every buffer is chunk-sized, and taken
+    from ``alloc``: a chunk's buffers are reused by the next chunk, so the first chunk's result
+    is folded into the running state before the second is computed."""
     b, m, d = check_owned_latents(z).shape
-    zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"]).reshape(b, m, d)
-    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads)  # [B, M, D] -> [B, H, M, dh]
+    zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"],
+                       out=alloc("q_norm", (b * m, d), z.dtype)).reshape(b, m, d)
+    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads,
+                             alloc=scoped(alloc, "q"))  # [B, M, D] -> [B, H, M, dh]
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     ckv = p["kv_norm.gamma"].shape[0]
@@ -141,71 +153,81 @@ def cross_block(
     size = chunk_positions(b)
     for x_c, mask_c in (chunk for piece in pieces for chunk in pieces_of(*piece, size)):
         n = x_c.shape[1]
+        if first is not None and state is None:  # the second chunk: fold the first one in first
+            state = ops.chunk_state(b, num_heads, m, dv, alloc=scoped(alloc, "state"))
+            ops.merge_chunk(state, *first)
         if in_weight is not None:
-            h = ops.matmul_batched(x_c, in_weight)  # [B, n, C] -> [B, n, D] (b_in in the LN)
+            # [B, n, C] -> [B, n, D] (b_in in the LN)
+            h = ops.matmul_batched(x_c, in_weight, alloc=scoped(alloc, "input_proj"))
         else:
             h = np.ascontiguousarray(x_c)  # [B, n, Ckv]
         expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
         k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
-                                 norm=(p["kv_norm.gamma"], p["kv_norm.beta"], in_bias))
+                                 norm=(p["kv_norm.gamma"], p["kv_norm.beta"], in_bias),
+                                 alloc=scoped(alloc, "kv"))
         # LN_kv(h + b_in) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
-        o_c, lse_c = ops.attention_forward(q, k, v, mask_c)  # [B, H, M, dv], [B, H, M]
-        if first is None:
+        o_c, lse_c = ops.attention_forward(q, k, v, mask_c,
+                                           alloc=scoped(alloc, "attention"))  # [B, H, M, dv], [B, H, M]
+        if state is None:
             first = (o_c, lse_c)
         else:
-            if state is None:
-                state = ops.chunk_state(b, num_heads, m, dv)
-                ops.merge_chunk(state, *first)
             ops.merge_chunk(state, o_c, lse_c)
         visible |= True if mask_c is None else mask_c.any(axis=1)
         n_total += n
     if n_total == 0:
         raise ValueError("chunks: the input is empty (N = 0)")
     assert first is not None
-    o = first[0] if state is None else ops.finish_chunks(state, z.dtype)  # [B, H, M, dv]
+    # [B, H, M, dv]
+    o = first[0] if state is None else ops.finish_chunks(state, z.dtype, alloc=scoped(alloc, "state"))
     return after_attention(z, o, visible, p, ops, query_residual=use_query_residual, gelu=gelu,
-                           ffn_kind=ffn_kind), n_total
+                           ffn_kind=ffn_kind, alloc=alloc), n_total
 
 
 def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str,
-               ffn_kind: str = "gelu") -> np.ndarray:
-    """z: [B, M, D] owned latents, updated in place -> [B, M, D]."""
+               ffn_kind: str = "gelu", alloc: Alloc = fresh) -> np.ndarray:
+    """z: [B, M, D] owned latents, updated in place -> [B, M, D]; intermediates from ``alloc``."""
     b, m, d = check_owned_latents(z).shape
-    u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"]).reshape(b, m, d)
+    u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"],
+                      out=alloc("norm", (b * m, d), z.dtype)).reshape(b, m, d)
     q, k, v = ops.project_heads(u, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
-                                num_heads)  # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
+                                num_heads, alloc=scoped(alloc, "qkv"))
+    # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
-    o, _ = ops.attention_forward(q, k, v, None)  # [B, H, M, dv]
-    return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu, ffn_kind=ffn_kind)
+    o, _ = ops.attention_forward(q, k, v, None, alloc=scoped(alloc, "attention"))  # [B, H, M, dv]
+    return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu, ffn_kind=ffn_kind,
+                           alloc=alloc)
 
 
-def encode(cfg: PerceiverConfig, p: Params, passes: Passes, *, batch: int, ops: EngineOps) -> np.ndarray:
+def encode(cfg: PerceiverConfig, p: Params, passes: Passes, *, batch: int, ops: EngineOps,
+           alloc: Alloc = fresh) -> np.ndarray:
     """The encoder up to (and including) the final LayerNorm: the input of ``passes()`` -> z
     [B, M, D]. ``p`` are the model's checked parameters; ``passes`` is called once per cross
     block (so an input streamed from a file is read once per cross block). With several cross
     blocks and an input projection, the caller may project once and pass ``h`` instead (see
-    :func:`encode_array`)."""
+    :func:`encode_array`). Intermediates come from ``alloc`` (a model's workspace,
+    :mod:`perceiver_np.workspace`; the default allocates afresh); z itself is always new."""
     in_weight = p["input_proj.weight"] if cfg.input_projection else None
     in_bias = p["input_proj.bias"] if cfg.input_projection else None
-    return _encode(cfg, p, passes, batch, ops, in_weight, in_bias)
+    return _encode(cfg, p, passes, batch, ops, in_weight, in_bias, alloc)
 
 
 def encode_array(cfg: PerceiverConfig, p: Params, x: np.ndarray, mask: np.ndarray | None,
-                 ops: EngineOps) -> np.ndarray:
+                 ops: EngineOps, alloc: Alloc = fresh) -> np.ndarray:
     """:func:`encode` for an input held whole, x [B, N, C] and mask [B, N] (as checked by the
     model): with several cross blocks the input projection is computed once for all of them
-    (h [B, N, D] is then held whole), else each chunk is projected when it is read."""
+    (h [B, N, D] is then held whole, allocated afresh: a workspace keeps only chunk-sized
+    buffers), else each chunk is projected when it is read."""
     crosses = sum(1 for kind, _ in cfg.schedule if kind == "cross")
     in_bias = p["input_proj.bias"] if cfg.input_projection else None
     if cfg.input_projection and crosses > 1:
         h = ops.matmul_batched(x, p["input_proj.weight"])  # [B, N, C] -> [B, N, D]
-        return _encode(cfg, p, lambda: [(h, mask)], x.shape[0], ops, None, in_bias)
-    return encode(cfg, p, lambda: [(x, mask)], batch=x.shape[0], ops=ops)
+        return _encode(cfg, p, lambda: [(h, mask)], x.shape[0], ops, None, in_bias, alloc)
+    return encode(cfg, p, lambda: [(x, mask)], batch=x.shape[0], ops=ops, alloc=alloc)
 
 
 def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: EngineOps,
-            in_weight: np.ndarray | None, in_bias: np.ndarray | None) -> np.ndarray:
+            in_weight: np.ndarray | None, in_bias: np.ndarray | None, alloc: Alloc) -> np.ndarray:
     z = np.repeat(p["latents"][None], batch, axis=0)  # [M, D] -> [B, M, D], owned
     n_seen: int | None = None
     for kind, i in cfg.schedule:
@@ -213,13 +235,13 @@ def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: En
             z, n = cross_block(z, passes(), params_under(p, f"cross.{i}"), ops,
                                num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
                                use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
-                               ffn_kind=cfg.ffn_kind)
+                               ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "cross"))
             if n_seen is not None and n != n_seen:
                 raise ValueError(f"chunks: the input changed length between passes ({n_seen} then {n})")
             n_seen = n
         else:
             z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu,
-                           ffn_kind=cfg.ffn_kind)
+                           ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "self"))
         expect_finite_output(f"{kind}.{i} output", z)
     if cfg.final_norm:
         z2 = z.reshape(-1, z.shape[-1])  # [B, M, D] -> [B*M, D], a view: normalised in place

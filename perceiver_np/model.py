@@ -59,6 +59,7 @@ from .shapes import (
     expect_shape,
     first_nonfinite,
 )
+from .workspace import ThreadWorkspaces, Workspace
 
 
 def init_params(cfg: PerceiverConfig) -> Params:
@@ -149,6 +150,7 @@ class Perceiver:
         self.config = config
         self.params = init_params(config) if params is None else check_params(config, params)
         self._token = object()  # identifies this model's caches
+        self._workspaces = ThreadWorkspaces()  # the inference engine's buffers, one set per thread
         self.fixed_queries: np.ndarray | None = None  # [O, Cq]: Fourier output queries
         if config.decoder == "query" and config.query_source == "fourier":
             self.fixed_queries = fourier_position_encoding(
@@ -175,8 +177,18 @@ class Perceiver:
             # every input is masked: such a batch takes the probabilities path
             return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite_output
-            z = engine.encode_array(cfg, p, x_in, mask, engine_ops(cfg.backend))  # [B, N, C+P] -> [B, M, D]
+            z = engine.encode_array(cfg, p, x_in, mask, engine_ops(cfg.backend),
+                                    self.workspace())  # [B, N, C+P] -> [B, M, D]
             return self.decode(z, queries=queries, query_mask=query_mask)[0]
+
+    def workspace(self) -> Workspace:
+        """The calling thread's :class:`~perceiver_np.workspace.Workspace`: the buffers the
+        inference engine (``model(x)``, ``encode_stream``) takes its intermediates from and
+        reuses on the next call of the same shape, so no call faults its memory in again. It
+        holds one buffer per intermediate, chunk-sized on the input side (``.nbytes``);
+        ``.clear()`` hands them back. Each thread has its own, so concurrent calls never share
+        a buffer; the outputs are always new arrays."""
+        return self._workspaces.get()
 
     @property
     def uses_engine(self) -> bool:

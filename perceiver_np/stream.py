@@ -174,7 +174,8 @@ def encode_stream(
         return _validated(source, masks, batch, model, p)
 
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by the engine
-        z = engine.encode(cfg, p, validated_pass, batch=batch, ops=engine_ops(cfg.backend))
+        z = engine.encode(cfg, p, validated_pass, batch=batch, ops=engine_ops(cfg.backend),
+                          alloc=model.workspace())
         return model.decode(z)[0]  # the head reads the latents only: the model's own
 
 
