@@ -15,6 +15,37 @@ from pathlib import Path
 from typing import Any
 
 
+def sgemm_peaks(threads: int, repeats: int = 3) -> dict[str, float]:
+    """The best float32 4096^3 product each library reaches here, GFLOP/s, best of ``repeats``:
+    OpenBLAS through NumPy (its default threads: the cores), and torch's CPU BLAS (oneDNN or MKL)
+    through ``torch.mm`` on ``threads`` threads when torch is installed. The first entry is
+    OpenBLAS's, the one the % peak columns use."""
+    import time
+
+    import numpy as np
+
+    def best(f: Any) -> float:
+        f()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return 2 * 4096**3 / min(times) / 1e9
+
+    a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
+    peaks = {"OpenBLAS (NumPy)": best(lambda: a @ a)}
+    try:
+        import torch
+    except ImportError:
+        return peaks
+    torch.set_num_threads(threads)
+    t = torch.from_numpy(a)
+    with torch.inference_mode():
+        peaks[f"torch {torch.__version__} mm"] = best(lambda: torch.mm(t, t))
+    return peaks
+
+
 def rss_high_water() -> int:
     """This process's resident-set high-water mark (VmHWM), bytes."""
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024

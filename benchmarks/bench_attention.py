@@ -37,6 +37,7 @@ from _common import (  # benchmarks/
     reset_high_water,
     rss_high_water,
     rss_now,
+    sgemm_peaks,
 )
 
 H, DH = 4, 64
@@ -64,27 +65,6 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def sgemm_peak(repeats: int = 3) -> float:
-    """NumPy's float32 4096^3 product (its BLAS: OpenBLAS here), best of ``repeats``, GFLOP/s."""
-    a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
-    a @ a
-    best = min(timed(lambda: a @ a) for _ in range(repeats))
-    return 2 * 4096**3 / best / 1e9
-
-
-def sgemm_peaks(torch_mod, repeats: int = 3) -> dict[str, float]:
-    """The best float32 4096^3 product each library reaches here, GFLOP/s: OpenBLAS through
-    NumPy, and torch's own CPU BLAS (oneDNN or MKL) through ``torch.mm``."""
-    peaks = {"OpenBLAS (NumPy)": sgemm_peak(repeats)}
-    if torch_mod is not None:
-        a = torch_mod.from_numpy(np.random.default_rng(0).random((4096, 4096), dtype=np.float32))
-        with torch_mod.inference_mode():
-            torch_mod.mm(a, a)
-            best = min(timed(lambda: torch_mod.mm(a, a)) for _ in range(repeats))
-        peaks[f"torch {torch_mod.__version__} mm"] = 2 * 4096**3 / best / 1e9
-    return peaks
 
 
 #: Shapes timed again on one thread (M, B, N): the kernel's speed-up from 1 thread to all of them.
@@ -413,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         torch = None
         print("torch is not installed: no torch columns (pip install -e '.[bench]')")
     info = machine(threads)
-    peaks = sgemm_peaks(torch)
+    peaks = sgemm_peaks(threads)
     peak = peaks["OpenBLAS (NumPy)"]
     load = compile_and_load_times()
     rows = []

@@ -55,6 +55,7 @@ from _common import (  # benchmarks/
     reset_high_water,
     rss_high_water,
     rss_now,
+    sgemm_peaks,
     write_page,
 )
 from competitors import inputs, labels
@@ -207,17 +208,6 @@ def Worker(system: str, threads: int) -> WorkerProcess:
     return WorkerProcess(__file__, [impl, "--threads", str(threads)], {"PERCEIVER_NP_KEEP_MEMORY": keep})
 
 
-def sgemm_peak(repeats: int = 3) -> float:
-    a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
-    a @ a
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 4096**3 / best / 1e9
-
-
 def compile_and_load() -> dict[str, float]:
     """Import, build the seed model, one forward and one training step, in a fresh process
     with an empty Numba cache (compile), then again with that cache (cached load)."""
@@ -266,6 +256,22 @@ def fmt3(t: tuple[float, float, float], scale: float = 1.0, digits: int = 2) -> 
 
 #: The systems of every shape's first group; the competitors run paired with ours afterwards.
 BASE = ("ours", "torch", "torch_kept")
+
+
+#: Shapes timed on 1 thread and on all of them (kind, N at B = 32).
+SCALING_SHAPES = [("infer", 1024), ("train", 256)]
+
+
+def scaling_table(rows: list[tuple[str, int, dict[Any, list[float]]]], threads: int) -> str:
+    """Ours on 1 thread against ``threads``: times median (min–max), speed-up of the medians."""
+    lines = [f"| run | B | N | ours ms, 1 thread | ours ms, {threads} threads | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for kind, n, times in rows:
+        one, many = stats(times[1]), stats(times[threads])
+        run = "inference" if kind == "infer" else "training step"
+        lines.append(f"| {run} | 32 | {n} | {fmt3(one, 1e3, 0)} | {fmt3(many, 1e3, 0)} "
+                     f"| {one[1] / many[1]:.2f} |")
+    return "\n".join(lines)
 
 
 def run_pair(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int,
@@ -468,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = build(**SEED).config
     info = machine(args.threads)
-    peak = sgemm_peak()
+    peaks = sgemm_peaks(args.threads)
+    peak = peaks["OpenBLAS (NumPy)"]
     load = compile_and_load() if not args.quick else {}
     kinds = set(args.kinds.split(","))
     infer_ns = [n for n in INFER_B32 if "infer" in kinds and (not args.quick or n <= 4096)]
@@ -508,9 +515,20 @@ def main(argv: list[str] | None = None) -> int:
             path.unlink()
     for n in train_ns:
         shape("train", 32, n, None, 3 * 32 * forward_flops(cfg, n)["total"])
+    scale_rows = []
+    for kind, n in SCALING_SHAPES:
+        if kind in kinds and (args.max_n is None or n <= args.max_n):
+            with_workers_threads = {1: Worker("ours", 1), args.threads: Worker("ours", args.threads)}
+            try:
+                pair = run_pair(with_workers_threads, kind, 32, n, args.rounds, None)
+            finally:
+                for w in with_workers_threads.values():
+                    w.close()
+            scale_rows.append((kind, n, pair["times"]))
     report = [
         "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-        f"- sgemm peak (NumPy float32 4096^3, best of 3, this run): {peak:.0f} GFLOP/s",
+        "- sgemm peaks (float32 4096^3, best of 3, this run): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + "; % peak is against OpenBLAS's",
         f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
         "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours extra = our peak RSS "
@@ -527,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         "agree = max |theirs - torch| / max |torch| over the outputs):",
         "",
         competitor_table(rows),
+        "",
+        f"Scaling: ours on 1 thread and on {args.threads}, each in a fresh worker, paired rounds. "
+        "Every parallel loop of the engine and of the training step runs over rows, (sample, "
+        "head, query block, key split) items or row blocks, never over a fixed two, and the "
+        "sums over rows use blocks of a constant size, so more cores get more items in flight:",
+        "",
+        scaling_table(scale_rows, args.threads),
         "",
         "Targets, as this run measured them:",
         "",

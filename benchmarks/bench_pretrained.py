@@ -51,9 +51,10 @@ from _common import (  # benchmarks/
     reset_high_water,
     rss_high_water,
     rss_now,
+    sgemm_peaks,
     write_page,
 )
-from bench_model import SETTLE, fmt3, sgemm_peak, stats  # benchmarks/
+from bench_model import SETTLE, fmt3, stats  # benchmarks/
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The released checkpoints measured, and the input shape of one forward (B = 1).
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     configs = {n: {**published_config(n)[1], **(QUICK[n] if args.quick else {})} for n in names}
     info = machine(args.threads)
-    peak = sgemm_peak()
+    peak = sgemm_peaks(args.threads)["OpenBLAS (NumPy)"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {n: str(Path(tmp) / n.replace("/", "--")) for n in names}
