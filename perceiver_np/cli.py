@@ -24,9 +24,10 @@ docs/pretrained.md).
 
 Exit status: 0 success; 1 a check that failed (``compare`` beyond tolerance, ``gradcheck``,
 training that diverged) or a Dask run that lost its workers (``predict``/``eval`` with
-``--dask``: the shards written so far are kept, a rerun resumes); 2 a usage or input error (a flag out of range, a missing or unreadable
-file, an output path that cannot be written: all checked before any work starts), reported as
-one line ``perceiver-np <command>: error: <message>`` naming the flag or path; 130 interrupted.
+``--dask``: the shards written so far are kept, a rerun resumes); 2 a usage or input error (a
+flag out of range, a missing or unreadable file, an output path that cannot be written: all
+checked before any work starts), reported as one line
+``perceiver-np <command>: error: <message>`` naming the flag or path; 130 interrupted.
 """
 
 from __future__ import annotations
