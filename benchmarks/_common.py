@@ -108,6 +108,21 @@ def write_page(path: Path, header: str, text: str) -> None:
     atomic_write(path, lambda f: f.write((header + text + "\n").encode()))
 
 
+def paired_times(workers: dict[Any, WorkerProcess], rounds: int, settle: float) -> dict[Any, list[float]]:
+    """``rounds`` rounds of one timed ``run`` per worker, each worker going first in turn, after
+    ``settle`` seconds of quiet before every run (so each round's times are taken under the same
+    load and their ratios are paired): each worker's run times, seconds."""
+    import time
+
+    times: dict[Any, list[float]] = {k: [] for k in workers}
+    names = list(workers)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(settle)
+            times[name].append(workers[name].ask(cmd="run")["time"])
+    return times
+
+
 class WorkerProcess:
     """A benchmark worker in a fresh process of its own: ``script --worker ARGS...``, speaking
     one JSON line per request and per reply on its stdin and stdout."""

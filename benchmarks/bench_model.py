@@ -52,6 +52,7 @@ from _common import (  # benchmarks/
     compile_then_cached,
     finish_plot,
     machine,
+    paired_times,
     reset_high_water,
     rss_high_water,
     rss_now,
@@ -283,13 +284,7 @@ def run_pair(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int,
     for w in workers.values():
         w.ask(cmd="setup", kind=kind, b=b, n=n, path=path)
     first = {k: np.asarray(w.ask(cmd="run")["y"]) for k, w in workers.items()}
-    times: dict[str, list[float]] = {k: [] for k in workers}
-    names = list(workers)
-    for r in range(rounds):
-        for name in names[r % 2:] + names[:r % 2]:  # each goes first in turn
-            time.sleep(SETTLE)
-            times[name].append(workers[name].ask(cmd="run")["time"])
-    return {"first": first, "times": times}
+    return {"first": first, "times": paired_times(workers, rounds, SETTLE)}
 
 
 def add_competitor(row: dict[str, Any], name: str, pair: dict[str, Any]) -> None:
@@ -312,14 +307,10 @@ def run_shape(workers: dict[str, Worker], kind: str, b: int, n: int, rounds: int
     agree = float(np.max(np.abs(first["ours"] - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
     agree_all = {k: float(np.max(np.abs(v - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
                  for k, v in first.items() if k != "torch"}
-    times: dict[str, list[float]] = {k: [] for k in workers}
-    names = list(workers)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
-            time.sleep(SETTLE)
-            times[name].append(workers[name].ask(cmd="run")["time"])
+    times = paired_times(workers, rounds, SETTLE)
     peaks = {k: w.ask(cmd="peak")["peak"] for k, w in workers.items()}
-    ratios = {k: [t / o for t, o in zip(times[k], times["ours"], strict=True)] for k in names if k != "ours"}
+    ratios = {k: [t / o for t, o in zip(times[k], times["ours"], strict=True)]
+              for k in workers if k != "ours"}
     row = {"kind": kind, "b": b, "n": n, "times": times, "ratios": ratios["torch"],
            "ratios_kept": ratios["torch_kept"], "ratios_all": ratios, "agree_all": agree_all,
            "peak": peaks, "rss_before": rss, "agree": agree, "y_torch": yt.tolist(),

@@ -48,6 +48,7 @@ import numpy as np
 from _common import (  # benchmarks/
     WorkerProcess,
     machine,
+    paired_times,
     reset_high_water,
     rss_high_water,
     rss_now,
@@ -286,12 +287,7 @@ def run_model(name: str, arch: str, cfg: dict[str, Any], directory: str, shape: 
         first = {k: w.ask(cmd="run", save=f"{directory}/out_{k}.npy")["time"] for k, w in workers.items()}
         y = {k: np.load(f"{directory}/out_{k}.npy") for k in workers}
         agree = float(np.max(np.abs(y["ours"] - y["hf"])) / max(float(np.max(np.abs(y["hf"]))), 1e-30))
-        times: dict[str, list[float]] = {k: [] for k in workers}
-        names = list(workers)
-        for r in range(rounds):
-            for k in names[r % 2:] + names[:r % 2]:  # each goes first in turn
-                time.sleep(SETTLE)
-                times[k].append(workers[k].ask(cmd="run")["time"])
+        times = paired_times(workers, rounds, SETTLE)
         peaks = {k: w.ask(cmd="peak")["peak"] for k, w in workers.items()}
     finally:
         for w in workers.values():

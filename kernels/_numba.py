@@ -30,11 +30,13 @@ inside a parallel region, each on its own rows, with every BLAS held to one thre
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numba
 import numpy as np
 from numba import njit
+
+from perceiver_np.shapes import Alloc
 
 FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 
@@ -71,7 +73,7 @@ def threads_for(elements: int) -> Iterator[None]:
         numba.set_num_threads(n)
 
 
-def empty(alloc: Callable[..., np.ndarray] | None, name: str, shape: tuple[int, ...],
+def empty(alloc: Alloc | None, name: str, shape: tuple[int, ...],
           dtype: np.dtype | type) -> np.ndarray:
     """An uninitialised output: ``np.empty(shape, dtype)``, or ``alloc(name, shape, dtype)``
     when the caller hands in an allocator (the engine's workspace,

@@ -34,13 +34,12 @@ Every parallel loop writes disjoint outputs; the reductions over splits are pass
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from numba import prange
 
 from perceiver_np.constants import MASK_FILL
-from perceiver_np.shapes import ChunkState, check_attention_args
+from perceiver_np.shapes import Alloc, ChunkState, check_attention_args
 
 from ._numba import empty, kernel_array, parallel_kernel, serial_kernel
 from .fastexp import fast_exp
@@ -373,7 +372,7 @@ def attention_forward(
     block_m: int = FORWARD_BLOCK_M,
     block_n: int = FORWARD_BLOCK_N,
     n_splits: int | None = None,
-    alloc: Callable[..., np.ndarray] | None = None,
+    alloc: Alloc | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (o [B, H, M, dv], lse [B, H, M]) in the inputs' dtype. ``n_splits`` (default: chosen
     from N and the work items, never from the thread count) splits N into work items; the result

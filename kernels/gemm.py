@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from perceiver_np.shapes import Alloc
+
 from . import rows
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel
 from .rows import _moments
-
-Alloc = Callable[[str, tuple[int, ...], Any], np.ndarray]  # (name, shape, dtype) -> a buffer
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no

@@ -20,12 +20,11 @@ kernel ever sees a broadcast or a strided view.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from numba import prange
 
 from perceiver_np.constants import LN_EPS
+from perceiver_np.shapes import Alloc
 
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .elementwise import phi_cdf, tanh_any
@@ -187,7 +186,7 @@ def layernorm(
 
 def residual_layernorm(
     z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *,
-    alloc: Callable[..., np.ndarray] | None = None,
+    alloc: Alloc | None = None,
 ) -> np.ndarray:
     """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F] (from ``alloc``'s
     "out" when given)."""

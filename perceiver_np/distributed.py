@@ -72,7 +72,7 @@ from .checkpoint import differences, load_checkpoint
 from .config import PerceiverConfig
 from .model import Perceiver
 from .shapes import pad_sequences
-from .train import Loss, _batches, _check_data, _forward, _in_data
+from .train import Loss, batch_sums
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -435,19 +435,8 @@ def _evaluate_shard(model: Perceiver, job: _Job, shard: Shard, loaded: bool) -> 
         data = _zarr_rows(shard, job.store, DATA_KEYS)
     where = _where(shard)
     _check_dataset({k: (v.shape, v.dtype) for k, v in data.items()}, model.config, where)
-    samples = _check_data(where, data, needs_y=True, model=model)
     assert job.loss is not None
-    loss = job.loss
-    sums, count = [], 0
-    for batch in _batches(data, samples, job.batch_size, None):
-        try:
-            pred, _ = _forward(model, batch, False, None)
-            value, _ = loss.forward(pred, batch)
-        except (ValueError, TypeError) as err:  # a bad value in this batch of the shard
-            raise _in_data(where, f"the batch from sample {count}", err) from err
-        n = len(batch["x"])
-        sums.append((n, {k: v * n for k, v in {"loss": float(value), **loss.metrics(pred, batch)}.items()}))
-        count += n
+    sums = batch_sums(model, data, job.loss, job.batch_size, name=where)
     return ShardResult(shard.name, shard.source, shard.rows, shard.tokens, time.perf_counter() - t0, _me(),
                        loaded, batches=tuple(sums))
 

@@ -25,11 +25,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+class Alloc(Protocol):
+    """What every engine op takes as ``alloc``: (name, shape, dtype) -> an uninitialised
+    C-contiguous array of that shape and dtype (a model's workspace,
+    :mod:`perceiver_np.workspace`)."""
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray: ...
+
 
 class OverflowRisk(ValueError):
     """Finite inputs and parameters whose computation overflows, or could overflow, the dtype:

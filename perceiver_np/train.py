@@ -292,21 +292,37 @@ def evaluate(model: Model, params: Params, data: Batch, loss: Loss, batch_size: 
     ``name``: what errors call the dataset."""
     _check_model(model)
     _check_int("batch_size", batch_size, 1)
-    samples = _check_data(name, data, needs_y=True, model=model)
-    m = model.with_params(params)
+    _check_data(name, data, needs_y=True, model=model)  # the data's error first, then the params'
     totals: dict[str, float] = {}
+    count = 0
+    for n, sums in batch_sums(model.with_params(params), data, loss, int(batch_size), name=name):
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + v
+        count += n
+    return {k: v / count for k, v in totals.items()}
+
+
+def batch_sums(model: Model, data: Batch, loss: Loss, batch_size: int, *,
+               name: str = "data") -> list[tuple[int, dict[str, float]]]:
+    """Per batch of ``data`` (in order, inference mode): (samples in the batch, the loss and each
+    metric times those samples). :func:`evaluate` is their sum over the batches divided by the
+    sample count; the distributed evaluation (:mod:`perceiver_np.distributed`) keeps them per
+    shard and sums them in shard order. ``data`` is checked against ``model``; an error in a
+    batch names ``name`` and the batch's first sample."""
+    _check_int("batch_size", batch_size, 1)
+    samples = _check_data(name, data, needs_y=True, model=model)
+    out: list[tuple[int, dict[str, float]]] = []
     count = 0
     for batch in _batches(data, samples, int(batch_size), None):
         try:
-            pred, _ = _forward(m, batch, False, None)
+            pred, _ = _forward(model, batch, False, None)
             value, _ = loss.forward(pred, batch)
         except (ValueError, TypeError) as err:  # a bad value in this batch of the data
             raise _in_data(name, f"the batch from sample {count}", err) from err
         n = len(batch["x"])
-        for k, v in {"loss": float(value), **loss.metrics(pred, batch)}.items():
-            totals[k] = totals.get(k, 0.0) + v * n
+        out.append((n, {k: v * n for k, v in {"loss": float(value), **loss.metrics(pred, batch)}.items()}))
         count += n
-    return {k: v / count for k, v in totals.items()}
+    return out
 
 
 @dataclass

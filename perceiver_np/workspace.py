@@ -8,10 +8,11 @@
     at = ws.scope("cross.kv")                # the same workspace, names under "cross.kv."
     fresh("anything", shape, dtype)          # the allocator that keeps nothing (np.empty)
 
-Why: a forward of the seed model at B = 32 allocates and frees some 150 MiB of intermediates
-(the input side's chunk-sized keys and values, the FFN's [B*M, 4D] hidden layer, ...). With
-glibc's defaults every such block is a fresh ``mmap``, faulted in page by page and zeroed by
-the kernel on each call, which cost 10-15% of a forward here (docs/fast.md). A process-wide
+Why: a forward allocates and frees tens to hundreds of MiB of intermediates (``nbytes`` of a
+workspace says how much for a shape): the input side's chunk-sized keys and values, the FFN's
+[B*M, 4D] hidden layer, ... With glibc's defaults every such block is a fresh ``mmap``, faulted
+in page by page and zeroed by the kernel on each call (docs/fast.md; ``make bench`` pairs us
+with a worker that keeps freed memory, to measure what is left of that cost). A process-wide
 ``mallopt`` hides that for every library in the process; a workspace removes it for ours only:
 each intermediate of the engine is taken from a buffer the model owns.
 
@@ -34,16 +35,12 @@ The rules that make reuse safe:
 from __future__ import annotations
 
 import threading
-from typing import Protocol
 
 import numpy as np
 
+from .shapes import Alloc
 
-class Alloc(Protocol):
-    """What every engine op takes as ``alloc``: (name, shape, dtype) -> an uninitialised
-    C-contiguous array of that shape and dtype."""
-
-    def __call__(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray: ...
+__all__ = ["Alloc", "ThreadWorkspaces", "Workspace", "fresh", "scoped"]
 
 
 def fresh(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:

@@ -245,14 +245,17 @@ def output_lines(text: str) -> list[str]:
     return lines
 
 
-def output_mismatch(shown: str, printed: str) -> str | None:
+def output_mismatch(shown: str, printed: str, *, where: tuple[str, str, str] = (
+        "the page shows", "the block printed", "shown:  ")) -> str | None:
+    """Why ``printed`` differs from ``shown`` by the rule of the module docstring, or None.
+    ``where`` words the message: (what shows the lines, what printed them, the shown line's label)."""
     want, got = output_lines(shown), output_lines(printed)
     if len(want) != len(got):
-        return f"the page shows {len(want)} line(s), the block printed {len(got)}"
+        return f"{where[0]} {len(want)} line(s), {where[1]} {len(got)}"
     for n, (w, g) in enumerate(zip(want, got, strict=True), start=1):
         why = line_mismatch(w, g)
         if why is not None:
-            return f"line {n}: {why}\n  shown:   {w}\n  printed: {g}"
+            return f"line {n}: {why}\n  {where[2]} {w}\n  printed: {g}"
     return None
 
 

@@ -44,7 +44,7 @@ import pytest
 
 from perceiver_np.tolerances import DIGITS_NOISE_IMAGES
 
-from .test_docs import line_mismatch, output_lines, tokens
+from .test_docs import output_lines, output_mismatch, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER = ROOT / "examples" / "notebooks"
@@ -152,14 +152,7 @@ def noise_mismatch(stored: str, now: str) -> str | None:
 
 def exact_mismatch(stored: str, now: str) -> str | None:
     """Why a cell's lines differ from the stored ones by the docs' rule, or None."""
-    want, got = output_lines(stored), output_lines(now)
-    if len(want) != len(got):
-        return f"the stored outputs have {len(want)} line(s), the cell printed {len(got)}"
-    for n, (w, g) in enumerate(zip(want, got, strict=True), start=1):
-        why = line_mismatch(w, g)
-        if why is not None:
-            return f"line {n}: {why}\n  stored:  {w}\n  printed: {g}"
-    return None
+    return output_mismatch(stored, now, where=("the stored outputs have", "the cell printed", "stored: "))
 
 
 @pytest.mark.parametrize("name", list(NOTEBOOKS))
