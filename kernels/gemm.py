@@ -1,8 +1,8 @@
-"""Matrix products on Numba's thread pool: single-threaded BLAS calls on disjoint row blocks.
+"""Matrix products on Numba's thread pool: single-threaded BLAS calls on disjoint tiles.
 
 ::
 
-    y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F]
+    y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F] (w may be a weight's transpose)
     g = matmul_tn(a, dy)          a [R, I], dy [R, O] -> a.T @ dy [I, O] (fixed-block partial sums)
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
@@ -11,12 +11,21 @@ Why not ``a @ w`` with BLAS's own threads: an OpenBLAS worker keeps spinning for
 each product (its ``THREAD_TIMEOUT``), and a Numba kernel started in that window shares a core
 with it (docs/fast.md has the measurement). With every product and every kernel of the engine on
 Numba's pool, one pool owns the cores and nothing spins between steps. Each work item is one
-``np.dot`` (BLAS sgemm/dgemm through SciPy's BLAS, held to one thread for the call, so the two
-pools never stack) on its own block of rows: the parallel loops write disjoint outputs.
+BLAS sgemm/dgemm (SciPy's BLAS, the one ``np.dot`` calls in Numba, held to one thread for the
+call, so the two pools never stack) on its own tile of the output: the parallel loops write
+disjoint outputs.
 
-``project_heads`` computes several projections of the same input in one wide product per block
-of rows and writes each head's columns straight into the [B, H, S, d] layout of the attention
-kernel, while the block is still in cache: no [B, S, H*d] intermediate in memory.
+The tiles (:func:`tiles`): a BLAS call first copies its rows of ``a`` and its columns of ``w``
+into its own layout ("packing"), so every tile that spans all of ``w``'s columns packs all of
+``w`` again. Many rows (a batch) are split into row blocks, as the weight is small beside them;
+few rows against a wide weight (one sample's 256 latents of 1280 channels) are split into
+column blocks, so that the threads pack one part of the weight each instead of all of it each.
+The call is Numba's own ``numba_xxgemm`` with explicit leading dimensions (:func:`_xxgemm`), which
+also reads a weight's transpose (``w.T`` in a backward) in place instead of copying it.
+
+``project_heads`` computes several projections of the same input in one wide product per tile
+and writes each head's columns straight into the [B, H, S, d] layout of the attention kernel,
+while the tile is still in cache: no [B, S, H*d] intermediate in memory.
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from perceiver_np.shapes import Alloc
 
 from . import rows
-from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel
+from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel
 from .rows import _moments
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
@@ -43,20 +55,79 @@ from .rows import _moments
 SMALL_PRODUCT = 1 << 18
 #: Fewest rows in one BLAS call: below this the call overhead outweighs splitting further.
 MIN_BLOCK_ROWS = 64
+#: Fewest columns in one BLAS call, and the multiple every column block is rounded up to
+#: (16 float32 = one 64-byte cache line), for the same reason.
+MIN_BLOCK_COLS = 64
+COL_ALIGN = 16
 #: Rows per work item of ``project_heads`` (at most): its [rows, H*(d0 + d1 + d2)] product stays
 #: in L2 (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts. Fewer rows
 #: than threads * this (the latents of one sample) are cut into one block per thread instead.
 PROJECT_BLOCK_ROWS = 256
 
 
+@intrinsic
+def _xxgemm(typingctx, w_trans, m, n, k, w, w_off, ldw, a, a_off, lda, out, out_off, ldo):  # pragma: no cover
+    """One BLAS gemm in column-major terms, C = op(W) @ A with op(W) [m, k], A [k, n], C [m, n]:
+    W, A and C are the buffers of ``w``, ``a`` and ``out`` from the element offsets ``*_off``
+    on, with leading dimensions ``ldw``, ``lda``, ``ldo``; op(W) = W^T when ``w_trans``. The
+    call is Numba's own ``numba_xxgemm`` (the sgemm/dgemm of SciPy's BLAS that ``np.dot``
+    calls), given strides that ``np.dot`` cannot take. Returns its status (0 = done)."""
+    if not (isinstance(w, types.Array) and isinstance(a, types.Array) and isinstance(out, types.Array)
+            and w.dtype == a.dtype == out.dtype and w.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.intc(w_trans, m, n, k, w, w_off, ldw, a, a_off, lda, out, out_off, ldo)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        i8, void_p = ir.IntType(8), ir.IntType(8).as_pointer()
+        intp = context.get_value_type(types.intp)
+
+        def size(i):
+            return context.cast(builder, args[i], tys[i], types.intp)
+
+        def data(i, off):
+            ary = context.make_array(tys[i])(context, builder, args[i])
+            return builder.bitcast(builder.gep(ary.data, [size(off)]), void_p)
+
+        dtype = tys[4].dtype
+        one = cgutils.alloca_once_value(builder, context.get_constant(dtype, 1.0))
+        zero = cgutils.alloca_once_value(builder, context.get_constant(dtype, 0.0))
+        kind = ir.Constant(i8, ord("s" if dtype == types.float32 else "d"))
+        trans = builder.select(context.cast(builder, args[0], tys[0], types.boolean),
+                               ir.Constant(i8, ord("t")), ir.Constant(i8, ord("n")))
+        fnty = ir.FunctionType(ir.IntType(32), [i8, i8, i8, intp, intp, intp, void_p, void_p, intp,
+                                                void_p, intp, void_p, void_p, intp])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        return builder.call(fn, (kind, trans, ir.Constant(i8, ord("n")), size(1), size(2), size(3),
+                                 builder.bitcast(one, void_p), data(4, 5), size(6), data(7, 8), size(9),
+                                 builder.bitcast(zero, void_p), data(10, 11), size(12)))
+
+    return sig, codegen
+
+
+@serial_kernel
+def _tile_product(a, r0, r1, w, c0, c1, out, o_off, ldo):  # pragma: no cover - compiled
+    """The tile of ``out`` at flat element ``o_off`` (row stride ``ldo``) = a[r0:r1] @ w[:, c0:c1]
+    (a [R, K] C-contiguous, w [K, F] C- or F-contiguous: the transpose of a C-contiguous
+    weight is read as it lies, without a copy). Row-major out = a @ w is column-major
+    out^T = w^T @ a^T, which is how BLAS is asked. Returns BLAS's status (0 = done)."""
+    k = a.shape[1]
+    if w.strides[1] == w.itemsize:  # C-contiguous (or a single row or column: either reading)
+        return _xxgemm(False, c1 - c0, r1 - r0, k, w, c0, w.shape[1], a, r0 * k, k, out, o_off, ldo)
+    return _xxgemm(True, c1 - c0, r1 - r0, k, w, c0 * k, k, a, r0 * k, k, out, o_off, ldo)
+
+
 @parallel_kernel
-def _matmul_rows(a, w, out, block):  # pragma: no cover - compiled
-    """out[lo:hi] = a[lo:hi] @ w for each block of rows (a [R, K], w [K, F], out [R, F])."""
-    r = a.shape[0]
-    for i in prange((r + block - 1) // block):
-        lo = i * block
-        hi = min(r, lo + block)
-        np.dot(a[lo:hi], w, out[lo:hi])
+def _matmul_tiles(a, w, out, row_block, col_block, status):  # pragma: no cover - compiled
+    """out[r0:r1, c0:c1] = a[r0:r1] @ w[:, c0:c1] for each tile of row_block x col_block (a [R, K],
+    w [K, F], out [R, F]); status[item] = that tile's BLAS status."""
+    r, f = out.shape
+    n_cols = (f + col_block - 1) // col_block
+    for item in prange(status.shape[0]):
+        r0 = (item // n_cols) * row_block
+        c0 = (item % n_cols) * col_block
+        status[item] = _tile_product(a, r0, min(r, r0 + row_block), w, c0, min(f, c0 + col_block),
+                                     out, r0 * f + c0, f)
 
 
 @parallel_kernel
@@ -87,19 +158,26 @@ def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
 
 
 @parallel_kernel
-def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out, block,  # pragma: no cover - compiled
-                   norm, gamma, beta, bias, has_bias):
-    """For each block of rows of x flattened to [B*S, K]: u = LN(x[lo:hi] + bias) when ``norm``
-    (else u = x[lo:hi]), then for each j < n_out t = u @ w_j, the product scattered into the
-    head layout, out_j[b, h, s] = t[r - lo, h*d_j : (h+1)*d_j] for row r = b*S + s.
-    x [B*S, K], w_j [K, H*d_j], out_j [B, H, S, d_j]; gamma, beta, bias [K]. The LayerNorm is
-    fused here so that its output never goes back to memory; u stays in cache for every w_j."""
+def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover - compiled
+                   row_block, col_block, norm, gamma, beta, bias, has_bias, status):
+    """For each tile of row_block rows of x flattened to [B*S, K] and col_block columns of
+    [w0 | w1 | w2][:, :n_out weights] (the columns of every projection, one after the other):
+    u = LN(x[lo:hi] + bias) when ``norm`` (else u = x[lo:hi]), then for each w_j that the tile's
+    columns [c0, c1) reach, t = u @ w_j[:, a0:a1] (the part in the tile), scattered into the head
+    layout, out_j[b, h, s, e] = t[r - lo, h*d_j + e - a0] for row r = b*S + s. x [B*S, K],
+    w_j [K, H*d_j], out_j [B, H, S, d_j]; gamma, beta, bias [K]; status[item] = the worst BLAS
+    status of the tile. The LayerNorm is fused here (the caller asks for it only with one column
+    block, so each row is normalised once) and its output never goes back to memory; u and t
+    stay in cache while they are used."""
     rows, s = x.shape[0], out0.shape[2]
     k = x.shape[1]
-    heads = out0.shape[1]
-    for item in prange((rows + block - 1) // block):
-        lo = item * block
-        hi = min(rows, lo + block)
+    total = w0.shape[1] + (w1.shape[1] if n_out > 1 else 0) + (w2.shape[1] if n_out > 2 else 0)
+    n_cols = (total + col_block - 1) // col_block
+    for item in prange(status.shape[0]):
+        lo = (item // n_cols) * row_block
+        hi = min(rows, lo + row_block)
+        c0 = (item % n_cols) * col_block
+        c1 = c0 + col_block
         if norm:
             u = np.empty((hi - lo, k), dtype=x.dtype)  # the block's LN output, in L2
             for r in range(lo, hi):
@@ -110,15 +188,27 @@ def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out, block,  # pragma: no 
                     u[r - lo, c] = (v - m) * rs * gamma[c] + beta[c]
         else:
             u = x[lo:hi]
+        worst = 0
+        first = 0  # the first column of w_j in the concatenation
         for j in range(n_out):
             w = w0 if j == 0 else (w1 if j == 1 else w2)
             out = out0 if j == 0 else (out1 if j == 1 else out2)
-            t = np.dot(u, w)  # [hi - lo, H*d_j]
+            f = w.shape[1]
+            a0 = max(c0, first) - first
+            a1 = min(c1, first + f) - first
+            first += f
+            if a0 >= a1:
+                continue
+            t = np.empty((hi - lo, a1 - a0), dtype=x.dtype)  # [hi - lo, a1 - a0]
+            worst = max(worst, _tile_product(u, 0, hi - lo, w, a0, a1, t, 0, a1 - a0))
             d = out.shape[3]
-            for h in range(heads):
+            for h in range(a0 // d, (a1 + d - 1) // d):  # the heads the tile's columns reach
+                e0 = max(a0, h * d) - h * d
+                e1 = min(a1, (h + 1) * d) - h * d
                 for r in range(lo, hi):
                     b = r // s
-                    out[b, h, r - b * s, :] = t[r - lo, h * d:(h + 1) * d]  # d contiguous values
+                    out[b, h, r - b * s, e0:e1] = t[r - lo, h * d + e0 - a0:h * d + e1 - a0]
+        status[item] = worst
 
 
 class _BlasLimit:
@@ -204,18 +294,59 @@ def single_threaded_blas() -> Iterator[None]:
         _blas_limit.leave()
 
 
+def tiles(rows: int, cols: int, threads: int, max_row_block: int | None = None) -> tuple[int, int]:
+    """(row_block, col_block) of the product [rows, K] @ [K, cols] on ``threads`` threads, one
+    tile per thread: of the splits rows x columns = threads, the one that uses the most threads
+    once the blocks' minimums apply (MIN_BLOCK_ROWS, MIN_BLOCK_COLS), then the one whose BLAS
+    calls pack the fewest elements. A BLAS call copies ("packs") its rows of ``a`` and its
+    columns of ``w`` before it multiplies, so n_c column blocks pack a's rows n_c times and n_r
+    row blocks pack w n_r times: the cost is n_c * rows + n_r * cols (per row of w). Few rows
+    against a wide weight (one sample's latents: 256 rows of 1280) split by columns, many rows
+    (a batch) by rows. ``max_row_block`` caps the rows of a tile (then there may be more tiles
+    than threads)."""
+    best: tuple[tuple[int, int], tuple[int, int]] | None = None
+    for n_c in range(1, threads + 1):
+        if threads % n_c:
+            continue
+        row_block = max(MIN_BLOCK_ROWS, math.ceil(rows / (threads // n_c)))
+        if max_row_block is not None:
+            row_block = min(row_block, max_row_block)
+        col_block = max(MIN_BLOCK_COLS, COL_ALIGN * math.ceil(cols / n_c / COL_ALIGN))
+        n_r_used, n_c_used = math.ceil(rows / row_block), math.ceil(cols / col_block)
+        key = (-min(threads, n_r_used * n_c_used), n_c_used * rows + n_r_used * cols)
+        if best is None or key < best[0]:
+            best = (key, (row_block, col_block))
+    assert best is not None
+    return best[1]
+
+
+def _items(rows: int, cols: int, row_block: int, col_block: int) -> int:
+    return math.ceil(rows / row_block) * math.ceil(cols / col_block)
+
+
+def _blas_status(status: np.ndarray) -> None:
+    if status.any():
+        raise RuntimeError(f"BLAS: a gemm call returned status {int(status.max())} (SciPy's BLAS "
+                           "could not be loaded?)")
+
+
 def _threads() -> int:
     import numba
 
     return int(numba.get_num_threads())
 
 
-def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | None = None) -> np.ndarray:
+def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | None = None,
+           *, transposed: bool = False) -> np.ndarray:
+    """``a`` checked and as the kernels take it (:func:`kernel_array`); ``transposed``: the
+    transpose of such an array (a weight's ``w.T`` in a backward) is taken as it is, no copy."""
     if not isinstance(a, np.ndarray) or a.ndim != ndim:
         got = a.shape if isinstance(a, np.ndarray) else type(a).__name__
         raise ValueError(f"{name}: expected an array {letters}, got {got}")
     if a.dtype not in (np.float32, np.float64) or (dtype is not None and a.dtype != dtype):
         raise TypeError(f"{name}: expected dtype {dtype or 'float32 or float64'}, got {a.dtype.name}")
+    if transposed and not a.flags.c_contiguous and a.ndim == 2:
+        return kernel_array(a.T).T
     return kernel_array(a)
 
 
@@ -223,15 +354,17 @@ def matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.nd
     """a: [R, K] @ w: [K, F] -> [R, F], in a's dtype (the output from ``alloc``'s "out" when
     given: :func:`perceiver_np.kernels._numba.empty`)."""
     a = _check("a", a, 2, "[R, K]")
-    w = _check("w", w, 2, "[K, F]", a.dtype)
+    w = _check("w", w, 2, "[K, F]", a.dtype, transposed=True)
     if w.shape[0] != a.shape[1]:
         raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
     out = empty(alloc, "out", (a.shape[0], w.shape[1]), a.dtype)
     if a.shape[0] * a.shape[1] * w.shape[1] < SMALL_PRODUCT:
         return np.matmul(a, w, out=out)
-    block = max(MIN_BLOCK_ROWS, math.ceil(a.shape[0] / _threads()))
+    row_block, col_block = tiles(a.shape[0], w.shape[1], _threads())
+    status = np.zeros(_items(a.shape[0], w.shape[1], row_block, col_block), dtype=np.int32)
     with single_threaded_blas():
-        _matmul_rows(a, w, out, block)
+        _matmul_tiles(a, w, out, row_block, col_block, status)
+    _blas_status(status)
     return out
 
 
@@ -304,12 +437,19 @@ def project_heads(
     dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
     padded = outs + [dummy] * (3 - len(outs))
     w_pad = ws + [ws[0]] * (3 - len(ws))  # unused beyond len(ws)
+    x2 = x.reshape(b * s, k)  # [B, S, K] -> [B*S, K]
+    cols = sum(w.shape[1] for w in ws)
+    row_block, col_block = tiles(b * s, cols, _threads(), PROJECT_BLOCK_ROWS)
+    if norm is not None and col_block < cols:  # several column blocks: normalise each row once
+        x2 = rows.layernorm(x2, gamma, beta, bias, out=empty(alloc, "norm", x2.shape, x.dtype))
+        norm = None
     if norm is None:
         gamma = beta = np.zeros(k, dtype=x.dtype)  # unused
         bias = None
-    block = min(PROJECT_BLOCK_ROWS, max(MIN_BLOCK_ROWS, math.ceil(b * s / _threads())))
+    status = np.zeros(_items(b * s, cols, row_block, col_block), dtype=np.int32)
     with single_threaded_blas():
-        _project_heads(x.reshape(b * s, k), w_pad[0], w_pad[1], w_pad[2], padded[0], padded[1], padded[2],
-                       len(outs), block, norm is not None, gamma, beta,
-                       gamma if bias is None else bias, bias is not None)
+        _project_heads(x2, w_pad[0], w_pad[1], w_pad[2], padded[0], padded[1], padded[2],
+                       len(outs), row_block, col_block, norm is not None, gamma, beta,
+                       gamma if bias is None else bias, bias is not None, status)
+    _blas_status(status)
     return outs

@@ -217,6 +217,53 @@ def test_products_equal_numpy(rng, dtype):
             assert relerr(got, want) <= tol
 
 
+def test_tiles_split_few_rows_by_columns_and_many_by_rows():
+    # one sample's latents against a wide weight: columns, so the weight is packed once
+    assert gemm.tiles(256, 1280, 2) == (256, 640)
+    # a batch of rows: rows, so each row is packed once
+    assert gemm.tiles(2048, 256, 2) == (1024, 256)
+    for rows_, cols, threads in ((256, 1280, 16), (70, 300, 2), (5000, 100, 3), (64, 64, 8), (1, 1024, 4)):
+        row_block, col_block = gemm.tiles(rows_, cols, threads)
+        assert row_block >= min(rows_, gemm.MIN_BLOCK_ROWS) and col_block % gemm.COL_ALIGN == 0
+        items = -(-rows_ // row_block) * -(-cols // col_block)
+        assert items <= threads  # one tile per thread at most (without a row cap)
+    assert gemm.tiles(2048, 256, 2, max_row_block=256) == (256, 256)  # capped: more tiles than threads
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_column_and_2d_tiles_and_a_transposed_weight_equal_numpy(rng, dtype):
+    """The tiled products on every split they take: by columns (few rows), by rows and columns
+    (many threads), and a weight's transpose read in place; project_heads split by columns with
+    its LayerNorm in a pass of its own."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2 for the column split (this machine has one thread)")
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(1, 33)
+    a = rng.normal(size=(70, 33)).astype(dtype)
+    w = rng.normal(size=(33, 300)).astype(dtype)
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({2, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            assert gemm.tiles(70, 300, threads)[1] < 300  # split by columns
+            assert relerr(gemm.matmul(a, w), a @ w) <= tol
+            wt = np.ascontiguousarray(w.T).T  # [33, 300], F-contiguous: the transpose of [300, 33]
+            assert relerr(gemm.matmul(a, wt), a @ w) <= tol
+            big = rng.normal(size=(300, 33)).astype(dtype)
+            assert relerr(gemm.matmul(big, wt), big @ w) <= tol
+            x = rng.normal(size=(1, 70, 33)).astype(dtype)
+            ws = [rng.normal(size=(33, 3 * d)).astype(dtype) for d in (20, 20, 60)]
+            gamma, beta, bias = (rng.normal(size=33).astype(dtype) for _ in range(3))
+            for norm in (None, (gamma, beta, bias)):
+                u = x if norm is None else layernorm_forward(x + bias, {"gamma": gamma, "beta": beta})[0]
+                for got, wj in zip(gemm.project_heads(x, ws, 3, norm), ws, strict=True):
+                    want = (u @ wj).reshape(1, 70, 3, -1).transpose(0, 2, 1, 3)
+                    assert got.shape == want.shape and relerr(got, want) <= tol
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_products_name_bad_arguments(rng):
     x = rng.normal(size=(2, 5, 4))
     with pytest.raises(ValueError, match=r"w: expected shape \(4, F\)"):
