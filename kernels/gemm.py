@@ -43,7 +43,7 @@ from numba import prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from perceiver_np.shapes import Alloc
+from perceiver_np.shapes import Alloc, OverflowRisk
 
 from . import rows
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel
@@ -59,6 +59,9 @@ MIN_BLOCK_ROWS = 64
 #: (16 float32 = one 64-byte cache line), for the same reason.
 MIN_BLOCK_COLS = 64
 COL_ALIGN = 16
+#: The ``tensor`` of the OverflowRisk a product checked with ``finite=True`` raises (the engine
+#: renames it after the block it happened in).
+PRODUCT = "product"
 #: Rows per work item of ``project_heads`` (at most): its [rows, H*(d0 + d1 + d2)] product stays
 #: in L2 (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts. Fewer rows
 #: than threads * this (the latents of one sample) are cut into one block per thread instead.
@@ -117,17 +120,49 @@ def _tile_product(a, r0, r1, w, c0, c1, out, o_off, ldo):  # pragma: no cover - 
     return _xxgemm(True, c1 - c0, r1 - r0, k, w, c0 * k, k, a, r0 * k, k, out, o_off, ldo)
 
 
+#: A tile's status when BLAS succeeded but the tile holds NaN or infinity (``check``).
+NONFINITE = 1
+
+
+@serial_kernel
+def _nonfinite(a, r0, r1, c0, c1, exp_mask):  # pragma: no cover - compiled
+    """How many entries of a[r0:r1, c0:c1] (a C-contiguous 2-D float array) are NaN or +-inf:
+    those whose exponent bits (``exp_mask[0]``, an unsigned integer of the float's width) are all
+    set. Integer operations on the entries' bits: no fast-math flag can assume them away, and the
+    loop vectorises."""
+    bits = a.view(exp_mask.dtype)
+    mask = exp_mask[0]
+    count = 0
+    for r in range(r0, r1):
+        row = bits[r, c0:c1]
+        for c in range(row.shape[0]):
+            count += np.int32((row[c] & mask) == mask)
+    return count
+
+
+def exponent_mask(dtype: np.dtype) -> np.ndarray:
+    """The exponent bits of ``dtype`` (float32 or float64), as the 1-element unsigned array that
+    :func:`_nonfinite` takes."""
+    if np.dtype(dtype) == np.float32:
+        return np.array([0x7F800000], dtype=np.uint32)
+    return np.array([0x7FF0000000000000], dtype=np.uint64)
+
+
 @parallel_kernel
-def _matmul_tiles(a, w, out, row_block, col_block, status):  # pragma: no cover - compiled
+def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask):  # pragma: no cover - compiled
     """out[r0:r1, c0:c1] = a[r0:r1] @ w[:, c0:c1] for each tile of row_block x col_block (a [R, K],
-    w [K, F], out [R, F]); status[item] = that tile's BLAS status."""
+    w [K, F], out [R, F]); status[item] = that tile's BLAS status, or NONFINITE when ``check``
+    and the tile holds NaN or infinity (looked for while the tile is in cache)."""
     r, f = out.shape
     n_cols = (f + col_block - 1) // col_block
     for item in prange(status.shape[0]):
         r0 = (item // n_cols) * row_block
         c0 = (item % n_cols) * col_block
-        status[item] = _tile_product(a, r0, min(r, r0 + row_block), w, c0, min(f, c0 + col_block),
-                                     out, r0 * f + c0, f)
+        r1, c1 = min(r, r0 + row_block), min(f, c0 + col_block)
+        done = _tile_product(a, r0, r1, w, c0, c1, out, r0 * f + c0, f)
+        if done == 0 and check and _nonfinite(out, r0, r1, c0, c1, exp_mask) > 0:
+            done = NONFINITE
+        status[item] = done
 
 
 @parallel_kernel
@@ -159,16 +194,17 @@ def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
 
 @parallel_kernel
 def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover - compiled
-                   row_block, col_block, norm, gamma, beta, bias, has_bias, status):
+                   row_block, col_block, norm, gamma, beta, bias, has_bias, status, check, exp_mask):
     """For each tile of row_block rows of x flattened to [B*S, K] and col_block columns of
     [w0 | w1 | w2][:, :n_out weights] (the columns of every projection, one after the other):
     u = LN(x[lo:hi] + bias) when ``norm`` (else u = x[lo:hi]), then for each w_j that the tile's
     columns [c0, c1) reach, t = u @ w_j[:, a0:a1] (the part in the tile), scattered into the head
     layout, out_j[b, h, s, e] = t[r - lo, h*d_j + e - a0] for row r = b*S + s. x [B*S, K],
-    w_j [K, H*d_j], out_j [B, H, S, d_j]; gamma, beta, bias [K]; status[item] = the worst BLAS
-    status of the tile. The LayerNorm is fused here (the caller asks for it only with one column
-    block, so each row is normalised once) and its output never goes back to memory; u and t
-    stay in cache while they are used."""
+    w_j [K, H*d_j], out_j [B, H, S, d_j]; gamma, beta, bias [K]; status[item] = the tile's first
+    non-zero BLAS status, or NONFINITE when ``check`` and a product holds NaN or infinity. The
+    LayerNorm is fused here (the caller asks for it only with one column block, so each row is
+    normalised once) and its output never goes back to memory; u and t stay in cache while
+    they are used."""
     rows, s = x.shape[0], out0.shape[2]
     k = x.shape[1]
     total = w0.shape[1] + (w1.shape[1] if n_out > 1 else 0) + (w2.shape[1] if n_out > 2 else 0)
@@ -200,7 +236,10 @@ def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover -
             if a0 >= a1:
                 continue
             t = np.empty((hi - lo, a1 - a0), dtype=x.dtype)  # [hi - lo, a1 - a0]
-            worst = max(worst, _tile_product(u, 0, hi - lo, w, a0, a1, t, 0, a1 - a0))
+            done = _tile_product(u, 0, hi - lo, w, a0, a1, t, 0, a1 - a0)
+            if done == 0 and check and _nonfinite(t, 0, hi - lo, 0, a1 - a0, exp_mask) > 0:
+                done = NONFINITE
+            worst = done if worst == 0 else worst
             d = out.shape[3]
             for h in range(a0 // d, (a1 + d - 1) // d):  # the heads the tile's columns reach
                 e0 = max(a0, h * d) - h * d
@@ -324,10 +363,25 @@ def _items(rows: int, cols: int, row_block: int, col_block: int) -> int:
     return math.ceil(rows / row_block) * math.ceil(cols / col_block)
 
 
-def _blas_status(status: np.ndarray) -> None:
-    if status.any():
-        raise RuntimeError(f"BLAS: a gemm call returned status {int(status.max())} (SciPy's BLAS "
+def _check_status(status: np.ndarray) -> None:
+    """Raise for a tile whose BLAS call failed, then for one that holds NaN or infinity."""
+    failed = status[(status != 0) & (status != NONFINITE)]
+    if failed.size:
+        raise RuntimeError(f"BLAS: a gemm call returned status {int(failed[0])} (SciPy's BLAS "
                            "could not be loaded?)")
+    if status.any():
+        raise_nonfinite_product()
+
+
+def raise_nonfinite_product() -> None:
+    """The error of a product checked with ``finite=True`` whose output holds NaN or infinity."""
+    raise OverflowRisk(PRODUCT, "a product's output holds NaN or infinity")
+
+
+def _expect_finite(out: np.ndarray) -> np.ndarray:
+    if not np.isfinite(out).all():
+        raise_nonfinite_product()
+    return out
 
 
 def _threads() -> int:
@@ -350,21 +404,25 @@ def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | 
     return kernel_array(a)
 
 
-def matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
+def matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
     """a: [R, K] @ w: [K, F] -> [R, F], in a's dtype (the output from ``alloc``'s "out" when
-    given: :func:`perceiver_np.kernels._numba.empty`)."""
+    given: :func:`perceiver_np.kernels._numba.empty`). ``finite``: raise OverflowRisk(PRODUCT)
+    when the output holds NaN or infinity (each tile looked at while in cache): with a finite
+    ``a``, a non-finite entry of ``w`` always shows in its column of the output (NaN or inf times
+    anything, 0 included, is NaN or inf), and so does an overflow."""
     a = _check("a", a, 2, "[R, K]")
     w = _check("w", w, 2, "[K, F]", a.dtype, transposed=True)
     if w.shape[0] != a.shape[1]:
         raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
     out = empty(alloc, "out", (a.shape[0], w.shape[1]), a.dtype)
     if a.shape[0] * a.shape[1] * w.shape[1] < SMALL_PRODUCT:
-        return np.matmul(a, w, out=out)
+        np.matmul(a, w, out=out)
+        return _expect_finite(out) if finite else out
     row_block, col_block = tiles(a.shape[0], w.shape[1], _threads())
     status = np.zeros(_items(a.shape[0], w.shape[1], row_block, col_block), dtype=np.int32)
     with single_threaded_blas():
-        _matmul_tiles(a, w, out, row_block, col_block, status)
-    _blas_status(status)
+        _matmul_tiles(a, w, out, row_block, col_block, status, finite, exponent_mask(a.dtype))
+    _check_status(status)
     return out
 
 
@@ -410,12 +468,13 @@ def matmul_batched(x: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) 
 def project_heads(
     x: np.ndarray, weights: list[np.ndarray], heads: int,
     norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None, *, alloc: Alloc | None = None,
+    finite: bool = False,
 ) -> list[np.ndarray]:
     """x: [B, S, K] @ each w_j: [K, H*d_j] (one to three of them) -> [B, H, S, d_j] each: the
     projections of every head, written in the attention kernel's layout. ``norm`` = (gamma,
     beta, bias or None): project LN(x + bias) instead, the LayerNorm fused into the product
     (:func:`perceiver_np.kernels.rows.layernorm`'s formula, block by block). The outputs come
-    from ``alloc``'s "out0", "out1", "out2" when given."""
+    from ``alloc``'s "out0", "out1", "out2" when given. ``finite``: as :func:`matmul`'s."""
     x = _check("x", x, 3, "[B, S, K]")
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"weights: expected 1 to 3 matrices, got {len(weights)}")
@@ -433,6 +492,8 @@ def project_heads(
         u = x if norm is None else rows.layernorm(x.reshape(b * s, k), gamma, beta, bias).reshape(x.shape)
         for w, out in zip(ws, outs, strict=True):
             out[...] = (u @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
+            if finite:
+                _expect_finite(out)
         return outs
     dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
     padded = outs + [dummy] * (3 - len(outs))
@@ -450,6 +511,7 @@ def project_heads(
     with single_threaded_blas():
         _project_heads(x2, w_pad[0], w_pad[1], w_pad[2], padded[0], padded[1], padded[2],
                        len(outs), row_block, col_block, norm is not None, gamma, beta,
-                       gamma if bias is None else bias, bias is not None, status)
-    _blas_status(status)
+                       gamma if bias is None else bias, bias is not None, status, finite,
+                       exponent_mask(x.dtype))
+    _check_status(status)
     return outs

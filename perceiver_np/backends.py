@@ -135,9 +135,11 @@ class EngineOps(NamedTuple):
     name: str
     # ``alloc=`` (:mod:`perceiver_np.workspace`) names where an op's outputs and scratch come
     # from; the plain twins take it and allocate afresh (they are for reading and checking).
-    matmul: Callable[..., np.ndarray]  # (a [R, K], w [K, F], *, alloc) -> [R, F]
+    # ``finite=True``: the product's output is checked for NaN and infinity (OverflowRisk of
+    # ``gemm.PRODUCT``), which is how the engine checks its weights (engine.product_weights)
+    matmul: Callable[..., np.ndarray]  # (a [R, K], w [K, F], *, alloc, finite) -> [R, F]
     matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F], *, alloc) -> [B, S, F]
-    # (x [B, S, K], [w_j], H, norm, *, alloc) -> [B, H, S, d_j] each
+    # (x [B, S, K], [w_j], H, norm, *, alloc, finite) -> [B, H, S, d_j] each
     project_heads: Callable[..., list[np.ndarray]]
     layernorm: Callable[..., np.ndarray]  # (x [R, F], gamma, beta, bias=None, out=None) -> [R, F]
     residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias, *, alloc) -> LN(z)
@@ -180,16 +182,19 @@ def _bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> n
 
 def _project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int,
                    norm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None, *,
-                   alloc: Alloc | None = None) -> list[np.ndarray]:
+                   alloc: Alloc | None = None, finite: bool = False) -> list[np.ndarray]:
     """Plain twin of :func:`perceiver_np.kernels.gemm.project_heads`."""
     u = x if norm is None else _layernorm(x, norm[0], norm[1], norm[2])
     # [B, S, K] @ [K, H*d] -> [B, S, H*d] -> [B, H, S, d]
-    return [np.ascontiguousarray(layers.split_heads(u @ w, heads)) for w in weights]
+    return [np.ascontiguousarray(layers.split_heads(_matmul(u, w, finite=finite), heads)) for w in weights]
 
 
-def _matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
+def _matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
     """Plain twin of :func:`perceiver_np.kernels.gemm.matmul` (and of ``matmul_batched``)."""
-    return a @ w
+    y = a @ w
+    if finite and not np.isfinite(y).all():
+        gemm.raise_nonfinite_product()
+    return y
 
 
 def _attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, *,

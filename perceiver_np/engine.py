@@ -45,15 +45,21 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .backends import EngineOps
-from .config import PerceiverConfig
+from .config import PerceiverConfig, param_shapes
+from .kernels.gemm import PRODUCT
 from .layers import Params, params_under
-from .shapes import ChunkState, expect_finite_output, expect_in_range, expect_shape
+from .shapes import ChunkState, OverflowRisk, expect_finite_output, expect_in_range, expect_shape
 from .workspace import Alloc, fresh, scoped
 
 #: Rows (batch x positions) per chunk of the cross-attentions' input side: every buffer of the
 #: input side is [CHUNK_ROWS, width], so the engine's extra memory does not grow with N
 #: (docs/fast.md has the measurement behind the size).
 CHUNK_ROWS = 16384
+
+#: The weights of a block that the engine reads only through products checked with
+#: ``finite=True`` (their outputs looked at for NaN and infinity while in cache).
+CHECKED_BY_PRODUCT = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight",
+                      "ffn.up.weight", "ffn.down.weight")
 
 Piece = tuple[np.ndarray, "np.ndarray | None"]  # (x_c [B, n, C], mask_c [B, n] bool or None)
 Passes = Callable[[], Iterable[Piece]]  # a fresh pass over the input's pieces, along N
@@ -87,14 +93,15 @@ def after_attention(
             o += np.where(visible[:, None, None, None], bv[None, :, None, :], o.dtype.type(0.0))
     merged = alloc("merged", (b * m, h * dv), o.dtype)
     merged.reshape(b, m, h, dv)[...] = o.transpose(0, 2, 1, 3)  # [B, H, M, dv] -> [B, M, H, dv] = [B*M, H*dv]
-    t = ops.matmul(merged, p["attn.out.weight"], alloc=scoped(alloc, "out"))  # [B*M, H*dv] -> [B*M, D]
+    # [B*M, H*dv] -> [B*M, D]
+    t = ops.matmul(merged, p["attn.out.weight"], alloc=scoped(alloc, "out"), finite=True)
     if not query_residual:
         z = np.zeros((b, m, d), dtype=o.dtype)  # the new latents: the caller keeps them
     z2 = z.reshape(b * m, d)  # [B, M, D] -> [B*M, D], a view: updated in place
     u = ops.residual_layernorm(z2, t, p["attn.out.bias"], p["ffn_norm.gamma"], p["ffn_norm.beta"],
                                alloc=scoped(alloc, "ffn_norm"))
     # [B*M, D] -> [B*M, wD] (GEGLU: [B*M, 2wD])
-    g = ops.matmul(u, p["ffn.up.weight"], alloc=scoped(alloc, "ffn.up"))
+    g = ops.matmul(u, p["ffn.up.weight"], alloc=scoped(alloc, "ffn.up"), finite=True)
     if ffn_kind == "geglu":
         wd = g.shape[1] // 2
         gate = alloc("ffn.gate", (b * m, wd), g.dtype)
@@ -106,7 +113,8 @@ def after_attention(
         g = value
     else:
         ops.bias_gelu(g, p["ffn.up.bias"], gelu)
-    t = ops.matmul(g, p["ffn.down.weight"], alloc=scoped(alloc, "ffn.down"))  # [B*M, wD] -> [B*M, D]
+    # [B*M, wD] -> [B*M, D]
+    t = ops.matmul(g, p["ffn.down.weight"], alloc=scoped(alloc, "ffn.down"), finite=True)
     ops.residual(z2, t, p["ffn.down.bias"])
     return z
 
@@ -140,8 +148,8 @@ def cross_block(
     b, m, d = check_owned_latents(z).shape
     zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"],
                        out=alloc("q_norm", (b * m, d), z.dtype)).reshape(b, m, d)
-    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads,
-                             alloc=scoped(alloc, "q"))  # [B, M, D] -> [B, H, M, dh]
+    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads, alloc=scoped(alloc, "q"),
+                             finite=True)  # [B, M, D] -> [B, H, M, dh]
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     ckv = p["kv_norm.gamma"].shape[0]
@@ -164,7 +172,7 @@ def cross_block(
         expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
         k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
                                  norm=(p["kv_norm.gamma"], p["kv_norm.beta"], in_bias),
-                                 alloc=scoped(alloc, "kv"))
+                                 alloc=scoped(alloc, "kv"), finite=True)
         # LN_kv(h + b_in) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
         o_c, lse_c = ops.attention_forward(q, k, v, mask_c,
                                            alloc=scoped(alloc, "attention"))  # [B, H, M, dv], [B, H, M]
@@ -190,13 +198,31 @@ def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu
     u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"],
                       out=alloc("norm", (b * m, d), z.dtype)).reshape(b, m, d)
     q, k, v = ops.project_heads(u, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
-                                num_heads, alloc=scoped(alloc, "qkv"))
+                                num_heads, alloc=scoped(alloc, "qkv"), finite=True)
     # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     o, _ = ops.attention_forward(q, k, v, None, alloc=scoped(alloc, "attention"))  # [B, H, M, dv]
     return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu, ffn_kind=ffn_kind,
                            alloc=alloc)
+
+
+def product_weights(cfg: PerceiverConfig) -> frozenset[str]:
+    """The parameters whose finiteness the engine checks itself, through the outputs of the
+    products that read them: every block's attention and FFN weights (CHECKED_BY_PRODUCT). The
+    inputs of those products are finite (checked, or the output of a checked step), so a NaN or
+    an infinity in such a weight always shows in the product's output (NaN or inf times anything,
+    0 included, is NaN or inf), which ends the call with OverflowRisk before any other kernel
+    reads it. So a call of the engine need not scan these weights, which are most of a model's
+    bytes (a memory-bound pass over all of them on every call: docs/fast.md). The model scans
+    them only when a product has seen NaN or infinity, to name the parameter at fault
+    (:meth:`perceiver_np.model.Perceiver.naming_bad_params`)."""
+    names = set()
+    for name in param_shapes(cfg):
+        kind, _, rest = name.partition(".")  # "self.3.attn.q.weight" -> "self", "3.attn.q.weight"
+        if kind in ("cross", "self") and rest.partition(".")[2] in CHECKED_BY_PRODUCT:
+            names.add(name)
+    return frozenset(names)
 
 
 def encode(cfg: PerceiverConfig, p: Params, passes: Passes, *, batch: int, ops: EngineOps,
@@ -231,17 +257,24 @@ def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: En
     z = np.repeat(p["latents"][None], batch, axis=0)  # [M, D] -> [B, M, D], owned
     n_seen: int | None = None
     for kind, i in cfg.schedule:
-        if kind == "cross":
-            z, n = cross_block(z, passes(), params_under(p, f"cross.{i}"), ops,
-                               num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
-                               use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
-                               ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "cross"))
-            if n_seen is not None and n != n_seen:
-                raise ValueError(f"chunks: the input changed length between passes ({n_seen} then {n})")
-            n_seen = n
-        else:
-            z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu,
-                           ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "self"))
+        try:
+            if kind == "cross":
+                z, n = cross_block(z, passes(), params_under(p, f"cross.{i}"), ops,
+                                   num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
+                                   use_query_residual=cfg.use_query_residual, gelu=cfg.gelu,
+                                   ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "cross"))
+                if n_seen is not None and n != n_seen:
+                    raise ValueError(f"chunks: the input changed length between passes ({n_seen} then {n})")
+                n_seen = n
+            else:
+                z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu,
+                               ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "self"))
+        except OverflowRisk as e:
+            if e.tensor != PRODUCT:
+                raise
+            raise OverflowRisk(f"{kind}.{i} output", "non-finite values in a product of the block; "
+                               "produced from finite inputs and parameters: an overflow, the "
+                               "parameters are too large for the dtype") from None
         expect_finite_output(f"{kind}.{i} output", z)
     if cfg.final_norm:
         z2 = z.reshape(-1, z.shape[-1])  # [B, M, D] -> [B*M, D], a view: normalised in place

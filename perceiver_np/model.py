@@ -21,7 +21,9 @@ consumes, so nothing grows between calls.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Collection, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -52,6 +54,7 @@ from .layers import (
 )
 from .position import fourier_position_encoding, lucidrains_fourier_encoding
 from .shapes import (
+    OverflowRisk,
     as_mask,
     as_real_input,
     expect_finite_output,
@@ -85,10 +88,12 @@ def init_params(cfg: PerceiverConfig) -> Params:
     return params
 
 
-def check_params(cfg: PerceiverConfig, params: Params) -> Params:
+def check_params(cfg: PerceiverConfig, params: Params, *, not_scanned: Collection[str] = ()) -> Params:
     """Validate ``params`` against the schema of ``cfg``: exact key set, shapes, dtype and
     finite values (every call of the model does this: parameters may be edited between calls).
-    Returns them in schema order."""
+    Returns them in schema order. The values of the names in ``not_scanned`` are not scanned for
+    NaN and infinity here: the inference engine checks those through its products
+    (:func:`perceiver_np.engine.product_weights`)."""
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     shapes = param_shapes(cfg)
@@ -106,7 +111,7 @@ def check_params(cfg: PerceiverConfig, params: Params) -> Params:
             raise TypeError(
                 f"params[{name!r}]: expected dtype {cfg.dtype}, got {value.dtype.name}"
             )
-        problem = first_nonfinite(f"params[{name!r}]", value)
+        problem = None if name in not_scanned else first_nonfinite(f"params[{name!r}]", value)
         if problem is not None:
             raise ValueError(problem)
     return {name: params[name] for name in shapes}  # schema order
@@ -169,16 +174,17 @@ class Perceiver:
     ) -> np.ndarray:
         """Inference: x [B, N, C], mask [B, N] bool (True = keep) -> y: [B, D] (mean pool),
         [B, out] (classification) or [B, O, out] (query decoder)."""
-        cfg, p = self.config, self.checked_params()
+        cfg, p = self.config, self.checked_params(for_engine=True)  # forward() checks all
         x, mask = self._check_input(x, mask, p)
         x_in = self.encoder_input(x)  # [B, N, C] -> [B, N, C + P]
         if not (self.uses_engine or mask is None or mask.any(axis=1).all()):
             # masked_rows="uniform" differs from the engine's zero rows only for a sample whose
             # every input is masked: such a batch takes the probabilities path
             return self.forward(x, mask, queries=queries, query_mask=query_mask)[0]
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by expect_finite_output
+        # an overflow is named by the engine's checks (expect_finite_output, the products')
+        with np.errstate(over="ignore", invalid="ignore"), self.naming_bad_params():
             z = engine.encode_array(cfg, p, x_in, mask, engine_ops(cfg.backend),
-                                    self.workspace())  # [B, N, C+P] -> [B, M, D]
+                                        self.workspace())  # [B, N, C+P] -> [B, M, D]
             return self.decode(z, queries=queries, query_mask=query_mask)[0]
 
     def workspace(self) -> Workspace:
@@ -202,9 +208,25 @@ class Perceiver:
         """A model of the same config with ``params`` (checked), e.g. a training state's."""
         return Perceiver(self.config, params)
 
-    def checked_params(self) -> Params:
-        """``self.params`` checked against the schema (:func:`check_params`), in schema order."""
-        return check_params(self.config, self.params)
+    def checked_params(self, *, for_engine: bool = False) -> Params:
+        """``self.params`` checked against the schema (:func:`check_params`), in schema order.
+        ``for_engine``: for a call of the inference engine, which checks the weights of its
+        products itself (:func:`perceiver_np.engine.product_weights`): those are not scanned
+        here. Run the engine inside :meth:`naming_bad_params`."""
+        skip = engine.product_weights(self.config) if for_engine else ()
+        return check_params(self.config, self.params, not_scanned=skip)
+
+    @contextlib.contextmanager
+    def naming_bad_params(self) -> Iterator[None]:
+        """Around a call of the inference engine on ``checked_params(engine=True)``: when a
+        step reports NaN or infinity (OverflowRisk), every parameter is scanned first, so that
+        a non-finite parameter is named (ValueError ``params['...']: ...``) rather than the
+        step it reached; with every parameter finite the step's OverflowRisk stands."""
+        try:
+            yield
+        except OverflowRisk:
+            check_params(self.config, self.params)
+            raise
 
     def encoder_input(self, x: np.ndarray) -> np.ndarray:
         """x [B, N, C] (checked) -> what the encoder reads: [x, pos] [B, N, C + P] with the

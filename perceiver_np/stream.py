@@ -158,7 +158,7 @@ def encode_stream(
         raise ValueError(f"input_fourier: the streaming encoder reads the input as given; a model that "
                          f"appends input positions ({cfg.input_fourier!r}) needs model(x)")
     chunk_size = check_chunk_size(chunk_size)
-    p = model.checked_params()
+    p = model.checked_params(for_engine=True)
     passes = _passes(chunks, chunk_size)
     mask_passes = None if mask_chunks is None else _passes(mask_chunks, chunk_size, "mask_chunks", "[B, N]")
     first_pass = passes()
@@ -173,7 +173,7 @@ def encode_stream(
         masks = None if mask_passes is None else iter(mask_passes())
         return _validated(source, masks, batch, model, p)
 
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by the engine
+    with np.errstate(over="ignore", invalid="ignore"), model.naming_bad_params():  # named by the engine
         z = engine.encode(cfg, p, validated_pass, batch=batch, ops=engine_ops(cfg.backend),
                           alloc=model.workspace())
         return model.decode(z)[0]  # the head reads the latents only: the model's own

@@ -264,6 +264,38 @@ def test_column_and_2d_tiles_and_a_transposed_weight_equal_numpy(rng, dtype):
         numba.set_num_threads(before)
 
 
+@pytest.mark.parametrize("ops", [NUMBA_ENGINE, PLAIN_ENGINE], ids=["numba", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_checked_products_raise_on_a_nonfinite_weight_on_every_path(rng, ops, dtype):
+    """matmul and project_heads with finite=True raise OverflowRisk(gemm.PRODUCT) when one entry
+    of a weight is NaN, +inf or -inf, on every path they take: the calling thread (small), tiles
+    of rows, of columns, a transposed weight; the LayerNorm fused or in its own pass. Without
+    finite=True the same products return (the check costs nothing when not asked for)."""
+    import numba
+
+    from perceiver_np.shapes import OverflowRisk
+
+    two = numba.config.NUMBA_NUM_THREADS >= 2
+    for rows_, k, cols in ((5, 8, 12), (70, 33, 300), (600, 33, 40)):  # small, columns, rows
+        a = rng.normal(size=(rows_, k)).astype(dtype)
+        w = rng.normal(size=(k, cols)).astype(dtype)
+        x = a[None]  # [1, rows, k]
+        gamma, beta = (rng.normal(size=k).astype(dtype) for _ in range(2))
+        for j, bad_value in enumerate((np.nan, np.inf, -np.inf)):
+            bad = w.copy()
+            bad[int(rng.integers(k)), int(rng.integers(cols))] = bad_value
+            for weight in (bad, np.ascontiguousarray(bad.T).T):
+                with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
+                    ops.matmul(a, weight, finite=True)
+                ops.matmul(a, weight)  # unchecked: returns
+            weights = [w, bad] if j % 2 else [bad]  # the bad one first or second
+            for norm in (None, (gamma, beta, None)):
+                with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
+                    ops.project_heads(x, weights, 2, norm, finite=True)
+    if two and ops is NUMBA_ENGINE:
+        assert gemm.tiles(70, 300, 2)[1] < 300 and gemm.tiles(600, 40, 2)[0] < 600  # both splits ran
+
+
 def test_products_name_bad_arguments(rng):
     x = rng.normal(size=(2, 5, 4))
     with pytest.raises(ValueError, match=r"w: expected shape \(4, F\)"):

@@ -3,6 +3,8 @@ names the argument or parameter, the same on every path and size; nothing is sil
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,51 @@ def test_a_nan_weight_is_named_on_every_path_and_size(n, path):
     with pytest.raises(ValueError, match=r"params\['input_proj.weight'\]: 1 non-finite value\(s\) "
                                          r"\(NaN or inf\), first at index \(2, 3\)"):
         paths[path](model, x)
+
+
+@pytest.mark.parametrize("case", [{}, {"ffn_kind": "geglu", "qkv_bias": False},
+                                  {"use_query_residual": False, "num_cross_layers": 2, "num_layers": 2}],
+                         ids=["seed-like", "geglu-no-qkv-bias", "two-cross-no-query-residual"])
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+def test_every_weight_checked_through_the_products_is_still_named(monkeypatch, case, backend):
+    """model(x) and encode_stream do not scan the weights of the engine's products
+    (engine.product_weights) before they run: each product's output is looked at instead. A NaN,
+    +inf or -inf anywhere in any one of those weights is still named, on both backends, with
+    products small enough for the calling thread (N = 10, 8 latents of 16) and tiled ones (N =
+    3000, 64 latents of 64: split by rows and by columns). The engine's check of each block's
+    output is switched off here: what finds the bad value is a product of the block that reads
+    the weight (tests/test_engine.py checks that each product raises by itself)."""
+    from perceiver_np import engine
+
+    monkeypatch.setattr(engine, "expect_finite_output", lambda name, array: None)
+    rng = np.random.default_rng(0)
+    sizes = (({"latent_dim": 16, "num_latents": 8}, 10), ({"latent_dim": 64, "num_latents": 64}, 3000))
+    for size, n in sizes:
+        model = pnp.build(input_dim=6, num_heads=2, dtype="float32", backend=backend, **size, **case)
+        x = rng.standard_normal((1, n, 6)).astype(np.float32)
+        names = sorted(engine.product_weights(model.config))
+        assert len(names) == 6 * (model.config.num_cross_layers + len({i for k, i in model.config.schedule
+                                                                         if k == "self"}))
+        for j, name in enumerate(names):
+            good = model.params[name]
+            bad = good.copy()
+            where = tuple(int(rng.integers(s)) for s in bad.shape)
+            bad[where] = (np.nan, np.inf, -np.inf)[j % 3]
+            model.params[name] = bad
+            message = (re.escape(f"params['{name}']: 1 non-finite value(s) (NaN or inf), first at index ")
+                       + re.escape(str(where)))
+            for stream in (False, True):
+                with pytest.raises(ValueError, match=message) as caught:
+                    if stream:
+                        model.encode_stream(x, chunk_size=max(1, n // 3))
+                    else:
+                        model(x)
+                # what found it: a product of the block that reads the weight
+                found = caught.value.__context__
+                assert found.tensor == f"{name.split('.')[0]}.{name.split('.')[1]} output"
+                assert found.detail.startswith("non-finite values in a product of the block")
+            model.params[name] = good
+        assert np.isfinite(model(x)).all()
 
 
 @pytest.mark.parametrize("n", [10, 2000])
