@@ -7,6 +7,7 @@ plain path's formulas (tested equal, tests/test_engine.py)::
     residual_layernorm(z, t, bias, gamma, beta)     z += t + bias; return LN(z)   [R, F]
     residual(z, t, bias)                            z += t + bias                 [R, F]
     bias_gelu(h, bias, approximate)                 h = GELU(h + bias)            [R, F]
+    merge_heads(o, bias, visible, out)              out[b*M + i, h*dv + e] = o[b, h, i, e] + bias
     layernorm_train(x, gamma, beta)                 -> y, xhat [R, F], rstd [R, 1]  (training)
     layernorm_backward(dy, xhat, rstd, gamma)       -> dx [R, F], dgamma [F], dbeta [F]
 
@@ -34,20 +35,62 @@ _C = 0.044715
 
 
 @serial_kernel
+def _entry(x, r, j, bias, has_bias):  # pragma: no cover - compiled
+    """x[r, j] (+ bias[j] when has_bias), in x's dtype, as float64."""
+    return np.float64(x[r, j] + bias[j]) if has_bias else np.float64(x[r, j])
+
+
+@serial_kernel
 def _moments(x, r, bias, has_bias):  # pragma: no cover - compiled
     """(mean, rstd) of row r of x (+ bias when has_bias), both summed in float64; two passes
-    over the row, which is in L1. rstd = 1 / sqrt(biased variance + LN_EPS)."""
+    over the row, which is in L1. rstd = 1 / sqrt(biased variance + LN_EPS).
+
+    Each sum runs in eight interleaved lanes (entry j into lane j % 8), added at the end in a
+    fixed order. One running sum is a chain of dependent additions, each waiting for the last
+    (FASTMATH leaves out ``reassoc``, so the compiler may not split it); eight independent lanes
+    vectorise, and the order of every addition is still fixed, the same on every run."""
     f = x.shape[1]
-    s = 0.0
-    for j in range(f):
-        v = x[r, j] + bias[j] if has_bias else x[r, j]
-        s += np.float64(v)
-    mean = s / f
-    ss = 0.0
-    for j in range(f):
-        v = x[r, j] + bias[j] if has_bias else x[r, j]
-        d = np.float64(v) - mean
-        ss += d * d
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    j = 0
+    while j + 8 <= f:
+        s0 += _entry(x, r, j, bias, has_bias)
+        s1 += _entry(x, r, j + 1, bias, has_bias)
+        s2 += _entry(x, r, j + 2, bias, has_bias)
+        s3 += _entry(x, r, j + 3, bias, has_bias)
+        s4 += _entry(x, r, j + 4, bias, has_bias)
+        s5 += _entry(x, r, j + 5, bias, has_bias)
+        s6 += _entry(x, r, j + 6, bias, has_bias)
+        s7 += _entry(x, r, j + 7, bias, has_bias)
+        j += 8
+    tail = 0.0
+    for jj in range(j, f):
+        tail += _entry(x, r, jj, bias, has_bias)
+    mean = (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) + tail) / f
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    j = 0
+    while j + 8 <= f:
+        d0 = _entry(x, r, j, bias, has_bias) - mean
+        d1 = _entry(x, r, j + 1, bias, has_bias) - mean
+        d2 = _entry(x, r, j + 2, bias, has_bias) - mean
+        d3 = _entry(x, r, j + 3, bias, has_bias) - mean
+        d4 = _entry(x, r, j + 4, bias, has_bias) - mean
+        d5 = _entry(x, r, j + 5, bias, has_bias) - mean
+        d6 = _entry(x, r, j + 6, bias, has_bias) - mean
+        d7 = _entry(x, r, j + 7, bias, has_bias) - mean
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+        s4 += d4 * d4
+        s5 += d5 * d5
+        s6 += d6 * d6
+        s7 += d7 * d7
+        j += 8
+    tail = 0.0
+    for jj in range(j, f):
+        d = _entry(x, r, jj, bias, has_bias) - mean
+        tail += d * d
+    ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) + tail
     return mean, 1.0 / np.sqrt(ss / f + np.float64(LN_EPS))
 
 
@@ -114,6 +157,55 @@ def _layernorm_train_rows(x, gamma, beta, y, xhat, rstd):  # pragma: no cover - 
 
 
 @parallel_kernel
+def _merge_heads_rows(o, bias, has_bias, visible, has_visible, out):  # pragma: no cover - compiled
+    """out[b*M + i, h*dv:(h+1)*dv] = o[b, h, i] (+ bias[h*dv:(h+1)*dv] when has_bias and the
+    sample b saw a key: visible[b], or always without has_visible), for every row b*M + i."""
+    nb, nh, m, dv = o.shape
+    for row in prange(nb * m):
+        b = row // m
+        i = row - b * m
+        add = has_bias and (visible[b] or not has_visible)
+        for h in range(nh):
+            if add:
+                for e in range(dv):
+                    out[row, h * dv + e] = o[b, h, i, e] + bias[h * dv + e]
+            else:
+                for e in range(dv):
+                    out[row, h * dv + e] = o[b, h, i, e]
+
+
+@serial_kernel
+def _backward_sums(dy, xhat, gamma, r):  # pragma: no cover - compiled
+    """(sum_j g_j, sum_j g_j xhat[r, j]) with g = dy[r] * gamma, in float64, each in four
+    interleaved lanes added at the end in a fixed order (why: :func:`_moments`)."""
+    f = dy.shape[1]
+    a0 = a1 = a2 = a3 = 0.0
+    b0 = b1 = b2 = b3 = 0.0
+    j = 0
+    while j + 4 <= f:
+        g0 = np.float64(dy[r, j]) * gamma[j]
+        g1 = np.float64(dy[r, j + 1]) * gamma[j + 1]
+        g2 = np.float64(dy[r, j + 2]) * gamma[j + 2]
+        g3 = np.float64(dy[r, j + 3]) * gamma[j + 3]
+        a0 += g0
+        a1 += g1
+        a2 += g2
+        a3 += g3
+        b0 += g0 * xhat[r, j]
+        b1 += g1 * xhat[r, j + 1]
+        b2 += g2 * xhat[r, j + 2]
+        b3 += g3 * xhat[r, j + 3]
+        j += 4
+    ta = 0.0
+    tb = 0.0
+    for jj in range(j, f):
+        g = np.float64(dy[r, jj]) * gamma[jj]
+        ta += g
+        tb += g * xhat[r, jj]
+    return ((a0 + a1) + (a2 + a3)) + ta, ((b0 + b1) + (b2 + b3)) + tb
+
+
+@parallel_kernel
 def _layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dgamma_part, dbeta_part, block):  # pragma: no cover
     """Per row: dxhat = dy * gamma, dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
     per work item t (a block of rows): its own partial sums dgamma_part[t] = sum dy xhat and
@@ -124,12 +216,8 @@ def _layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dgamma_part, dbeta_part,
             dgamma_part[t, j] = 0.0
             dbeta_part[t, j] = 0.0
         for r in range(t * block, min(rows, (t + 1) * block)):
-            s1 = 0.0
-            s2 = 0.0
+            s1, s2 = _backward_sums(dy, xhat, gamma, r)
             for j in range(f):
-                g = np.float64(dy[r, j]) * gamma[j]
-                s1 += g
-                s2 += g * xhat[r, j]
                 dgamma_part[t, j] += dy[r, j] * xhat[r, j]
                 dbeta_part[t, j] += dy[r, j]
             m1, m2 = dy.dtype.type(s1 / f), dy.dtype.type(s2 / f)
@@ -221,6 +309,27 @@ def bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> np
     with threads_for(h.size):
         _bias_gelu_rows(h, _vector("bias", bias, h.shape[1], h.dtype), approximate == "tanh")
     return h
+
+
+def merge_heads(o: np.ndarray, bias: np.ndarray | None, visible: np.ndarray | None, *,
+                alloc: Alloc | None = None) -> np.ndarray:
+    """o: [B, H, M, dv] -> [B*M, H*dv], the heads side by side (the output projection's input),
+    plus the value bias [H*dv] when given: on every row, or only on the samples whose
+    ``visible`` [B] is True (a row that saw no key stays 0). From ``alloc``'s "out" when given."""
+    o = kernel_array(o)
+    if o.ndim != 4:
+        raise ValueError(f"o: expected an array [B, H, M, dv], got {o.shape}")
+    b, h, m, dv = o.shape
+    has_bias = bias is not None
+    bias_arr = _vector("bias", bias, h * dv, o.dtype) if bias is not None else np.zeros(1, o.dtype)
+    has_visible = visible is not None
+    vis = np.ascontiguousarray(visible, dtype=np.bool_) if visible is not None else np.ones(1, np.bool_)
+    if has_visible and vis.shape != (b,):
+        raise ValueError(f"visible: expected shape ({b},), got {vis.shape}")
+    out = empty(alloc, "out", (b * m, h * dv), o.dtype)
+    with threads_for(o.size):
+        _merge_heads_rows(o, bias_arr, has_bias, vis, has_visible, out)
+    return out
 
 
 def layernorm_train(

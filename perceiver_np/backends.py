@@ -145,6 +145,8 @@ class EngineOps(NamedTuple):
     residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias, *, alloc) -> LN(z)
     residual: Callable[..., np.ndarray]  # z [R, F] += t + bias
     bias_gelu: Callable[..., np.ndarray]  # h [R, F] = GELU(h + bias), in place
+    # (o [B, H, M, dv], bias [H*dv] or None, visible [B] or None, *, alloc) -> [B*M, H*dv]
+    merge_heads: Callable[..., np.ndarray]
     attention_forward: Callable[..., tuple[np.ndarray, np.ndarray]]  # (q, k, v, mask, *, alloc) -> (o, lse)
     chunk_state: Callable[..., ChunkState]  # (B, H, M, dv, alloc) -> an empty running state
     merge_chunk: Callable[..., None]  # (state, o_c, lse_c): fold one chunk's attention in
@@ -172,6 +174,16 @@ def _residual(z: np.ndarray, t: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Plain twin of :func:`perceiver_np.kernels.rows.residual`."""
     z += t + bias
     return z
+
+
+def _merge_heads(o: np.ndarray, bias: np.ndarray | None, visible: np.ndarray | None, *,
+                 alloc: Alloc | None = None) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.rows.merge_heads`."""
+    b, h, m, dv = o.shape
+    if bias is not None:
+        bv = bias.reshape(h, dv)[None, :, None, :]  # [H*dv] -> [1, H, 1, dv]
+        o = o + (bv if visible is None else np.where(visible[:, None, None, None], bv, o.dtype.type(0.0)))
+    return layers.merge_heads(o).reshape(b * m, h * dv)  # [B, H, M, dv] -> [B, M, H*dv] -> [B*M, H*dv]
 
 
 def _bias_gelu(h: np.ndarray, bias: np.ndarray, approximate: str = "exact") -> np.ndarray:
@@ -215,12 +227,14 @@ def _finish_chunks(state: ChunkState, dtype: np.dtype, alloc: Alloc | None = Non
 
 PLAIN_ENGINE = EngineOps(
     "numpy", _matmul, _matmul, _project_heads, _layernorm, _residual_layernorm,
-    _residual, _bias_gelu, _attention_forward, _chunk_state, plain_attention.merge_chunk, _finish_chunks,
+    _residual, _bias_gelu, _merge_heads, _attention_forward, _chunk_state, plain_attention.merge_chunk,
+    _finish_chunks,
 )
 NUMBA_ENGINE = EngineOps(
     "numba", gemm.matmul, gemm.matmul_batched, gemm.project_heads, rows.layernorm,
-    rows.residual_layernorm, rows.residual, rows.bias_gelu, kernel_attention.attention_forward,
-    plain_attention.chunk_state, kernel_attention.merge_chunk, plain_attention.finish_chunks,
+    rows.residual_layernorm, rows.residual, rows.bias_gelu, rows.merge_heads,
+    kernel_attention.attention_forward, plain_attention.chunk_state, kernel_attention.merge_chunk,
+    plain_attention.finish_chunks,
 )
 
 

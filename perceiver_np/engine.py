@@ -40,7 +40,8 @@ is one fused row kernel; with the ``"numpy"`` ops (the plain twins of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -81,18 +82,12 @@ def after_attention(
     place when ``query_residual``): the value bias, the output projection and its residual, and
     the whole FFN sublayer. o: [B, H, M, dv] -> z [B, M, D]. Every intermediate comes from
     ``alloc`` (:mod:`perceiver_np.workspace`), named by the step that makes it."""
-    b, h, m, dv = o.shape
+    b, _, m, _ = o.shape
     d = p["attn.out.weight"].shape[1]
     if query_residual:
         expect_shape("z", check_owned_latents(z), (b, m, d), "[B, M, D]")
-    if "attn.v.bias" in p:
-        bv = p["attn.v.bias"].reshape(h, dv)  # [H*dv] -> [H, dv]
-        if visible is None:
-            o += bv[None, :, None, :]
-        else:
-            o += np.where(visible[:, None, None, None], bv[None, :, None, :], o.dtype.type(0.0))
-    merged = alloc("merged", (b * m, h * dv), o.dtype)
-    merged.reshape(b, m, h, dv)[...] = o.transpose(0, 2, 1, 3)  # [B, H, M, dv] -> [B, M, H, dv] = [B*M, H*dv]
+    # o + b_v (on the rows of samples that saw a key): [B, H, M, dv] -> [B, M, H, dv] = [B*M, H*dv]
+    merged = ops.merge_heads(o, p.get("attn.v.bias"), visible, alloc=scoped(alloc, "merged"))
     # [B*M, H*dv] -> [B*M, D]
     t = ops.matmul(merged, p["attn.out.weight"], alloc=scoped(alloc, "out"), finite=True)
     if not query_residual:
@@ -191,6 +186,23 @@ def cross_block(
                            ffn_kind=ffn_kind, alloc=alloc), n_total
 
 
+def decode_queries(queries: np.ndarray, z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int,
+                   use_query_residual: bool, gelu: str, ffn_kind: str = "gelu", name: str = "decoder",
+                   alloc: Alloc = fresh) -> np.ndarray:
+    """A decoder's cross block in inference: queries [B, O, Cq] attend to the latents z [B, M, D]
+    -> [B, O, Cq], a new array. :func:`cross_block` with the queries in the latents' place and the
+    latents as its input, one unmasked chunk of M keys (the same function as
+    :func:`perceiver_np.blocks.cross_block_forward` in inference, tested equal). An overflow in
+    a product is named ``"{name} output"``."""
+    owned = np.array(queries, dtype=z.dtype, order="C")  # [B, O, Cq], updated in place
+    with products_named(f"{name} output"):
+        y, _ = cross_block(owned, [(z, None)], p, ops, num_heads=num_heads, in_weight=None, in_bias=None,
+                           use_query_residual=use_query_residual, gelu=gelu, ffn_kind=ffn_kind,
+                           alloc=alloc)
+    expect_finite_output(f"{name} output", y)
+    return y
+
+
 def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str,
                ffn_kind: str = "gelu", alloc: Alloc = fresh) -> np.ndarray:
     """z: [B, M, D] owned latents, updated in place -> [B, M, D]; intermediates from ``alloc``."""
@@ -205,6 +217,20 @@ def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu
     o, _ = ops.attention_forward(q, k, v, None, alloc=scoped(alloc, "attention"))  # [B, H, M, dv]
     return after_attention(z, o, None, p, ops, query_residual=True, gelu=gelu, ffn_kind=ffn_kind,
                            alloc=alloc)
+
+
+@contextlib.contextmanager
+def products_named(name: str) -> Iterator[None]:
+    """A product checked inside (``finite=True``) that saw NaN or infinity raises OverflowRisk
+    of ``gemm.PRODUCT``; here it becomes the OverflowRisk of ``name``, the step's output."""
+    try:
+        yield
+    except OverflowRisk as e:
+        if e.tensor != PRODUCT:
+            raise
+        raise OverflowRisk(name, "non-finite values in a product of the block; produced from finite "
+                           "inputs and parameters: an overflow, the parameters are too large for "
+                           "the dtype") from None
 
 
 def product_weights(cfg: PerceiverConfig) -> frozenset[str]:
@@ -257,7 +283,7 @@ def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: En
     z = np.repeat(p["latents"][None], batch, axis=0)  # [M, D] -> [B, M, D], owned
     n_seen: int | None = None
     for kind, i in cfg.schedule:
-        try:
+        with products_named(f"{kind}.{i} output"):
             if kind == "cross":
                 z, n = cross_block(z, passes(), params_under(p, f"cross.{i}"), ops,
                                    num_heads=cfg.cross_num_heads, in_weight=in_weight, in_bias=in_bias,
@@ -269,12 +295,6 @@ def _encode(cfg: PerceiverConfig, p: Params, passes: Passes, batch: int, ops: En
             else:
                 z = self_block(z, params_under(p, f"self.{i}"), ops, num_heads=cfg.num_heads, gelu=cfg.gelu,
                                ffn_kind=cfg.ffn_kind, alloc=scoped(alloc, "self"))
-        except OverflowRisk as e:
-            if e.tensor != PRODUCT:
-                raise
-            raise OverflowRisk(f"{kind}.{i} output", "non-finite values in a product of the block; "
-                               "produced from finite inputs and parameters: an overflow, the "
-                               "parameters are too large for the dtype") from None
         expect_finite_output(f"{kind}.{i} output", z)
     if cfg.final_norm:
         z2 = z.reshape(-1, z.shape[-1])  # [B, M, D] -> [B*M, D], a view: normalised in place

@@ -31,8 +31,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import interop
+from . import engine, interop
 from . import prep_layers as pl
+from .backends import engine_ops
 from .blocks import CrossBlockCache, cross_block_backward, cross_block_forward
 from .config import PerceiverConfig, make_config, param_shapes
 from .hf_files import read_pretrained_dir
@@ -66,6 +67,7 @@ from .position import (
     shared_fourier_position_encoding,
 )
 from .shapes import as_mask, as_real_input, expect_finite_output, expect_shape, first_nonfinite
+from .workspace import Alloc, scoped
 
 #: ``transformers.PerceiverConfig``'s defaults of the fields the ``PerceiverFor*`` classes read
 #: besides the encoder's (:data:`perceiver_np.interop.HF_CONFIG_DEFAULTS`).
@@ -367,12 +369,40 @@ class BasicDecoder:
         y = u
         if self.out is not None:
             y, output = linear_forward(u, params_under(p, "decoder.output"))  # [B, O, Cq] -> [B, O, out]
-        if self.kind == "classification":
-            y = y[:, 0]  # [B, 1, out] -> [B, out]
-        elif self.kind == "flow":
-            y = (y / FLOW_RESCALE).reshape(b, *self.grid, y.shape[-1])  # [B, H*W, 2] -> [B, H, W, 2]
+        y = self._shaped(y)
         tap(record, "decoder.out", y)
         return y, DecoderCache(b, block, output)
+
+    def infer(self, z: np.ndarray, x: np.ndarray, p: Params, *, cfg: PerceiverConfig, alloc: Alloc
+              ) -> np.ndarray:
+        """:meth:`forward` in inference (``model(inputs)``), without a cache: the cross block on
+        the inference engine (:func:`perceiver_np.engine.decode_queries`, its intermediates from
+        ``alloc``), the output Linear on the engine's product. Tested equal to forward."""
+        b = z.shape[0]
+        if self.queries == "trainable":
+            table = p["decoder.queries"]
+            q = np.broadcast_to(table, (b, *table.shape))  # [O, Cq] -> [B, O, Cq]
+        else:
+            q = x  # the optical-flow decoder queries with the preprocessed input [B, N, C]
+        ops = engine_ops(cfg.backend)
+        y = engine.decode_queries(q, z, params_under(p, "decoder"), ops, num_heads=self.heads,
+                                  use_query_residual=self.query_residual, gelu="exact",
+                                  alloc=scoped(alloc, "decoder"))  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
+        if self.out is not None:
+            w = p["decoder.output.weight"]
+            # [B, O, Cq] -> [B*O, Cq] -> [B*O, out] -> [B, O, out]
+            y = ops.matmul(y.reshape(-1, y.shape[-1]), w).reshape(b, -1, w.shape[1])
+            y += p["decoder.output.bias"]
+        return self._shaped(y)
+
+    def _shaped(self, y: np.ndarray) -> np.ndarray:
+        """The decoded queries [B, O, out] as the HF class returns them."""
+        if self.kind == "classification":
+            return y[:, 0]  # [B, 1, out] -> [B, out]
+        if self.kind == "flow":
+            # [B, H*W, 2] -> [B, H, W, 2]
+            return (y / FLOW_RESCALE).reshape(y.shape[0], *self.grid, y.shape[-1])
+        return y
 
     def backward(self, dy: np.ndarray, cache: DecoderCache
                  ) -> tuple[np.ndarray, np.ndarray | None, Any, Params]:
@@ -667,8 +697,11 @@ class PretrainedPerceiver:
         with np.errstate(over="ignore", invalid="ignore"):
             x, context, _ = self.preprocessor.forward(arr, p, self.buffers)
             z = self.encoder(x, m)  # [B, N, C] -> [B, M, D]
-            y, _ = self.decoder.forward(z, x, context, p, cfg=self.config, training=False, rng=None,
-                                        options=options)
+            if isinstance(self.decoder, BasicDecoder) and not options:
+                y = self.decoder.infer(z, x, p, cfg=self.config, alloc=self.encoder.workspace())
+            else:
+                y, _ = self.decoder.forward(z, x, context, p, cfg=self.config, training=False, rng=None,
+                                            options=options)
             if self.postprocessor is not None:
                 y, _ = self.postprocessor.forward(y, context, p)
             for key, value in (y.items() if isinstance(y, dict) else [("output", y)]):

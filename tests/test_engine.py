@@ -129,11 +129,11 @@ def test_every_engine_op_equals_its_plain_twin(rng, dtype):
 # ---- the row kernels ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("f", [24, 29], ids=["width-24", "width-29"])  # 29: the sums' lanes and a tail
 @pytest.mark.parametrize("r", [37, 2000], ids=["one-thread", "parallel"])  # PARALLEL_MIN_ELEMENTS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_row_kernels_equal_the_plain_layers(rng, dtype, r):
+def test_row_kernels_equal_the_plain_layers(rng, dtype, r, f):
     tol = FAST_FLOAT64_RTOL if dtype == np.float64 else 8 * np.finfo(np.float32).eps
-    f = 24
     x = (3 + rng.normal(size=(r, f))).astype(dtype)
     t = rng.normal(size=(r, f)).astype(dtype)
     bias, gamma, beta = (rng.normal(size=f).astype(dtype) for _ in range(3))
@@ -164,6 +164,27 @@ def test_row_kernels_equal_the_plain_layers(rng, dtype, r):
     sum_tol = tol if dtype == np.float64 else float32_forward_rtol(2, r)  # sums over the r rows
     assert relerr(dx, want_dx) <= tol
     assert relerr(dgamma, want_g["gamma"]) <= sum_tol and relerr(dbeta, want_g["beta"]) <= sum_tol
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (3, 4, 700, 16)], ids=["one-thread", "parallel"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_merge_heads_equals_the_plain_twin(rng, dtype, shape):
+    """The heads side by side plus the value bias, on every row or only the samples that saw a
+    key: the kernel gives the plain twin's result exactly (one addition per entry)."""
+    o = rng.normal(size=shape).astype(dtype)
+    b, h, m, dv = shape
+    bias = rng.normal(size=h * dv).astype(dtype)
+    visible = np.arange(b) % 2 == 0
+    for args in ((None, None), (bias, None), (bias, visible)):
+        got = NUMBA_ENGINE.merge_heads(o, *args)
+        want = PLAIN_ENGINE.merge_heads(o, *args)
+        assert got.shape == (b * m, h * dv) and np.array_equal(got, want)
+    plain = o.transpose(0, 2, 1, 3).reshape(b * m, h * dv)
+    got = NUMBA_ENGINE.merge_heads(o, bias, visible).reshape(b, m, h * dv)
+    assert np.array_equal(got[1], plain.reshape(b, m, -1)[1])  # an invisible sample: no bias
+    assert np.array_equal(got[0], plain.reshape(b, m, -1)[0] + bias)
+    with pytest.raises(ValueError, match=r"visible: expected shape \(2,\), got \(3,\)"):
+        rows.merge_heads(o[:2], bias, np.ones(3, bool))
 
 
 def test_row_kernels_name_bad_arguments(rng):

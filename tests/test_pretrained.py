@@ -153,18 +153,21 @@ def test_every_hidden_state_equals_hf_in_float64(arch):
 
 @pytest.mark.parametrize("arch", list(CASES))
 def test_inference_runs_the_engine_and_equals_the_forward(arch, monkeypatch):
-    """model(x) runs the encoder's inference engine (and the decoder's kernel); it equals the
-    forward of the training path, with a mask on the text models."""
+    """model(x) runs the encoder's inference engine, and the decoder's cross block on it too
+    (engine.decode_queries) except the multimodal decoder's; it equals the forward of the
+    training path, with a mask on the text models."""
     _, ours, x = _pair(arch)
     mask = None
     if x.dtype.kind in "iu":
         mask = np.ones(x.shape, dtype=bool)
         mask[0, 4:] = False
     calls = []
-    encode = engine.encode_array
-    monkeypatch.setattr(engine, "encode_array", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    encode, decode = engine.encode_array, engine.decode_queries
+    monkeypatch.setattr(engine, "encode_array", lambda *a, **k: calls.append("encode") or encode(*a, **k))
+    monkeypatch.setattr(engine, "decode_queries", lambda *a, **k: calls.append("decode") or decode(*a, **k))
     assert _rel(ours(x, mask), ours.forward(x, mask)[0]) <= FAST_FLOAT64_RTOL
-    assert calls == [1]
+    multimodal = arch == "PerceiverForMultimodalAutoencoding"
+    assert calls == (["encode"] if multimodal else ["encode", "decode"])
 
 
 def test_an_integer_attention_mask_is_hfs_and_other_values_are_refused():
