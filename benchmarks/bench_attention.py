@@ -121,7 +121,7 @@ def worker(system: str, threads: int) -> None:
     else:
         import perceiver_np
 
-        # threads and passive OpenMP wait, as the CLI; glibc's default malloc (keep_memory=False)
+        # threads, as the CLI; glibc's default malloc (keep_memory=False)
         perceiver_np.runtime.tune(threads, keep_memory=False)
     out = sys.stdout
     sys.stdout = sys.stderr  # only the protocol on stdout

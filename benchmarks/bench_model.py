@@ -82,7 +82,7 @@ class Ours:
         import perceiver_np as pnp
         from perceiver_np import optim, train
 
-        # threads and passive OpenMP wait; freed memory is not kept (PERCEIVER_NP_KEEP_MEMORY=0 from
+        # threads, as the CLI; freed memory is not kept (PERCEIVER_NP_KEEP_MEMORY=0 from
         # SYSTEMS): the speed must not come from a process-wide allocator setting
         pnp.runtime.tune(threads)
         self.pnp, self.optim, self.train = pnp, optim, train

@@ -164,7 +164,7 @@ class Ours:
     def __init__(self, threads: int) -> None:
         import perceiver_np as pnp
 
-        # threads and passive OpenMP wait; glibc's default malloc, as HF runs (the engine's
+        # threads, as the CLI; glibc's default malloc, as HF runs (the engine's
         # buffers are its workspace's, docs/fast.md)
         pnp.runtime.tune(threads, keep_memory=False)
         self.pnp = pnp

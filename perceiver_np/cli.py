@@ -1395,8 +1395,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> int:
     """The ``perceiver-np`` executable: :func:`perceiver_np.runtime.tune` (the process-wide
-    settings a command-line run wants: threads from PERCEIVER_NP_NUM_THREADS, a passive OpenMP
-    wait, freed memory kept unless PERCEIVER_NP_KEEP_MEMORY=0), then :func:`main`. ``main``
+    settings a command-line run wants: threads from PERCEIVER_NP_NUM_THREADS, freed memory kept
+    unless PERCEIVER_NP_KEEP_MEMORY=0), then :func:`main`. ``main``
     itself tunes nothing, so calling it from Python changes nothing process-wide."""
     from .runtime import tune
 

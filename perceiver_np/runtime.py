@@ -4,16 +4,19 @@
 
     import perceiver_np
     perceiver_np.runtime.tune()          # what the CLI and the benchmarks do first
-    perceiver_np.runtime.tune(threads=2, keep_memory=False, passive_wait=True)
+    perceiver_np.runtime.tune(threads=2, keep_memory=False)
 
-:func:`tune` makes three process-wide settings, each of which made this machine's inference engine
-faster (docs/fast.md has the diagnosis; docs/performance.md the benchmark's figures):
+:func:`tune` makes up to three process-wide settings (docs/fast.md has the diagnosis;
+docs/performance.md the benchmark's figures):
 
 - ``threads``: Numba's pool and every BLAS pool use that many threads
   (:func:`perceiver_np.threads.set_num_threads`); default ``PERCEIVER_NP_NUM_THREADS`` if set.
-- ``passive_wait``: Numba's OpenMP pool is started with ``OMP_WAIT_POLICY=PASSIVE``, so its
-  threads sleep instead of spinning after each kernel (a spinning pool halved the speed of the
-  BLAS product that followed). libgomp reads the variable once, when it is loaded; ``tune``
+- ``passive_wait`` (off by default): Numba's OpenMP pool is started with
+  ``OMP_WAIT_POLICY=PASSIVE``, so its threads sleep at once after each kernel instead of
+  spinning a while first (libgomp's default). For a process that also runs other thread pools
+  (OpenMP or BLAS threads of another library) between perceiver_np's kernels: a spinning pool
+  takes their cores. perceiver_np's own products run on Numba's pool, so its engine is faster
+  with the default (docs/fast.md). libgomp reads the variable once, when it is loaded; ``tune``
   sets it, starts Numba's pool, and puts ``os.environ`` back as it was, so child processes
   inherit nothing. It has no effect when libgomp was already loaded (reported in the result).
 - ``keep_memory``: glibc keeps freed memory for reuse (:mod:`perceiver_np.memory`); default
@@ -99,7 +102,7 @@ def _start_pool_passive() -> bool:
 
 
 def tune(
-    threads: int | None = None, *, passive_wait: bool = True, keep_memory: bool | None = None
+    threads: int | None = None, *, passive_wait: bool = False, keep_memory: bool | None = None
 ) -> Tuned:
     """Apply the process-wide settings of the module docstring; returns what was done."""
     n = env_threads() if threads is None else threads

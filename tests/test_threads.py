@@ -102,7 +102,7 @@ import json, os, warnings
 import perceiver_np as pnp
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    tuned = pnp.runtime.tune()
+    tuned = pnp.runtime.tune(passive_wait=os.environ.get("PASSIVE") == "1")
 print(json.dumps({"threads": tuned.threads["numba"], "passive": tuned.passive_wait,
                   "keep": tuned.keep_memory, "omp_env": os.environ.get("OMP_WAIT_POLICY"),
                   "warnings": [str(w.message) for w in caught]}))
@@ -112,7 +112,7 @@ print(json.dumps({"threads": tuned.threads["numba"], "passive": tuned.passive_wa
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     limit = pnp.threads.max_threads()
-    assert got["threads"] == limit and got["passive"] and got["keep"] == glibc and got["omp_env"] is None
+    assert got["threads"] == limit and not got["passive"] and got["keep"] == glibc and got["omp_env"] is None
     assert got["warnings"] == [f"PERCEIVER_NP_NUM_THREADS='4000' is outside 1..{limit} "
                                f"(NUMBA_NUM_THREADS); using {limit}"]
     out = _run(code, PERCEIVER_NP_NUM_THREADS="two", PERCEIVER_NP_KEEP_MEMORY="0")
@@ -123,6 +123,8 @@ print(json.dumps({"threads": tuned.threads["numba"], "passive": tuned.passive_wa
     got = json.loads(out.stdout)
     assert got["warnings"] == [
         "PERCEIVER_NP_KEEP_MEMORY='maybe' is not 0 or 1; ignored (freed memory is kept)"]
+    got = json.loads(_run(code, PASSIVE="1").stdout)  # asked for: the pool starts passive
+    assert got["passive"] and got["omp_env"] is None
 
 
 @pytest.mark.parametrize("order", ["first-in-first-out", "first-in-last-out"])
