@@ -354,11 +354,7 @@ class BasicDecoder:
         if options:
             raise ValueError(f"{sorted(options)}: this model's decoder takes no options")
         b = z.shape[0]
-        if self.queries == "trainable":
-            table = p["decoder.queries"]
-            q = np.broadcast_to(table, (b, *table.shape))  # [O, Cq] -> [B, O, Cq]
-        else:
-            q = x  # the optical-flow decoder queries with the preprocessed input [B, N, C]
+        q = self._queries(b, x, p)  # [B, O, Cq]
         tap(record, "decoder.queries", q)
         u, block = cross_block_forward(
             q, z, params_under(p, "decoder"), num_heads=self.heads, use_query_residual=self.query_residual,
@@ -379,21 +375,25 @@ class BasicDecoder:
         the inference engine (:func:`perceiver_np.engine.decode_queries`, its intermediates from
         ``alloc``), the output Linear on the engine's product. Tested equal to forward."""
         b = z.shape[0]
-        if self.queries == "trainable":
-            table = p["decoder.queries"]
-            q = np.broadcast_to(table, (b, *table.shape))  # [O, Cq] -> [B, O, Cq]
-        else:
-            q = x  # the optical-flow decoder queries with the preprocessed input [B, N, C]
         ops = engine_ops(cfg.backend)
-        y = engine.decode_queries(q, z, params_under(p, "decoder"), ops, num_heads=self.heads,
-                                  use_query_residual=self.query_residual, gelu="exact",
-                                  alloc=scoped(alloc, "decoder"))  # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
+        # [B, O, Cq] x [B, M, D] -> [B, O, Cq]
+        y = engine.decode_queries(self._queries(b, x, p), z, params_under(p, "decoder"), ops,
+                                  num_heads=self.heads, use_query_residual=self.query_residual,
+                                  gelu="exact", alloc=scoped(alloc, "decoder"))
         if self.out is not None:
             w = p["decoder.output.weight"]
             # [B, O, Cq] -> [B*O, Cq] -> [B*O, out] -> [B, O, out]
             y = ops.matmul(y.reshape(-1, y.shape[-1]), w).reshape(b, -1, w.shape[1])
             y += p["decoder.output.bias"]
         return self._shaped(y)
+
+    def _queries(self, b: int, x: np.ndarray, p: Params) -> np.ndarray:
+        """The decoder's queries [B, O, Cq]: the learned table broadcast over the batch, or the
+        preprocessed input x itself (the optical-flow decoder)."""
+        if self.queries == "trainable":
+            table = p["decoder.queries"]
+            return np.broadcast_to(table, (b, *table.shape))  # [O, Cq] -> [B, O, Cq]
+        return x  # [B, N, C]
 
     def _shaped(self, y: np.ndarray) -> np.ndarray:
         """The decoded queries [B, O, out] as the HF class returns them."""
