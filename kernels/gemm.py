@@ -64,7 +64,7 @@ COL_ALIGN = 16
 PRODUCT = "product"
 #: Rows per work item of ``project_heads`` (at most): its [rows, H*(d0 + d1 + d2)] product stays
 #: in L2 (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts. Fewer rows
-#: than threads * this (the latents of one sample) are cut into one block per thread instead.
+#: (the latents of one sample) are tiled by :func:`tiles`, by rows or by columns.
 PROJECT_BLOCK_ROWS = 256
 
 
@@ -399,7 +399,7 @@ def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | 
         raise ValueError(f"{name}: expected an array {letters}, got {got}")
     if a.dtype not in (np.float32, np.float64) or (dtype is not None and a.dtype != dtype):
         raise TypeError(f"{name}: expected dtype {dtype or 'float32 or float64'}, got {a.dtype.name}")
-    if transposed and not a.flags.c_contiguous and a.ndim == 2:
+    if transposed and not a.flags.c_contiguous:
         return kernel_array(a.T).T
     return kernel_array(a)
 

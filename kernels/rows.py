@@ -7,7 +7,7 @@ plain path's formulas (tested equal, tests/test_engine.py)::
     residual_layernorm(z, t, bias, gamma, beta)     z += t + bias; return LN(z)   [R, F]
     residual(z, t, bias)                            z += t + bias                 [R, F]
     bias_gelu(h, bias, approximate)                 h = GELU(h + bias)            [R, F]
-    merge_heads(o, bias, visible, out)              out[b*M + i, h*dv + e] = o[b, h, i, e] + bias
+    merge_heads(o, bias, visible)                   -> [B*M, H*dv]: o[b, h, i, e] (+ bias[h*dv + e])
     layernorm_train(x, gamma, beta)                 -> y, xhat [R, F], rstd [R, 1]  (training)
     layernorm_backward(dy, xhat, rstd, gamma)       -> dx [R, F], dgamma [F], dbeta [F]
 

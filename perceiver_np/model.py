@@ -218,7 +218,7 @@ class Perceiver:
 
     @contextlib.contextmanager
     def naming_bad_params(self) -> Iterator[None]:
-        """Around a call of the inference engine on ``checked_params(engine=True)``: when a
+        """Around a call of the inference engine on ``checked_params(for_engine=True)``: when a
         step reports NaN or infinity (OverflowRisk), every parameter is scanned first, so that
         a non-finite parameter is named (ValueError ``params['...']: ...``) rather than the
         step it reached; with every parameter finite the step's OverflowRisk stands."""
