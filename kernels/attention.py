@@ -409,8 +409,10 @@ def attention_backward(
     block_m: int = BACKWARD_BLOCK_M,
     block_n: int = BACKWARD_BLOCK_N,
     n_splits: int | None = None,
+    alloc: Alloc | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (dq [B, H, M, dh], dk [B, H, N, dh], dv [B, H, N, dv]) in the inputs' dtype."""
+    """-> (dq [B, H, M, dh], dk [B, H, N, dh], dv [B, H, N, dv]) in the inputs' dtype; every
+    buffer (delta, the splits' partial dq, dq, dk, dv) from ``alloc`` when given."""
     q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale)
     b, h, m, dh = q.shape
     n, dv = k.shape[2], v.shape[3]
@@ -425,13 +427,13 @@ def attention_backward(
     if n_splits is None:
         n_splits = choose_splits(b * h, n)
     n_splits = max(1, min(int(n_splits), n))
-    delta = np.empty((b, h, m), dtype=q.dtype)
+    delta = empty(alloc, "delta", (b, h, m), q.dtype)
     _backward_delta(do, o, delta)
-    dq_part = np.empty((n_splits, b, h, m, dh), dtype=np.float64)
-    dk = np.empty((b, h, n, dh), dtype=q.dtype)
-    dv_out = np.empty((b, h, n, dv), dtype=q.dtype)
+    dq_part = empty(alloc, "dq_part", (n_splits, b, h, m, dh), np.float64)
+    dk = empty(alloc, "dk", (b, h, n, dh), q.dtype)
+    dv_out = empty(alloc, "dv", (b, h, n, dv), q.dtype)
     _backward_partial(do, q, k, v, lse, delta, mask_arr, has_mask, sc, block_m, block_n,
                       n_splits, dq_part, dk, dv_out)
-    dq = np.empty((b, h, m, dh), dtype=q.dtype)
+    dq = empty(alloc, "dq", (b, h, m, dh), q.dtype)
     _backward_sum_dq(dq_part, dq)
     return dq, dk, dv_out

@@ -20,7 +20,9 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
-from ._numba import kernel_array, parallel_kernel, threads_for
+from perceiver_np.shapes import Alloc
+
+from ._numba import empty, kernel_array, parallel_kernel, threads_for
 from .fastexp import fast_exp
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -130,19 +132,20 @@ def _gelu_backward(dy, x, dx, tanh_form):  # pragma: no cover - compiled
             dx[i] = dy[i] * d
 
 
-def gelu_forward(x: np.ndarray, approximate: str = "exact") -> np.ndarray:
-    """x: [...] -> GELU(x): [...], in x's dtype (float32 or float64)."""
+def gelu_forward(x: np.ndarray, approximate: str = "exact", *, alloc: Alloc | None = None) -> np.ndarray:
+    """x: [...] -> GELU(x): [...], in x's dtype (float32 or float64); from ``alloc`` when given."""
     xc = kernel_array(x)
-    y = np.empty_like(xc)
+    y = empty(alloc, "y", xc.shape, xc.dtype)
     with threads_for(xc.size):
         _gelu_forward(xc.reshape(-1), y.reshape(-1), approximate == "tanh")
     return y
 
 
-def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact") -> np.ndarray:
-    """dy, x: [...] -> dx = dy * GELU'(x): [...]."""
+def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact", *,
+                  alloc: Alloc | None = None) -> np.ndarray:
+    """dy, x: [...] -> dx = dy * GELU'(x): [...]; from ``alloc`` when given."""
     xc, dyc = kernel_array(x), kernel_array(np.asarray(dy, dtype=x.dtype))
-    dx = np.empty_like(xc)
+    dx = empty(alloc, "dx", xc.shape, xc.dtype)
     with threads_for(xc.size):
         _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), approximate == "tanh")
     return dx

@@ -426,10 +426,11 @@ def matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None, finite: 
     return out
 
 
-def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def matmul_tn(a: np.ndarray, b: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
     """a: [R, I], b: [R, O] -> a.T @ b: [I, O] (a weight's gradient: a sum over the R rows),
     as one partial product per block of REDUCTION_BLOCK_ROWS rows, then their sum in block
-    order: bitwise the same on any number of threads."""
+    order: bitwise the same on any number of threads. The partial products come from
+    ``alloc``'s "part" when given; the sum is a new array."""
     a = _check("a", a, 2, "[R, I]")
     b = _check("b", b, 2, "[R, O]", a.dtype)
     if b.shape[0] != a.shape[0]:
@@ -437,7 +438,7 @@ def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT:
         return a.T @ b
     items = math.ceil(a.shape[0] / REDUCTION_BLOCK_ROWS)
-    part = np.empty((items, a.shape[1], b.shape[1]), dtype=a.dtype)
+    part = empty(alloc, "part", (items, a.shape[1], b.shape[1]), a.dtype)
     with single_threaded_blas():
         _matmul_tn_partial(a, b, part, REDUCTION_BLOCK_ROWS)
     return part[0] if items == 1 else part.sum(axis=0)

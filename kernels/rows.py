@@ -333,25 +333,26 @@ def merge_heads(o: np.ndarray, bias: np.ndarray | None, visible: np.ndarray | No
 
 
 def layernorm_train(
-    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, alloc: Alloc | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x: [R, F] -> (y = LN(x) [R, F], xhat [R, F], rstd [R, 1]): the plain path's
-    ``layernorm_forward`` and its cache in one pass."""
+    ``layernorm_forward`` and its cache in one pass (the three from ``alloc`` when given)."""
     x = _rows("x", x)
     f, dt = x.shape[1], x.dtype
-    y, xhat = np.empty_like(x), np.empty_like(x)
-    rstd = np.empty((x.shape[0], 1), dtype=dt)
+    y, xhat = empty(alloc, "y", x.shape, dt), empty(alloc, "xhat", x.shape, dt)
+    rstd = empty(alloc, "rstd", (x.shape[0], 1), dt)
     with threads_for(x.size):
         _layernorm_train_rows(x, _vector("gamma", gamma, f, dt), _vector("beta", beta, f, dt), y, xhat, rstd)
     return y, xhat, rstd
 
 
 def layernorm_backward(
-    dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray
+    dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray, *,
+    alloc: Alloc | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dy, xhat: [R, F], rstd: [R, 1] -> (dx [R, F], dgamma [F], dbeta [F]); the sums over rows
     are partials over fixed blocks of REDUCTION_BLOCK_ROWS rows first (in the dtype), added in
-    block order: the same on any number of threads."""
+    block order: the same on any number of threads. dx from ``alloc`` when given."""
     dy = _rows("dy", dy)
     f, dt = dy.shape[1], dy.dtype
     xhat = _rows("xhat", xhat, f, dt)
@@ -360,7 +361,7 @@ def layernorm_backward(
                          f"{xhat.shape} and {rstd.shape}")
     block = REDUCTION_BLOCK_ROWS
     items = max(1, -(-dy.shape[0] // block))
-    dx = np.empty_like(dy)
+    dx = empty(alloc, "dx", dy.shape, dt)
     dgamma, dbeta = np.empty((items, f), dtype=dt), np.empty((items, f), dtype=dt)
     with threads_for(dy.size):
         _layernorm_backward_rows(dy, xhat, kernel_array(np.asarray(rstd, dtype=dt)),

@@ -35,18 +35,22 @@ from .kernels import gemm as gemm
 from .kernels import rows as rows
 from .layers import GeluCache, LayerNormCache, LayerOps, LinearCache, Params
 from .shapes import ChunkState, expect_shape
-from .workspace import Alloc
+from .workspace import Alloc, step_alloc
 
 # ---------------------------------------------------------------------------------------------
 # the training ops of the numba backend, under the layers' contract
 # ---------------------------------------------------------------------------------------------
+# Each op hands its kernels ``step_alloc()``: inside a training step (workspace.StepArena.step,
+# which train.train_step runs) the kernels' outputs come from the step's arena, the same memory
+# every step; elsewhere they are new arrays.
 
 
 def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCache]:
     """:func:`perceiver_np.layers.linear_forward` with the product on Numba's pool."""
     w, b = params["weight"], params.get("bias")
     expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
-    y = gemm.matmul(x.reshape(-1, w.shape[0]), w).reshape(*x.shape[:-1], w.shape[1])  # [..., out]
+    y = gemm.matmul(x.reshape(-1, w.shape[0]), w, alloc=step_alloc())  # [..., in] -> [R, in] -> [R, out]
+    y = y.reshape(*x.shape[:-1], w.shape[1])  # [R, out] -> [..., out]
     if b is not None:
         expect_shape("linear bias", b, (w.shape[1],), "[out]")
         y += b
@@ -59,8 +63,9 @@ def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Par
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
-    dweight = gemm.matmul_tn(x2, dy2)  # [in, R] @ [R, out] -> [in, out]
-    dx = gemm.matmul(dy2, w.T).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
+    alloc = step_alloc()
+    dweight = gemm.matmul_tn(x2, dy2, alloc=alloc)  # [in, R] @ [R, out] -> [in, out]
+    dx = gemm.matmul(dy2, w.T, alloc=alloc).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
     if not has_bias:
         return dx, {"weight": dweight}
     return dx, {"weight": dweight, "bias": dy2.sum(axis=0)}
@@ -71,7 +76,8 @@ def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerN
     gamma, beta = params["gamma"], params["beta"]
     expect_shape("layernorm x", x, (*x.shape[:-1], gamma.shape[0]), "[..., F]")
     f = gamma.shape[0]
-    y2, xhat2, rstd2 = rows.layernorm_train(x.reshape(-1, f), gamma, beta)  # [..., F] -> [R, F]
+    y2, xhat2, rstd2 = rows.layernorm_train(x.reshape(-1, f), gamma, beta,
+                                            alloc=step_alloc())  # [..., F] -> [R, F]
     return y2.reshape(x.shape), LayerNormCache(xhat2.reshape(x.shape), rstd2.reshape(*x.shape[:-1], 1),
                                                gamma)
 
@@ -82,7 +88,7 @@ def layernorm_backward(dy: np.ndarray, cache: LayerNormCache) -> tuple[np.ndarra
     expect_shape("layernorm dy", dy, xhat.shape, "[..., F]")
     f = gamma.shape[0]
     dx2, dgamma, dbeta = rows.layernorm_backward(dy.reshape(-1, f), xhat.reshape(-1, f),
-                                                 rstd.reshape(-1, 1), gamma)
+                                                 rstd.reshape(-1, 1), gamma, alloc=step_alloc())
     return dx2.reshape(dy.shape), {"gamma": dgamma, "beta": dbeta}
 
 
@@ -92,13 +98,28 @@ def gelu_forward(
     """:func:`perceiver_np.layers.gelu_forward` in the parallel element-wise kernel."""
     if approximate not in ("exact", "tanh"):
         raise ValueError(f"gelu: approximate must be 'exact' or 'tanh', got {approximate!r}")
-    return elementwise.gelu_forward(x, approximate), GeluCache(x, approximate)
+    return elementwise.gelu_forward(x, approximate, alloc=step_alloc()), GeluCache(x, approximate)
 
 
 def gelu_backward(dy: np.ndarray, cache: GeluCache) -> tuple[np.ndarray, Params]:
     """:func:`perceiver_np.layers.gelu_backward` in the parallel element-wise kernel."""
     expect_shape("gelu dy", dy, cache.x.shape, "[...]")
-    return elementwise.gelu_backward(dy, cache.x, cache.approximate), {}
+    return elementwise.gelu_backward(dy, cache.x, cache.approximate, alloc=step_alloc()), {}
+
+
+def attention_forward(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiled kernel's (o, lse) attention (:func:`perceiver_np.kernels.attention.attention_forward`)."""
+    return kernel_attention.attention_forward(q, k, v, mask, alloc=step_alloc())
+
+
+def attention_backward(
+    do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, o: np.ndarray, lse: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tiled kernel's backward (:func:`perceiver_np.kernels.attention.attention_backward`)."""
+    return kernel_attention.attention_backward(do, q, k, v, o, lse, mask, alloc=step_alloc())
 
 
 #: The plain path with the (o, lse) attention of perceiver_np.attention (no probabilities kept).
@@ -106,8 +127,7 @@ PLAIN_LSE = layers.PLAIN._replace(attention_forward=plain_attention.attention_fo
                                   attention_backward=plain_attention.attention_backward)
 #: Every op on the kernels, attention through the tiled kernel.
 NUMBA = LayerOps("numba", linear_forward, linear_backward, layernorm_forward, layernorm_backward,
-                 gelu_forward, gelu_backward, kernel_attention.attention_forward,
-                 kernel_attention.attention_backward)
+                 gelu_forward, gelu_backward, attention_forward, attention_backward)
 #: The kernels for every op but the attention, which keeps its probabilities.
 NUMBA_PROBABILITIES = NUMBA._replace(attention_forward=None, attention_backward=None)
 

@@ -62,7 +62,7 @@ from .shapes import (
     expect_shape,
     first_nonfinite,
 )
-from .workspace import ThreadWorkspaces, Workspace
+from .workspace import StepArena, ThreadArenas, ThreadWorkspaces, Workspace
 
 
 def init_params(cfg: PerceiverConfig) -> Params:
@@ -156,6 +156,7 @@ class Perceiver:
         self.params = init_params(config) if params is None else check_params(config, params)
         self._token = object()  # identifies this model's caches
         self._workspaces = ThreadWorkspaces()  # the inference engine's buffers, one set per thread
+        self._arenas = ThreadArenas()  # the training step's buffers, one arena per thread
         self.fixed_queries: np.ndarray | None = None  # [O, Cq]: Fourier output queries
         if config.decoder == "query" and config.query_source == "fourier":
             self.fixed_queries = fourier_position_encoding(
@@ -195,6 +196,13 @@ class Perceiver:
         ``.clear()`` hands them back. Each thread has its own, so concurrent calls never share
         a buffer; the outputs are always new arrays."""
         return self._workspaces.get()
+
+    def step_arena(self) -> StepArena:
+        """The calling thread's :class:`~perceiver_np.workspace.StepArena`: the buffers
+        :func:`perceiver_np.train.train_step` of this model takes the kernels' activations,
+        caches and gradients from, the same memory every step (``.nbytes``: about what one step
+        allocates through the kernels; ``.clear()`` hands them back)."""
+        return self._arenas.get()
 
     @property
     def uses_engine(self) -> bool:

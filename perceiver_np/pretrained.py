@@ -67,7 +67,7 @@ from .position import (
     shared_fourier_position_encoding,
 )
 from .shapes import as_mask, as_real_input, expect_finite_output, expect_shape, first_nonfinite
-from .workspace import Alloc, scoped
+from .workspace import Alloc, StepArena, scoped
 
 #: ``transformers.PerceiverConfig``'s defaults of the fields the ``PerceiverFor*`` classes read
 #: besides the encoder's (:data:`perceiver_np.interop.HF_CONFIG_DEFAULTS`).
@@ -644,6 +644,11 @@ class PretrainedPerceiver:
         """The same architecture, config and buffers with ``params`` (checked at every call)."""
         return PretrainedPerceiver(self.architecture, self.hf_config, params, self.buffers,
                                    dtype=self.config.dtype)
+
+    def step_arena(self) -> StepArena:
+        """The calling thread's :class:`~perceiver_np.workspace.StepArena` for
+        :func:`perceiver_np.train.train_step`: the encoder's (:meth:`Perceiver.step_arena`)."""
+        return self.encoder.step_arena()
 
     @property
     def param_count(self) -> int:

@@ -249,6 +249,25 @@ def train_step(
     """
     _check_model(model)
     step = state.step + 1
+    # the kernels' activations, caches and gradients come from the model's step arena, the same
+    # memory every step (perceiver_np.workspace): nothing of them may outlive the step
+    arena = model.step_arena()
+    with arena.step():
+        value, metrics, params, opt_state, norm = _step(model, batch, loss, optimizer, state, rng,
+                                                        step, clip_norm)
+    # the optimizer's outputs are new arrays; one that were (a view of) the arena's memory
+    # (an optimizer returning a gradient as is) is copied out before the next step writes it
+    params = {k: v.copy() if arena.owns(v) else v for k, v in params.items()}
+    opt_state = {k: v.copy() if arena.owns(v) else v for k, v in opt_state.items()}
+    return value, {"loss": value, "grad_norm": norm, **metrics}, TrainState(params, opt_state, step)
+
+
+def _step(
+    model: Model, batch: Batch, loss: Loss, optimizer: Optimizer, state: TrainState,
+    rng: np.random.Generator, step: int, clip_norm: float | None,
+) -> tuple[float, dict[str, float], Params, dict[str, np.ndarray], float]:
+    """:func:`train_step`'s forward, loss, backward, clip and update, and its guards: (loss,
+    metrics, new params, new optimizer state, the gradient's global norm)."""
     value, metrics, grads = _loss_and_grads(model, state.params, batch, loss, rng, step)
     norm = global_norm(grads)  # float64; finite exactly when every entry is and it does not overflow
     if not math.isfinite(norm):
@@ -266,7 +285,7 @@ def train_step(
         _raise_if_nonfinite(step, f"params[{name!r}]", p, " after the update")
     for name, slot in opt_state.items():
         _raise_if_nonfinite(step, f"opt_state[{name!r}]", slot, " after the update")
-    return value, {"loss": value, "grad_norm": norm, **metrics}, TrainState(params, opt_state, step)
+    return value, metrics, params, opt_state, norm
 
 
 def batches(data: Batch, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[dict]:

@@ -1,8 +1,11 @@
-"""The inference engine's workspace (perceiver_np.workspace): buffers a model owns and reuses.
+"""The inference engine's workspace and the training step's arena (perceiver_np.workspace):
+buffers a model owns and reuses.
 
 Reuse must never change a result: a model's second, third... call gives bitwise what a fresh
 model gives, returns arrays that later calls do not overwrite, and allocates no new buffer for
-an input of the same or a smaller shape; threads never share one.
+an input of the same or a smaller shape; threads never share one. The same for training
+steps: a step on the arena gives bitwise what the step's parts give without it, and what it
+returns never lives in the arena.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import numpy as np
 import pytest
 
 import perceiver_np as pnp
-from perceiver_np import engine
+from perceiver_np import engine, optim, train
 from perceiver_np.tolerances import FAST_FLOAT64_RTOL
-from perceiver_np.workspace import ThreadWorkspaces, Workspace, fresh, scoped
+from perceiver_np.workspace import StepArena, ThreadWorkspaces, Workspace, fresh, scoped, step_alloc
 
 from .helpers import random_model
 
@@ -138,3 +141,114 @@ def test_thread_workspaces_are_per_thread():
     t.start()
     t.join()
     assert other[0] is not mine
+
+
+# ---- the training step's arena ----------------------------------------------------------------
+
+
+def test_a_step_arena_hands_out_its_buffers_in_call_order():
+    arena = StepArena()
+    assert step_alloc() is None
+    with arena.step():
+        assert step_alloc() is arena
+        a, b = arena("x", (4, 6), np.float32), arena("x", (4, 6), np.float32)
+        assert not np.shares_memory(a, b)  # one buffer per request of a step
+        c = arena("x", (4, 6), np.float64)  # the requests of each name and dtype in order
+    assert step_alloc() is None and arena.made == 3
+    with arena.step():
+        c2 = arena("x", (3,), np.float64)  # float64 "x" #0: the start of c
+        a2 = arena("x", (2, 3), np.float32)  # smaller: the start of float32 "x" #0
+        b2 = arena("x", (5, 6), np.float32)  # larger: float32 "x" #1 replaced
+    assert np.shares_memory(a, a2) and np.shares_memory(c, c2) and not np.shares_memory(b, b2)
+    assert arena.made == 4
+    assert arena.owns(a2) and arena.owns(b2[1:]) and arena.owns(c2) and not arena.owns(b)
+    assert not arena.owns(a2.copy())
+    assert arena.nbytes == 4 * 6 * 4 + 5 * 6 * 4 + 4 * 6 * 8
+    with arena.step():
+        outer = arena("x", (4,), np.float64)
+        with arena.step():  # a step inside a step of the same arena allocates afresh
+            assert step_alloc() is None
+        assert step_alloc() is arena
+        with pytest.raises(RuntimeError, match="a step is running"):
+            arena.clear()
+    assert outer.dtype == np.float64
+    arena.clear()
+    assert arena.nbytes == 0 and not arena.owns(a2)
+
+
+def _steps_by_hand(model, batches, loss, opt, seed):
+    """train_step's parts without the arena: loss_and_grads, global_norm, the update."""
+    state, rng, out = train.init_state(model, opt), np.random.default_rng(seed), []
+    for batch in batches:
+        value, _, grads = train.loss_and_grads(model, state.params, batch, loss, rng)
+        norm = optim.global_norm(grads)
+        params, slots = opt.update(state.params, grads, state.opt_state)
+        state = train.TrainState(params, slots, state.step + 1)
+        out.append((value, norm, state))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_steps_on_the_arena_give_what_their_parts_give_without_it(rng, dtype):
+    """Steps of batch sizes 6, 2, 6 (the arena's buffers serve smaller requests, then the
+    same shape again): every loss, gradient norm, parameter and slot bitwise what the step's
+    parts give with every kernel output newly allocated; the arena makes no new buffer for a
+    repeated shape, and nothing returned lives in it. The model is large enough that every
+    product runs tiled (not under gemm.SMALL_PRODUCT)."""
+    model = pnp.build(input_dim=24, latent_dim=64, num_latents=16, num_layers=2, num_heads=4,
+                      dropout=0.1, dtype=dtype, output_dim=5, decoder="classification", seed=1)
+    x = rng.normal(size=(6, 300, 24)).astype(dtype)
+    y = rng.integers(0, 5, size=6)
+    batches = [{"x": x, "y": y}, {"x": x[:2], "y": y[:2]}, {"x": x, "y": y}]
+    loss, opt = train.Loss("cross_entropy"), optim.adamw(1e-3)
+    want = _steps_by_hand(model, batches, loss, opt, seed=7)
+    state, step_rng = train.init_state(model, opt), np.random.default_rng(7)
+    arena = model.step_arena()
+    made = []
+    for batch, (value, norm, ref) in zip(batches, want, strict=True):
+        got, metrics, state = train.train_step(model, batch, loss, opt, state, step_rng)
+        made.append(arena.made)
+        assert got == value and metrics["grad_norm"] == norm
+        for k in ref.params:
+            assert np.array_equal(state.params[k], ref.params[k]), k
+            assert not arena.owns(state.params[k]), k
+        for k in ref.opt_state:
+            assert np.array_equal(state.opt_state[k], ref.opt_state[k]), k
+            assert not arena.owns(state.opt_state[k]), k
+    assert made[0] > 20 and made[2] == made[1], made
+    assert arena.nbytes > x.nbytes
+
+
+def test_an_optimizer_that_returns_a_gradient_gets_a_copy_out_of_the_arena(rng):
+    """A hand-built optimizer whose new parameters are the gradients themselves: what the
+    step returns is a copy, which the next step does not overwrite."""
+    model = pnp.build(input_dim=24, latent_dim=64, num_latents=16, num_layers=1, num_heads=4,
+                      dtype="float32", output_dim=5, decoder="classification")
+    opt = optim.Optimizer(lambda params: {}, lambda params, grads, slots: (dict(grads), {}))
+    batch = {"x": rng.normal(size=(4, 300, 24)).astype(np.float32), "y": np.arange(4)}
+    loss, step_rng = train.Loss("cross_entropy"), np.random.default_rng(0)
+    _, _, state = train.train_step(model, batch, loss, opt, train.init_state(model, opt), step_rng)
+    first = {k: v.copy() for k, v in state.params.items()}
+    assert not any(model.step_arena().owns(v) for v in state.params.values())
+    train.train_step(model, batch, loss, opt, state, step_rng)
+    assert all(np.array_equal(state.params[k], first[k]) for k in first)
+
+
+def test_the_second_step_takes_the_kernels_outputs_from_the_arena():
+    """What a step allocates (tracemalloc counts NumPy's buffers): the second step's peak is
+    below half the first's; the arena holds the kernels' activations, caches and gradients."""
+    model = pnp.build(input_dim=32, latent_dim=64, num_latents=32, num_layers=2, dtype="float32",
+                      dropout=0.0)
+    batch = {"x": np.random.default_rng(0).normal(size=(8, 2048, 32)).astype(np.float32),
+             "y": np.arange(8) % 4}
+    opt, loss = optim.adamw(1e-4), train.Loss("cross_entropy")
+    state, step_rng, peaks = train.init_state(model, opt), np.random.default_rng(0), []
+    for _ in range(2):
+        tracemalloc.start()
+        try:
+            _, _, state = train.train_step(model, batch, loss, opt, state, step_rng)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert model.step_arena().nbytes > 16 * 2**20
+    assert peaks[1] < peaks[0] / 2, [f"{p / 2**20:.1f} MiB" for p in peaks]
