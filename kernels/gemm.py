@@ -2,8 +2,9 @@
 
 ::
 
-    y = matmul(a, w)              a [R, K] @ w [K, F] -> y [R, F] (w may be a weight's transpose)
+    y = matmul(a, w, bias=b)      a [R, K] @ w [K, F] (+ b [F]) -> y [R, F] (w may be a weight's transpose)
     g = matmul_tn(a, dy)          a [R, I], dy [R, O] -> a.T @ dy [I, O] (fixed-block partial sums)
+    g, s = matmul_tn_sums(a, dy)  -> (a.T @ dy [I, O], dy's column sums [O]): a linear layer's grads
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
 
@@ -66,6 +67,10 @@ PRODUCT = "product"
 #: in L2 (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts. Fewer rows
 #: (the latents of one sample) are tiled by :func:`tiles`, by rows or by columns.
 PROJECT_BLOCK_ROWS = 256
+#: Rows per tile (at most) of a product with a bias (:func:`matmul`): the tile stays in L2
+#: (512 x 256 float32 = 512 KiB) while the bias is added, at the price of more BLAS calls than
+#: one tile per thread (each packs its columns of the weight again).
+BIAS_BLOCK_ROWS = 512
 
 
 @intrinsic
@@ -149,9 +154,11 @@ def exponent_mask(dtype: np.dtype) -> np.ndarray:
 
 
 @parallel_kernel
-def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask):  # pragma: no cover - compiled
-    """out[r0:r1, c0:c1] = a[r0:r1] @ w[:, c0:c1] for each tile of row_block x col_block (a [R, K],
-    w [K, F], out [R, F]); status[item] = that tile's BLAS status, or NONFINITE when ``check``
+def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # pragma: no cover - compiled
+                  bias, has_bias):
+    """out[r0:r1, c0:c1] = a[r0:r1] @ w[:, c0:c1] (+ bias[c0:c1] when ``has_bias``, added to
+    the tile while it is in cache) for each tile of row_block x col_block (a [R, K], w [K, F],
+    out [R, F], bias [F]); status[item] = that tile's BLAS status, or NONFINITE when ``check``
     and the tile holds NaN or infinity (looked for while the tile is in cache)."""
     r, f = out.shape
     n_cols = (f + col_block - 1) // col_block
@@ -160,15 +167,23 @@ def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask):  # 
         c0 = (item % n_cols) * col_block
         r1, c1 = min(r, r0 + row_block), min(f, c0 + col_block)
         done = _tile_product(a, r0, r1, w, c0, c1, out, r0 * f + c0, f)
+        if done == 0 and has_bias:
+            b = bias[c0:c1]
+            for i in range(r0, r1):
+                row = out[i, c0:c1]
+                for c in range(c1 - c0):
+                    row[c] += b[c]
         if done == 0 and check and _nonfinite(out, r0, r1, c0, c1, exp_mask) > 0:
             done = NONFINITE
         status[item] = done
 
 
 @parallel_kernel
-def _matmul_tn_partial(a, b, part, block):  # pragma: no cover - compiled
+def _matmul_tn_partial(a, b, part, sums, has_sums, block):  # pragma: no cover - compiled
     """part[t] = a[lo:hi].T @ b[lo:hi] for the t-th block of rows (a [R, I], b [R, O],
-    part [T, I, O]): one partial sum per work item, summed by the caller (a pass of its own)."""
+    part [T, I, O]), and when ``has_sums`` sums[t] = b[lo:hi]'s column sums (sums [T, O], in
+    the dtype, rows added in order, while the block is in cache): one partial sum per work
+    item, summed by the caller (a pass of its own)."""
     r = a.shape[0]
     for t in prange(part.shape[0]):
         lo = t * block
@@ -177,6 +192,13 @@ def _matmul_tn_partial(a, b, part, block):  # pragma: no cover - compiled
             np.dot(a[lo:hi].T, b[lo:hi], part[t])
         else:
             part[t][:] = 0.0
+        if has_sums:
+            s = sums[t]
+            s[:] = 0.0
+            for i in range(lo, hi):
+                row = b[i]
+                for c in range(row.shape[0]):
+                    s[c] += row[c]
 
 
 @parallel_kernel
@@ -404,44 +426,73 @@ def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | 
     return kernel_array(a)
 
 
-def matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
-    """a: [R, K] @ w: [K, F] -> [R, F], in a's dtype (the output from ``alloc``'s "out" when
-    given: :func:`perceiver_np.kernels._numba.empty`). ``finite``: raise OverflowRisk(PRODUCT)
-    when the output holds NaN or infinity (each tile looked at while in cache): with a finite
-    ``a``, a non-finite entry of ``w`` always shows in its column of the output (NaN or inf times
+def matmul(a: np.ndarray, w: np.ndarray, *, bias: np.ndarray | None = None, alloc: Alloc | None = None,
+           finite: bool = False) -> np.ndarray:
+    """a: [R, K] @ w: [K, F] (+ bias [F]) -> [R, F], in a's dtype (the output from ``alloc``'s
+    "out" when given: :func:`perceiver_np.kernels._numba.empty`). The bias is added to each tile
+    right after its product, while the tile is in cache (tiles of at most BIAS_BLOCK_ROWS rows),
+    the same float additions as ``a @ w + bias``. ``finite``: raise OverflowRisk(PRODUCT) when
+    the output holds NaN or infinity (each tile looked at while in cache): with a finite ``a``,
+    a non-finite entry of ``w`` always shows in its column of the output (NaN or inf times
     anything, 0 included, is NaN or inf), and so does an overflow."""
     a = _check("a", a, 2, "[R, K]")
     w = _check("w", w, 2, "[K, F]", a.dtype, transposed=True)
     if w.shape[0] != a.shape[1]:
         raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
+    has_bias = bias is not None
+    bias_arr = rows._vector("bias", bias, w.shape[1], a.dtype) if bias is not None else np.zeros(1, a.dtype)
     out = empty(alloc, "out", (a.shape[0], w.shape[1]), a.dtype)
     if a.shape[0] * a.shape[1] * w.shape[1] < SMALL_PRODUCT:
         np.matmul(a, w, out=out)
+        if has_bias:
+            out += bias_arr
         return _expect_finite(out) if finite else out
-    row_block, col_block = tiles(a.shape[0], w.shape[1], _threads())
+    row_block, col_block = tiles(a.shape[0], w.shape[1], _threads(), BIAS_BLOCK_ROWS if has_bias else None)
     status = np.zeros(_items(a.shape[0], w.shape[1], row_block, col_block), dtype=np.int32)
     with single_threaded_blas():
-        _matmul_tiles(a, w, out, row_block, col_block, status, finite, exponent_mask(a.dtype))
+        _matmul_tiles(a, w, out, row_block, col_block, status, finite, exponent_mask(a.dtype),
+                      bias_arr, has_bias)
     _check_status(status)
     return out
+
+
+def _tn(a: np.ndarray, b: np.ndarray, alloc: Alloc | None,
+        sums: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`matmul_tn`, and ``b``'s column sums when ``sums`` (else None)."""
+    a = _check("a", a, 2, "[R, I]")
+    b = _check("b", b, 2, "[R, O]", a.dtype)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"b: expected {a.shape[0]} rows like a, got shape {b.shape}")
+    if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT:
+        return a.T @ b, (b.sum(axis=0) if sums else None)
+    items = math.ceil(a.shape[0] / REDUCTION_BLOCK_ROWS)
+    part = empty(alloc, "part", (items, a.shape[1], b.shape[1]), a.dtype)
+    part_sums = empty(alloc, "part_sums", (items, b.shape[1]), a.dtype) if sums else np.zeros((1, 1), a.dtype)
+    with single_threaded_blas():
+        _matmul_tn_partial(a, b, part, part_sums, sums, REDUCTION_BLOCK_ROWS)
+    total = part[0] if items == 1 else part.sum(axis=0)
+    if not sums:
+        return total, None
+    return total, (part_sums[0].copy() if items == 1 else part_sums.sum(axis=0))
 
 
 def matmul_tn(a: np.ndarray, b: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
     """a: [R, I], b: [R, O] -> a.T @ b: [I, O] (a weight's gradient: a sum over the R rows),
     as one partial product per block of REDUCTION_BLOCK_ROWS rows, then their sum in block
     order: bitwise the same on any number of threads. The partial products come from
-    ``alloc``'s "part" when given; the sum is a new array."""
-    a = _check("a", a, 2, "[R, I]")
-    b = _check("b", b, 2, "[R, O]", a.dtype)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"b: expected {a.shape[0]} rows like a, got shape {b.shape}")
-    if a.shape[0] * a.shape[1] * b.shape[1] < SMALL_PRODUCT:
-        return a.T @ b
-    items = math.ceil(a.shape[0] / REDUCTION_BLOCK_ROWS)
-    part = empty(alloc, "part", (items, a.shape[1], b.shape[1]), a.dtype)
-    with single_threaded_blas():
-        _matmul_tn_partial(a, b, part, REDUCTION_BLOCK_ROWS)
-    return part[0] if items == 1 else part.sum(axis=0)
+    ``alloc``'s "part" when given (then the result may be a view of it: one block)."""
+    return _tn(a, b, alloc, False)[0]
+
+
+def matmul_tn_sums(a: np.ndarray, b: np.ndarray, *,
+                   alloc: Alloc | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """a: [R, I], b: [R, O] -> (a.T @ b [I, O], b.sum(axis=0) [O]): a linear layer's weight and
+    bias gradients from its input and upstream gradient. :func:`matmul_tn`, with each block's
+    column sums of ``b`` taken while the block is in cache after its product, then added in
+    block order like the products: bitwise the same on any number of threads."""
+    total, sums = _tn(a, b, alloc, True)
+    assert sums is not None
+    return total, sums
 
 
 def matmul_batched(x: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:

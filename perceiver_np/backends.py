@@ -49,11 +49,12 @@ def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCac
     """:func:`perceiver_np.layers.linear_forward` with the product on Numba's pool."""
     w, b = params["weight"], params.get("bias")
     expect_shape("linear x", x, (*x.shape[:-1], w.shape[0]), "[..., in]")
-    y = gemm.matmul(x.reshape(-1, w.shape[0]), w, alloc=step_alloc())  # [..., in] -> [R, in] -> [R, out]
-    y = y.reshape(*x.shape[:-1], w.shape[1])  # [R, out] -> [..., out]
     if b is not None:
         expect_shape("linear bias", b, (w.shape[1],), "[out]")
-        y += b
+    # the bias is added to each tile of the product while it is in cache
+    x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]
+    y = gemm.matmul(x2, w, bias=b, alloc=step_alloc())  # [R, in] @ [in, out] -> [R, out]
+    y = y.reshape(*x.shape[:-1], w.shape[1])  # [R, out] -> [..., out]
     return y, LinearCache(x, w, b is not None)
 
 
@@ -64,11 +65,13 @@ def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Par
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
     alloc = step_alloc()
-    dweight = gemm.matmul_tn(x2, dy2, alloc=alloc)  # [in, R] @ [R, out] -> [in, out]
     dx = gemm.matmul(dy2, w.T, alloc=alloc).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
     if not has_bias:
+        dweight = gemm.matmul_tn(x2, dy2, alloc=alloc)  # [in, R] @ [R, out] -> [in, out]
         return dx, {"weight": dweight}
-    return dx, {"weight": dweight, "bias": dy2.sum(axis=0)}
+    # the bias gradient, dy's column sums, taken block by block with the weight's
+    dweight, dbias = gemm.matmul_tn_sums(x2, dy2, alloc=alloc)  # -> [in, out], [out]
+    return dx, {"weight": dweight, "bias": dbias}
 
 
 def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerNormCache]:

@@ -222,6 +222,15 @@ def test_products_equal_numpy(rng, dtype):
     small = x[:1, :5]  # below SMALL_PRODUCT: NumPy on the calling thread, same results
     assert relerr(gemm.matmul(small[0], w), small[0] @ w) <= tol
     assert relerr(gemm.matmul_tn(small[0], small[0] @ w), small[0].T @ (small[0] @ w)) <= tol
+    # the bias added to each tile in cache: the same float additions as adding it afterwards
+    bias = rng.normal(size=12).astype(dtype)
+    for rows_ in (a, small[0]):
+        assert np.array_equal(gemm.matmul(rows_, w, bias=bias), gemm.matmul(rows_, w) + bias)
+    # a linear layer's weight and bias gradients, on the parallel and the small path
+    for rows_, up in ((a, dy), (small[0], small[0] @ w)):
+        g, db = gemm.matmul_tn_sums(rows_, up)
+        assert np.array_equal(g, gemm.matmul_tn(rows_, up))
+        assert db.shape == (12,) and relerr(db, up.sum(axis=0)) <= sum_tol
     wk, wv, wq = (rng.normal(size=(40, 3 * d)).astype(dtype) for d in (4, 5, 4))
     k, v, q = gemm.project_heads(x, [wk, wv, wq], 3)
     for got, wj, d in ((k, wk, 4), (v, wv, 5), (q, wq, 4)):
@@ -325,6 +334,12 @@ def test_products_name_bad_arguments(rng):
         gemm.matmul_batched(x, np.ones((4, 2), np.float32))
     with pytest.raises(ValueError, match=r"weights\[1\]: expected shape \(4, H\*d\) with H = 2"):
         gemm.project_heads(x, [np.ones((4, 2)), np.ones((4, 3))], 2)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(2,\), got \(3,\)"):
+        gemm.matmul(x[0], np.ones((4, 2)), bias=np.ones(3))
+    with pytest.raises(TypeError, match="bias: expected dtype float64, got float32"):
+        gemm.matmul(x[0], np.ones((4, 2)), bias=np.ones(2, np.float32))
+    with pytest.raises(ValueError, match=r"b: expected 5 rows like a, got shape \(4, 2\)"):
+        gemm.matmul_tn_sums(x[0], np.ones((4, 2)))
 
 
 # ---- the chunk merge ------------------------------------------------------------------------
