@@ -29,6 +29,9 @@ Passes:
 5. ``_backward_sum_dq`` (parallel over batch x head): ``dQ = sum_s dQ_s``.
 
 Every parallel loop writes disjoint outputs; the reductions over splits are passes of their own.
+Each tile product is one single-threaded BLAS call (:func:`perceiver_np.kernels.gemm.gemm_rows`)
+on the operands as they lie or on scratch allocated once per work item; the wrappers hold BLAS
+to one thread while the kernels run (``gemm.single_threaded_blas``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from perceiver_np.shapes import Alloc, ChunkState, check_attention_args
 
 from ._numba import empty, kernel_array, parallel_kernel, serial_kernel
 from .fastexp import fast_exp
-from .tiles import matmul_acc
+from .gemm import check_blas, gemm_rows, single_threaded_blas
 
 #: Queries per tile of the forward. The score tile is held as S^T[block_n, block_m] so that the
 #: contiguous query axis is innermost; the wider it is, the more work each coefficient loaded in
@@ -79,9 +82,9 @@ def _tile_has_visible(mask, b, t0, t1):  # pragma: no cover - compiled
 
 @parallel_kernel
 def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
-                     part_m, part_l, part_acc):  # pragma: no cover - compiled
+                     part_m, part_l, part_acc, status):  # pragma: no cover - compiled
     """Pass 1. part_m: [S, B, H, M]; part_l: [S, B, H, M] float64; part_acc: [S, B, H, dv, M]
-    (queries innermost)."""
+    (queries innermost); status: [work items], nonzero where a BLAS call failed."""
     nb, nh, m_len, dh = q.shape
     n_len = k.shape[2]
     dv = v.shape[3]
@@ -97,6 +100,9 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
         bm = min(block_m, m_len - m0)
         n0 = sp * split_len
         n1 = min(n_len, n0 + split_len)
+        kb = (b * nh + h) * n_len * dh  # element offset of k[b, h, 0, 0]
+        vb = (b * nh + h) * n_len * dv  # of v[b, h, 0, 0]
+        failed = 0
         # scratch, once per work item
         q_t = np.empty((dh, bm), dtype=q.dtype)  # q_t[d, i] = scale * q[m0 + i, d]
         for i in range(bm):
@@ -115,8 +121,7 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                 continue  # no visible key in this tile: it changes nothing
             tile = s_t[:bt]
             # S^T = K_tile @ (scale Q)^T   [bt, dh] @ [dh, bm] -> [bt, bm]
-            tile[:] = 0.0
-            matmul_acc(k[b, h, t0:t1], q_t, tile)
+            failed |= gemm_rows(False, False, bt, bm, dh, k, kb + t0 * dh, dh, q_t, 0, bm, s_t, 0, bm, 0.0)
             # running max over the visible keys of the tile
             m_new[:] = m_i
             for t in range(bt):
@@ -145,7 +150,8 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                     row[i] = p
                     l_i[i] += p
             # acc += V_tile^T @ P^T   [dv, bt] @ [bt, bm] -> [dv, bm]
-            matmul_acc(v[b, h, t0:t1].T, tile, acc)
+            failed |= gemm_rows(True, False, dv, bm, bt, v, vb + t0 * dv, dv, s_t, 0, bm, acc, 0, bm, 1.0)
+        status[work] = failed
         for i in range(bm):
             part_m[sp, b, h, m0 + i] = m_i[i]
             part_l[sp, b, h, m0 + i] = l_i[i]
@@ -239,8 +245,9 @@ def _backward_delta(do, o, delta):  # pragma: no cover - compiled
 
 @parallel_kernel
 def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, block_n,
-                      n_splits, dq_part, dk, dv_out):  # pragma: no cover - compiled
-    """Pass 4. dq_part: [S, B, H, M, dh] float64; dk, dv_out: [B, H, N, dh|dv], rows written once.
+                      n_splits, dq_part, dk, dv_out, status):  # pragma: no cover - compiled
+    """Pass 4. dq_part: [S, B, H, M, dh] float64; dk, dv_out: [B, H, N, dh|dv], rows written once;
+    status: [work items], nonzero where a BLAS call failed.
 
     A key tile's contribution to dQ is summed in the inputs' dtype (block_n terms) and added to
     the float64 partial, so that dQ's sum over all N keys does not grow float32 rounding as N."""
@@ -254,6 +261,11 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
         b = work // (n_splits * nh)
         n0 = sp * split_len
         n1 = min(n_len, n0 + split_len)
+        kb = (b * nh + h) * n_len * dh  # element offset of k[b, h, 0, 0] and dk[b, h, 0, 0]
+        vb = (b * nh + h) * n_len * dv  # of dv_out[b, h, 0, 0]
+        qb = (b * nh + h) * m_len * dh  # of q[b, h, 0, 0]
+        ob = (b * nh + h) * m_len * dv  # of do[b, h, 0, 0]
+        failed = 0
         dq = dq_part[sp, b, h]  # [M, dh], this split's own partial dQ
         dq[:] = 0.0
         # scratch, once per work item
@@ -290,10 +302,9 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
                 bm = min(block_m, m_len - m0)
                 p_b = p[:bm]  # [bm, block_n]
                 dp_b = dp[:bm]
-                do_b = do[b, h, m0:m0 + bm]  # [bm, dv]
                 # S = (scale Q) @ K^T   [bm, dh] @ [dh, block_n] -> [bm, block_n]
-                p_b[:] = 0.0
-                matmul_acc(q_s[m0:m0 + bm], k_t, p_b)
+                failed |= gemm_rows(False, False, bm, block_n, dh, q_s, m0 * dh, dh, k_t, 0, block_n,
+                                    p, 0, block_n, 0.0)
                 # P = exp(S - lse), masked and padding keys exactly 0
                 for i in range(bm):
                     li = lse[b, h, m0 + i]
@@ -301,10 +312,11 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
                     for t in range(block_n):
                         row[t] = fast_exp(row[t] - li) * keep[t]
                 # dV += P^T @ dO   [bt, bm] @ [bm, dv] -> [bt, dv]
-                matmul_acc(p_b[:, :bt].T, do_b, dv_t)
+                failed |= gemm_rows(True, False, bt, dv, bm, p, 0, block_n, do, ob + m0 * dv, dv,
+                                    dv_out, vb + t0 * dv, dv, 1.0)
                 # dP = dO @ V^T   [bm, dv] @ [dv, block_n] -> [bm, block_n]
-                dp_b[:] = 0.0
-                matmul_acc(do_b, v_t, dp_b)
+                failed |= gemm_rows(False, False, bm, block_n, dv, do, ob + m0 * dv, dv, v_t, 0, block_n,
+                                    dp, 0, block_n, 0.0)
                 # dS = scale * P * (dP - delta), in place of P
                 for i in range(bm):
                     di = delta[b, h, m0 + i]
@@ -314,13 +326,15 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
                         row[t] = row[t] * (drow[t] - di) * scale
                 # dQ += dS @ K   [bm, bt] @ [bt, dh] -> [bm, dh]
                 dq_b = dq_tile[:bm]
-                dq_b[:] = 0.0
-                matmul_acc(p_b[:, :bt], k[b, h, t0:t1], dq_b)
+                failed |= gemm_rows(False, False, bm, dh, bt, p, 0, block_n, k, kb + t0 * dh, dh,
+                                    dq_tile, 0, dh, 0.0)
                 for i in range(bm):
                     for d in range(dh):
                         dq[m0 + i, d] += dq_b[i, d]
                 # dK += dS^T @ Q   [bt, bm] @ [bm, dh] -> [bt, dh]
-                matmul_acc(p_b[:, :bt].T, q[b, h, m0:m0 + bm], dk_t)
+                failed |= gemm_rows(True, False, bt, dh, bm, p, 0, block_n, q, qb + m0 * dh, dh,
+                                    dk, kb + t0 * dh, dh, 1.0)
+        status[work] = failed
 
 
 @parallel_kernel
@@ -388,8 +402,11 @@ def attention_forward(
     part_m = empty(alloc, "part_m", (n_splits, b, h, m), q.dtype)
     part_l = empty(alloc, "part_l", (n_splits, b, h, m), np.float64)
     part_acc = empty(alloc, "part_acc", (n_splits, b, h, dv, m), q.dtype)
-    _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
-                     part_m, part_l, part_acc)
+    status = np.zeros(b * h * n_mblocks * n_splits, dtype=np.int32)
+    with single_threaded_blas():
+        _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
+                         part_m, part_l, part_acc, status)
+    check_blas(status)
     o = empty(alloc, "o", (b, h, m, dv), q.dtype)
     lse = empty(alloc, "lse", (b, h, m), q.dtype)
     _forward_merge(part_m, part_l, part_acc, o, lse)
@@ -432,8 +449,11 @@ def attention_backward(
     dq_part = empty(alloc, "dq_part", (n_splits, b, h, m, dh), np.float64)
     dk = empty(alloc, "dk", (b, h, n, dh), q.dtype)
     dv_out = empty(alloc, "dv", (b, h, n, dv), q.dtype)
-    _backward_partial(do, q, k, v, lse, delta, mask_arr, has_mask, sc, block_m, block_n,
-                      n_splits, dq_part, dk, dv_out)
+    status = np.zeros(b * h * n_splits, dtype=np.int32)
+    with single_threaded_blas():
+        _backward_partial(do, q, k, v, lse, delta, mask_arr, has_mask, sc, block_m, block_n,
+                          n_splits, dq_part, dk, dv_out, status)
+    check_blas(status)
     dq = empty(alloc, "dq", (b, h, m, dh), q.dtype)
     _backward_sum_dq(dq_part, dq)
     return dq, dk, dv_out

@@ -24,6 +24,9 @@ column blocks, so that the threads pack one part of the weight each instead of a
 The call is Numba's own ``numba_xxgemm`` with explicit leading dimensions (:func:`_xxgemm`), which
 also reads a weight's transpose (``w.T`` in a backward) in place instead of copying it.
 
+``gemm_rows`` is one such call on sub-blocks (offsets and row strides into arrays as they lie,
+either operand transposed, ``beta`` 0 or 1): the attention kernel's tile products.
+
 ``project_heads`` computes several projections of the same input in one wide product per tile
 and writes each head's columns straight into the [B, H, S, d] layout of the attention kernel,
 while the tile is still in cache: no [B, S, H*d] intermediate in memory.
@@ -74,16 +77,18 @@ BIAS_BLOCK_ROWS = 512
 
 
 @intrinsic
-def _xxgemm(typingctx, w_trans, m, n, k, w, w_off, ldw, a, a_off, lda, out, out_off, ldo):  # pragma: no cover
-    """One BLAS gemm in column-major terms, C = op(W) @ A with op(W) [m, k], A [k, n], C [m, n]:
-    W, A and C are the buffers of ``w``, ``a`` and ``out`` from the element offsets ``*_off``
-    on, with leading dimensions ``ldw``, ``lda``, ``ldo``; op(W) = W^T when ``w_trans``. The
-    call is Numba's own ``numba_xxgemm`` (the sgemm/dgemm of SciPy's BLAS that ``np.dot``
-    calls), given strides that ``np.dot`` cannot take. Returns its status (0 = done)."""
+def _xxgemm(typingctx, w_trans, a_trans, m, n, k, w, w_off, ldw, a, a_off, lda,  # pragma: no cover
+            out, out_off, ldo, beta):
+    """One BLAS gemm in column-major terms, C = op(W) @ op(A) + beta C with op(W) [m, k],
+    op(A) [k, n], C [m, n]: W, A and C are the buffers of ``w``, ``a`` and ``out`` from the
+    element offsets ``*_off`` on, with leading dimensions ``ldw``, ``lda``, ``ldo``; op(X) = X^T
+    when ``x_trans``. The call is Numba's own ``numba_xxgemm`` (the sgemm/dgemm of SciPy's BLAS
+    that ``np.dot`` calls), given strides and offsets that ``np.dot`` cannot take. Returns its
+    status (0 = done)."""
     if not (isinstance(w, types.Array) and isinstance(a, types.Array) and isinstance(out, types.Array)
             and w.dtype == a.dtype == out.dtype and w.dtype in (types.float32, types.float64)):
         return None
-    sig = types.intc(w_trans, m, n, k, w, w_off, ldw, a, a_off, lda, out, out_off, ldo)
+    sig = types.intc(w_trans, a_trans, m, n, k, w, w_off, ldw, a, a_off, lda, out, out_off, ldo, beta)
 
     def codegen(context, builder, signature, args):
         tys = signature.args
@@ -97,32 +102,47 @@ def _xxgemm(typingctx, w_trans, m, n, k, w, w_off, ldw, a, a_off, lda, out, out_
             ary = context.make_array(tys[i])(context, builder, args[i])
             return builder.bitcast(builder.gep(ary.data, [size(off)]), void_p)
 
-        dtype = tys[4].dtype
+        def trans(i):
+            return builder.select(context.cast(builder, args[i], tys[i], types.boolean),
+                                  ir.Constant(i8, ord("t")), ir.Constant(i8, ord("n")))
+
+        dtype = tys[5].dtype
         one = cgutils.alloca_once_value(builder, context.get_constant(dtype, 1.0))
-        zero = cgutils.alloca_once_value(builder, context.get_constant(dtype, 0.0))
+        beta_v = cgutils.alloca_once_value(builder, context.cast(builder, args[14], tys[14], dtype))
         kind = ir.Constant(i8, ord("s" if dtype == types.float32 else "d"))
-        trans = builder.select(context.cast(builder, args[0], tys[0], types.boolean),
-                               ir.Constant(i8, ord("t")), ir.Constant(i8, ord("n")))
         fnty = ir.FunctionType(ir.IntType(32), [i8, i8, i8, intp, intp, intp, void_p, void_p, intp,
                                                 void_p, intp, void_p, void_p, intp])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
-        return builder.call(fn, (kind, trans, ir.Constant(i8, ord("n")), size(1), size(2), size(3),
-                                 builder.bitcast(one, void_p), data(4, 5), size(6), data(7, 8), size(9),
-                                 builder.bitcast(zero, void_p), data(10, 11), size(12)))
+        return builder.call(fn, (kind, trans(0), trans(1), size(2), size(3), size(4),
+                                 builder.bitcast(one, void_p), data(5, 6), size(7), data(8, 9), size(10),
+                                 builder.bitcast(beta_v, void_p), data(11, 12), size(13)))
 
     return sig, codegen
+
+
+@serial_kernel
+def gemm_rows(a_trans, b_trans, m, n, k, a, a_off, lda, b, b_off, ldb,  # pragma: no cover - compiled
+              c, c_off, ldc, beta):
+    """Row-major C[m, n] = op(A) [m, k] @ op(B) [k, n] + beta C, one single-threaded BLAS call on
+    sub-blocks of C-contiguous arrays: A, B, C start at the element offsets ``*_off`` of ``a``,
+    ``b``, ``c`` with row strides ``lda``, ``ldb``, ``ldc``; op(X) = X^T when ``x_trans`` (X as it
+    lies, [k, m] for A). ``beta`` = 0 overwrites C (its old contents are never read), 1 adds to
+    it. In column-major terms, which BLAS speaks, this is C^T = op(B)^T @ op(A)^T. Returns BLAS's
+    status (0 = done). The attention kernel's tile products (:mod:`perceiver_np.kernels.attention`)."""
+    return _xxgemm(b_trans, a_trans, n, m, k, b, b_off, ldb, a, a_off, lda, c, c_off, ldc, beta)
 
 
 @serial_kernel
 def _tile_product(a, r0, r1, w, c0, c1, out, o_off, ldo):  # pragma: no cover - compiled
     """The tile of ``out`` at flat element ``o_off`` (row stride ``ldo``) = a[r0:r1] @ w[:, c0:c1]
     (a [R, K] C-contiguous, w [K, F] C- or F-contiguous: the transpose of a C-contiguous
-    weight is read as it lies, without a copy). Row-major out = a @ w is column-major
-    out^T = w^T @ a^T, which is how BLAS is asked. Returns BLAS's status (0 = done)."""
+    weight is read as it lies, without a copy). Returns BLAS's status (0 = done)."""
     k = a.shape[1]
     if w.strides[1] == w.itemsize:  # C-contiguous (or a single row or column: either reading)
-        return _xxgemm(False, c1 - c0, r1 - r0, k, w, c0, w.shape[1], a, r0 * k, k, out, o_off, ldo)
-    return _xxgemm(True, c1 - c0, r1 - r0, k, w, c0 * k, k, a, r0 * k, k, out, o_off, ldo)
+        return gemm_rows(False, False, r1 - r0, c1 - c0, k, a, r0 * k, k, w, c0, w.shape[1],
+                         out, o_off, ldo, 0.0)
+    # w = W^T for a C-contiguous W [F, K]: op(B) = W^T read from W's rows c0:c1
+    return gemm_rows(False, True, r1 - r0, c1 - c0, k, a, r0 * k, k, w, c0 * k, k, out, o_off, ldo, 0.0)
 
 
 #: A tile's status when BLAS succeeded but the tile holds NaN or infinity (``check``).
@@ -385,12 +405,18 @@ def _items(rows: int, cols: int, row_block: int, col_block: int) -> int:
     return math.ceil(rows / row_block) * math.ceil(cols / col_block)
 
 
-def _check_status(status: np.ndarray) -> None:
-    """Raise for a tile whose BLAS call failed, then for one that holds NaN or infinity."""
-    failed = status[(status != 0) & (status != NONFINITE)]
+def check_blas(status: np.ndarray) -> None:
+    """Raise for a work item whose BLAS calls failed (``status``: one entry per item, nonzero
+    where a call returned nonzero)."""
+    failed = status[status != 0]
     if failed.size:
         raise RuntimeError(f"BLAS: a gemm call returned status {int(failed[0])} (SciPy's BLAS "
                            "could not be loaded?)")
+
+
+def _check_status(status: np.ndarray) -> None:
+    """Raise for a tile whose BLAS call failed, then for one that holds NaN or infinity."""
+    check_blas(status[status != NONFINITE])
     if status.any():
         raise_nonfinite_product()
 

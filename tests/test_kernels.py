@@ -17,7 +17,7 @@ from perceiver_np import kernels
 from perceiver_np.constants import MASK_FILL
 from perceiver_np.gradcheck import gradcheck
 from perceiver_np.kernels.fastexp import fast_exp
-from perceiver_np.kernels.tiles import matmul_acc
+from perceiver_np.kernels.gemm import gemm_rows
 from perceiver_np.tolerances import (
     GRADCHECK_RTOL,
     KERNEL_FLOAT32_VS_NUMPY,
@@ -208,19 +208,28 @@ def test_fast_exp_float32_is_accurate_to_two_ulps():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows,inner,width", [(1, 1, 1), (5, 7, 3), (8, 4, 16), (13, 9, 31)])
-def test_matmul_acc_adds_the_product(rng, dtype, rows, inner, width):
-    a = rng.normal(size=(rows, inner)).astype(dtype)
-    b = rng.normal(size=(inner, width)).astype(dtype)
-    c = rng.normal(size=(rows, width)).astype(dtype)
-    want = c.astype(np.float64) + a.astype(np.float64) @ b
-    matmul_acc(a, b, c)
-    tol = 1e-13 if dtype == np.float64 else 8 * inner * U32
-    assert _rel(c, want) <= tol
-    at = np.ascontiguousarray(a.T)
-    c2 = np.zeros((rows, width), dtype=dtype)
-    matmul_acc(at.T, b, c2)  # a strided (transposed) view as the left factor
-    assert _rel(c2, a.astype(np.float64) @ b) <= tol
+@pytest.mark.parametrize("a_trans,b_trans", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_rows_multiplies_sub_blocks(rng, dtype, a_trans, b_trans):
+    """The attention kernel's tile product: row-major C = op(A) @ op(B) + beta C on sub-blocks
+    given by offsets and row strides (A at [2, 1] of a [9, 11] array, B at [1, 2] of [8, 10],
+    C at [1, 3] of [6, 12]); beta = 0 never reads C (NaN there stays out), beta = 1 adds to it,
+    and nothing outside the sub-block of C changes."""
+    m, n, k = 5, 7, 3
+    big_a, big_b = rng.normal(size=(9, 11)).astype(dtype), rng.normal(size=(8, 10)).astype(dtype)
+    a = big_a[2:2 + (k if a_trans else m), 1:1 + (m if a_trans else k)]
+    b = big_b[1:1 + (n if b_trans else k), 2:2 + (k if b_trans else n)]
+    product = (a.T if a_trans else a).astype(np.float64) @ (b.T if b_trans else b)
+    tol = 1e-13 if dtype == np.float64 else 8 * k * U32
+    for beta in (0.0, 1.0):
+        c = rng.normal(size=(6, 12)).astype(dtype)
+        want = c.astype(np.float64)
+        want[1:1 + m, 3:3 + n] = product + beta * want[1:1 + m, 3:3 + n]
+        if beta == 0.0:
+            c[1:1 + m, 3:3 + n] = np.nan
+        status = gemm_rows(a_trans, b_trans, m, n, k, big_a, 2 * 11 + 1, 11, big_b, 1 * 10 + 2, 10,
+                           c, 1 * 12 + 3, 12, beta)
+        assert status == 0
+        assert _rel(c, want) <= tol
 
 
 def test_choose_splits_reaches_the_target_without_the_thread_count():
