@@ -87,6 +87,21 @@ def empty(alloc: Alloc | None, name: str, shape: tuple[int, ...],
     return out
 
 
+def rows_array(a: np.ndarray) -> np.ndarray:
+    """``a`` as the attention kernel reads keys and values: as it lies when its rows are
+    contiguous and do not overlap (last stride the item size, the row stride at least a row,
+    other strides positive: the head-split view [B, H, N, d] of a [B, N, H*d] array, a chunk of
+    a longer input), writeable, aligned and in native byte order; else :func:`kernel_array`'s
+    C-contiguous copy. Such a view is another Numba type (layout "A") than a C-contiguous
+    array: one more compiled signature, never a copy per call."""
+    s, n = a.strides, a.shape
+    if (a.ndim == 4 and s[3] == a.itemsize and s[2] >= n[3] * a.itemsize
+            and all(st > 0 or size == 1 for st, size in zip(s, n, strict=True))
+            and a.flags.writeable and a.flags.aligned and a.dtype.isnative):
+        return a
+    return kernel_array(a)
+
+
 def kernel_array(a: np.ndarray) -> np.ndarray:
     """``a`` as every kernel takes an array it reads: C-contiguous, writeable, native byte
     order; returned as is when it already is, else copied. Numba types a read-only array (a

@@ -44,7 +44,7 @@ from numba import prange
 from perceiver_np.constants import MASK_FILL
 from perceiver_np.shapes import Alloc, ChunkState, check_attention_args
 
-from ._numba import empty, kernel_array, parallel_kernel, serial_kernel
+from ._numba import empty, kernel_array, parallel_kernel, rows_array, serial_kernel
 from .fastexp import fast_exp
 from .gemm import check_blas, gemm_rows, single_threaded_blas
 
@@ -80,6 +80,19 @@ def _tile_has_visible(mask, b, t0, t1):  # pragma: no cover - compiled
     return False
 
 
+@serial_kernel
+def _row(a):  # pragma: no cover - compiled
+    """Elements from one row of a [B, H, L, d] array to the next (d for a C-contiguous array, H*d
+    for the head-split view of a [B, L, H*d] one)."""
+    return a.strides[2] // a.itemsize
+
+
+@serial_kernel
+def _head(a, b, h):  # pragma: no cover - compiled
+    """The element offset of a[b, h, 0, 0] from a[0, 0, 0, 0] (any strides)."""
+    return b * (a.strides[0] // a.itemsize) + h * (a.strides[1] // a.itemsize)
+
+
 @parallel_kernel
 def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                      part_m, part_l, part_acc, status):  # pragma: no cover - compiled
@@ -91,6 +104,7 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
     n_mblocks = (m_len + block_m - 1) // block_m
     split_len = (n_len + n_splits - 1) // n_splits
     neg = q.dtype.type(MASK_FILL)
+    k_row, v_row = _row(k), _row(v)  # elements from one key's row to the next
     for work in prange(nb * nh * n_mblocks * n_splits):
         sp = work % n_splits
         mb = (work // n_splits) % n_mblocks
@@ -100,8 +114,7 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
         bm = min(block_m, m_len - m0)
         n0 = sp * split_len
         n1 = min(n_len, n0 + split_len)
-        kb = (b * nh + h) * n_len * dh  # element offset of k[b, h, 0, 0]
-        vb = (b * nh + h) * n_len * dv  # of v[b, h, 0, 0]
+        kb, vb = _head(k, b, h), _head(v, b, h)  # element offsets of k[b, h, 0, 0], v[b, h, 0, 0]
         failed = 0
         # scratch, once per work item
         q_t = np.empty((dh, bm), dtype=q.dtype)  # q_t[d, i] = scale * q[m0 + i, d]
@@ -121,7 +134,8 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                 continue  # no visible key in this tile: it changes nothing
             tile = s_t[:bt]
             # S^T = K_tile @ (scale Q)^T   [bt, dh] @ [dh, bm] -> [bt, bm]
-            failed |= gemm_rows(False, False, bt, bm, dh, k, kb + t0 * dh, dh, q_t, 0, bm, s_t, 0, bm, 0.0)
+            failed |= gemm_rows(False, False, bt, bm, dh, k, kb + t0 * k_row, k_row, q_t, 0, bm,
+                                s_t, 0, bm, 0.0)
             # running max over the visible keys of the tile
             m_new[:] = m_i
             for t in range(bt):
@@ -150,7 +164,8 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                     row[i] = p
                     l_i[i] += p
             # acc += V_tile^T @ P^T   [dv, bt] @ [bt, bm] -> [dv, bm]
-            failed |= gemm_rows(True, False, dv, bm, bt, v, vb + t0 * dv, dv, s_t, 0, bm, acc, 0, bm, 1.0)
+            failed |= gemm_rows(True, False, dv, bm, bt, v, vb + t0 * v_row, v_row, s_t, 0, bm,
+                                acc, 0, bm, 1.0)
         status[work] = failed
         for i in range(bm):
             part_m[sp, b, h, m0 + i] = m_i[i]
@@ -249,30 +264,29 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
     """Pass 4. dq_part: [S, B, H, M, dh] float64; dk, dv_out: [B, H, N, dh|dv], rows written once;
     status: [work items], nonzero where a BLAS call failed.
 
-    A key tile's contribution to dQ is summed in the inputs' dtype (block_n terms) and added to
-    the float64 partial, so that dQ's sum over all N keys does not grow float32 rounding as N."""
+    A work item is one sample's split of the keys, all heads: for each key tile, the heads one
+    after the other, so that a tile's keys of every head are read while in cache (in the
+    head-split layout one key's heads share its row). A key tile's contribution to dQ is summed
+    in the inputs' dtype (block_n terms) and added to the float64 partial, so that dQ's sum over
+    all N keys does not grow float32 rounding as N."""
     nb, nh, m_len, dh = q.shape
     n_len = k.shape[2]
     dv = v.shape[3]
     split_len = (n_len + n_splits - 1) // n_splits
-    for work in prange(nb * nh * n_splits):
+    k_row, dk_row, dv_row = _row(k), _row(dk), _row(dv_out)  # elements from one key's row to the next
+    for work in prange(nb * n_splits):
         sp = work % n_splits
-        h = (work // n_splits) % nh
-        b = work // (n_splits * nh)
+        b = work // n_splits
         n0 = sp * split_len
         n1 = min(n_len, n0 + split_len)
-        kb = (b * nh + h) * n_len * dh  # element offset of k[b, h, 0, 0] and dk[b, h, 0, 0]
-        vb = (b * nh + h) * n_len * dv  # of dv_out[b, h, 0, 0]
-        qb = (b * nh + h) * m_len * dh  # of q[b, h, 0, 0]
-        ob = (b * nh + h) * m_len * dv  # of do[b, h, 0, 0]
         failed = 0
-        dq = dq_part[sp, b, h]  # [M, dh], this split's own partial dQ
-        dq[:] = 0.0
+        dq_part[sp, b] = 0.0  # [H, M, dh], this split's own partial dQ of every head
         # scratch, once per work item
-        q_s = np.empty((m_len, dh), dtype=q.dtype)  # scale * q
-        for i in range(m_len):
-            for d in range(dh):
-                q_s[i, d] = q[b, h, i, d] * scale
+        q_s = np.empty((nh, m_len, dh), dtype=q.dtype)  # scale * q of every head
+        for h in range(nh):
+            for i in range(m_len):
+                for d in range(dh):
+                    q_s[h, i, d] = q[b, h, i, d] * scale
         k_t = np.empty((dh, block_n), dtype=q.dtype)  # k_t[d, t] = k[t0 + t, d]
         v_t = np.empty((dv, block_n), dtype=q.dtype)  # v_t[e, t] = v[t0 + t, e]
         keep = np.empty(block_n, dtype=q.dtype)  # 1 for a visible key, 0 for a masked one
@@ -282,58 +296,64 @@ def _backward_partial(do, q, k, v, lse, delta, mask, has_mask, scale, block_m, b
         for t0 in range(n0, n1, block_n):
             t1 = min(n1, t0 + block_n)
             bt = t1 - t0
-            dk_t = dk[b, h, t0:t1]  # [bt, dh], rows owned by this work item
-            dv_t = dv_out[b, h, t0:t1]  # [bt, dv]
-            dk_t[:] = 0.0
-            dv_t[:] = 0.0
+            for h in range(nh):  # rows owned by this work item
+                dk[b, h, t0:t1] = 0.0
+                dv_out[b, h, t0:t1] = 0.0
             if has_mask and not _tile_has_visible(mask, b, t0, t1):
                 continue  # masked keys get exactly zero gradient
-            # K and V of the tile transposed, full block_n wide: a ragged last tile is padded
-            # with zero keys that are also masked (keep = 0), so every row the inner loops
-            # touch is contiguous and of one length (they vectorise) and the padding adds 0.
+            # a ragged last tile is padded with zero keys that are also masked (keep = 0), so
+            # every row the inner loops touch is contiguous and of one length (they vectorise)
+            # and the padding adds 0
             for t in range(block_n):
                 visible = t < bt and not (has_mask and not mask[b, t0 + t])
                 keep[t] = 1.0 if visible else 0.0
-                for d in range(dh):
-                    k_t[d, t] = k[b, h, t0 + t, d] if t < bt else 0.0
-                for e in range(dv):
-                    v_t[e, t] = v[b, h, t0 + t, e] if t < bt else 0.0
-            for m0 in range(0, m_len, block_m):
-                bm = min(block_m, m_len - m0)
-                p_b = p[:bm]  # [bm, block_n]
-                dp_b = dp[:bm]
-                # S = (scale Q) @ K^T   [bm, dh] @ [dh, block_n] -> [bm, block_n]
-                failed |= gemm_rows(False, False, bm, block_n, dh, q_s, m0 * dh, dh, k_t, 0, block_n,
-                                    p, 0, block_n, 0.0)
-                # P = exp(S - lse), masked and padding keys exactly 0
-                for i in range(bm):
-                    li = lse[b, h, m0 + i]
-                    row = p_b[i]
-                    for t in range(block_n):
-                        row[t] = fast_exp(row[t] - li) * keep[t]
-                # dV += P^T @ dO   [bt, bm] @ [bm, dv] -> [bt, dv]
-                failed |= gemm_rows(True, False, bt, dv, bm, p, 0, block_n, do, ob + m0 * dv, dv,
-                                    dv_out, vb + t0 * dv, dv, 1.0)
-                # dP = dO @ V^T   [bm, dv] @ [dv, block_n] -> [bm, block_n]
-                failed |= gemm_rows(False, False, bm, block_n, dv, do, ob + m0 * dv, dv, v_t, 0, block_n,
-                                    dp, 0, block_n, 0.0)
-                # dS = scale * P * (dP - delta), in place of P
-                for i in range(bm):
-                    di = delta[b, h, m0 + i]
-                    row = p_b[i]
-                    drow = dp_b[i]
-                    for t in range(block_n):
-                        row[t] = row[t] * (drow[t] - di) * scale
-                # dQ += dS @ K   [bm, bt] @ [bt, dh] -> [bm, dh]
-                dq_b = dq_tile[:bm]
-                failed |= gemm_rows(False, False, bm, dh, bt, p, 0, block_n, k, kb + t0 * dh, dh,
-                                    dq_tile, 0, dh, 0.0)
-                for i in range(bm):
+            for h in range(nh):
+                kb, dkb, dvb = _head(k, b, h), _head(dk, b, h), _head(dv_out, b, h)  # offsets of [b, h, 0, 0]
+                qb = (b * nh + h) * m_len * dh  # of q[b, h, 0, 0] (C-contiguous)
+                ob = (b * nh + h) * m_len * dv  # of do[b, h, 0, 0] (C-contiguous)
+                dq = dq_part[sp, b, h]  # [M, dh]
+                # K and V of the tile transposed, full block_n wide (zero padding)
+                for t in range(block_n):
                     for d in range(dh):
-                        dq[m0 + i, d] += dq_b[i, d]
-                # dK += dS^T @ Q   [bt, bm] @ [bm, dh] -> [bt, dh]
-                failed |= gemm_rows(True, False, bt, dh, bm, p, 0, block_n, q, qb + m0 * dh, dh,
-                                    dk, kb + t0 * dh, dh, 1.0)
+                        k_t[d, t] = k[b, h, t0 + t, d] if t < bt else 0.0
+                    for e in range(dv):
+                        v_t[e, t] = v[b, h, t0 + t, e] if t < bt else 0.0
+                for m0 in range(0, m_len, block_m):
+                    bm = min(block_m, m_len - m0)
+                    p_b = p[:bm]  # [bm, block_n]
+                    dp_b = dp[:bm]
+                    # S = (scale Q) @ K^T   [bm, dh] @ [dh, block_n] -> [bm, block_n]
+                    failed |= gemm_rows(False, False, bm, block_n, dh, q_s, (h * m_len + m0) * dh, dh,
+                                        k_t, 0, block_n, p, 0, block_n, 0.0)
+                    # P = exp(S - lse), masked and padding keys exactly 0
+                    for i in range(bm):
+                        li = lse[b, h, m0 + i]
+                        row = p_b[i]
+                        for t in range(block_n):
+                            row[t] = fast_exp(row[t] - li) * keep[t]
+                    # dV += P^T @ dO   [bt, bm] @ [bm, dv] -> [bt, dv]
+                    failed |= gemm_rows(True, False, bt, dv, bm, p, 0, block_n, do, ob + m0 * dv, dv,
+                                        dv_out, dvb + t0 * dv_row, dv_row, 1.0)
+                    # dP = dO @ V^T   [bm, dv] @ [dv, block_n] -> [bm, block_n]
+                    failed |= gemm_rows(False, False, bm, block_n, dv, do, ob + m0 * dv, dv,
+                                        v_t, 0, block_n, dp, 0, block_n, 0.0)
+                    # dS = scale * P * (dP - delta), in place of P
+                    for i in range(bm):
+                        di = delta[b, h, m0 + i]
+                        row = p_b[i]
+                        drow = dp_b[i]
+                        for t in range(block_n):
+                            row[t] = row[t] * (drow[t] - di) * scale
+                    # dQ += dS @ K   [bm, bt] @ [bt, dh] -> [bm, dh]
+                    dq_b = dq_tile[:bm]
+                    failed |= gemm_rows(False, False, bm, dh, bt, p, 0, block_n, k, kb + t0 * k_row, k_row,
+                                        dq_tile, 0, dh, 0.0)
+                    for i in range(bm):
+                        for d in range(dh):
+                            dq[m0 + i, d] += dq_b[i, d]
+                    # dK += dS^T @ Q   [bt, bm] @ [bm, dh] -> [bt, dh]
+                    failed |= gemm_rows(True, False, bt, dh, bm, p, 0, block_n, q, qb + m0 * dh, dh,
+                                        dk, dkb + t0 * dk_row, dk_row, 1.0)
         status[work] = failed
 
 
@@ -370,7 +390,8 @@ def choose_splits(parallel_items: int, n: int, target: int = SPLIT_TARGET_ITEMS)
 
 def _prepare(q, k, v, mask, scale):
     scale = check_attention_args(q, k, v, mask, scale)
-    q, k, v = (kernel_array(a) for a in (q, k, v))
+    q = kernel_array(q)
+    k, v = rows_array(k), rows_array(v)  # read as they lie: a head-split view is not copied
     has_mask = mask is not None
     mask_arr = kernel_array(mask) if has_mask else np.ones((1, 1), dtype=np.bool_)
     return q, k, v, mask_arr, has_mask, q.dtype.type(scale)
@@ -413,6 +434,16 @@ def attention_forward(
     return o, lse
 
 
+def _heads_like(alloc: Alloc | None, name: str, a: np.ndarray, d: int) -> np.ndarray:
+    """An output [B, H, N, d] in the head layout of ``a`` [B, H, N, .]: the head-split view of
+    a new [B, N, H, d] array when ``a`` is such a view (so that merging the heads back is free),
+    else C-contiguous."""
+    b, h, n, _ = a.shape
+    if h > 1 and a.strides[1] < a.strides[2]:  # heads inside a row: [B, N, H, .] transposed
+        return empty(alloc, name, (b, n, h, d), a.dtype).transpose(0, 2, 1, 3)  # [B, N, H, d] -> [B, H, N, d]
+    return empty(alloc, name, (b, h, n, d), a.dtype)
+
+
 def attention_backward(
     do: np.ndarray,
     q: np.ndarray,
@@ -429,7 +460,9 @@ def attention_backward(
     alloc: Alloc | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (dq [B, H, M, dh], dk [B, H, N, dh], dv [B, H, N, dv]) in the inputs' dtype; every
-    buffer (delta, the splits' partial dq, dq, dk, dv) from ``alloc`` when given."""
+    buffer (delta, the splits' partial dq, dq, dk, dv) from ``alloc`` when given. dk and dv
+    come in the head layout of k and v: the head-split view of a [B, N, H*d] array when k and v
+    are such views (:func:`perceiver_np.kernels._numba.rows_array`), else C-contiguous."""
     q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale)
     b, h, m, dh = q.shape
     n, dv = k.shape[2], v.shape[3]
@@ -442,14 +475,13 @@ def attention_backward(
             raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
     do, o, lse = (kernel_array(a) for a in (do, o, lse))
     if n_splits is None:
-        n_splits = choose_splits(b * h, n)
+        n_splits = choose_splits(b, n)  # a work item is one sample's split, all heads
     n_splits = max(1, min(int(n_splits), n))
     delta = empty(alloc, "delta", (b, h, m), q.dtype)
     _backward_delta(do, o, delta)
     dq_part = empty(alloc, "dq_part", (n_splits, b, h, m, dh), np.float64)
-    dk = empty(alloc, "dk", (b, h, n, dh), q.dtype)
-    dv_out = empty(alloc, "dv", (b, h, n, dv), q.dtype)
-    status = np.zeros(b * h * n_splits, dtype=np.int32)
+    dk, dv_out = _heads_like(alloc, "dk", k, dh), _heads_like(alloc, "dv", v, dv)
+    status = np.zeros(b * n_splits, dtype=np.int32)
     with single_threaded_blas():
         _backward_partial(do, q, k, v, lse, delta, mask_arr, has_mask, sc, block_m, block_n,
                           n_splits, dq_part, dk, dv_out, status)

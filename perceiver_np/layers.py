@@ -581,9 +581,10 @@ def mha_forward(
                 f"probabilities to drop; attention_dropout={attention_dropout} in training needs the "
                 "probabilities path"
             )
-        # the heads made contiguous once, here, and kept so for the backward: the (o, lse)
-        # attention reads each head's rows in blocks (the kernel copies any other layout)
-        qh, kh, vh = (np.ascontiguousarray(a) for a in (qh, kh, vh))
+        # the queries made contiguous once, here, and kept so for the backward; the keys and
+        # values stay the head-split views of the projections' [B, N, H*d] outputs, which the
+        # (o, lse) attention reads where they lie (the input side is never copied per head)
+        qh = np.ascontiguousarray(qh)
         lse: np.ndarray
         o, lse = ops.attention_forward(qh, kh, vh, mask)  # [B, H, M, dv], [B, H, M]
         attn = FlashCache(qh, kh, vh, o, lse, mask)

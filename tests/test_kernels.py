@@ -142,6 +142,36 @@ def test_results_do_not_depend_on_threads_and_are_equal_across_splits(rng):
     assert _rel(o1, runs[1][0]) <= KERNEL_FLOAT64_RTOL
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_head_split_keys_and_values_are_read_where_they_lie(rng, dtype):
+    """k and v as the head-split views [B, H, N, d] of [B, N, H*d] projections, and as a chunk of
+    a longer input: the same bits as from C-contiguous copies, forward and backward; dk and dv
+    come back in k's and v's layout, so merging their heads is a reshape without a copy."""
+    b, h, m, n, dh, dv = 2, 3, 5, 300, 4, 6  # three key tiles, the last ragged
+    q = rng.normal(size=(b, h, m, dh)).astype(dtype)
+    k_rows = rng.normal(size=(b, n + 9, h * dh)).astype(dtype)  # [B, N', H*dh]
+    v_rows = rng.normal(size=(b, n + 9, h * dv)).astype(dtype)
+    mask = _mask("random", b, n, rng)
+    views = [(k_rows[:, :n].reshape(b, n, h, dh).transpose(0, 2, 1, 3),  # [B, N, H*dh] -> [B, H, N, dh]
+              v_rows[:, :n].reshape(b, n, h, dv).transpose(0, 2, 1, 3))]
+    chunk_k = np.ascontiguousarray(views[0][0].transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)  # other strides
+    views.append((chunk_k, np.ascontiguousarray(views[0][1])[:, :, :]))
+    for k, v in views:
+        kc, vc = np.ascontiguousarray(k), np.ascontiguousarray(v)
+        o, lse = kernels.attention_forward(q, k, v, mask, n_splits=2)
+        oc, lsec = kernels.attention_forward(q, kc, vc, mask, n_splits=2)
+        assert np.array_equal(o, oc) and np.array_equal(lse, lsec)
+        do = rng.normal(size=o.shape).astype(dtype)
+        grads = kernels.attention_backward(do, q, k, v, o, lse, mask, n_splits=2)
+        want = kernels.attention_backward(do, q, kc, vc, oc, lsec, mask, n_splits=2)
+        for got, ref in zip(grads, want, strict=True):
+            assert np.array_equal(got, ref)
+    _, dk, dv_ = kernels.attention_backward(do, q, *views[0], o, lse, mask)
+    for grad, d in ((dk, dh), (dv_, dv)):
+        merged = grad.transpose(0, 2, 1, 3).reshape(b, n, h * d)  # merge_heads
+        assert np.shares_memory(merged, grad) and merged.flags.c_contiguous
+
+
 def test_many_queries_few_keys(rng):
     # the Perceiver IO decoder's cross-attention: O >> M queries over M latent keys
     q, k, v = _inputs(rng, 1, 2, 3000, 64, 32, 32)
