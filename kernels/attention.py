@@ -22,13 +22,15 @@ Passes:
    ``m = max_s m_s``, ``l = sum_s l_s exp(m_s - m)``, ``acc = sum_s acc_s exp(m_s - m)``;
    ``o = acc / l``, ``lse = m + log l``.
 3. ``_backward_delta`` (parallel over batch x head): ``delta = rowsum(dO * O)``.
-4. ``_backward_partial`` (parallel over batch x head x split of N): for each key tile of the
-   split, loop over all query blocks recomputing ``P = exp(S - lse)``; accumulate the tile's
+4. ``_backward_partial`` (parallel over batch x split of N): for each key tile of the split
+   and each head, loop over all query blocks recomputing ``P = exp(S - lse)``; accumulate the tile's
    ``dV += P^T dO`` and ``dK += scale dS^T Q`` (written once: disjoint rows per work item) and
    the split's own partial ``dQ += scale dS K``.
 5. ``_backward_sum_dq`` (parallel over batch x head): ``dQ = sum_s dQ_s``.
 
-Every parallel loop writes disjoint outputs; the reductions over splits are passes of their own.
+k and v may be the head-split views of [B, N, H*d] arrays (read where they lie); dk and dv then
+come back in that layout. Every parallel loop writes disjoint outputs; the reductions over
+splits are passes of their own.
 Each tile product is one single-threaded BLAS call (:func:`perceiver_np.kernels.gemm.gemm_rows`)
 on the operands as they lie or on scratch allocated once per work item; the wrappers hold BLAS
 to one thread while the kernels run (``gemm.single_threaded_blas``).
