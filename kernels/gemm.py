@@ -7,6 +7,7 @@
     g, s = matmul_tn_sums(a, dy)  -> (a.T @ dy [I, O], dy's column sums [O]): a linear layer's grads
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
     k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
+    k, v = project_input(x, w_in, norm, [w_k, w_v], H)   LN(x @ w_in + b) @ w -> [B, H, S, d] views
 
 Why not ``a @ w`` with BLAS's own threads: an OpenBLAS worker keeps spinning for a while after
 each product (its ``THREAD_TIMEOUT``), and a Numba kernel started in that window shares a core
@@ -290,6 +291,46 @@ def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover -
                     b = r // s
                     out[b, h, r - b * s, e0:e1] = t[r - lo, h * d + e0 - a0:h * d + e1 - a0]
         status[item] = worst
+
+
+@parallel_kernel
+def _project_input(x, w_in, w0, w1, out0, out1, n_out, block, gamma, beta, bias, has_bias,  # pragma: no cover
+                   status, check, exp_mask):
+    """The whole key/value side of a cross block, one block of ``block`` rows of one sample per
+    work item: h = x[b, lo:hi] @ w_in (x read as it lies: row stride x.strides[1], a chunk of a
+    longer input), u = LN(h + bias) in place, then out_j[b, lo:hi] = u @ w_j for each of the
+    n_out projections, written by BLAS straight into the rows of out_j [B, S, F_j] (whose
+    head-split view is the attention kernel's [B, H, S, d_j]). h and u are one [block, D]
+    buffer that stays in L2: the input projection never goes back to memory. x [B, S, C]
+    (last stride the item size), w_in [C, D], gamma, beta, bias [D], w_j [D, F_j];
+    status[item] as in :func:`_project_heads`."""
+    nb, s = x.shape[0], x.shape[1]
+    d = w_in.shape[1]
+    sx0, sx1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
+    n_blocks = (s + block - 1) // block
+    for item in prange(nb * n_blocks):
+        b = item // n_blocks
+        lo = (item % n_blocks) * block
+        hi = min(s, lo + block)
+        h = np.empty((hi - lo, d), dtype=x.dtype)  # [rows, C] @ [C, D] -> [rows, D], in L2
+        done = gemm_rows(False, False, hi - lo, d, x.shape[2], x, b * sx0 + lo * sx1, sx1,
+                         w_in, 0, d, h, 0, d, 0.0)
+        for r in range(hi - lo):  # LN(h + bias), in place: rows.layernorm's formula
+            mean, rstd = _moments(h, r, bias, has_bias)
+            m, rs = x.dtype.type(mean), x.dtype.type(rstd)
+            for c in range(d):
+                v = h[r, c] + bias[c] if has_bias else h[r, c]
+                h[r, c] = (v - m) * rs * gamma[c] + beta[c]
+        for j in range(n_out):
+            w = w0 if j == 0 else w1
+            out = out0 if j == 0 else out1
+            f = w.shape[1]
+            if done == 0:  # [rows, D] @ [D, F_j] -> rows b*S + lo .. b*S + hi of out_j [B*S, F_j]
+                done = gemm_rows(False, False, hi - lo, f, d, h, 0, d, w, 0, f, out, (b * s + lo) * f, f, 0.0)
+                if done == 0 and check and _nonfinite(out.reshape(nb * s, f), b * s + lo, b * s + hi,
+                                                      0, f, exp_mask) > 0:
+                    done = NONFINITE
+        status[item] = done
 
 
 class _BlasLimit:
@@ -593,3 +634,48 @@ def project_heads(
                        exponent_mask(x.dtype))
     _check_status(status)
     return outs
+
+
+def project_input(
+    x: np.ndarray, w_in: np.ndarray, norm: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    weights: list[np.ndarray], heads: int, *, alloc: Alloc | None = None, finite: bool = False,
+) -> list[np.ndarray]:
+    """A cross block's keys and values from its raw input: x: [B, S, C] (a strided chunk of a
+    longer input is read as it lies) -> for each w_j: [D, H*d_j] (one or two of them)
+    LN(x @ w_in + bias) @ w_j, returned as the head-split view [B, H, S, d_j] of a [B, S, H*d_j]
+    buffer (from ``alloc``'s "out0", "out1" when given), the layout the attention kernel reads
+    keys and values in. ``norm`` = (gamma, beta, bias or None) of the LayerNorm over D. Equal
+    to ``project_heads(matmul_batched(x, w_in), weights, heads, norm)`` up to rounding (tested),
+    with the input projection, its LayerNorm and the projections done tile by tile in cache.
+    ``finite``: as :func:`matmul`'s, on the outputs."""
+    if not isinstance(x, np.ndarray) or x.ndim != 3:
+        got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"x: expected an array [B, S, C], got {got}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype.name}")
+    w_in = _check("w_in", w_in, 2, "[C, D]", x.dtype)
+    if w_in.shape[0] != x.shape[2]:
+        raise ValueError(f"w_in: expected shape ({x.shape[2]}, D) to match x {x.shape}, got {w_in.shape}")
+    if not 1 <= len(weights) <= 2:
+        raise ValueError(f"weights: expected 1 or 2 matrices, got {len(weights)}")
+    b, s, _ = x.shape
+    d = w_in.shape[1]
+    ws = [_check(f"weights[{j}]", w, 2, "[D, H*d]", x.dtype) for j, w in enumerate(weights)]
+    for j, w in enumerate(ws):
+        if w.shape[0] != d or w.shape[1] % heads:
+            raise ValueError(f"weights[{j}]: expected shape ({d}, H*d) with H = {heads}, got {w.shape}")
+    gamma = rows._vector("gamma", norm[0], d, x.dtype)
+    beta = rows._vector("beta", norm[1], d, x.dtype)
+    bias = None if norm[2] is None else rows._vector("bias", norm[2], d, x.dtype)
+    if not (x.flags.writeable and x.dtype.isnative and x.flags.aligned and x.strides[2] == x.itemsize
+            and x.strides[0] > 0 and x.strides[1] >= x.shape[2] * x.itemsize):
+        x = kernel_array(x)  # a read-only chunk (of a memory map), or one not read by rows: copied
+    outs = [empty(alloc, f"out{j}", (b, s, w.shape[1]), x.dtype) for j, w in enumerate(ws)]
+    status = np.zeros(b * math.ceil(s / PROJECT_BLOCK_ROWS), dtype=np.int32)
+    with single_threaded_blas():
+        _project_input(x, w_in, ws[0], ws[-1], outs[0], outs[-1], len(ws), PROJECT_BLOCK_ROWS,
+                       gamma, beta, gamma if bias is None else bias, bias is not None, status, finite,
+                       exponent_mask(x.dtype))
+    _check_status(status)
+    # [B, S, H*d_j] -> [B, S, H, d_j] -> [B, H, S, d_j], a view
+    return [out.reshape(b, s, heads, -1).transpose(0, 2, 1, 3) for out in outs]

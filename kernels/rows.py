@@ -10,6 +10,7 @@ plain path's formulas (tested equal, tests/test_engine.py)::
     merge_heads(o, bias, visible)                   -> [B*M, H*dv]: o[b, h, i, e] (+ bias[h*dv + e])
     layernorm_train(x, gamma, beta)                 -> y, xhat [R, F], rstd [R, 1]  (training)
     layernorm_backward(dy, xhat, rstd, gamma)       -> dx [R, F], dgamma [F], dbeta [F]
+    max_abs(x)                                      -> max |x| over every entry   (any shape)
 
 LN is the plain path's LayerNorm: ``(x - mean) / sqrt(var + LN_EPS) * gamma + beta`` with the
 biased variance. The row's mean and variance are summed in float64 whatever the dtype (two
@@ -367,3 +368,47 @@ def layernorm_backward(
         _layernorm_backward_rows(dy, xhat, kernel_array(np.asarray(rstd, dtype=dt)),
                                  _vector("gamma", gamma, f, dt), dx, dgamma, dbeta, block)
     return dx, dgamma.sum(axis=0), dbeta.sum(axis=0)
+
+
+#: Entries per work item of :func:`max_abs` (256 KiB of float32).
+SCAN_BLOCK = 1 << 16
+
+
+@parallel_kernel
+def _max_magnitude(bits, block, mask, out):  # pragma: no cover - compiled
+    """out[i] = the largest ``bits & mask`` over block i of ``bits`` [S] (blocks of ``block``
+    entries): the floats' magnitudes (sign bit cleared: ``mask`` is ``mask[0]``, every bit but
+    the sign) compared as unsigned integers, which orders non-negative IEEE floats exactly as
+    their values (and puts NaN above infinity). An integer max reduction vectorises; a float one
+    may not, without the no-NaN fast-math flag. Disjoint outputs, one pass over the data."""
+    n = bits.shape[0]
+    m = mask[0]
+    for item in prange(out.shape[0]):
+        lo = item * block
+        part = bits[lo:min(n, lo + block)]  # indices from 0: no wrap-around test in the loop
+        top = part[0] & m
+        for i in range(part.shape[0]):
+            top = max(top, part[i] & m)
+        out[item] = top
+
+
+def max_abs(x: np.ndarray) -> float:
+    """max |x| over every entry of a float array of any shape, one parallel pass over a
+    contiguous x (equal to ``max(np.max(x), -np.min(x))`` for finite x, tested; NaN when an
+    entry is NaN). A strided or read-only x (a memory map) is read by NumPy instead of copied
+    (a read-only array is another Numba type: it would compile the kernel again)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        got = x.dtype.name if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(f"x: expected a float32 or float64 array, got {got}")
+    if x.size == 0:
+        raise ValueError("x: expected at least one entry, got an empty array")
+    if not (x.flags.c_contiguous and x.flags.writeable and x.dtype.isnative):
+        return float(np.maximum(np.max(x), -np.min(x)))  # NaN when one is NaN, as below
+    unsigned = np.dtype(np.uint32) if x.dtype == np.float32 else np.dtype(np.uint64)
+    magnitude = (1 << (8 * x.itemsize - 1)) - 1  # 0x7FFF...
+    bits = x.reshape(-1).view(unsigned)  # [...] -> [S], the same memory
+    mask = np.array([magnitude], dtype=unsigned)  # every bit but the sign
+    out = np.empty(-(-bits.size // SCAN_BLOCK), dtype=unsigned)
+    with threads_for(bits.size):
+        _max_magnitude(bits, SCAN_BLOCK, mask, out)
+    return float(out.max().view(x.dtype))

@@ -5,7 +5,7 @@
     ops = layer_ops(cfg, "cross", training=True)    # a layers.LayerOps for one block
     y, cache = layers.mha_forward(zq, h, p, num_heads=H, ops=ops)
     eng = engine_ops("numba")                        # the inference engine's ops
-    k, v = eng.project_heads(h, [w_k, w_v], H, norm=(gamma, beta, None))
+    k, v = eng.project_input(x_c, w_in, (gamma, beta, b_in), [w_k, w_v], H)  # LN(x_c @ w_in + b_in) @ w
 
 Two backends, one signature per op, tested equal (tests/test_backends.py, tests/test_engine.py):
 
@@ -164,6 +164,9 @@ class EngineOps(NamedTuple):
     matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F], *, alloc) -> [B, S, F]
     # (x [B, S, K], [w_j], H, norm, *, alloc, finite) -> [B, H, S, d_j] each
     project_heads: Callable[..., list[np.ndarray]]
+    # (x [B, S, C], w_in [C, D], norm, [w_j], H, *, alloc, finite) -> [B, H, S, d_j] each:
+    # LN(x @ w_in + bias) @ w_j, a cross block's keys and values from its raw input
+    project_input: Callable[..., list[np.ndarray]]
     layernorm: Callable[..., np.ndarray]  # (x [R, F], gamma, beta, bias=None, out=None) -> [R, F]
     residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias, *, alloc) -> LN(z)
     residual: Callable[..., np.ndarray]  # z [R, F] += t + bias
@@ -174,6 +177,7 @@ class EngineOps(NamedTuple):
     chunk_state: Callable[..., ChunkState]  # (B, H, M, dv, alloc) -> an empty running state
     merge_chunk: Callable[..., None]  # (state, o_c, lse_c): fold one chunk's attention in
     finish_chunks: Callable[..., np.ndarray]  # (state, dtype, alloc) -> o [B, H, M, dv]
+    max_abs: Callable[[np.ndarray], float]  # x (any shape) -> max |x|: the input's range check
 
 
 def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bias: np.ndarray | None = None,
@@ -224,6 +228,14 @@ def _project_heads(x: np.ndarray, weights: list[np.ndarray], heads: int,
     return [np.ascontiguousarray(layers.split_heads(_matmul(u, w, finite=finite), heads)) for w in weights]
 
 
+def _project_input(x: np.ndarray, w_in: np.ndarray, norm: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+                   weights: list[np.ndarray], heads: int, *, alloc: Alloc | None = None,
+                   finite: bool = False) -> list[np.ndarray]:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.project_input`."""
+    h = _matmul(x, w_in)  # [B, S, C] -> [B, S, D]
+    return _project_heads(h, weights, heads, norm, finite=finite)
+
+
 def _matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
     """Plain twin of :func:`perceiver_np.kernels.gemm.matmul` (and of ``matmul_batched``)."""
     y = a @ w
@@ -248,16 +260,21 @@ def _finish_chunks(state: ChunkState, dtype: np.dtype, alloc: Alloc | None = Non
     return plain_attention.finish_chunks(state, dtype)
 
 
+def _max_abs(x: np.ndarray) -> float:
+    """Plain twin of :func:`perceiver_np.kernels.rows.max_abs`."""
+    return float(max(np.max(x), -np.min(x)))
+
+
 PLAIN_ENGINE = EngineOps(
-    "numpy", _matmul, _matmul, _project_heads, _layernorm, _residual_layernorm,
+    "numpy", _matmul, _matmul, _project_heads, _project_input, _layernorm, _residual_layernorm,
     _residual, _bias_gelu, _merge_heads, _attention_forward, _chunk_state, plain_attention.merge_chunk,
-    _finish_chunks,
+    _finish_chunks, _max_abs,
 )
 NUMBA_ENGINE = EngineOps(
-    "numba", gemm.matmul, gemm.matmul_batched, gemm.project_heads, rows.layernorm,
+    "numba", gemm.matmul, gemm.matmul_batched, gemm.project_heads, gemm.project_input, rows.layernorm,
     rows.residual_layernorm, rows.residual, rows.bias_gelu, rows.merge_heads,
     kernel_attention.attention_forward, plain_attention.chunk_state, kernel_attention.merge_chunk,
-    plain_attention.finish_chunks,
+    plain_attention.finish_chunks, rows.max_abs,
 )
 
 

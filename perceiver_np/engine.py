@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .backends import EngineOps
+from .backends import EngineOps, engine_ops
 from .config import PerceiverConfig, param_shapes
 from .kernels.gemm import PRODUCT
 from .layers import Params, params_under
@@ -134,9 +134,10 @@ def cross_block(
     along N -> (z [B, M, D], N).
 
     The pieces (x_c [B, n, C], views into a longer array are fine, with their masks
-    mask_c [B, n]) are cut to ``chunk_positions(B)`` positions. Per chunk: ``h = x_c @ in_weight``
-    (when given), the keys and values of ``LN_kv(h + in_bias)`` in the attention's layout (the
-    LayerNorm fused into their product on the kernels), the attention's ``(o_c, lse_c)``, folded
+    mask_c [B, n]) are cut to ``chunk_positions(B)`` positions. Per chunk: the keys and values of
+    ``LN_kv(x_c @ in_weight + in_bias)`` (or ``LN_kv(x_c)`` with no input projection), in the
+    attention's layout (``ops.project_input``: on the kernels the projection, the LayerNorm and
+    the key and value products are done tile by tile, in cache), the attention's ``(o_c, lse_c)``, folded
     into the running float64 state with ``merge_chunk``. Every buffer is chunk-sized, and taken
     from ``alloc``: a chunk's buffers are reused by the next chunk, so the first chunk's result
     is folded into the running state before the second is computed."""
@@ -159,16 +160,19 @@ def cross_block(
         if first is not None and state is None:  # the second chunk: fold the first one in first
             state = ops.chunk_state(b, num_heads, m, dv, alloc=scoped(alloc, "state"))
             ops.merge_chunk(state, *first)
+        norm = (p["kv_norm.gamma"], p["kv_norm.beta"], in_bias)
         if in_weight is not None:
-            # [B, n, C] -> [B, n, D] (b_in in the LN)
-            h = ops.matmul_batched(x_c, in_weight, alloc=scoped(alloc, "input_proj"))
+            expect_shape("input projection", in_weight, (x_c.shape[2], ckv), "[C, Ckv]")
+            # LN_kv(x_c @ W_in + b_in) @ W_k, @ W_v: [B, n, C] -> [B, n, Ckv] -> [B, H, n, dh]
+            # (no b_k), [B, H, n, dv] (b_v later); the projection h never leaves the cache
+            k, v = ops.project_input(x_c, in_weight, norm, [p["attn.k.weight"], p["attn.v.weight"]],
+                                     num_heads, alloc=scoped(alloc, "kv"), finite=True)
         else:
             h = np.ascontiguousarray(x_c)  # [B, n, Ckv]
-        expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
-        k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
-                                 norm=(p["kv_norm.gamma"], p["kv_norm.beta"], in_bias),
-                                 alloc=scoped(alloc, "kv"), finite=True)
-        # LN_kv(h + b_in) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
+            expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
+            # LN_kv(h) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
+            k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
+                                     norm=norm, alloc=scoped(alloc, "kv"), finite=True)
         o_c, lse_c = ops.attention_forward(q, k, v, mask_c,
                                            alloc=scoped(alloc, "attention"))  # [B, H, M, dv], [B, H, M]
         if state is None:
@@ -322,8 +326,9 @@ def check_input_range(name: str, cfg: PerceiverConfig, p: Params, x: np.ndarray)
 def input_bound(cfg: PerceiverConfig, p: Params, x: np.ndarray) -> tuple[float, str]:
     """A bound on the magnitude of what the cross blocks' key/value LayerNorm reads, and its
     name: with the input projection, ``max|x| * max_j sum_i |W_in[i, j]| + max|b_in|``
-    (every entry of x @ W_in + b_in, and every partial sum of it, stays below it); without, max|x|."""
-    top = float(max(np.max(x), -np.min(x)))
+    (every entry of x @ W_in + b_in, and every partial sum of it, stays below it); without, max|x|
+    (one parallel pass over x on the kernels: ``ops.max_abs``)."""
+    top = engine_ops(cfg.backend).max_abs(x)
     if not cfg.input_projection:
         return top, "the key/value LayerNorm's input"
     w, bias = p["input_proj.weight"], p["input_proj.bias"]

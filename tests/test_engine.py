@@ -114,6 +114,14 @@ def test_every_engine_op_equals_its_plain_twin(rng, dtype):
     for got, want in zip(NUMBA_ENGINE.project_heads(x, [wk, wv], 2, norm=(gamma, beta, bias)),
                          PLAIN_ENGINE.project_heads(x, [wk, wv], 2, norm=(gamma, beta, bias)), strict=True):
         assert got.shape == want.shape and relerr(got, want) <= tol
+    w_in = (rng.normal(size=(40, 40)) / np.sqrt(40)).astype(dtype)
+    for norm in ((gamma, beta, bias), (gamma, beta, None)):
+        pair = [ops.project_input(view, w_in, norm, [wk, wv], 2, finite=True)
+                for ops in (NUMBA_ENGINE, PLAIN_ENGINE)]
+        for got, want in zip(*pair, strict=True):
+            assert got.shape == want.shape and relerr(got, want) <= tol
+    for arr in (x, view, -x[:1, :3]):
+        assert NUMBA_ENGINE.max_abs(arr) == PLAIN_ENGINE.max_abs(arr)  # exact: a max rounds nothing
     want = PLAIN_ENGINE.layernorm(a, gamma, beta, bias)
     assert relerr(NUMBA_ENGINE.layernorm(a, gamma, beta, bias), want) <= tol
     t = rng.normal(size=a.shape).astype(dtype)
@@ -245,6 +253,84 @@ def test_products_equal_numpy(rng, dtype):
             (got,) = gemm.project_heads(xs, [wk], 3, norm=(gamma, beta, b_in))
             want = (u @ wk).reshape(*xs.shape[:2], 3, 4).transpose(0, 2, 1, 3)
             assert relerr(got, want) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_project_input_equals_its_steps(rng, dtype):
+    """project_input (the input projection, its LayerNorm and the key/value products tile by
+    tile, in cache) against its steps done one after the other, on inputs as they come: a
+    strided chunk of a longer input, a read-only one, one whose rows are not contiguous (copied
+    first), a sample count and a length that leave partial row blocks, one projection or two."""
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(2, 40)
+    x = rng.normal(size=(3, 700, 29)).astype(dtype)
+    w_in = (rng.normal(size=(29, 40)) / np.sqrt(29)).astype(dtype)
+    gamma, beta, bias = (rng.normal(size=40).astype(dtype) for _ in range(3))
+    wk, wv = rng.normal(size=(40, 3 * 4)).astype(dtype), rng.normal(size=(40, 3 * 5)).astype(dtype)
+    read_only = x[:, :300].copy()
+    read_only.flags.writeable = False
+    columns = np.asfortranarray(x[:, :40])  # last stride is not the item size
+    for xs in (x, x[:, 5:600], read_only, columns, x[:1, :1]):
+        for b_in in (bias, None):
+            h = xs @ w_in + (0 if b_in is None else b_in)
+            u = layernorm_forward(h, {"gamma": gamma, "beta": beta})[0]
+            for ws in ([wk, wv], [wv]):
+                got = gemm.project_input(xs, w_in, (gamma, beta, b_in), ws, 3, finite=True)
+                for g, wj in zip(got, ws, strict=True):
+                    want = (u @ wj).reshape(*xs.shape[:2], 3, -1).transpose(0, 2, 1, 3)  # [B, H, S, d]
+                    assert g.shape == want.shape and relerr(g, want) <= tol
+                    assert g.base is not None and g.base.flags.c_contiguous  # a view of [B, S, H*d]
+    # the attention kernel reads the views where they lie: bitwise what it computes from copies
+    k, v = gemm.project_input(x, w_in, (gamma, beta, bias), [wk, wv], 3)
+    q = rng.normal(size=(3, 3, 6, 4)).astype(dtype)
+    got = attention_forward(q, k, v)
+    want = attention_forward(q, np.ascontiguousarray(k), np.ascontiguousarray(v))
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_project_input_refuses_bad_arguments_and_nonfinite_products(rng):
+    x = rng.normal(size=(2, 5, 4))
+    w_in, norm = np.ones((4, 6)), (np.ones(6), np.zeros(6), None)
+    with pytest.raises(ValueError, match=r"w_in: expected shape \(4, D\) to match x"):
+        gemm.project_input(x, np.ones((3, 6)), norm, [np.ones((6, 2))], 2)
+    with pytest.raises(ValueError, match=r"weights\[0\]: expected shape \(6, H\*d\) with H = 2"):
+        gemm.project_input(x, w_in, norm, [np.ones((6, 3))], 2)
+    with pytest.raises(TypeError, match="w_in: expected dtype float64, got float32"):
+        gemm.project_input(x, w_in.astype(np.float32), norm, [np.ones((6, 2))], 2)
+    with pytest.raises(ValueError, match=r"gamma: expected shape \(6,\), got \(5,\)"):
+        gemm.project_input(x, w_in, (np.ones(5), np.zeros(6), None), [np.ones((6, 2))], 2)
+    with pytest.raises(ValueError, match="weights: expected 1 or 2 matrices, got 3"):
+        gemm.project_input(x, w_in, norm, [np.ones((6, 2))] * 3, 2)
+    from perceiver_np.shapes import OverflowRisk
+
+    for bad_value in (np.nan, np.inf):
+        for which in (0, 1):
+            ws = [rng.normal(size=(6, 4)), rng.normal(size=(6, 4))]
+            ws[which][int(rng.integers(6)), int(rng.integers(4))] = bad_value
+            with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
+                gemm.project_input(x, w_in, norm, ws, 2, finite=True)
+            gemm.project_input(x, w_in, norm, ws, 2)  # unchecked: returns
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_abs_is_numpys_in_one_pass(rng, dtype):
+    """rows.max_abs: max |x| in one parallel pass (magnitudes compared as integers), equal to
+    NumPy's max and min exactly, on every layout; NaN and infinity come out as such."""
+    x = rng.normal(size=(3, 50_000, 3)).astype(dtype)  # several SCAN_BLOCKs and a partial one
+    x[2, 41_234, 1] = -7.5  # the largest magnitude, negative
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    for arr in (x, x[:, 3:900], read_only, x[0, :1, :1], -x):
+        assert rows.max_abs(arr) == float(max(np.max(arr), -np.min(arr)))
+    assert rows.max_abs(x) == 7.5
+    bad = x.copy()
+    bad[1, 7, 2] = -np.inf
+    assert rows.max_abs(bad) == np.inf
+    bad[0, 3, 0] = np.nan
+    assert np.isnan(rows.max_abs(bad))
+    with pytest.raises(TypeError, match="x: expected a float32 or float64 array, got int64"):
+        rows.max_abs(np.ones(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="x: expected at least one entry"):
+        rows.max_abs(np.ones((0, 3), dtype=dtype))
 
 
 def test_tiles_split_few_rows_by_columns_and_many_by_rows():
