@@ -60,18 +60,24 @@ def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCac
 
 def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
     """:func:`perceiver_np.layers.linear_backward` with the products on Numba's pool."""
+    x, w = cache.x, cache.weight
+    grads = linear_grads(dy, cache)
+    dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
+    dx = gemm.matmul(dy2, w.T, alloc=step_alloc()).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
+    return dx, grads
+
+
+def linear_grads(dy: np.ndarray, cache: LinearCache) -> Params:
+    """:func:`perceiver_np.layers.linear_grads` with the product on Numba's pool."""
     x, w, has_bias = cache
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
-    alloc = step_alloc()
-    dx = gemm.matmul(dy2, w.T, alloc=alloc).reshape(x.shape)  # [R, out] @ [out, in] -> [..., in]
     if not has_bias:
-        dweight = gemm.matmul_tn(x2, dy2, alloc=alloc)  # [in, R] @ [R, out] -> [in, out]
-        return dx, {"weight": dweight}
+        return {"weight": gemm.matmul_tn(x2, dy2, alloc=step_alloc())}  # [in, R] @ [R, out] -> [in, out]
     # the bias gradient, dy's column sums, taken block by block with the weight's
-    dweight, dbias = gemm.matmul_tn_sums(x2, dy2, alloc=alloc)  # -> [in, out], [out]
-    return dx, {"weight": dweight, "bias": dbias}
+    dweight, dbias = gemm.matmul_tn_sums(x2, dy2, alloc=step_alloc())  # -> [in, out], [out]
+    return {"weight": dweight, "bias": dbias}
 
 
 def layernorm_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LayerNormCache]:
@@ -129,8 +135,8 @@ def attention_backward(
 PLAIN_LSE = layers.PLAIN._replace(attention_forward=plain_attention.attention_forward,
                                   attention_backward=plain_attention.attention_backward)
 #: Every op on the kernels, attention through the tiled kernel.
-NUMBA = LayerOps("numba", linear_forward, linear_backward, layernorm_forward, layernorm_backward,
-                 gelu_forward, gelu_backward, attention_forward, attention_backward)
+NUMBA = LayerOps("numba", linear_forward, linear_backward, linear_grads, layernorm_forward,
+                 layernorm_backward, gelu_forward, gelu_backward, attention_forward, attention_backward)
 #: The kernels for every op but the attention, which keeps its probabilities.
 NUMBA_PROBABILITIES = NUMBA._replace(attention_forward=None, attention_backward=None)
 

@@ -81,17 +81,27 @@ def linear_forward(x: np.ndarray, params: Params) -> tuple[np.ndarray, LinearCac
 
 def linear_backward(dy: np.ndarray, cache: LinearCache) -> tuple[np.ndarray, Params]:
     """dy: [..., out] -> dx: [..., in]; grads weight [in, out], bias [out] (when it had one)."""
+    w = cache.weight
+    grads = linear_grads(dy, cache)
+    # in the forward pass this was y = x @ W + b
+    dx = dy @ w.T  # [..., out] -> [..., in]
+    return dx, grads
+
+
+def linear_grads(dy: np.ndarray, cache: LinearCache) -> Params:
+    """dy: [..., out] -> the parameters' half of :func:`linear_backward`: grads weight [in, out],
+    bias [out] (when it had one), without dx (for a layer whose input needs no gradient: the
+    model's raw input in a training step)."""
     x, w, has_bias = cache
     expect_shape("linear dy", dy, (*x.shape[:-1], w.shape[1]), "[..., out]")
     # in the forward pass this was y = x @ W + b
     x2 = x.reshape(-1, w.shape[0])  # [..., in] -> [R, in]   (R = product of leading axes)
     dy2 = dy.reshape(-1, w.shape[1])  # [..., out] -> [R, out]
     dweight = x2.T @ dy2  # [in, R] @ [R, out] -> [in, out]
-    dx = dy @ w.T  # [..., out] -> [..., in]
     if not has_bias:
-        return dx, {"weight": dweight}
+        return {"weight": dweight}
     dbias = dy2.sum(axis=0)  # [R, out] -> [out]
-    return dx, {"weight": dweight, "bias": dbias}
+    return {"weight": dweight, "bias": dbias}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,6 +669,7 @@ class LayerOps(NamedTuple):
     name: str  # "numpy" | "numba"
     linear_forward: Callable[..., Any]  # (x, params) -> (y, LinearCache)
     linear_backward: Callable[..., Any]  # (dy, LinearCache) -> (dx, grads)
+    linear_grads: Callable[..., Any]  # (dy, LinearCache) -> grads (linear_backward without dx)
     layernorm_forward: Callable[..., Any]  # (x, params) -> (y, LayerNormCache)
     layernorm_backward: Callable[..., Any]  # (dy, LayerNormCache) -> (dx, grads)
     gelu_forward: Callable[..., Any]  # (x, *, approximate) -> (y, GeluCache)
@@ -671,5 +682,5 @@ class LayerOps(NamedTuple):
 
 
 #: This module's plain NumPy functions, with the attention that keeps its probabilities.
-PLAIN = LayerOps("numpy", linear_forward, linear_backward, layernorm_forward, layernorm_backward,
-                 gelu_forward, gelu_backward, None, None)
+PLAIN = LayerOps("numpy", linear_forward, linear_backward, linear_grads, layernorm_forward,
+                 layernorm_backward, gelu_forward, gelu_backward, None, None)

@@ -452,6 +452,17 @@ class Perceiver:
         the input gradient sums over every cross block reading it; trainable output queries
         sum over the batch. (Caller-supplied queries get no gradient back.)
         """
+        grads, dx = self._backward(dy, cache, input_grad=True)
+        assert dx is not None
+        return grads, dx
+
+    def param_grads(self, dy: Any, cache: ModelCache) -> Params:
+        """:meth:`backward`'s grads without dx: what a training step needs (its input is data).
+        The same arrays' values, one product fewer: the input projection's [B, N, D] @ [D, C]."""
+        return self._backward(dy, cache, input_grad=False)[0]
+
+    def _backward(self, dy: Any, cache: ModelCache, *, input_grad: bool) -> tuple[Params, np.ndarray | None]:
+        """:meth:`backward`; dx is None when not ``input_grad``."""
         cfg = self.config
         if not isinstance(cache, ModelCache):
             raise TypeError("cache: expected the ModelCache of this model's forward, got "
@@ -488,12 +499,12 @@ class Perceiver:
         if cache.final_norm is not None:
             dz, g = cache.ops.layernorm_backward(dz, cache.final_norm)
             _accumulate(grads, prefixed(g, "final_norm"))
-        d_h = np.zeros((b, n, cfg.kv_channels), dtype=cfg.np_dtype)  # gradient of h [B, N, Ckv]
+        d_h: np.ndarray | None = None  # gradient of h [B, N, Ckv]
         for (kind, i), step in zip(reversed(cfg.schedule), reversed(cache.steps), strict=True):
             if kind == "cross":
                 assert isinstance(step, CrossBlockCache)
                 (dz, d_h_i), g = cross_block_backward(dz, step)
-                d_h += d_h_i  # every cross block read the same h
+                d_h = d_h_i if d_h is None else d_h + d_h_i  # every cross block read the same h
                 _accumulate(grads, prefixed(g, f"cross.{i}"))
             else:
                 assert isinstance(step, SelfBlockCache)
@@ -501,11 +512,18 @@ class Perceiver:
                 _accumulate(grads, prefixed(g, f"self.{i}"))  # shared repeats add up
         # in the forward pass this was z = broadcast(latents) over the batch
         grads["latents"] += dz.sum(axis=0)  # [B, M, D] -> [M, D]
+        assert d_h is not None  # every schedule has a cross block
+        expect_shape("d_h", d_h, (b, n, cfg.kv_channels), "[B, N, Ckv]")
+        if cache.input_proj is not None and not input_grad:
+            _accumulate(grads, prefixed(cache.ops.linear_grads(d_h, cache.input_proj), "input_proj"))
+            return grads, None
         if cache.input_proj is not None:
             dx, g = cache.ops.linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C + P]
             _accumulate(grads, prefixed(g, "input_proj"))
         else:
             dx = d_h
+        if not input_grad:
+            return grads, None
         # in the forward pass this was x_in = [x, pos]: the positions are constants
         return grads, dx[..., : cfg.input_dim]  # [B, N, C + P] -> [B, N, C]
 

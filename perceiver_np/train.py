@@ -181,8 +181,7 @@ def _backward(model: Model, dpred: np.ndarray, cache: Any) -> Params:
     """The parameters' gradients (a Perceiver's backward also returns the input's)."""
     if isinstance(model, PretrainedPerceiver):
         return model.backward(dpred, cache)
-    grads, _ = model.backward(dpred, cache)
-    return grads
+    return model.param_grads(dpred, cache)  # the input is data: no dx
 
 
 def loss_and_grads(

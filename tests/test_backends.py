@@ -36,9 +36,15 @@ def test_numba_backend_equals_numpy_backend(rng, case):
     mask = rng.random((3, 300)) < 0.7
     mask[1] = False  # one sample with no visible input
     training = plain.config.dropout > 0
-    _, c1 = assert_same_run(plain, kernel, x, rng, FLOAT64_RTOL, mask, training)
+    c0, c1 = assert_same_run(plain, kernel, x, rng, FLOAT64_RTOL, mask, training)
     _, dx1 = kernel.backward(rng.normal(size=(3, kernel.config.latent_dim)), c1)
     assert np.all(dx1[~mask] == 0)
+    # param_grads (a training step's backward, no dx): backward's grads, bitwise, on both backends
+    dy = rng.normal(size=(3, kernel.config.latent_dim))
+    for model, cache in ((plain, c0), (kernel, c1)):
+        want, _ = model.backward(dy, cache)
+        got = model.param_grads(dy, cache)
+        assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_float32_numba_backend_within_float32_rounding(rng):

@@ -285,7 +285,7 @@ def test_the_step_names_the_prediction_and_the_first_gradient_before_clipping(rn
     batch = {"x": rng.normal(size=(2, 6, 5)), "y": rng.normal(size=(2, 4, 2))}
     sgd = optim.sgd(1e-3)
     state = init_state(model, sgd)
-    forward, backward = pnp.Perceiver.forward, pnp.Perceiver.backward
+    forward, param_grads = pnp.Perceiver.forward, pnp.Perceiver.param_grads
     names = list(model.params)
 
     def nan_output(self, *args, **kwargs):
@@ -298,9 +298,9 @@ def test_the_step_names_the_prediction_and_the_first_gradient_before_clipping(rn
             train_step(model, batch, Loss("mse"), sgd, state, np.random.default_rng(0))
 
     def bad_grads(values):
-        def patched(self, dy, cache):
-            grads, dx = backward(self, dy, cache)
-            return {**grads, **{k: np.full_like(grads[k], v) for k, v in values.items()}}, dx
+        def patched(self, dy, cache):  # the step's backward: the grads, no dx
+            grads = param_grads(self, dy, cache)
+            return {**grads, **{k: np.full_like(grads[k], v) for k, v in values.items()}}
         return patched
 
     for values, tensor in [
@@ -308,7 +308,7 @@ def test_the_step_names_the_prediction_and_the_first_gradient_before_clipping(rn
         ({names[5]: 1e200}, "grad_norm"),  # every entry finite, but sum g^2 overflows float64
     ]:
         with monkeypatch.context() as m:
-            m.setattr(pnp.Perceiver, "backward", bad_grads(values))
+            m.setattr(pnp.Perceiver, "param_grads", bad_grads(values))
             with pytest.raises(NonFiniteError) as info:  # before clipping, which would raise ValueError
                 train_step(model, batch, Loss("mse"), sgd, state, np.random.default_rng(0), clip_norm=1.0)
         assert info.value.tensor == tensor and info.value.step == 1
