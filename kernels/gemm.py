@@ -562,17 +562,25 @@ def matmul_tn_sums(a: np.ndarray, b: np.ndarray, *,
     return total, sums
 
 
+def _input_and_weight(x: np.ndarray, w: np.ndarray, w_name: str, k: str,
+                      f: str) -> tuple[np.ndarray, np.ndarray]:
+    """x [B, S, k] (checked, any strides: not copied here) and the weight w [k, f] that
+    multiplies it (checked and as the kernels take it); ``k``, ``f``: the axes' letters."""
+    if not isinstance(x, np.ndarray) or x.ndim != 3:
+        got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"x: expected an array [B, S, {k}], got {got}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype.name}")
+    w = _check(w_name, w, 2, f"[{k}, {f}]", x.dtype)
+    if w.shape[0] != x.shape[2]:
+        raise ValueError(f"{w_name}: expected shape ({x.shape[2]}, {f}) to match x {x.shape}, got {w.shape}")
+    return x, w
+
+
 def matmul_batched(x: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
     """x: [B, S, K] (any strides; each sample's rows are read a block at a time) @ w: [K, F]
     -> [B, S, F] contiguous, in x's dtype (from ``alloc``'s "out" when given)."""
-    if not isinstance(x, np.ndarray) or x.ndim != 3:
-        got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
-        raise ValueError(f"x: expected an array [B, S, K], got {got}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype.name}")
-    w = _check("w", w, 2, "[K, F]", x.dtype)
-    if w.shape[0] != x.shape[2]:
-        raise ValueError(f"w: expected shape ({x.shape[2]}, F) to match x {x.shape}, got {w.shape}")
+    x, w = _input_and_weight(x, w, "w", "K", "F")
     if not (x.flags.writeable and x.dtype.isnative):
         x = kernel_array(x)  # a read-only chunk (of a memory map): copied, one chunk at a time
     b, s, _ = x.shape
@@ -648,14 +656,7 @@ def project_input(
     to ``project_heads(matmul_batched(x, w_in), weights, heads, norm)`` up to rounding (tested),
     with the input projection, its LayerNorm and the projections done tile by tile in cache.
     ``finite``: as :func:`matmul`'s, on the outputs."""
-    if not isinstance(x, np.ndarray) or x.ndim != 3:
-        got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
-        raise ValueError(f"x: expected an array [B, S, C], got {got}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype.name}")
-    w_in = _check("w_in", w_in, 2, "[C, D]", x.dtype)
-    if w_in.shape[0] != x.shape[2]:
-        raise ValueError(f"w_in: expected shape ({x.shape[2]}, D) to match x {x.shape}, got {w_in.shape}")
+    x, w_in = _input_and_weight(x, w_in, "w_in", "C", "D")
     if not 1 <= len(weights) <= 2:
         raise ValueError(f"weights: expected 1 or 2 matrices, got {len(weights)}")
     b, s, _ = x.shape
