@@ -379,8 +379,8 @@ def _max_magnitude(bits, block, mask, out):  # pragma: no cover - compiled
     """out[i] = the largest ``bits & mask`` over block i of ``bits`` [S] (blocks of ``block``
     entries): the floats' magnitudes (sign bit cleared: ``mask`` is ``mask[0]``, every bit but
     the sign) compared as unsigned integers, which orders non-negative IEEE floats exactly as
-    their values (and puts NaN above infinity). An integer max reduction vectorises; a float one
-    may not, without the no-NaN fast-math flag. Disjoint outputs, one pass over the data."""
+    their values (and puts NaN above infinity, so a NaN comes out as NaN, not skipped by a
+    comparison). Disjoint outputs, one pass over the data."""
     n = bits.shape[0]
     m = mask[0]
     for item in prange(out.shape[0]):

@@ -267,8 +267,8 @@ def _finish_chunks(state: ChunkState, dtype: np.dtype, alloc: Alloc | None = Non
 
 
 def _max_abs(x: np.ndarray) -> float:
-    """Plain twin of :func:`perceiver_np.kernels.rows.max_abs`."""
-    return float(max(np.max(x), -np.min(x)))
+    """Plain twin of :func:`perceiver_np.kernels.rows.max_abs` (NaN when an entry is NaN)."""
+    return float(np.maximum(np.max(x), -np.min(x)))
 
 
 PLAIN_ENGINE = EngineOps(
