@@ -514,16 +514,15 @@ class Perceiver:
         grads["latents"] += dz.sum(axis=0)  # [B, M, D] -> [M, D]
         assert d_h is not None  # every schedule has a cross block
         expect_shape("d_h", d_h, (b, n, cfg.kv_channels), "[B, N, Ckv]")
-        if cache.input_proj is not None and not input_grad:
-            _accumulate(grads, prefixed(cache.ops.linear_grads(d_h, cache.input_proj), "input_proj"))
+        if not input_grad:  # the weights' half of the input projection's backward only
+            if cache.input_proj is not None:
+                _accumulate(grads, prefixed(cache.ops.linear_grads(d_h, cache.input_proj), "input_proj"))
             return grads, None
         if cache.input_proj is not None:
             dx, g = cache.ops.linear_backward(d_h, cache.input_proj)  # [B, N, D] -> [B, N, C + P]
             _accumulate(grads, prefixed(g, "input_proj"))
         else:
             dx = d_h
-        if not input_grad:
-            return grads, None
         # in the forward pass this was x_in = [x, pos]: the positions are constants
         return grads, dx[..., : cfg.input_dim]  # [B, N, C + P] -> [B, N, C]
 

@@ -178,7 +178,7 @@ def _forward(model: Model, batch: Batch, training: bool, rng: np.random.Generato
 
 
 def _backward(model: Model, dpred: np.ndarray, cache: Any) -> Params:
-    """The parameters' gradients (a Perceiver's backward also returns the input's)."""
+    """The parameters' gradients (a Perceiver's ``param_grads``: its backward without dx)."""
     if isinstance(model, PretrainedPerceiver):
         return model.backward(dpred, cache)
     return model.param_grads(dpred, cache)  # the input is data: no dx
