@@ -29,8 +29,9 @@ Passes:
 5. ``_backward_sum_dq`` (parallel over batch x head): ``dQ = sum_s dQ_s``.
 
 k and v may be the head-split views of [B, N, H*d] arrays (read where they lie); dk and dv then
-come back in that layout. Every parallel loop writes disjoint outputs; the reductions over
-splits are passes of their own.
+come back in that layout. The forward reads q in such a view too (entry by entry, into its
+scaled transposed block); the backward copies it C-contiguous. Every parallel loop writes
+disjoint outputs; the reductions over splits are passes of their own.
 Each tile product is one single-threaded BLAS call (:func:`perceiver_np.kernels.gemm.gemm_rows`)
 on the operands as they lie or on scratch allocated once per work item; the wrappers hold BLAS
 to one thread while the kernels run (``gemm.single_threaded_blas``).
@@ -390,9 +391,11 @@ def choose_splits(parallel_items: int, n: int, target: int = SPLIT_TARGET_ITEMS)
     return max(1, min(want, n // MIN_KEYS_PER_SPLIT))
 
 
-def _prepare(q, k, v, mask, scale):
+def _prepare(q, k, v, mask, scale, q_view=False):
+    """The checked arguments as the kernels take them; ``q_view``: q too is read as it lies
+    (the forward reads it entry by entry; the backward's tile products need it C-contiguous)."""
     scale = check_attention_args(q, k, v, mask, scale)
-    q = kernel_array(q)
+    q = rows_array(q) if q_view else kernel_array(q)
     k, v = rows_array(k), rows_array(v)  # read as they lie: a head-split view is not copied
     has_mask = mask is not None
     mask_arr = kernel_array(mask) if has_mask else np.ones((1, 1), dtype=np.bool_)
@@ -415,7 +418,7 @@ def attention_forward(
     from N and the work items, never from the thread count) splits N into work items; the result
     does not depend on it beyond rounding. Every buffer (the splits' partial states, o and lse)
     comes from ``alloc`` when given (:func:`perceiver_np.kernels._numba.empty`)."""
-    q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale)
+    q, k, v, mask_arr, has_mask, sc = _prepare(q, k, v, mask, scale, q_view=True)
     b, h, m, _ = q.shape
     n, dv = k.shape[2], v.shape[3]
     n_mblocks = math.ceil(m / block_m)

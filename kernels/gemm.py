@@ -3,10 +3,13 @@
 ::
 
     y = matmul(a, w, bias=b)      a [R, K] @ w [K, F] (+ b [F]) -> y [R, F] (w may be a weight's transpose)
+    y = matmul(a, w, bias=b, gelu="exact")   GELU(a @ w + b), the GELU on each tile in cache
+    z = matmul_residual(a, w, z, b)          z [R, F] += a @ w + b, each tile added in cache
+    u = matmul_residual(a, w, z, b, norm=(gamma, beta))   the same, then LN(z) row by row
     g = matmul_tn(a, dy)          a [R, I], dy [R, O] -> a.T @ dy [I, O] (fixed-block partial sums)
     g, s = matmul_tn_sums(a, dy)  -> (a.T @ dy [I, O], dy's column sums [O]): a linear layer's grads
     y = matmul_batched(x, w)      x [B, S, K] (a strided chunk is fine) @ w [K, F] -> y [B, S, F]
-    k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] each
+    k, v = project_heads(x, [w_k, w_v], H)   x [B, S, K] @ w [K, H*d] -> [B, H, S, d] views each
     k, v = project_input(x, w_in, norm, [w_k, w_v], H)   LN(x @ w_in + b) @ w -> [B, H, S, d] views
 
 Why not ``a @ w`` with BLAS's own threads: an OpenBLAS worker keeps spinning for a while after
@@ -28,9 +31,14 @@ also reads a weight's transpose (``w.T`` in a backward) in place instead of copy
 ``gemm_rows`` is one such call on sub-blocks (offsets and row strides into arrays as they lie,
 either operand transposed, ``beta`` 0 or 1): the attention kernel's tile products.
 
-``project_heads`` computes several projections of the same input in one wide product per tile
-and writes each head's columns straight into the [B, H, S, d] layout of the attention kernel,
-while the tile is still in cache: no [B, S, H*d] intermediate in memory.
+``project_heads`` computes several projections of the same input, tile by tile (with the
+LayerNorm before them fused in), each written by BLAS into a [B, S, H*d] buffer whose head-split
+view [B, H, S, d] the attention kernel reads as it lies: no scatter into a per-head layout.
+
+The products' epilogues (a bias, bias + GELU, a residual, a residual then the next LayerNorm)
+run on each tile right after its product, while it is in cache, instead of as passes of their
+own over the whole output: the same formulas as the row kernels of
+:mod:`perceiver_np.kernels.rows` (tested equal).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from perceiver_np.shapes import Alloc, OverflowRisk
 
 from . import rows
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel
-from .rows import _moments
+from .rows import bias_gelu_segment, normalize_row
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no
@@ -67,9 +75,10 @@ COL_ALIGN = 16
 #: The ``tensor`` of the OverflowRisk a product checked with ``finite=True`` raises (the engine
 #: renames it after the block it happened in).
 PRODUCT = "product"
-#: Rows per work item of ``project_heads`` (at most): its [rows, H*(d0 + d1 + d2)] product stays
-#: in L2 (256 x 512 float32 = 512 KiB) while it is scattered into the head layouts. Fewer rows
-#: (the latents of one sample) are tiled by :func:`tiles`, by rows or by columns.
+#: Rows per work item (at most) of ``project_heads``, ``project_input`` and ``matmul_batched``:
+#: the block's LayerNorm output (or input projection) stays in L2 while the products read it
+#: (256 x 256 float32 = 256 KiB). Fewer rows (the latents of one sample) are tiled by
+#: :func:`tiles`, by rows or by columns.
 PROJECT_BLOCK_ROWS = 256
 #: Rows per tile (at most) of a product with a bias (:func:`matmul`): the tile stays in L2
 #: (512 x 256 float32 = 512 KiB) while the bias is added, at the price of more BLAS calls than
@@ -174,13 +183,29 @@ def exponent_mask(dtype: np.dtype) -> np.ndarray:
     return np.array([0x7FF0000000000000], dtype=np.uint64)
 
 
+#: What :func:`_matmul_tiles` does to a tile t = a[r0:r1] @ w[:, c0:c1] while it is in cache
+#: (the step that would otherwise be a pass of its own over the whole output):
+EPI_NONE = 0  # out = t
+EPI_BIAS = 1  # out = t + bias
+EPI_GELU = 2  # out = GELU(t + bias), exact (rows.bias_gelu's formula)
+EPI_GELU_TANH = 3  # out = GELU(t + bias), tanh form
+EPI_RESIDUAL = 4  # out = t; z += out + bias (rows.residual's formula)
+EPI_RESIDUAL_NORM = 5  # z += t + bias, then out = LN(z) (rows.residual_layernorm's): whole rows only
+#: The epilogues that rework the tile itself: tiles of at most BIAS_BLOCK_ROWS rows, so that it
+#: stays in L2 meanwhile. The residual ones read it once, as they add it to z: one tile per
+#: thread, each packing the weight once.
+EPI_BIASED = (EPI_BIAS, EPI_GELU, EPI_GELU_TANH)
+
+
 @parallel_kernel
 def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # pragma: no cover - compiled
-                  bias, has_bias):
-    """out[r0:r1, c0:c1] = a[r0:r1] @ w[:, c0:c1] (+ bias[c0:c1] when ``has_bias``, added to
-    the tile while it is in cache) for each tile of row_block x col_block (a [R, K], w [K, F],
-    out [R, F], bias [F]); status[item] = that tile's BLAS status, or NONFINITE when ``check``
-    and the tile holds NaN or infinity (looked for while the tile is in cache)."""
+                  epilogue, bias, z, gamma, beta):
+    """out[r0:r1, c0:c1] = a[r0:r1] @ w[:, c0:c1] for each tile of row_block x col_block, then
+    the tile's ``epilogue`` (EPI_*) while it is in cache (a [R, K], w [K, F], out and z [R, F],
+    bias, gamma, beta [F]; z, gamma, beta only read by the residual epilogues, whose tiles span
+    whole rows for EPI_RESIDUAL_NORM). status[item] = that tile's BLAS status, or NONFINITE when
+    ``check`` and the tile's result (out's tile, or z's for the residual epilogues) holds NaN or
+    infinity."""
     r, f = out.shape
     n_cols = (f + col_block - 1) // col_block
     for item in prange(status.shape[0]):
@@ -188,13 +213,23 @@ def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # p
         c0 = (item % n_cols) * col_block
         r1, c1 = min(r, r0 + row_block), min(f, c0 + col_block)
         done = _tile_product(a, r0, r1, w, c0, c1, out, r0 * f + c0, f)
-        if done == 0 and has_bias:
+        if done == 0 and epilogue != EPI_NONE:
             b = bias[c0:c1]
             for i in range(r0, r1):
                 row = out[i, c0:c1]
-                for c in range(c1 - c0):
-                    row[c] += b[c]
-        if done == 0 and check and _nonfinite(out, r0, r1, c0, c1, exp_mask) > 0:
+                if epilogue == EPI_BIAS:
+                    for c in range(c1 - c0):
+                        row[c] += b[c]
+                elif epilogue == EPI_GELU or epilogue == EPI_GELU_TANH:
+                    bias_gelu_segment(row, b, epilogue == EPI_GELU_TANH)
+                else:  # the residual: z += t + bias
+                    zr = z[i, c0:c1]
+                    for c in range(c1 - c0):
+                        zr[c] += row[c] + b[c]
+                    if epilogue == EPI_RESIDUAL_NORM:  # the row's t is used up: out[i] = LN(z[i])
+                        normalize_row(z, i, bias, False, gamma, beta, out, i)
+        result = z if epilogue >= EPI_RESIDUAL else out
+        if done == 0 and check and _nonfinite(result, r0, r1, c0, c1, exp_mask) > 0:
             done = NONFINITE
         status[item] = done
 
@@ -238,18 +273,15 @@ def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
 @parallel_kernel
 def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover - compiled
                    row_block, col_block, norm, gamma, beta, bias, has_bias, status, check, exp_mask):
-    """For each tile of row_block rows of x flattened to [B*S, K] and col_block columns of
-    [w0 | w1 | w2][:, :n_out weights] (the columns of every projection, one after the other):
-    u = LN(x[lo:hi] + bias) when ``norm`` (else u = x[lo:hi]), then for each w_j that the tile's
-    columns [c0, c1) reach, t = u @ w_j[:, a0:a1] (the part in the tile), scattered into the head
-    layout, out_j[b, h, s, e] = t[r - lo, h*d_j + e - a0] for row r = b*S + s. x [B*S, K],
-    w_j [K, H*d_j], out_j [B, H, S, d_j]; gamma, beta, bias [K]; status[item] = the tile's first
-    non-zero BLAS status, or NONFINITE when ``check`` and a product holds NaN or infinity. The
-    LayerNorm is fused here (the caller asks for it only with one column block, so each row is
-    normalised once) and its output never goes back to memory; u and t stay in cache while
-    they are used."""
-    rows, s = x.shape[0], out0.shape[2]
-    k = x.shape[1]
+    """For each tile of row_block rows of x and col_block columns of [w0 | w1 | w2][:, :n_out
+    weights] (the columns of every projection, one after the other): u = LN(x[lo:hi] + bias)
+    when ``norm`` (else u = x[lo:hi]), then for each w_j that the tile's columns [c0, c1) reach,
+    out_j[lo:hi, a0:a1] = u @ w_j[:, a0:a1] (the part in the tile), written by BLAS where it
+    belongs. x [R, K], w_j [K, F_j], out_j [R, F_j]; gamma, beta, bias [K]; status[item] = the
+    tile's first non-zero BLAS status, or NONFINITE when ``check`` and a product holds NaN or
+    infinity. The LayerNorm is fused here (the caller asks for it only with one column block,
+    so each row is normalised once): u stays in cache and never goes back to memory."""
+    rows, k = x.shape
     total = w0.shape[1] + (w1.shape[1] if n_out > 1 else 0) + (w2.shape[1] if n_out > 2 else 0)
     n_cols = (total + col_block - 1) // col_block
     for item in prange(status.shape[0]):
@@ -260,11 +292,7 @@ def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover -
         if norm:
             u = np.empty((hi - lo, k), dtype=x.dtype)  # the block's LN output, in L2
             for r in range(lo, hi):
-                mean, rstd = _moments(x, r, bias, has_bias)
-                m, rs = x.dtype.type(mean), x.dtype.type(rstd)
-                for c in range(k):
-                    v = x[r, c] + bias[c] if has_bias else x[r, c]
-                    u[r - lo, c] = (v - m) * rs * gamma[c] + beta[c]
+                normalize_row(x, r, bias, has_bias, gamma, beta, u, r - lo)
         else:
             u = x[lo:hi]
         worst = 0
@@ -278,18 +306,10 @@ def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover -
             first += f
             if a0 >= a1:
                 continue
-            t = np.empty((hi - lo, a1 - a0), dtype=x.dtype)  # [hi - lo, a1 - a0]
-            done = _tile_product(u, 0, hi - lo, w, a0, a1, t, 0, a1 - a0)
-            if done == 0 and check and _nonfinite(t, 0, hi - lo, 0, a1 - a0, exp_mask) > 0:
+            done = _tile_product(u, 0, hi - lo, w, a0, a1, out, lo * f + a0, f)  # [hi - lo, a1 - a0]
+            if done == 0 and check and _nonfinite(out, lo, hi, a0, a1, exp_mask) > 0:
                 done = NONFINITE
             worst = done if worst == 0 else worst
-            d = out.shape[3]
-            for h in range(a0 // d, (a1 + d - 1) // d):  # the heads the tile's columns reach
-                e0 = max(a0, h * d) - h * d
-                e1 = min(a1, (h + 1) * d) - h * d
-                for r in range(lo, hi):
-                    b = r // s
-                    out[b, h, r - b * s, e0:e1] = t[r - lo, h * d + e0 - a0:h * d + e1 - a0]
         status[item] = worst
 
 
@@ -315,12 +335,8 @@ def _project_input(x, w_in, w0, w1, out0, out1, n_out, block, gamma, beta, bias,
         h = np.empty((hi - lo, d), dtype=x.dtype)  # [rows, C] @ [C, D] -> [rows, D], in L2
         done = gemm_rows(False, False, hi - lo, d, x.shape[2], x, b * sx0 + lo * sx1, sx1,
                          w_in, 0, d, h, 0, d, 0.0)
-        for r in range(hi - lo):  # LN(h + bias), in place: rows.layernorm's formula
-            mean, rstd = _moments(h, r, bias, has_bias)
-            m, rs = x.dtype.type(mean), x.dtype.type(rstd)
-            for c in range(d):
-                v = h[r, c] + bias[c] if has_bias else h[r, c]
-                h[r, c] = (v - m) * rs * gamma[c] + beta[c]
+        for r in range(hi - lo):  # LN(h + bias), in place
+            normalize_row(h, r, bias, has_bias, gamma, beta, h, r)
         for j in range(n_out):
             w = w0 if j == 0 else w1
             out = out0 if j == 0 else out1
@@ -493,34 +509,96 @@ def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | 
     return kernel_array(a)
 
 
-def matmul(a: np.ndarray, w: np.ndarray, *, bias: np.ndarray | None = None, alloc: Alloc | None = None,
-           finite: bool = False) -> np.ndarray:
-    """a: [R, K] @ w: [K, F] (+ bias [F]) -> [R, F], in a's dtype (the output from ``alloc``'s
-    "out" when given: :func:`perceiver_np.kernels._numba.empty`). The bias is added to each tile
-    right after its product, while the tile is in cache (tiles of at most BIAS_BLOCK_ROWS rows),
-    the same float additions as ``a @ w + bias``. ``finite``: raise OverflowRisk(PRODUCT) when
-    the output holds NaN or infinity (each tile looked at while in cache): with a finite ``a``,
-    a non-finite entry of ``w`` always shows in its column of the output (NaN or inf times
-    anything, 0 included, is NaN or inf), and so does an overflow."""
+def _product_args(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a [R, K] and w [K, F], checked and as the kernels take them."""
     a = _check("a", a, 2, "[R, K]")
     w = _check("w", w, 2, "[K, F]", a.dtype, transposed=True)
     if w.shape[0] != a.shape[1]:
         raise ValueError(f"w: expected shape ({a.shape[1]}, F) to match a {a.shape}, got {w.shape}")
-    has_bias = bias is not None
+    return a, w
+
+
+def _tiled_product(a: np.ndarray, w: np.ndarray, out: np.ndarray, epilogue: int, bias: np.ndarray,
+                   finite: bool, *, z: np.ndarray | None = None,
+                   norm: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """out = a @ w on Numba's pool, tile by tile, each tile's ``epilogue`` done in cache."""
+    rows_, f = a.shape[0], w.shape[1]
+    if epilogue == EPI_RESIDUAL_NORM:  # whole rows per tile: a row's LayerNorm needs all of it
+        row_block, col_block = max(MIN_BLOCK_ROWS, math.ceil(rows_ / _threads())), f
+    else:
+        cap = BIAS_BLOCK_ROWS if epilogue in EPI_BIASED else None
+        row_block, col_block = tiles(rows_, f, _threads(), cap)
+    status = np.zeros(_items(rows_, f, row_block, col_block), dtype=np.int32)
+    gamma, beta = norm if norm is not None else (bias, bias)
+    with single_threaded_blas():
+        _matmul_tiles(a, w, out, row_block, col_block, status, finite, exponent_mask(a.dtype), epilogue,
+                      bias, out if z is None else z, gamma, beta)
+    _check_status(status)
+
+
+def matmul(a: np.ndarray, w: np.ndarray, *, bias: np.ndarray | None = None, gelu: str | None = None,
+           alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
+    """a: [R, K] @ w: [K, F] (+ bias [F]) -> [R, F], in a's dtype (the output from ``alloc``'s
+    "out" when given: :func:`perceiver_np.kernels._numba.empty`). The bias is added to each tile
+    right after its product, while the tile is in cache (tiles of at most BIAS_BLOCK_ROWS rows),
+    the same float additions as ``a @ w + bias``; ``gelu`` ("exact" or "tanh", with a bias):
+    GELU(a @ w + bias), :func:`perceiver_np.kernels.rows.bias_gelu`'s formula on each tile.
+    ``finite``: raise OverflowRisk(PRODUCT) when the output holds NaN or infinity (each tile
+    looked at while in cache): with a finite ``a``, a non-finite entry of ``w`` always shows in
+    its column of the output (NaN or inf times anything, 0 included, is NaN or inf, and GELU
+    keeps NaN and infinity non-finite), and so does an overflow."""
+    a, w = _product_args(a, w)
+    if gelu not in (None, "exact", "tanh"):
+        raise ValueError(f"gelu: expected None, 'exact' or 'tanh', got {gelu!r}")
+    if gelu is not None and bias is None:
+        raise ValueError("bias: expected the bias [F] added before the GELU, got None")
+    epilogue = EPI_NONE if bias is None else (EPI_BIAS if gelu is None else
+                                              EPI_GELU if gelu == "exact" else EPI_GELU_TANH)
     bias_arr = rows._vector("bias", bias, w.shape[1], a.dtype) if bias is not None else np.zeros(1, a.dtype)
     out = empty(alloc, "out", (a.shape[0], w.shape[1]), a.dtype)
     if a.shape[0] * a.shape[1] * w.shape[1] < SMALL_PRODUCT:
         np.matmul(a, w, out=out)
-        if has_bias:
+        if gelu is not None:
+            rows.bias_gelu(out, bias_arr, gelu)
+        elif bias is not None:
             out += bias_arr
         return _expect_finite(out) if finite else out
-    row_block, col_block = tiles(a.shape[0], w.shape[1], _threads(), BIAS_BLOCK_ROWS if has_bias else None)
-    status = np.zeros(_items(a.shape[0], w.shape[1], row_block, col_block), dtype=np.int32)
-    with single_threaded_blas():
-        _matmul_tiles(a, w, out, row_block, col_block, status, finite, exponent_mask(a.dtype),
-                      bias_arr, has_bias)
-    _check_status(status)
+    _tiled_product(a, w, out, epilogue, bias_arr, finite)
     return out
+
+
+def matmul_residual(a: np.ndarray, w: np.ndarray, z: np.ndarray, bias: np.ndarray, *,
+                    norm: tuple[np.ndarray, np.ndarray] | None = None, alloc: Alloc | None = None,
+                    finite: bool = False) -> np.ndarray:
+    """A sublayer's output added to its residual stream: z: [R, F] += a: [R, K] @ w: [K, F]
+    + bias [F], in place, each tile added while it is in cache
+    (:func:`perceiver_np.kernels.rows.residual`'s formula, ``z += t + bias``). Returns z; with
+    ``norm`` = (gamma, beta), LN(z) [R, F] instead, each row normalised right after its update
+    (:func:`perceiver_np.kernels.rows.residual_layernorm`'s formula): the next sublayer's input.
+    The product, then LN(z), go to ``alloc``'s "out" when given. ``finite``: as :func:`matmul`'s,
+    on the updated z."""
+    a, w = _product_args(a, w)
+    z = rows._rows("z", z, w.shape[1], a.dtype, inplace=True)
+    if z.shape[0] != a.shape[0]:
+        raise ValueError(f"z: expected shape ({a.shape[0]}, {w.shape[1]}) to match a {a.shape}, "
+                         f"got {z.shape}")
+    f = w.shape[1]
+    bias = rows._vector("bias", bias, f, a.dtype)
+    if norm is not None:
+        norm = (rows._vector("gamma", norm[0], f, a.dtype), rows._vector("beta", norm[1], f, a.dtype))
+    out = empty(alloc, "out", z.shape, a.dtype)
+    if a.shape[0] * a.shape[1] * f < SMALL_PRODUCT:
+        np.matmul(a, w, out=out)
+        if norm is None:
+            rows.residual(z, out, bias)
+        else:
+            rows.residual_layernorm(z, out, bias, norm[0], norm[1], out=out)
+        if finite:
+            _expect_finite(z)
+        return z if norm is None else out
+    _tiled_product(a, w, out, EPI_RESIDUAL if norm is None else EPI_RESIDUAL_NORM, bias, finite,
+                   z=z, norm=norm)
+    return z if norm is None else out
 
 
 def _tn(a: np.ndarray, b: np.ndarray, alloc: Alloc | None,
@@ -598,10 +676,11 @@ def project_heads(
     finite: bool = False,
 ) -> list[np.ndarray]:
     """x: [B, S, K] @ each w_j: [K, H*d_j] (one to three of them) -> [B, H, S, d_j] each: the
-    projections of every head, written in the attention kernel's layout. ``norm`` = (gamma,
-    beta, bias or None): project LN(x + bias) instead, the LayerNorm fused into the product
-    (:func:`perceiver_np.kernels.rows.layernorm`'s formula, block by block). The outputs come
-    from ``alloc``'s "out0", "out1", "out2" when given. ``finite``: as :func:`matmul`'s."""
+    projections of every head, each returned as the head-split view of a [B, S, H*d_j] buffer
+    (from ``alloc``'s "out0", "out1", "out2" when given), the layout the attention kernel reads
+    queries, keys and values in. ``norm`` = (gamma, beta, bias or None): project LN(x + bias)
+    instead, the LayerNorm fused into the product (:func:`perceiver_np.kernels.rows.layernorm`'s
+    formula, block by block). ``finite``: as :func:`matmul`'s."""
     x = _check("x", x, 3, "[B, S, K]")
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"weights: expected 1 to 3 matrices, got {len(weights)}")
@@ -614,18 +693,17 @@ def project_heads(
         gamma = rows._vector("gamma", norm[0], k, x.dtype)
         beta = rows._vector("beta", norm[1], k, x.dtype)
         bias = None if norm[2] is None else rows._vector("bias", norm[2], k, x.dtype)
-    outs = [empty(alloc, f"out{j}", (b, heads, s, w.shape[1] // heads), x.dtype) for j, w in enumerate(ws)]
-    if b * s * k * sum(w.shape[1] for w in ws) < SMALL_PRODUCT:  # [B, S, H*d] -> [B, H, S, d]
-        u = x if norm is None else rows.layernorm(x.reshape(b * s, k), gamma, beta, bias).reshape(x.shape)
+    outs = [empty(alloc, f"out{j}", (b * s, w.shape[1]), x.dtype) for j, w in enumerate(ws)]
+    x2 = x.reshape(b * s, k)  # [B, S, K] -> [B*S, K]
+    if b * s * k * sum(w.shape[1] for w in ws) < SMALL_PRODUCT:
+        u = x2 if norm is None else rows.layernorm(x2, gamma, beta, bias)
         for w, out in zip(ws, outs, strict=True):
-            out[...] = (u @ w).reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
+            np.matmul(u, w, out=out)
             if finite:
                 _expect_finite(out)
-        return outs
-    dummy = np.empty((1, heads, 1, 1), dtype=x.dtype)
-    padded = outs + [dummy] * (3 - len(outs))
-    w_pad = ws + [ws[0]] * (3 - len(ws))  # unused beyond len(ws)
-    x2 = x.reshape(b * s, k)  # [B, S, K] -> [B*S, K]
+        return _head_views(outs, b, s, heads)
+    padded = outs + [outs[0]] * (3 - len(outs))  # unused beyond len(ws)
+    w_pad = ws + [ws[0]] * (3 - len(ws))
     cols = sum(w.shape[1] for w in ws)
     row_block, col_block = tiles(b * s, cols, _threads(), PROJECT_BLOCK_ROWS)
     if norm is not None and col_block < cols:  # several column blocks: normalise each row once
@@ -641,7 +719,13 @@ def project_heads(
                        gamma if bias is None else bias, bias is not None, status, finite,
                        exponent_mask(x.dtype))
     _check_status(status)
-    return outs
+    return _head_views(outs, b, s, heads)
+
+
+def _head_views(outs: list[np.ndarray], b: int, s: int, heads: int) -> list[np.ndarray]:
+    """Each [B*S, H*d_j] buffer as its head-split view [B, H, S, d_j] (no copy)."""
+    # [B*S, H*d_j] -> [B, S, H, d_j] -> [B, H, S, d_j]
+    return [out.reshape(b, s, heads, -1).transpose(0, 2, 1, 3) for out in outs]
 
 
 def project_input(
@@ -678,5 +762,4 @@ def project_input(
                        gamma, beta, gamma if bias is None else bias, bias is not None, status, finite,
                        exponent_mask(x.dtype))
     _check_status(status)
-    # [B, S, H*d_j] -> [B, S, H, d_j] -> [B, H, S, d_j], a view
-    return [out.reshape(b, s, heads, -1).transpose(0, 2, 1, 3) for out in outs]
+    return _head_views([out.reshape(b * s, -1) for out in outs], b, s, heads)

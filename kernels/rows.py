@@ -4,7 +4,7 @@ Each kernel does in one pass over a [R, F] array what the plain path does in sev
 plain path's formulas (tested equal, tests/test_engine.py)::
 
     layernorm(x, gamma, beta, bias=None, out=None)   out = LN(x + bias)            [R, F]
-    residual_layernorm(z, t, bias, gamma, beta)     z += t + bias; return LN(z)   [R, F]
+    residual_layernorm(z, t, bias, gamma, beta, out=None)  z += t + bias; LN(z) [R, F]
     residual(z, t, bias)                            z += t + bias                 [R, F]
     bias_gelu(h, bias, approximate)                 h = GELU(h + bias)            [R, F]
     merge_heads(o, bias, visible)                   -> [B*M, H*dv]: o[b, h, i, e] (+ bias[h*dv + e])
@@ -95,29 +95,50 @@ def _moments(x, r, bias, has_bias):  # pragma: no cover - compiled
     return mean, 1.0 / np.sqrt(ss / f + np.float64(LN_EPS))
 
 
+@serial_kernel
+def normalize_row(x, r, bias, has_bias, gamma, beta, out, r_out):  # pragma: no cover - compiled
+    """out[r_out] = LN(x[r] + bias) (+ bias only when has_bias): the LayerNorm of one row of
+    x [R, F], the one formula every kernel that normalises uses. ``out`` may be ``x`` with
+    r_out = r: the row is read whole (its moments) before any of it is written."""
+    mean, rstd = _moments(x, r, bias, has_bias)
+    m, rs = x.dtype.type(mean), x.dtype.type(rstd)
+    for j in range(x.shape[1]):
+        v = x[r, j] + bias[j] if has_bias else x[r, j]
+        out[r_out, j] = (v - m) * rs * gamma[j] + beta[j]
+
+
+@serial_kernel
+def bias_gelu_segment(h, bias, tanh_form):  # pragma: no cover - compiled
+    """h[j] = GELU(h[j] + bias[j]) in place along a 1-D segment h [F'] (a row, or a tile's part
+    of one), bias [F']: exact (x * Phi(x)) or the tanh form, in h's dtype. One loop per form, so
+    that each vectorises."""
+    if tanh_form:
+        k, c, half, one = h.dtype.type(_K), h.dtype.type(_C), h.dtype.type(0.5), h.dtype.type(1.0)
+        for j in range(h.shape[0]):
+            v = h[j] + bias[j]
+            h[j] = half * v * (one + tanh_any(k * (v + c * v * v * v)))
+    else:
+        for j in range(h.shape[0]):
+            v = h[j] + bias[j]
+            h[j] = v * phi_cdf(v)
+
+
 @parallel_kernel
 def _layernorm_rows(x, bias, has_bias, gamma, beta, out):  # pragma: no cover - compiled
     """out[r] = LN(x[r] + bias) for every row r of x [R, F]; out may alias x."""
-    rows, f = x.shape
-    for r in prange(rows):
-        mean, rstd = _moments(x, r, bias, has_bias)
-        m, rs = x.dtype.type(mean), x.dtype.type(rstd)
-        for j in range(f):
-            v = x[r, j] + bias[j] if has_bias else x[r, j]
-            out[r, j] = (v - m) * rs * gamma[j] + beta[j]
+    for r in prange(x.shape[0]):
+        normalize_row(x, r, bias, has_bias, gamma, beta, out, r)
 
 
 @parallel_kernel
 def _residual_layernorm_rows(z, t, bias, gamma, beta, out):  # pragma: no cover - compiled
-    """z[r] += t[r] + bias, then out[r] = LN(z[r]), for every row r of z [R, F]."""
+    """z[r] += t[r] + bias, then out[r] = LN(z[r]), for every row r of z [R, F]; out may
+    alias t (row r of t is read before row r of out is written)."""
     rows, f = z.shape
     for r in prange(rows):
         for j in range(f):
             z[r, j] += t[r, j] + bias[j]
-        mean, rstd = _moments(z, r, bias, False)
-        m, rs = z.dtype.type(mean), z.dtype.type(rstd)
-        for j in range(f):
-            out[r, j] = (z[r, j] - m) * rs * gamma[j] + beta[j]
+        normalize_row(z, r, bias, False, gamma, beta, out, r)
 
 
 @parallel_kernel
@@ -132,15 +153,8 @@ def _residual_rows(z, t, bias):  # pragma: no cover - compiled
 @parallel_kernel
 def _bias_gelu_rows(h, bias, tanh_form):  # pragma: no cover - compiled
     """h[r] = GELU(h[r] + bias) in place, for every row r of h [R, F]."""
-    rows, f = h.shape
-    k, c, half, one = h.dtype.type(_K), h.dtype.type(_C), h.dtype.type(0.5), h.dtype.type(1.0)
-    for r in prange(rows):
-        for j in range(f):
-            v = h[r, j] + bias[j]
-            if tanh_form:
-                h[r, j] = half * v * (one + tanh_any(k * (v + c * v * v * v)))
-            else:
-                h[r, j] = v * phi_cdf(v)
+    for r in prange(h.shape[0]):
+        bias_gelu_segment(h[r], bias, tanh_form)
 
 
 @parallel_kernel
@@ -275,16 +289,18 @@ def layernorm(
 
 def residual_layernorm(
     z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *,
-    alloc: Alloc | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F] (from ``alloc``'s
-    "out" when given)."""
+    """z: [R, F] += t [R, F] + bias [F] in place; returns LN(z): [R, F] (into ``out``, which
+    may be ``t``: a row of t is read before that row of out is written)."""
     z = _rows("z", z, inplace=True)
     f, dt = z.shape[1], z.dtype
     t = _rows("t", t, f, dt)
     if t.shape != z.shape:
         raise ValueError(f"t: expected shape {z.shape}, got {t.shape}")
-    out = empty(alloc, "out", z.shape, z.dtype)
+    out = np.empty_like(z) if out is None else _rows("out", out, f, dt, inplace=True)
+    if out.shape != z.shape:
+        raise ValueError(f"out: expected shape {z.shape}, got {out.shape}")
     with threads_for(z.size):
         _residual_layernorm_rows(z, t, _vector("bias", bias, f, dt), _vector("gamma", gamma, f, dt),
                                  _vector("beta", beta, f, dt), out)

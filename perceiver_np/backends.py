@@ -166,7 +166,11 @@ class EngineOps(NamedTuple):
     # from; the plain twins take it and allocate afresh (they are for reading and checking).
     # ``finite=True``: the product's output is checked for NaN and infinity (OverflowRisk of
     # ``gemm.PRODUCT``), which is how the engine checks its weights (engine.product_weights)
-    matmul: Callable[..., np.ndarray]  # (a [R, K], w [K, F], *, alloc, finite) -> [R, F]
+    # (a [R, K], w [K, F], *, bias [F], gelu, alloc, finite) -> [R, F] = GELU?(a @ w + bias)
+    matmul: Callable[..., np.ndarray]
+    # (a [R, K], w [K, F], z [R, F], bias [F], *, norm, alloc, finite): z += a @ w + bias in
+    # place -> z, or LN(z) with norm = (gamma, beta)
+    matmul_residual: Callable[..., np.ndarray]
     matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F], *, alloc) -> [B, S, F]
     # (x [B, S, K], [w_j], H, norm, *, alloc, finite) -> [B, H, S, d_j] each
     project_heads: Callable[..., list[np.ndarray]]
@@ -174,8 +178,6 @@ class EngineOps(NamedTuple):
     # LN(x @ w_in + bias) @ w_j, a cross block's keys and values from its raw input
     project_input: Callable[..., list[np.ndarray]]
     layernorm: Callable[..., np.ndarray]  # (x [R, F], gamma, beta, bias=None, out=None) -> [R, F]
-    residual_layernorm: Callable[..., np.ndarray]  # (z [R, F] += t + bias, *, alloc) -> LN(z)
-    residual: Callable[..., np.ndarray]  # z [R, F] += t + bias
     bias_gelu: Callable[..., np.ndarray]  # h [R, F] = GELU(h + bias), in place
     # (o [B, H, M, dv], bias [H*dv] or None, visible [B] or None, *, alloc) -> [B*M, H*dv]
     merge_heads: Callable[..., np.ndarray]
@@ -194,19 +196,6 @@ def _layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, bias: np.ndar
         return y
     out[...] = y
     return out
-
-
-def _residual_layernorm(z: np.ndarray, t: np.ndarray, bias: np.ndarray, gamma: np.ndarray,
-                        beta: np.ndarray, *, alloc: Alloc | None = None) -> np.ndarray:
-    """Plain twin of :func:`perceiver_np.kernels.rows.residual_layernorm`."""
-    z += t + bias
-    return _layernorm(z, gamma, beta)
-
-
-def _residual(z: np.ndarray, t: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Plain twin of :func:`perceiver_np.kernels.rows.residual`."""
-    z += t + bias
-    return z
 
 
 def _merge_heads(o: np.ndarray, bias: np.ndarray | None, visible: np.ndarray | None, *,
@@ -242,12 +231,37 @@ def _project_input(x: np.ndarray, w_in: np.ndarray, norm: tuple[np.ndarray, np.n
     return _project_heads(h, weights, heads, norm, finite=finite)
 
 
-def _matmul(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
-    """Plain twin of :func:`perceiver_np.kernels.gemm.matmul` (and of ``matmul_batched``)."""
-    y = a @ w
+def _matmul_batched(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None,
+                    finite: bool = False) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.matmul_batched`."""
+    return _finite(a @ w, finite)
+
+
+def _matmul(a: np.ndarray, w: np.ndarray, *, bias: np.ndarray | None = None, gelu: str | None = None,
+            alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.matmul`: a linear layer, then GELU."""
+    y = a @ w if bias is None else layers.linear_forward(a, {"weight": w, "bias": bias})[0]
+    if gelu is not None:
+        with np.errstate(invalid="ignore", over="ignore"):  # GELU(-inf) = NaN: found by the check
+            y = layers.gelu_forward(y, approximate=gelu)[0]
+    return _finite(y, finite)
+
+
+def _finite(y: np.ndarray, finite: bool) -> np.ndarray:
+    """y, after raising the OverflowRisk of a checked product (``finite``) that holds NaN or inf."""
     if finite and not np.isfinite(y).all():
         gemm.raise_nonfinite_product()
     return y
+
+
+def _matmul_residual(a: np.ndarray, w: np.ndarray, z: np.ndarray, bias: np.ndarray, *,
+                     norm: tuple[np.ndarray, np.ndarray] | None = None, alloc: Alloc | None = None,
+                     finite: bool = False) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.matmul_residual`: z += a linear layer's
+    output (its residual), then the next sublayer's LayerNorm."""
+    z += layers.linear_forward(a, {"weight": w, "bias": bias})[0]
+    _finite(z, finite)
+    return z if norm is None else _layernorm(z, norm[0], norm[1])
 
 
 def _attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, *,
@@ -272,13 +286,13 @@ def _max_abs(x: np.ndarray) -> float:
 
 
 PLAIN_ENGINE = EngineOps(
-    "numpy", _matmul, _matmul, _project_heads, _project_input, _layernorm, _residual_layernorm,
-    _residual, _bias_gelu, _merge_heads, _attention_forward, _chunk_state, plain_attention.merge_chunk,
+    "numpy", _matmul, _matmul_residual, _matmul_batched, _project_heads, _project_input, _layernorm,
+    _bias_gelu, _merge_heads, _attention_forward, _chunk_state, plain_attention.merge_chunk,
     _finish_chunks, _max_abs,
 )
 NUMBA_ENGINE = EngineOps(
-    "numba", gemm.matmul, gemm.matmul_batched, gemm.project_heads, gemm.project_input, rows.layernorm,
-    rows.residual_layernorm, rows.residual, rows.bias_gelu, rows.merge_heads,
+    "numba", gemm.matmul, gemm.matmul_residual, gemm.matmul_batched, gemm.project_heads, gemm.project_input,
+    rows.layernorm, rows.bias_gelu, rows.merge_heads,
     kernel_attention.attention_forward, plain_attention.chunk_state, kernel_attention.merge_chunk,
     plain_attention.finish_chunks, rows.max_abs,
 )

@@ -88,16 +88,15 @@ def after_attention(
         expect_shape("z", check_owned_latents(z), (b, m, d), "[B, M, D]")
     # o + b_v (on the rows of samples that saw a key): [B, H, M, dv] -> [B, M, H, dv] = [B*M, H*dv]
     merged = ops.merge_heads(o, p.get("attn.v.bias"), visible, alloc=scoped(alloc, "merged"))
-    # [B*M, H*dv] -> [B*M, D]
-    t = ops.matmul(merged, p["attn.out.weight"], alloc=scoped(alloc, "out"), finite=True)
     if not query_residual:
         z = np.zeros((b, m, d), dtype=o.dtype)  # the new latents: the caller keeps them
     z2 = z.reshape(b * m, d)  # [B, M, D] -> [B*M, D], a view: updated in place
-    u = ops.residual_layernorm(z2, t, p["attn.out.bias"], p["ffn_norm.gamma"], p["ffn_norm.beta"],
-                               alloc=scoped(alloc, "ffn_norm"))
-    # [B*M, D] -> [B*M, wD] (GEGLU: [B*M, 2wD])
-    g = ops.matmul(u, p["ffn.up.weight"], alloc=scoped(alloc, "ffn.up"), finite=True)
+    # z += merged @ W_out + b_out, then u = LN_ffn(z): [B*M, H*dv] -> [B*M, D]
+    u = ops.matmul_residual(merged, p["attn.out.weight"], z2, p["attn.out.bias"],
+                            norm=(p["ffn_norm.gamma"], p["ffn_norm.beta"]), alloc=scoped(alloc, "out"),
+                            finite=True)
     if ffn_kind == "geglu":
+        g = ops.matmul(u, p["ffn.up.weight"], alloc=scoped(alloc, "ffn.up"), finite=True)  # [B*M, 2wD]
         wd = g.shape[1] // 2
         gate = alloc("ffn.gate", (b * m, wd), g.dtype)
         gate[...] = g[:, wd:]  # [B*M, 2wD] -> [B*M, wD]
@@ -106,11 +105,12 @@ def after_attention(
         np.add(g[:, :wd], p["ffn.up.bias"][:wd], out=value)
         value *= gate  # value half times GELU(gate half): [B*M, wD]
         g = value
-    else:
-        ops.bias_gelu(g, p["ffn.up.bias"], gelu)
-    # [B*M, wD] -> [B*M, D]
-    t = ops.matmul(g, p["ffn.down.weight"], alloc=scoped(alloc, "ffn.down"), finite=True)
-    ops.residual(z2, t, p["ffn.down.bias"])
+    else:  # GELU(u @ W_up + b_up): [B*M, D] -> [B*M, wD]
+        g = ops.matmul(u, p["ffn.up.weight"], bias=p["ffn.up.bias"], gelu=gelu, alloc=scoped(alloc, "ffn.up"),
+                       finite=True)
+    # z += g @ W_down + b_down: [B*M, wD] -> [B*M, D]
+    ops.matmul_residual(g, p["ffn.down.weight"], z2, p["ffn.down.bias"], alloc=scoped(alloc, "ffn.down"),
+                        finite=True)
     return z
 
 
@@ -141,11 +141,11 @@ def cross_block(
     into the running float64 state with ``merge_chunk``. Every buffer is chunk-sized, and taken
     from ``alloc``: a chunk's buffers are reused by the next chunk, so the first chunk's result
     is folded into the running state before the second is computed."""
-    b, m, d = check_owned_latents(z).shape
-    zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"],
-                       out=alloc("q_norm", (b * m, d), z.dtype)).reshape(b, m, d)
-    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads, alloc=scoped(alloc, "q"),
-                             finite=True)  # [B, M, D] -> [B, H, M, dh]
+    b, m, _ = check_owned_latents(z).shape
+    # LN_q(z) @ W_q, the LayerNorm fused into the product: [B, M, D] -> [B, H, M, dh]
+    (q,) = ops.project_heads(z, [p["attn.q.weight"]], num_heads,
+                             norm=(p["q_norm.gamma"], p["q_norm.beta"], None), alloc=scoped(alloc, "q"),
+                             finite=True)
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     ckv = p["kv_norm.gamma"].shape[0]
@@ -210,12 +210,12 @@ def decode_queries(queries: np.ndarray, z: np.ndarray, p: Params, ops: EngineOps
 def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str,
                ffn_kind: str = "gelu", alloc: Alloc = fresh) -> np.ndarray:
     """z: [B, M, D] owned latents, updated in place -> [B, M, D]; intermediates from ``alloc``."""
-    b, m, d = check_owned_latents(z).shape
-    u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"],
-                      out=alloc("norm", (b * m, d), z.dtype)).reshape(b, m, d)
-    q, k, v = ops.project_heads(u, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
-                                num_heads, alloc=scoped(alloc, "qkv"), finite=True)
+    check_owned_latents(z)
+    # LN(z) @ W_q, @ W_k, @ W_v, the LayerNorm fused into the product:
     # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
+    q, k, v = ops.project_heads(z, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
+                                num_heads, norm=(p["norm.gamma"], p["norm.beta"], None),
+                                alloc=scoped(alloc, "qkv"), finite=True)
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     o, _ = ops.attention_forward(q, k, v, None, alloc=scoped(alloc, "attention"))  # [B, H, M, dv]

@@ -125,13 +125,21 @@ def test_every_engine_op_equals_its_plain_twin(rng, dtype):
     want = PLAIN_ENGINE.layernorm(a, gamma, beta, bias)
     assert relerr(NUMBA_ENGINE.layernorm(a, gamma, beta, bias), want) <= tol
     t = rng.normal(size=a.shape).astype(dtype)
-    z1, z2 = a.copy(), a.copy()
-    assert relerr(NUMBA_ENGINE.residual_layernorm(z1, t, bias, gamma, beta),
-                  PLAIN_ENGINE.residual_layernorm(z2, t, bias, gamma, beta)) <= tol
-    assert relerr(z1, z2) <= tol
-    assert relerr(NUMBA_ENGINE.residual(z1, t, bias), PLAIN_ENGINE.residual(z2, t, bias)) <= tol
     h1, h2 = t.copy(), t.copy()
     assert relerr(NUMBA_ENGINE.bias_gelu(h1, bias, "tanh"), PLAIN_ENGINE.bias_gelu(h2, bias, "tanh")) <= tol
+    # the products with their epilogues, tiled (900 rows) and on the small path (5 rows)
+    w_up = (rng.normal(size=(40, 40)) / np.sqrt(40)).astype(dtype)
+    for rows_ in (a, a[:5]):
+        for gelu in (None, "exact", "tanh"):
+            pair = [ops.matmul(rows_, w_up, bias=bias, gelu=gelu, finite=True)
+                    for ops in (NUMBA_ENGINE, PLAIN_ENGINE)]
+            assert relerr(*pair) <= tol
+        for norm in (None, (gamma, beta)):
+            z1, z2 = t[:len(rows_)].copy(), t[:len(rows_)].copy()
+            got = NUMBA_ENGINE.matmul_residual(rows_, w_up, z1, bias, norm=norm, finite=True)
+            want = PLAIN_ENGINE.matmul_residual(rows_, w_up, z2, bias, norm=norm, finite=True)
+            assert relerr(z1, z2) <= tol and relerr(got, want) <= tol
+            assert (got is z1) == (norm is None)
 
 
 # ---- the row kernels ------------------------------------------------------------------------
@@ -156,6 +164,9 @@ def test_row_kernels_equal_the_plain_layers(rng, dtype, r, f):
     u = rows.residual_layernorm(z, t, bias, gamma, beta)
     assert relerr(z, x + t + bias) <= tol
     assert relerr(u, layernorm_forward(x + t + bias, ln)[0]) <= tol
+    z_into, t_into = x.copy(), t.copy()  # the LayerNorm written over t, row by row once it is read
+    assert rows.residual_layernorm(z_into, t_into, bias, gamma, beta, out=t_into) is t_into
+    assert np.array_equal(z_into, z) and np.array_equal(t_into, u)
     z = x.copy()
     assert relerr(rows.residual(z, t, bias), x + t + bias) <= tol
     for kind in ("exact", "tanh"):
@@ -234,6 +245,22 @@ def test_products_equal_numpy(rng, dtype):
     bias = rng.normal(size=12).astype(dtype)
     for rows_ in (a, small[0]):
         assert np.array_equal(gemm.matmul(rows_, w, bias=bias), gemm.matmul(rows_, w) + bias)
+    # the tile epilogues: GELU after the bias; a residual, then a LayerNorm of each updated row
+    w_sq = (rng.normal(size=(40, 40)) / np.sqrt(40)).astype(dtype)
+    bias40, gamma40, beta40 = (rng.normal(size=40).astype(dtype) for _ in range(3))
+    for rows_ in (a, small[0]):
+        t = gemm.matmul(rows_, w_sq, bias=bias40)
+        for kind in ("exact", "tanh"):
+            want = gelu_forward(t, approximate=kind)[0]
+            assert relerr(gemm.matmul(rows_, w_sq, bias=bias40, gelu=kind), want) <= tol
+        z0 = rng.normal(size=t.shape).astype(dtype)
+        z = z0.copy()
+        assert gemm.matmul_residual(rows_, w_sq, z, bias40) is z
+        assert relerr(z, z0 + t) <= tol
+        z = z0.copy()
+        u = gemm.matmul_residual(rows_, w_sq, z, bias40, norm=(gamma40, beta40))
+        assert relerr(z, z0 + t) <= tol
+        assert relerr(u, layernorm_forward(z, {"gamma": gamma40, "beta": beta40})[0]) <= tol
     # a linear layer's weight and bias gradients, on the parallel and the small path
     for rows_, up in ((a, dy), (small[0], small[0] @ w)):
         g, db = gemm.matmul_tn_sums(rows_, up)
@@ -243,7 +270,8 @@ def test_products_equal_numpy(rng, dtype):
     k, v, q = gemm.project_heads(x, [wk, wv, wq], 3)
     for got, wj, d in ((k, wk, 4), (v, wv, 5), (q, wq, 4)):
         want = (x @ wj).reshape(3, 300, 3, d).transpose(0, 2, 1, 3)  # [B, S, H*d] -> [B, H, S, d]
-        assert got.shape == want.shape and got.flags.c_contiguous
+        # the head-split view of a [B, S, H*d] buffer: a position's heads side by side in one row
+        assert got.shape == want.shape and got.strides[2] == 3 * d * got.itemsize
         assert relerr(got, want) <= tol
     # with the LayerNorm fused in (and without its bias), on the parallel and the small path
     gamma, beta, bias = (rng.normal(size=40).astype(dtype) for _ in range(3))
@@ -400,10 +428,18 @@ def test_checked_products_raise_on_a_nonfinite_weight_on_every_path(rng, ops, dt
         for j, bad_value in enumerate((np.nan, np.inf, -np.inf)):
             bad = w.copy()
             bad[int(rng.integers(k)), int(rng.integers(cols))] = bad_value
+            bias = rng.normal(size=cols).astype(dtype)
             for weight in (bad, np.ascontiguousarray(bad.T).T):
                 with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
                     ops.matmul(a, weight, finite=True)
                 ops.matmul(a, weight)  # unchecked: returns
+                for gelu in (None, "exact"):  # the epilogues' results are checked too
+                    with pytest.raises(OverflowRisk, match="product: a product's output holds NaN"):
+                        ops.matmul(a, weight, bias=bias, gelu=gelu, finite=True)
+                for norm in (None, (bias, bias)):
+                    z = rng.normal(size=(rows_, cols)).astype(dtype)
+                    with pytest.raises(OverflowRisk, match="product: a product's output holds NaN"):
+                        ops.matmul_residual(a, weight, z, bias, norm=norm, finite=True)
             weights = [w, bad] if j % 2 else [bad]  # the bad one first or second
             for norm in (None, (gamma, beta, None)):
                 with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
@@ -426,6 +462,17 @@ def test_products_name_bad_arguments(rng):
         gemm.matmul(x[0], np.ones((4, 2)), bias=np.ones(2, np.float32))
     with pytest.raises(ValueError, match=r"b: expected 5 rows like a, got shape \(4, 2\)"):
         gemm.matmul_tn_sums(x[0], np.ones((4, 2)))
+    with pytest.raises(ValueError, match="gelu: expected None, 'exact' or 'tanh', got 'erf'"):
+        gemm.matmul(x[0], np.ones((4, 2)), bias=np.ones(2), gelu="erf")
+    with pytest.raises(ValueError, match=r"bias: expected the bias \[F\] added before the GELU"):
+        gemm.matmul(x[0], np.ones((4, 2)), gelu="exact")
+    with pytest.raises(ValueError, match=r"z: expected shape \(5, 2\) to match a \(5, 4\), got \(4, 2\)"):
+        gemm.matmul_residual(x[0], np.ones((4, 2)), np.ones((4, 2)), np.ones(2))
+    with pytest.raises(ValueError, match=r"z: expected a writeable C-contiguous array"):
+        gemm.matmul_residual(x[0], np.ones((4, 2)), np.ones((5, 4))[:, ::2], np.ones(2))
+    with pytest.raises(ValueError, match=r"gamma: expected shape \(2,\), got \(3,\)"):
+        gemm.matmul_residual(x[0], np.ones((4, 2)), np.ones((5, 2)), np.ones(2),
+                             norm=(np.ones(3), np.ones(2)))
 
 
 # ---- the chunk merge ------------------------------------------------------------------------
