@@ -22,7 +22,7 @@ from numba.extending import overload
 
 from perceiver_np.shapes import Alloc
 
-from ._numba import empty, kernel_array, parallel_kernel, threads_for
+from ._numba import empty, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .fastexp import fast_exp
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -98,38 +98,99 @@ def _exp_overload(u):  # pragma: no cover - compiled
     return lambda u: fast_exp(u)
 
 
-@parallel_kernel
-def _gelu_forward(x, y, tanh_form):  # pragma: no cover - compiled
-    """y = GELU(x) over flat contiguous arrays."""
-    k, c, half = x.dtype.type(_K), x.dtype.type(_C), x.dtype.type(0.5)
-    n = x.size
-    step = 4096
-    for block in prange((n + step - 1) // step):
-        for i in range(block * step, min(n, block * step + step)):
-            v = x[i]
-            if tanh_form:
-                y[i] = half * v * (x.dtype.type(1.0) + tanh_any(k * (v + c * v * v * v)))
-            else:
-                y[i] = v * phi_cdf(v)
+def gelu_exact(v):
+    """GELU(v) = v * Phi(v), in v's dtype inside compiled code (Phi: :func:`phi_cdf`)."""
+    return v * phi_cdf(v)
 
 
-@parallel_kernel
-def _gelu_backward(dy, x, dx, tanh_form):  # pragma: no cover - compiled
-    """dx = dy * GELU'(x) over flat contiguous arrays."""
+def gelu_tanh(v):
+    """The tanh form of GELU, 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))); inside compiled
+    code in v's dtype (float32 constants for a float32 v)."""
+    return 0.5 * v * (1.0 + math.tanh(_K * (v + _C * v * v * v)))
+
+
+@overload(gelu_exact)
+def _gelu_exact_overload(v):  # pragma: no cover - compiled
+    return lambda v: v * phi_cdf(v)
+
+
+@overload(gelu_tanh)
+def _gelu_tanh_overload(v):  # pragma: no cover - compiled
+    from numba import types
+
+    dt = np.float32 if v == types.float32 else np.float64
+    k, c, half, one = dt(_K), dt(_C), dt(0.5), dt(1.0)
+
+    def impl(v):
+        return half * v * (one + tanh_any(k * (v + c * v * v * v)))
+
+    return impl
+
+
+@serial_kernel
+def gelu_segment(x, y, tanh_form):  # pragma: no cover - compiled
+    """y[j] = GELU(x[j]) along 1-D segments x, y (distinct arrays). One loop per form, so that
+    each vectorises."""
+    if tanh_form:
+        for j in range(x.shape[0]):
+            y[j] = gelu_tanh(x[j])
+    else:
+        for j in range(x.shape[0]):
+            y[j] = gelu_exact(x[j])
+
+
+@serial_kernel
+def bias_gelu_segment(h, bias, tanh_form):  # pragma: no cover - compiled
+    """h[j] = GELU(h[j] + bias[j]) in place along a 1-D segment (a row, or a tile's part of
+    one): the loops of :func:`gelu_segment` on one array (a distinct output array that is in
+    fact the input would defeat the compiler's vectorised loop, which checks for overlap)."""
+    if tanh_form:
+        for j in range(h.shape[0]):
+            h[j] = gelu_tanh(h[j] + bias[j])
+    else:
+        for j in range(h.shape[0]):
+            h[j] = gelu_exact(h[j] + bias[j])
+
+
+@serial_kernel
+def _gelu_backward_segment(dy, x, dx, tanh_form):  # pragma: no cover - compiled
+    """dx[j] = dy[j] * GELU'(x[j]) along 1-D segments; one loop per form, as gelu_segment."""
     k, c, half = x.dtype.type(_K), x.dtype.type(_C), x.dtype.type(0.5)
     one, three = x.dtype.type(1.0), x.dtype.type(3.0)
     inv = x.dtype.type(_INV_SQRT_2PI)
+    if tanh_form:
+        for j in range(x.shape[0]):
+            v = x[j]
+            t = tanh_any(k * (v + c * v * v * v))
+            dx[j] = dy[j] * (half * (one + t) + half * v * (one - t * t) * k * (one + three * c * v * v))
+    else:
+        for j in range(x.shape[0]):
+            v = x[j]
+            dx[j] = dy[j] * (phi_cdf(v) + v * inv * exp_any(-half * v * v))
+
+
+#: Entries per work item of the element-wise kernels.
+ELEMENTWISE_BLOCK = 4096
+
+
+@parallel_kernel
+def _gelu_forward(x, y, step, tanh_form):  # pragma: no cover - compiled
+    """y = GELU(x) over flat contiguous arrays, ``step`` entries per work item."""
     n = x.size
-    step = 4096
     for block in prange((n + step - 1) // step):
-        for i in range(block * step, min(n, block * step + step)):
-            v = x[i]
-            if tanh_form:
-                t = tanh_any(k * (v + c * v * v * v))
-                d = half * (one + t) + half * v * (one - t * t) * k * (one + three * c * v * v)
-            else:
-                d = phi_cdf(v) + v * inv * exp_any(-half * v * v)
-            dx[i] = dy[i] * d
+        lo = block * step
+        hi = min(n, lo + step)
+        gelu_segment(x[lo:hi], y[lo:hi], tanh_form)
+
+
+@parallel_kernel
+def _gelu_backward(dy, x, dx, step, tanh_form):  # pragma: no cover - compiled
+    """dx = dy * GELU'(x) over flat contiguous arrays, ``step`` entries per work item."""
+    n = x.size
+    for block in prange((n + step - 1) // step):
+        lo = block * step
+        hi = min(n, lo + step)
+        _gelu_backward_segment(dy[lo:hi], x[lo:hi], dx[lo:hi], tanh_form)
 
 
 def gelu_forward(x: np.ndarray, approximate: str = "exact", *, alloc: Alloc | None = None) -> np.ndarray:
@@ -137,7 +198,7 @@ def gelu_forward(x: np.ndarray, approximate: str = "exact", *, alloc: Alloc | No
     xc = kernel_array(x)
     y = empty(alloc, "y", xc.shape, xc.dtype)
     with threads_for(xc.size):
-        _gelu_forward(xc.reshape(-1), y.reshape(-1), approximate == "tanh")
+        _gelu_forward(xc.reshape(-1), y.reshape(-1), ELEMENTWISE_BLOCK, approximate == "tanh")
     return y
 
 
@@ -147,5 +208,6 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact", *,
     xc, dyc = kernel_array(x), kernel_array(np.asarray(dy, dtype=x.dtype))
     dx = empty(alloc, "dx", xc.shape, xc.dtype)
     with threads_for(xc.size):
-        _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), approximate == "tanh")
+        _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), ELEMENTWISE_BLOCK,
+                       approximate == "tanh")
     return dx

@@ -60,7 +60,8 @@ from perceiver_np.shapes import Alloc, OverflowRisk
 
 from . import rows
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel
-from .rows import bias_gelu_segment, normalize_row
+from .elementwise import bias_gelu_segment
+from .rows import normalize_row
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no

@@ -29,10 +29,7 @@ from perceiver_np.constants import LN_EPS
 from perceiver_np.shapes import Alloc
 
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel, threads_for
-from .elementwise import phi_cdf, tanh_any
-
-_K = 0.7978845608028654  # sqrt(2 / pi)
-_C = 0.044715
+from .elementwise import bias_gelu_segment
 
 
 @serial_kernel
@@ -105,22 +102,6 @@ def normalize_row(x, r, bias, has_bias, gamma, beta, out, r_out):  # pragma: no 
     for j in range(x.shape[1]):
         v = x[r, j] + bias[j] if has_bias else x[r, j]
         out[r_out, j] = (v - m) * rs * gamma[j] + beta[j]
-
-
-@serial_kernel
-def bias_gelu_segment(h, bias, tanh_form):  # pragma: no cover - compiled
-    """h[j] = GELU(h[j] + bias[j]) in place along a 1-D segment h [F'] (a row, or a tile's part
-    of one), bias [F']: exact (x * Phi(x)) or the tanh form, in h's dtype. One loop per form, so
-    that each vectorises."""
-    if tanh_form:
-        k, c, half, one = h.dtype.type(_K), h.dtype.type(_C), h.dtype.type(0.5), h.dtype.type(1.0)
-        for j in range(h.shape[0]):
-            v = h[j] + bias[j]
-            h[j] = half * v * (one + tanh_any(k * (v + c * v * v * v)))
-    else:
-        for j in range(h.shape[0]):
-            v = h[j] + bias[j]
-            h[j] = v * phi_cdf(v)
 
 
 @parallel_kernel
