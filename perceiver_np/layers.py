@@ -636,7 +636,10 @@ def mha_backward(
         **prefixed(g_v, "v"),
         **prefixed(g_out, "out"),
     }
-    return (dxq, dxk + dxv), grads
+    # xk and xv are one input: its gradient is the sum of both paths, added into dxk (a new
+    # array of this call's, which nothing else holds), so no third [B, N, Ckv] array is made
+    dxk += dxv
+    return (dxq, dxk), grads
 
 
 # ---------------------------------------------------------------------------------------------
