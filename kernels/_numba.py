@@ -3,13 +3,22 @@
 - ``cache=True``: compiled machine code is written next to the module (``__pycache__``) and a
   second process loads it instead of compiling (docs/kernel.md has the compile and load times).
   This is why every kernel is defined at module level: kernels made inside a factory are cached but
-  never loaded back.
-- ``fastmath=FASTMATH``: every fast-math flag except ``reassoc``. ``contract`` fuses
-  multiply-adds (FMA), ``nnan``/``ninf`` drop NaN/inf guards, ``arcp``/``afn`` allow reciprocal
-  and approximate-function rewrites. ``reassoc`` is left out: it would let LLVM fold the two
+  never loaded back. Numba keys each cached kernel on its own module's source file, not on this
+  one: after changing an option here, delete the cached files (``*.nbi``, ``*.nbc`` under
+  ``kernels/__pycache__``), or the kernels of the unchanged modules load with the old options.
+- ``fastmath=FASTMATH``: every fast-math flag except ``reassoc`` and ``arcp``. ``contract``
+  fuses multiply-adds (FMA), ``nnan``/``ninf`` drop NaN/inf guards, ``afn`` allows
+  approximate-function rewrites. ``reassoc`` is left out: it would let LLVM fold the two
   halves of ``fast_exp``'s Cody-Waite reduction back together (losing its accuracy), and the
   kernels need no horizontal reductions in their inner loops (they vectorise across queries or
-  keys instead), so nothing is lost without it. ``nnan``/``ninf`` assume no NaN and no infinity:
+  keys instead), so nothing is lost without it. ``arcp`` is left out because it made results
+  depend on where the arrays lie in memory: it lets LLVM turn a division in a vectorised loop
+  into a reciprocal estimate refined by one Newton step, while the scalar copy of the same loop
+  (which runs the last few entries, and the whole loop when the output may overlap the input:
+  in place, or two small arrays allocated next to each other) keeps the true division. The
+  same GELU input then rounded 1 ulp apart from one call to the next; without ``arcp`` both
+  copies of every loop give the same bits (tests/test_reliability.py holds every element-wise
+  and row kernel to the same bits in place and out of place). ``nnan``/``ninf`` assume no NaN and no infinity:
   the kernels never make one (masked keys are skipped, the running max starts at the finite
   MASK_FILL) and the wrappers' callers pass finite input. The float64 kernel matches the plain
   NumPy path to 1e-12 relative (tests/test_kernels.py).
@@ -38,7 +47,7 @@ from numba import njit
 
 from perceiver_np.shapes import Alloc
 
-FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+FASTMATH = {"nnan", "ninf", "nsz", "contract", "afn"}
 
 #: Decorator for the kernels parallel over disjoint outputs (``prange``).
 parallel_kernel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")

@@ -129,7 +129,7 @@ def _gelu_tanh_overload(v):  # pragma: no cover - compiled
 
 @serial_kernel
 def gelu_segment(x, y, tanh_form):  # pragma: no cover - compiled
-    """y[j] = GELU(x[j]) along 1-D segments x, y (distinct arrays). One loop per form, so that
+    """y[j] = GELU(x[j]) along 1-D segments x, y (y may be x). One loop per form, so that
     each vectorises."""
     if tanh_form:
         for j in range(x.shape[0]):

@@ -221,3 +221,46 @@ def test_first_nonfinite_decides_by_entries_not_by_their_sum(dtype):
     bad = rng.standard_normal((5, 7)).astype(dtype)
     bad[1, 2], bad[3, 4] = np.inf, -np.inf
     assert first_nonfinite("w", bad) == "w: 2 non-finite value(s) (NaN or inf), first at index (1, 2)"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("approximate", ["exact", "tanh"])
+def test_kernels_give_the_same_bits_wherever_their_arrays_lie(dtype, approximate):
+    """A compiled loop has a vectorised copy and a scalar copy: the scalar one runs the last
+    few entries, and the whole loop when the output may overlap an input (in place, or two
+    small arrays allocated side by side). Both copies must round alike (kernels/_numba.py
+    leaves out ``arcp`` for this), or the same input gives outputs an ulp apart from one call
+    to the next as allocations move. Each case below runs one entry through both copies."""
+    from perceiver_np.kernels import elementwise, rows
+
+    rng = np.random.default_rng(7)
+    x = (3 * rng.standard_normal(4099)).astype(dtype)  # 4099 = 3 mod 4, 8 and 16: a scalar tail
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    tanh_form = approximate == "tanh"
+
+    apart = np.empty_like(x)
+    elementwise.gelu_segment(x, apart, tanh_form)
+    inplace = x.copy()
+    elementwise.gelu_segment(inplace, inplace, tanh_form)  # the overlap check: the scalar copy
+    np.testing.assert_array_equal(inplace, apart, err_msg="GELU in place")
+    shifted = np.empty_like(x[1:])
+    elementwise.gelu_segment(x[1:], shifted, tanh_form)  # every entry one lane over
+    np.testing.assert_array_equal(shifted, apart[1:], err_msg="GELU one entry over")
+
+    dx = np.empty_like(x)
+    elementwise._gelu_backward_segment(dy, x, dx, tanh_form)
+    dx_inplace = dy.copy()
+    elementwise._gelu_backward_segment(dx_inplace, x, dx_inplace, tanh_form)
+    np.testing.assert_array_equal(dx_inplace, dx, err_msg="GELU backward in place")
+
+    h = x.reshape(1, -1)
+    bias = rng.standard_normal(h.shape[1]).astype(dtype)
+    np.testing.assert_array_equal(rows.bias_gelu(h.copy(), bias, approximate),
+                                  elementwise.gelu_forward(h + bias, approximate), err_msg="bias + GELU")
+
+    t = (3 * rng.standard_normal((7, 4099))).astype(dtype)
+    gamma, beta = rng.standard_normal((2, t.shape[1])).astype(dtype)
+    ln = rows.layernorm(t, gamma, beta)
+    np.testing.assert_array_equal(rows.layernorm(t.copy(), gamma, beta, out=t.copy()), ln)
+    same = t.copy()
+    np.testing.assert_array_equal(rows.layernorm(same, gamma, beta, out=same), ln, err_msg="LN in place")

@@ -205,3 +205,36 @@ def test_gradients_are_bitwise_independent_of_the_thread_count(dtype):
     assert np.array_equal(y1, y2) and np.array_equal(dx1, dx2) and np.array_equal(i1, i2)
     differ = [k for k in g1 if not np.array_equal(g1[k], g2[k])]
     assert differ == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_layernorm_projection_is_bitwise_independent_of_the_thread_count(dtype):
+    """``project_heads(..., norm=)`` fuses the LayerNorm into the product when one tile spans
+    every column and normalises the rows in a pass of their own otherwise, a choice the thread
+    count makes (gemm.tiles). Both run rows.normalize_row, so the two give the same bits: one
+    sample's latents against a wide weight split by rows on 1 thread and by columns on 2."""
+    if pnp.threads.max_threads() < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2 to compare thread counts")
+    from perceiver_np.kernels import rows
+
+    rng = np.random.default_rng(11)
+    b, s, k, f, heads = 1, 256, 512, 1280, 4
+    x = rng.standard_normal((b, s, k)).astype(dtype)
+    ws = [(0.05 * rng.standard_normal((k, f))).astype(dtype) for _ in range(2)]
+    gamma, beta, bias = rng.standard_normal((3, k)).astype(dtype)
+    cols, most = 2 * f, pnp.threads.max_threads()
+    assert gemm.tiles(b * s, cols, 1, gemm.PROJECT_BLOCK_ROWS)[1] == cols  # fused
+    assert gemm.tiles(b * s, cols, most, gemm.PROJECT_BLOCK_ROWS)[1] < cols  # a pass of its own
+    runs = []
+    before = numba.get_num_threads()
+    try:
+        for n in (1, most):
+            pnp.set_num_threads(n)
+            runs.append([o.copy() for o in gemm.project_heads(x, ws, heads, (gamma, beta, bias))])
+    finally:
+        pnp.set_num_threads(before)
+    normed = rows.layernorm(x.reshape(b * s, k), gamma, beta, bias).reshape(b, s, k)
+    apart = gemm.project_heads(normed, ws, heads)
+    for fused, split, want in zip(*runs, apart, strict=True):
+        np.testing.assert_array_equal(fused, want)
+        np.testing.assert_array_equal(split, want)
