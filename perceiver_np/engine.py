@@ -141,13 +141,11 @@ def cross_block(
     into the running float64 state with ``merge_chunk``. Every buffer is chunk-sized, and taken
     from ``alloc``: a chunk's buffers are reused by the next chunk, so the first chunk's result
     is folded into the running state before the second is computed."""
-    b, m, d = check_owned_latents(z).shape
-    # LN_q(z) in a pass of its own: project_heads fuses a LayerNorm only when a tile spans every
-    # column, which depends on the thread count, and the two kernels may round differently
-    zq = ops.layernorm(z.reshape(b * m, d), p["q_norm.gamma"], p["q_norm.beta"],
-                       out=alloc("q_norm", (b * m, d), z.dtype)).reshape(b, m, d)
-    (q,) = ops.project_heads(zq, [p["attn.q.weight"]], num_heads, alloc=scoped(alloc, "q"),
-                             finite=True)  # [B, M, D] -> [B, H, M, dh]
+    b, m, _ = check_owned_latents(z).shape
+    # LN_q(z) @ W_q, the LayerNorm fused into the product: [B, M, D] -> [B, H, M, dh]
+    (q,) = ops.project_heads(z, [p["attn.q.weight"]], num_heads,
+                             norm=(p["q_norm.gamma"], p["q_norm.beta"], None), alloc=scoped(alloc, "q"),
+                             finite=True)
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     ckv = p["kv_norm.gamma"].shape[0]
@@ -212,12 +210,12 @@ def decode_queries(queries: np.ndarray, z: np.ndarray, p: Params, ops: EngineOps
 def self_block(z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int, gelu: str,
                ffn_kind: str = "gelu", alloc: Alloc = fresh) -> np.ndarray:
     """z: [B, M, D] owned latents, updated in place -> [B, M, D]; intermediates from ``alloc``."""
-    b, m, d = check_owned_latents(z).shape
-    u = ops.layernorm(z.reshape(b * m, d), p["norm.gamma"], p["norm.beta"],
-                      out=alloc("norm", (b * m, d), z.dtype)).reshape(b, m, d)  # as in cross_block
-    q, k, v = ops.project_heads(u, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
-                                num_heads, alloc=scoped(alloc, "qkv"), finite=True)
+    check_owned_latents(z)
+    # LN(z) @ W_q, @ W_k, @ W_v, the LayerNorm fused into the product:
     # [B, M, D] -> [B, H, M, dh|dh|dv] (no b_k, b_v later)
+    q, k, v = ops.project_heads(z, [p["attn.q.weight"], p["attn.k.weight"], p["attn.v.weight"]],
+                                num_heads, norm=(p["norm.gamma"], p["norm.beta"], None),
+                                alloc=scoped(alloc, "qkv"), finite=True)
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     o, _ = ops.attention_forward(q, k, v, None, alloc=scoped(alloc, "attention"))  # [B, H, M, dv]
