@@ -53,6 +53,10 @@ FASTMATH = {"nnan", "ninf", "nsz", "contract", "afn"}
 parallel_kernel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 #: Decorator for the serial helpers the kernels call (inlined by LLVM).
 serial_kernel = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+#: Decorator for the kernels that must round every operation exactly as NumPy does (the
+#: optimizer's update, bitwise its plain twin's): no fast-math flag at all, so no FMA
+#: contraction and IEEE division and square root, in the vectorised and the scalar copy alike.
+exact_parallel_kernel = njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 
 #: Below this many elements, a row or element-wise kernel runs on the calling thread alone:
 #: waking the pool costs more than the whole kernel's work on such an array (docs/fast.md).

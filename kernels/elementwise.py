@@ -22,7 +22,7 @@ from numba.extending import overload
 
 from perceiver_np.shapes import Alloc
 
-from ._numba import empty, kernel_array, parallel_kernel, serial_kernel, threads_for
+from ._numba import empty, exact_parallel_kernel, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .fastexp import fast_exp
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -211,3 +211,39 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "exact", *,
         _gelu_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), ELEMENTWISE_BLOCK,
                        approximate == "tanh")
     return dx
+
+
+@exact_parallel_kernel
+def _adamw_update(p, g, m, v, p_out, m_out, v_out, decay, b1, one_minus_b1, b2, one_minus_b2,
+                  bias2_sqrt, eps, step_size, step):  # pragma: no cover - compiled
+    """One AdamW step over flat arrays, each operation in the dtype and in the order of
+    :func:`perceiver_np.optim.adamw`'s rule (``decay`` is 1 for a tensor the mask keeps)."""
+    n = p.size
+    for block in prange((n + step - 1) // step):
+        for j in range(block * step, min(n, block * step + step)):
+            pj = p[j] * decay  # times 1 (no decay) is exact
+            gj = g[j]
+            mj = b1 * m[j] + one_minus_b1 * gj
+            vj = b2 * v[j] + one_minus_b2 * (gj * gj)
+            denom = np.sqrt(vj) / bias2_sqrt + eps
+            p_out[j] = pj - step_size * (mj / denom)
+            m_out[j] = mj
+            v_out[j] = vj
+
+
+def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, decay: float, b1: float,
+                 b2: float, eps: float, bias2_sqrt: float, step_size: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """p, g, m, v: [...] of one dtype -> (new p, new m, new v), new arrays: AdamW's update of one
+    tensor in one pass, bitwise :func:`perceiver_np.optim.adamw`'s NumPy rule. The Python
+    floats are rounded to the dtype as NumPy rounds a Python scalar beside an array:
+    ``decay`` = 1 - lr * weight_decay (1: no decay), ``bias2_sqrt`` = sqrt(1 - b2^t),
+    ``step_size`` = lr / (1 - b1^t)."""
+    dt = p.dtype.type
+    pc, gc, mc, vc = (kernel_array(a).reshape(-1) for a in (p, g, m, v))
+    new_p, new_m, new_v = (np.empty(p.shape, dtype=p.dtype) for _ in range(3))
+    with threads_for(p.size):
+        _adamw_update(pc, gc, mc, vc, new_p.reshape(-1), new_m.reshape(-1), new_v.reshape(-1), dt(decay),
+                      dt(b1), dt(1.0 - b1), dt(b2), dt(1.0 - b2), dt(bias2_sqrt), dt(eps), dt(step_size),
+                      ELEMENTWISE_BLOCK)
+    return new_p, new_m, new_v

@@ -239,17 +239,16 @@ class PerceiverConfig:
 
     def attention_backend(self, kind: str, training: bool) -> str:
         """The attention implementation of a ``kind`` ("cross" | "self") block: ``"numba"``, the
-        tiled kernel, or ``"numpy"``, the plain path. ``backend="auto"`` uses the kernel for the
-        cross-attentions (O(N M), where it pays) and the plain path for the latents' small
-        M x M self-attention, and the plain path wherever attention probabilities are dropped
-        (training with ``attention_dropout > 0``), which the kernel cannot do."""
+        tiled kernel, or ``"numpy"``, the plain path. ``backend="auto"`` uses the kernel for
+        every attention, and the plain path wherever attention
+        probabilities are dropped (training with ``attention_dropout > 0``), which the kernel
+        cannot do, or a cross-attention's rows with no visible key are uniform
+        (``masked_rows="uniform"``: the kernel zeroes them)."""
         if self.backend == "numpy" or (training and self.attention_dropout > 0):
             return "numpy"
         if kind == "cross" and self.masked_rows != "zero":
             return "numpy"  # the kernel zeroes rows with no visible key
-        if self.backend == "numba" or kind == "cross":
-            return "numba"
-        return "numpy"
+        return "numba"
 
     def replace(self, **changes: Any) -> PerceiverConfig:
         """A copy with ``changes`` applied (and validated)."""

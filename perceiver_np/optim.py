@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .kernels import elementwise
 from .shapes import FLOAT_DTYPES
 
 Params = dict[str, np.ndarray]
@@ -306,6 +307,7 @@ def adamw(
     eps: float = 1e-8,
     weight_decay: float = 0.01,
     decay_mask: DecayMask | None = default_decay_mask,
+    backend: str = "numba",
 ) -> Optimizer:
     """Adam with decoupled weight decay, exactly torch.optim.AdamW; ``t = step + 1``::
 
@@ -316,8 +318,15 @@ def adamw(
 
     computed as torch does: ``p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
     Slots: ``m/<name>``, ``v/<name>``.
+
+    ``backend``: ``"numpy"`` runs ``rule`` below, a NumPy expression per line; ``"numba"`` (the
+    default) runs the same operations in one parallel pass over each tensor
+    (:func:`perceiver_np.kernels.elementwise.adamw_update`, without fast-math), bitwise equal
+    to ``rule`` (tests/test_optim.py).
     """
     _check_adam_hyperparameters(lr, b1, b2, eps, weight_decay)
+    if backend not in ("numba", "numpy"):
+        raise ValueError(f"backend: expected 'numba' or 'numpy', got {backend!r}")
 
     def rule(p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], step: int, rate: float,
              decay: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -329,8 +338,19 @@ def adamw(
         denom = np.sqrt(v) / math.sqrt(1.0 - b2**t) + eps
         return p - (rate / (1.0 - b1**t)) * (m / denom), {"m": m, "v": v}
 
-    return _optimizer(("m", "v"), lr, decay_mask, rule, _adam_spec("adamw", lr, b1, b2, eps, weight_decay,
-                                                                    decay_mask))
+    def kernel_rule(p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], step: int, rate: float,
+                    decay: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``rule`` in one pass over the tensor (same operations, same order, same bits); p, g
+        and the slots share a shape and a float dtype (update checks them first)."""
+        t = step + 1
+        factor = 1.0 - rate * weight_decay if decay and weight_decay != 0.0 else 1.0
+        new_p, new_m, new_v = elementwise.adamw_update(
+            p, g, slots["m"], slots["v"], decay=factor, b1=b1, b2=b2, eps=eps,
+            bias2_sqrt=math.sqrt(1.0 - b2**t), step_size=rate / (1.0 - b1**t))
+        return new_p, {"m": new_m, "v": new_v}
+
+    return _optimizer(("m", "v"), lr, decay_mask, kernel_rule if backend == "numba" else rule,
+                      _adam_spec("adamw", lr, b1, b2, eps, weight_decay, decay_mask))
 
 
 def lamb(

@@ -472,3 +472,31 @@ def test_global_norm_and_an_overflowing_norm(rng):
     with pytest.raises(ValueError, match=r"grads: the global norm overflows float64; every entry is "
                                          r"finite, the largest \|g\| is 1e\+200 in grads\['a.weight'\]"):
         optim.clip_by_global_norm(huge, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adamw_kernel_is_bitwise_the_numpy_rule(rng, dtype, weight_decay):
+    """backend="numba" (one pass per tensor, kernels.elementwise.adamw_update) against the
+    NumPy rule line by line: every parameter and moment the same bits, step after step, with a
+    schedule, the decay mask, and tensors above and below the kernel's parallel size."""
+    shapes = {**SHAPES, "big.weight": (300, 257)}
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    lr = optim.warmup_cosine(3e-3, warmup_steps=2, total_steps=6)
+    fast, plain = (optim.adamw(lr, b1=0.8, b2=0.99, eps=1e-6, weight_decay=weight_decay, backend=b)
+                   for b in ("numba", "numpy"))
+    state_f, state_p = fast.init(params), plain.init(params)
+    p_f = p_p = params
+    for _ in range(STEPS):
+        grads = {k: (10 * rng.normal(size=v.shape)).astype(dtype) for k, v in params.items()}
+        p_f, state_f = fast.update(p_f, grads, state_f)
+        p_p, state_p = plain.update(p_p, grads, state_p)
+        for k in p_p:
+            np.testing.assert_array_equal(p_f[k], p_p[k], err_msg=k)
+        for k in state_p:
+            np.testing.assert_array_equal(state_f[k], state_p[k], err_msg=k)
+
+
+def test_adamw_backend_is_named_when_bad():
+    with pytest.raises(ValueError, match=r"^backend: expected 'numba' or 'numpy', got 'cuda'"):
+        optim.adamw(1e-3, backend="cuda")
