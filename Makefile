@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel bench-distributed clean
+.PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel bench-gemm bench-distributed clean
 
 # dev: the test tools (and the notebooks' runner); distributed: Dask, for tests/test_distributed.py;
 # compare: torch (the CPU build this machine keeps on disk, pinned) and
@@ -46,13 +46,17 @@ demo: $(VENV)/.demo
 # Perceivers at their released sizes against HF transformers (docs/performance-pretrained.md,
 # minutes: optical flow is ~1.9 TFLOP a forward), then the tiled attention kernel on its own
 # (docs/performance-kernel.md, ~15 min). Each prints its table too.
-bench: bench-model bench-pretrained bench-kernel bench-distributed
+bench: bench-model bench-pretrained bench-kernel bench-gemm bench-distributed
 
 bench-model: $(VENV)/.bench
 	$(PY) benchmarks/bench_model.py --markdown docs/performance.md --plot docs/model_time.png
 
 bench-pretrained: $(VENV)/.bench
 	$(PY) benchmarks/bench_pretrained.py --markdown docs/performance-pretrained.md
+
+# The seed model's products, library against library (OpenBLAS, MKL, BLIS, torch; 1 and 2 threads).
+bench-gemm: $(VENV)/.bench
+	$(PY) benchmarks/bench_gemm.py --markdown docs/performance-gemm.md
 
 # Batch prediction on a local Dask cluster (1 and 2 workers) against single-process predict.
 bench-distributed: $(STAMP)

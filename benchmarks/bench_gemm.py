@@ -1,0 +1,283 @@
+"""The seed model's products, library against library, on one thread and on two.
+
+    python benchmarks/bench_gemm.py --markdown docs/performance-gemm.md   # make bench-gemm, ~3 min
+
+perceiver_np's products are BLAS calls: OpenBLAS (SciPy's, through Numba), one single-threaded
+call per tile on each of Numba's threads (``kernels/gemm.py``). Whether another library would
+make them faster is a question of these shapes, not of a 4096^3 square, so this measures each
+library on the products of the seed model at B = 32 (the shapes of a training step's forward,
+input gradients and weight gradients), all in this one process, in interleaved rounds (each
+library timed once per round, in turn, a pause between libraries so that no pool still spins):
+
+- one thread, the call one of our tiles makes: OpenBLAS (NumPy's ``np.dot`` under a one-thread
+  limit), MKL (the ``mkl`` wheel's ``cblas_sgemm``, its sequential layer, through ctypes),
+  BLIS (the ``blis`` wheel, single-threaded) and torch's ``torch.mm`` on one thread;
+- two threads: ours (``kernels.gemm.matmul`` / ``matmul_tn``: OpenBLAS tiles on Numba's
+  threads), OpenBLAS on its own threads (NumPy's ``@``), MKL tiles (the rows in halves, or a
+  weight gradient's columns, one sequential ``cblas_sgemm`` each on Python threads: the split
+  our products make, though a pool's dispatch and ctypes cost more than Numba's, which shows at
+  the small shapes) and ``torch.mm`` on two threads (oneDNN or MKL, its own threading).
+
+Each cell is GFLOP/s (2·m·k·n per product), median (min–max) over the rounds; a round times
+enough calls to fill ~20 ms. ``agree`` is max |theirs - OpenBLAS| / max |OpenBLAS| over the
+output. A library that is not installed has no column (``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import ctypes
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import machine, write_page  # benchmarks/
+from threadpoolctl import threadpool_limits
+
+from perceiver_np import runtime
+from perceiver_np.kernels import gemm
+from perceiver_np.workspace import Workspace
+
+#: (what it is in the seed model at B = 32, kind, m, k, n): "NN" is [m, k] @ [k, n]; "TN" is
+#: a weight gradient, [k, m]^T @ [k, n] (k = the rows summed over).
+SHAPES = [
+    ("latents' q, k, v, out and their input gradients: [B·M, D] @ [D, D]", "NN", 2048, 256, 256),
+    ("FFN up: [B·M, D] @ [D, 4D]", "NN", 2048, 256, 1024),
+    ("FFN down: [B·M, 4D] @ [4D, D]", "NN", 2048, 1024, 256),
+    ("input projection, N 256: [B·N, C] @ [C, D]", "NN", 8192, 287, 256),
+    ("cross-attention K and V, N 1k: [B·N, D] @ [D, D]", "NN", 32768, 256, 256),
+    ("weight gradient of q, k, v, out: [B·M, D]^T @ [B·M, D]", "TN", 256, 2048, 256),
+    ("weight gradient of FFN up: [B·M, D]^T @ [B·M, 4D]", "TN", 256, 2048, 1024),
+    ("weight gradient of FFN down: [B·M, 4D]^T @ [B·M, D]", "TN", 1024, 2048, 256),
+    ("weight gradient of K and V, N 256: [B·N, D]^T @ [B·N, D]", "TN", 256, 8192, 256),
+    ("a large square, for the peak", "NN", 4096, 4096, 4096),
+]
+ROUND_SECONDS = 0.02  # each library's share of a round: enough calls to fill this
+SETTLE = 0.1  # seconds of quiet between libraries: OpenBLAS spins ~0.1 s after a product
+
+
+class Mkl:
+    """MKL's ``cblas_sgemm`` from the ``mkl`` wheel, on its sequential layer (one thread per
+    call; set once for this process's MKL, which only this benchmark loads)."""
+
+    def __init__(self) -> None:
+        lib = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"
+        if not lib.exists():
+            raise ImportError(f"{lib} not found (pip install mkl)")
+        self.rt = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
+        self.rt.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
+        self.rt.MKL_Set_Interface_Layer.argtypes = [ctypes.c_int]
+        self.rt.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL
+        self.rt.MKL_Set_Interface_Layer(0)  # MKL_INTERFACE_LP64: 32-bit ints
+        i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+        self.sgemm = self.rt.cblas_sgemm
+        self.sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        self.sgemm.restype = None
+
+    def product(self, kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b ("NN", a [m, k]) or a^T @ b ("TN", a [k, m]); row-major, each with unit
+        column stride (a block of columns of a C-contiguous array is read where it lies)."""
+        m, n = out.shape
+        k = b.shape[0]
+        assert a.strides[1] == b.strides[1] == out.strides[1] == 4, "float32 rows with unit stride"
+        self.sgemm(101, 112 if kind == "TN" else 111, 111, m, n, k, 1.0, a.ctypes.data, a.strides[0] // 4,
+                   b.ctypes.data, b.strides[0] // 4, 0.0, out.ctypes.data, out.strides[0] // 4)
+
+
+def gflops(kind: str, m: int, k: int, n: int, seconds: float) -> float:
+    return 2.0 * m * k * n / seconds / 1e9
+
+
+def libraries(threads: int) -> dict[str, Callable[[str, np.ndarray, np.ndarray, np.ndarray], Any]]:
+    """Column name -> product(kind, a, b, out): each writes a @ b (NN) or a^T @ b (TN) into out."""
+    cols: dict[str, Callable[..., Any]] = {}
+
+    def openblas(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        np.dot(a.T if kind == "TN" else a, b, out)
+
+    cols["1 thread: OpenBLAS"] = openblas
+    try:
+        mkl = Mkl()
+        cols["1 thread: MKL"] = mkl.product
+    except (ImportError, OSError) as e:
+        print(f"no MKL column: {e}")
+        mkl = None
+    try:
+        import blis.py
+
+        def blis_1(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+            blis.py.gemm(a, b, out=out, trans1=kind == "TN", beta=0.0)
+
+        cols["1 thread: BLIS"] = blis_1
+    except ImportError:
+        print("no BLIS column: pip install blis")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("no torch columns: pip install torch==2.13.0")
+
+    def torch_mm(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        ta, tb, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        torch.mm(ta.T if kind == "TN" else ta, tb, out=to)
+
+    if torch is not None:
+        cols["1 thread: torch.mm"] = torch_mm
+
+    ws = Workspace()  # our scratch (the weight gradients' partial sums), reused as in a model
+
+    def ours(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        if kind == "TN":
+            out[...] = gemm.matmul_tn(a, b, alloc=ws)  # [m, n]: a weight, small
+        else:
+            gemm.matmul(a, b, alloc=lambda name, shape, dtype: out)  # written in place
+
+    cols[f"{threads} threads: ours (OpenBLAS tiles)"] = ours
+
+    cols[f"{threads} threads: OpenBLAS"] = openblas
+    if mkl is not None:
+        pool = concurrent.futures.ThreadPoolExecutor(threads)
+
+        def mkl_tiles(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+            if kind == "TN":  # split the output's columns: each block sums all the rows
+                cuts = np.linspace(0, out.shape[1], threads + 1).astype(int)
+                list(pool.map(lambda c: mkl.product("TN", a, b[:, c[0]:c[1]], out[:, c[0]:c[1]]),
+                              itertools.pairwise(cuts)))
+                return
+            cuts = np.linspace(0, a.shape[0], threads + 1).astype(int)
+            list(pool.map(lambda r: mkl.product("NN", a[r[0]:r[1]], b, out[r[0]:r[1]]),
+                          itertools.pairwise(cuts)))
+
+        cols[f"{threads} threads: MKL tiles"] = mkl_tiles
+    if torch is not None:
+        cols[f"{threads} threads: torch.mm"] = torch_mm
+    return cols
+
+
+@contextlib.contextmanager
+def threads_of(name: str) -> Iterator[None]:
+    """The column's thread count for BLAS and torch (from its name), held while it is timed."""
+    n = int(name.split(" ")[0])
+    with threadpool_limits(n, user_api="blas"):
+        try:
+            import torch
+        except ImportError:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def time_column(product: Callable[..., Any], kind: str, a: np.ndarray, b: np.ndarray,
+                out: np.ndarray) -> float:
+    """Seconds per product: as many calls as fill ROUND_SECONDS (at least 2), timed together."""
+    t0 = time.perf_counter()
+    product(kind, a, b, out)
+    once = time.perf_counter() - t0
+    calls = max(2, int(ROUND_SECONDS / max(once, 1e-6)))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        product(kind, a, b, out)
+    return (time.perf_counter() - t0) / calls
+
+
+def run_shape(cols: dict[str, Callable[..., Any]], kind: str, m: int, k: int, n: int,
+              rounds: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, m) if kind == "TN" else (m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    reference = np.empty((m, n), np.float32)
+    np.dot(a.T if kind == "TN" else a, b, reference)
+    scale = float(np.abs(reference).max())
+    outs = {name: np.empty((m, n), np.float32) for name in cols}
+    agree = {}
+    for name, product in cols.items():  # warm-up (compiles ours), and the agreement
+        with threads_of(name):
+            product(kind, a, b, outs[name])
+        agree[name] = float(np.abs(outs[name] - reference).max()) / scale
+    samples: dict[str, list[float]] = {name: [] for name in cols}
+    names = list(cols)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+            time.sleep(SETTLE)
+            with threads_of(name):
+                seconds = time_column(cols[name], kind, a, b, outs[name])
+            samples[name].append(gflops(kind, m, k, n, seconds))
+    return {"samples": samples, "agree": agree}
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{np.median(xs):.0f} ({min(xs):.0f}–{max(xs):.0f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the many-thread columns")
+    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    runtime.tune(args.threads)
+    cols = libraries(args.threads)
+    rows = []
+    for what, kind, m, k, n in SHAPES:
+        res = run_shape(cols, kind, m, k, n, args.rounds)
+        rows.append((what, kind, m, k, n, res))
+        print(f"  {kind} m {m} k {k} n {n}: " + ", ".join(
+            f"{name} {np.median(s):.0f}" for name, s in res["samples"].items()), flush=True)
+    names = list(cols)
+    lines = ["| product | kind | m | k | n | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for what, kind, m, k, n, res in rows:
+        cells = []
+        for name in names:
+            cell = fmt(res["samples"][name])
+            if res["agree"][name] > 0:
+                cell += f", agree {res['agree'][name]:.0e}"
+            cells.append(cell)
+        lines.append(f"| {what} | {kind} | {m} | {k} | {n} | " + " | ".join(cells) + " |")
+    base, ours_col = "1 thread: OpenBLAS", f"{args.threads} threads: ours (OpenBLAS tiles)"
+    ratio_lines = []
+    for name in names:
+        if name == base or name == ours_col:
+            continue
+        against = base if name.startswith("1 thread") else ours_col
+        ratios = [float(np.median(res["samples"][name]) / np.median(res["samples"][against]))
+                  for *_, res in rows[:-1]]  # the seed's shapes, not the square
+        ratio_lines.append(f"- {name} / {against}: {min(ratios):.2f}–{max(ratios):.2f} over the seed's "
+                           f"shapes (median {np.median(ratios):.2f})")
+    info = machine(args.threads, ("numpy", "numba", "torch", "mkl", "blis"))
+    text = "\n".join([
+        "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        f"- float32, {args.rounds} interleaved rounds after a warm-up; GFLOP/s median (min–max); "
+        "agree = max |theirs - OpenBLAS| / max |OpenBLAS| where not 0",
+        "",
+        *lines,
+        "",
+        "Speed against the same number of threads on OpenBLAS (median over rounds, per shape):",
+        "",
+        *ratio_lines,
+    ])
+    print(text)
+    if args.markdown:
+        header = ("# Performance: the products, library against library\n\n```sh\n"
+                  "make bench-gemm   # benchmarks/bench_gemm.py --markdown docs/performance-gemm.md\n```\n\n"
+                  "Written by that command (the method is in the script's docstring). One run on this "
+                  "machine:\n\n")
+        write_page(args.markdown, header, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
