@@ -20,7 +20,11 @@ library timed once per round, in turn, a pause between libraries so that no pool
 
 Each cell is GFLOP/s (2·m·k·n per product), median (min–max) over the rounds; a round times
 enough calls to fill ~20 ms. ``agree`` is max |theirs - OpenBLAS| / max |OpenBLAS| over the
-output. A library that is not installed has no column (``pip install -e '.[bench]'``).
+output. Each one-thread library is also asked whether it gives the same bits tile by tile as in
+one call (:func:`tiles_differ`): our products' tiles follow the thread count, so a library that
+does not cannot replace OpenBLAS under them without breaking the same bits on any number of
+threads (tests/test_threads.py). A library that is not installed has no column
+(``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -192,6 +196,36 @@ def time_column(product: Callable[..., Any], kind: str, a: np.ndarray, b: np.nda
     return (time.perf_counter() - t0) / calls
 
 
+#: The tilings tried for "tiles differ": row blocks of an NN product, column blocks of a TN one
+#: (a weight gradient's rows are its sum: our kernels split those in blocks of a constant size).
+ROW_TILES = (64, 256, 1000)
+COL_TILES = (64, 128)
+
+
+def tiles_differ(product: Callable[..., Any], kind: str, a: np.ndarray, b: np.ndarray,
+                 whole: np.ndarray) -> bool:
+    """Whether computing the product tile by tile, one call per tile (row blocks of ``a`` for
+    NN, column blocks of ``b`` for TN), gives other bits than the one call that gave ``whole``:
+    a library for which it does cannot serve tiles whose shape follows the thread count, as
+    ours do, and keep the same bits on any number of threads."""
+    m, n = whole.shape
+    for size in ROW_TILES if kind == "NN" else COL_TILES:
+        for lo in range(0, m if kind == "NN" else n, size):
+            if kind == "NN":
+                hi = min(m, lo + size)
+                tile = np.empty((hi - lo, n), whole.dtype)
+                product(kind, a[lo:hi], b, tile)
+                same = np.array_equal(tile, whole[lo:hi])
+            else:
+                hi = min(n, lo + size)
+                tile = np.empty((m, hi - lo), whole.dtype)
+                product(kind, a, np.ascontiguousarray(b[:, lo:hi]), tile)
+                same = np.array_equal(tile, whole[:, lo:hi])
+            if not same:
+                return True
+    return False
+
+
 def run_shape(cols: dict[str, Callable[..., Any]], kind: str, m: int, k: int, n: int,
               rounds: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
@@ -206,6 +240,11 @@ def run_shape(cols: dict[str, Callable[..., Any]], kind: str, m: int, k: int, n:
         with threads_of(name):
             product(kind, a, b, outs[name])
         agree[name] = float(np.abs(outs[name] - reference).max()) / scale
+    differ = {}
+    for name, product in cols.items():
+        if name.startswith("1 thread") and m * k * n <= 1 << 30:  # not the square: slow, and no tile of ours
+            with threads_of(name):
+                differ[name] = tiles_differ(product, kind, a, b, outs[name])
     samples: dict[str, list[float]] = {name: [] for name in cols}
     names = list(cols)
     for r in range(rounds):
@@ -214,7 +253,7 @@ def run_shape(cols: dict[str, Callable[..., Any]], kind: str, m: int, k: int, n:
             with threads_of(name):
                 seconds = time_column(cols[name], kind, a, b, outs[name])
             samples[name].append(gflops(kind, m, k, n, seconds))
-    return {"samples": samples, "agree": agree}
+    return {"samples": samples, "agree": agree, "tiles differ": differ}
 
 
 def fmt(xs: list[float]) -> str:
@@ -245,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             cell = fmt(res["samples"][name])
             if res["agree"][name] > 0:
                 cell += f", agree {res['agree'][name]:.0e}"
+            if res["tiles differ"].get(name):
+                cell += ", **tiles differ**"
             cells.append(cell)
         lines.append(f"| {what} | {kind} | {m} | {k} | {n} | " + " | ".join(cells) + " |")
     base, ours_col = "1 thread: OpenBLAS", f"{args.threads} threads: ours (OpenBLAS tiles)"
@@ -261,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         f"- float32, {args.rounds} interleaved rounds after a warm-up; GFLOP/s median (min–max); "
-        "agree = max |theirs - OpenBLAS| / max |OpenBLAS| where not 0",
+        "agree = max |theirs - OpenBLAS| / max |OpenBLAS| where not 0; **tiles differ** (one-thread "
+        f"columns): the product made one call per tile (row blocks of {', '.join(map(str, ROW_TILES))} "
+        f"for NN, column blocks of {', '.join(map(str, COL_TILES))} for TN) does not give the whole "
+        "call's bits, so that library could not serve our tiles, whose shape follows the thread "
+        "count, and keep the same bits on any number of threads",
         "",
         *lines,
         "",
