@@ -17,10 +17,11 @@
   (which runs the last few entries, and the whole loop when the output may overlap the input:
   in place, or two small arrays allocated next to each other) keeps the true division. The
   same GELU input then rounded 1 ulp apart from one call to the next; without ``arcp`` both
-  copies of every loop give the same bits (tests/test_reliability.py holds every element-wise
-  and row kernel to the same bits in place and out of place). ``nnan``/``ninf`` assume no NaN and no infinity:
-  the kernels never make one (masked keys are skipped, the running max starts at the finite
-  MASK_FILL) and the wrappers' callers pass finite input. The float64 kernel matches the plain
+  copies of a loop give the same bits (tests/test_reliability.py holds GELU and its backward,
+  bias + GELU and the LayerNorm to the same bits in place, out of place and one entry over).
+  ``nnan``/``ninf`` assume no NaN and no infinity: the kernels never make one (masked keys are
+  skipped, the running max starts at the finite MASK_FILL) and the wrappers' callers pass
+  finite input. The float64 kernel matches the plain
   NumPy path to 1e-12 relative (tests/test_kernels.py).
 - ``error_model="numpy"``: a division by zero gives inf or NaN as in NumPy instead of raising
   ZeroDivisionError. An exception cannot leave a parallel region cleanly (it surfaced as

@@ -240,10 +240,10 @@ class PerceiverConfig:
     def attention_backend(self, kind: str, training: bool) -> str:
         """The attention implementation of a ``kind`` ("cross" | "self") block: ``"numba"``, the
         tiled kernel, or ``"numpy"``, the plain path. ``backend="auto"`` uses the kernel for
-        every attention, and the plain path wherever attention
-        probabilities are dropped (training with ``attention_dropout > 0``), which the kernel
-        cannot do, or a cross-attention's rows with no visible key are uniform
-        (``masked_rows="uniform"``: the kernel zeroes them)."""
+        every attention, and the plain path where the kernel cannot do what is asked: attention
+        probabilities dropped (training with ``attention_dropout > 0``), or a cross-attention's
+        rows with no visible key made uniform (``masked_rows="uniform"``; the kernel zeroes
+        them)."""
         if self.backend == "numpy" or (training and self.attention_dropout > 0):
             return "numpy"
         if kind == "cross" and self.masked_rows != "zero":
