@@ -35,7 +35,6 @@ import contextlib
 import ctypes
 import itertools
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,17 +68,12 @@ SETTLE = 0.1  # seconds of quiet between libraries: OpenBLAS spins ~0.1 s after 
 
 class Mkl:
     """MKL's ``cblas_sgemm`` from the ``mkl`` wheel, on its sequential layer (one thread per
-    call; set once for this process's MKL, which only this benchmark loads)."""
+    call), loaded as the kernels load it (:func:`perceiver_np.kernels.blas.load_mkl`)."""
 
     def __init__(self) -> None:
-        lib = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"
-        if not lib.exists():
-            raise ImportError(f"{lib} not found (pip install mkl)")
-        self.rt = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
-        self.rt.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
-        self.rt.MKL_Set_Interface_Layer.argtypes = [ctypes.c_int]
-        self.rt.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL
-        self.rt.MKL_Set_Interface_Layer(0)  # MKL_INTERFACE_LP64: 32-bit ints
+        from perceiver_np.kernels import blas
+
+        self.rt = blas.load_mkl()
         i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         self.sgemm = self.rt.cblas_sgemm
         self.sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]

@@ -84,7 +84,11 @@ class Ours:
 
         # threads, as the CLI; freed memory is not kept (PERCEIVER_NP_KEEP_MEMORY=0 from
         # SYSTEMS): the speed must not come from a process-wide allocator setting
-        pnp.runtime.tune(threads)
+        tuned = pnp.runtime.tune(threads)  # and the BLAS of PERCEIVER_NP_BLAS (SYSTEMS)
+        want = os.environ.get("PERCEIVER_NP_BLAS") or tuned.blas
+        if tuned.blas != want:
+            raise RuntimeError(f"ours: asked for BLAS {want!r}, runs on {tuned.blas!r} "
+                               "(make bench-model installs the bench extra, mkl included)")
         self.pnp, self.optim, self.train = pnp, optim, train
         self.model = pnp.build(**SEED, dropout=0.0)
         self.job: Any = None
@@ -187,19 +191,24 @@ def worker(system: str, threads: int) -> None:
 # ---- the driver ----------------------------------------------------------------------------
 
 
-#: The systems, each with the value of PERCEIVER_NP_KEEP_MEMORY its worker gets: perceiver_np
-#: (runtime.tune(), glibc's default malloc); torch as a PyTorch user runs it (glibc's default
-#: malloc); torch with freed memory kept too, to show what the allocator setting alone is worth
-#: to torch; and the competitors of benchmarks/competitors.py (torch.compile frozen and not, ONNX
-#: Runtime, OpenVINO with both performance hints, JAX jit), with glibc's default malloc; and
-#: ours with freed memory kept, to show that our speed does not come from that setting.
-SYSTEMS = {"ours": ("ours", "0"), "torch": ("torch", "0"), "torch_kept": ("torch", "1"),
-           **{name: (name, "0") for name in competitors.INFERENCE}, "ours_kept": ("ours", "1")}
+#: The systems, each with the values of PERCEIVER_NP_KEEP_MEMORY and PERCEIVER_NP_BLAS its worker
+#: gets: perceiver_np (runtime.tune(), glibc's default malloc, the kernels' products on MKL,
+#: which the bench extra installs: perceiver_np.kernels.blas); torch as a PyTorch user runs it
+#: (glibc's default malloc); torch with freed memory kept too, to show what the allocator setting
+#: alone is worth to torch; and the competitors of benchmarks/competitors.py (torch.compile
+#: frozen and not, ONNX Runtime, OpenVINO with both performance hints, JAX jit), with glibc's
+#: default malloc; ours with freed memory kept, to show that our speed does not come from that
+#: setting; and ours on SciPy's OpenBLAS (what an untuned process uses), to show what MKL gives.
+SYSTEMS = {"ours": ("ours", "0", "mkl"), "torch": ("torch", "0", ""), "torch_kept": ("torch", "1", ""),
+           **{name: (name, "0", "") for name in competitors.INFERENCE}, "ours_kept": ("ours", "1", "mkl"),
+           "ours_openblas": ("ours", "0", "scipy")}
+#: Our own variants: columns of the competitors' table, but never "the fastest competitor".
+OURS_VARIANTS = ("ours_kept", "ours_openblas")
 #: Which systems run each kind of shape: the inference runtimes have no training step.
 KIND_SYSTEMS = {"infer": list(SYSTEMS), "stream": list(SYSTEMS),
-                "train": ["ours", "torch", "torch_kept", *competitors.TRAINING, "ours_kept"]}
+                "train": ["ours", "torch", "torch_kept", *competitors.TRAINING, *OURS_VARIANTS]}
 #: Short column names of the competitors' table.
-LABELS = {"ours_kept": "ours, memory kept",
+LABELS = {"ours_kept": "ours, memory kept", "ours_openblas": "ours on OpenBLAS",
           "torch": "torch eager", "torch_kept": "torch eager, memory kept", "torch_compile": "torch.compile",
           "torch_compile_frozen": "torch.compile frozen", "onnxruntime": "ONNX Runtime",
           "openvino_latency": "OpenVINO latency", "openvino_throughput": "OpenVINO throughput",
@@ -207,8 +216,9 @@ LABELS = {"ours_kept": "ours, memory kept",
 
 
 def Worker(system: str, threads: int) -> WorkerProcess:
-    impl, keep = SYSTEMS[system]
-    return WorkerProcess(__file__, [impl, "--threads", str(threads)], {"PERCEIVER_NP_KEEP_MEMORY": keep})
+    impl, keep, blas = SYSTEMS[system]
+    return WorkerProcess(__file__, [impl, "--threads", str(threads)],
+                         {"PERCEIVER_NP_KEEP_MEMORY": keep, "PERCEIVER_NP_BLAS": blas})
 
 
 def compile_and_load() -> dict[str, float]:
@@ -362,7 +372,7 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
 
     out = []
     for r in rows:  # issue 14: >= 1.10x the fastest competitor (inference), torch and compile (training)
-        others = {k: float(np.median(v)) for k, v in r["ratios_all"].items() if k != "ours_kept"
+        others = {k: float(np.median(v)) for k, v in r["ratios_all"].items() if k not in OURS_VARIANTS
                   and (r["kind"] != "train" or k in ("torch", "torch_kept", "torch_compile"))}
         if not others:
             continue
@@ -379,6 +389,13 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
             out.append(f"{kind} speed not from a process-wide allocator setting: ours with freed memory "
                        f"kept / ours >= 0.95 at every shape: worst {q:.2f} "
                        f"({r['kind']} B {r['b']} N {r['n']}) -> {verdict(q >= 0.95)}")
+    gains = [(float(np.median(r["ratios_all"]["ours_openblas"])), r)
+             for r in rows if "ours_openblas" in r["ratios_all"]]
+    if gains:  # ratio = ours on OpenBLAS / ours (on MKL): what runtime.tune(blas="mkl") gives
+        lo, hi = min(gains, key=lambda qr: qr[0]), max(gains, key=lambda qr: qr[0])
+        out.append(f"the products on MKL (not a target): ours on OpenBLAS / ours from {lo[0]:.2f} "
+                   f"({lo[1]['kind']} B {lo[1]['b']} N {lo[1]['n']}) to {hi[0]:.2f} "
+                   f"({hi[1]['kind']} B {hi[1]['b']} N {hi[1]['n']})")
     infer = [r for r in rows if r["kind"] in ("infer", "stream")]
     train = [r for r in rows if r["kind"] == "train"]
     if infer:
@@ -478,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     from perceiver_np.cost import forward_flops
 
     cfg = build(**SEED).config
-    info = machine(args.threads)
+    info = machine(args.threads, ("numpy", "numba", "torch", "mkl"))
     peaks = sgemm_peaks(args.threads)
     peak = peaks["OpenBLAS (NumPy)"]
     load = compile_and_load() if not args.quick else {}
@@ -536,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + "; % peak is against OpenBLAS's",
         f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
-        "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours extra = our peak RSS "
+        "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours = runtime.tune() "
+        "with PERCEIVER_NP_BLAS=mkl (the kernels' products on MKL, kernels/blas.py; 'ours on "
+        "OpenBLAS' below is the same worker on SciPy's OpenBLAS); ours extra = our peak RSS "
         "minus our worker's RSS before the shape (inputs made, nothing run); both run with glibc's "
         "default malloc (ours reuses the buffers of its workspace, docs/fast.md), and the last two "
         "columns show torch with freed memory kept (a process-wide mallopt); outputs agree = max "

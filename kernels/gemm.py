@@ -16,17 +16,19 @@ Why not ``a @ w`` with BLAS's own threads: an OpenBLAS worker keeps spinning for
 each product (its ``THREAD_TIMEOUT``), and a Numba kernel started in that window shares a core
 with it (docs/fast.md has the measurement). With every product and every kernel of the engine on
 Numba's pool, one pool owns the cores and nothing spins between steps. Each work item is one
-BLAS sgemm/dgemm (SciPy's BLAS, the one ``np.dot`` calls in Numba, held to one thread for the
-call, so the two pools never stack) on its own tile of the output: the parallel loops write
-disjoint outputs.
+BLAS sgemm/dgemm on its own tile of the output (the BLAS of :mod:`perceiver_np.kernels.blas`:
+SciPy's, the one ``np.dot`` calls in Numba, held to one thread for the call so that the two
+pools never stack, or MKL's sequential one): the parallel loops write disjoint outputs.
 
 The tiles (:func:`tiles`): a BLAS call first copies its rows of ``a`` and its columns of ``w``
 into its own layout ("packing"), so every tile that spans all of ``w``'s columns packs all of
 ``w`` again. Many rows (a batch) are split into row blocks, as the weight is small beside them;
 few rows against a wide weight (one sample's 256 latents of 1280 channels) are split into
 column blocks, so that the threads pack one part of the weight each instead of all of it each.
-The call is Numba's own ``numba_xxgemm`` with explicit leading dimensions (:func:`_xxgemm`), which
-also reads a weight's transpose (``w.T`` in a backward) in place instead of copying it.
+The tiles are cut for Numba's thread count, or for ``blas.FIXED_TILE_THREADS`` under MKL, whose
+bits depend on a tile's shape. The call goes through the BLAS table with explicit leading
+dimensions (:func:`_xxgemm`), which also reads a weight's transpose (``w.T`` in a backward) in
+place instead of copying it.
 
 ``gemm_rows`` is one such call on sub-blocks (offsets and row strides into arrays as they lie,
 either operand transposed, ``beta`` 0 or 1): the attention kernel's tile products.
@@ -58,7 +60,7 @@ from numba.extending import intrinsic
 
 from perceiver_np.shapes import Alloc, OverflowRisk
 
-from . import rows
+from . import blas, rows
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel
 from .elementwise import bias_gelu_segment
 from .rows import normalize_row
@@ -85,6 +87,12 @@ PROJECT_BLOCK_ROWS = 256
 #: (512 x 256 float32 = 512 KiB) while the bias is added, at the price of more BLAS calls than
 #: one tile per thread (each packs its columns of the weight again).
 BIAS_BLOCK_ROWS = 512
+_TABLE_SYMBOL = blas.TABLE_SYMBOL
+
+
+#: What :func:`_xxgemm` returns when it did not call BLAS: a size or leading dimension does not
+#: fit the 32-bit integers of the BLAS interface, or the table holds no function.
+BLAS_REFUSED = -1
 
 
 @intrinsic
@@ -93,9 +101,10 @@ def _xxgemm(typingctx, w_trans, a_trans, m, n, k, w, w_off, ldw, a, a_off, lda, 
     """One BLAS gemm in column-major terms, C = op(W) @ op(A) + beta C with op(W) [m, k],
     op(A) [k, n], C [m, n]: W, A and C are the buffers of ``w``, ``a`` and ``out`` from the
     element offsets ``*_off`` on, with leading dimensions ``ldw``, ``lda``, ``ldo``; op(X) = X^T
-    when ``x_trans``. The call is Numba's own ``numba_xxgemm`` (the sgemm/dgemm of SciPy's BLAS
-    that ``np.dot`` calls), given strides and offsets that ``np.dot`` cannot take. Returns its
-    status (0 = done)."""
+    when ``x_trans``. The call goes through the table of :mod:`perceiver_np.kernels.blas` (the
+    sgemm or dgemm of the BLAS chosen there, Fortran interface: every argument by reference),
+    given strides and offsets that ``np.dot`` cannot take. Returns 0 when BLAS was called,
+    BLAS_REFUSED when a size or leading dimension is outside 0..2^31-1 or the table is empty."""
     if not (isinstance(w, types.Array) and isinstance(a, types.Array) and isinstance(out, types.Array)
             and w.dtype == a.dtype == out.dtype and w.dtype in (types.float32, types.float64)):
         return None
@@ -103,7 +112,8 @@ def _xxgemm(typingctx, w_trans, a_trans, m, n, k, w, w_off, ldw, a, a_off, lda, 
 
     def codegen(context, builder, signature, args):
         tys = signature.args
-        i8, void_p = ir.IntType(8), ir.IntType(8).as_pointer()
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        void_p, i32_p = i8.as_pointer(), i32.as_pointer()
         intp = context.get_value_type(types.intp)
 
         def size(i):
@@ -114,19 +124,36 @@ def _xxgemm(typingctx, w_trans, a_trans, m, n, k, w, w_off, ldw, a, a_off, lda, 
             return builder.bitcast(builder.gep(ary.data, [size(off)]), void_p)
 
         def trans(i):
-            return builder.select(context.cast(builder, args[i], tys[i], types.boolean),
-                                  ir.Constant(i8, ord("t")), ir.Constant(i8, ord("n")))
+            flag = builder.select(context.cast(builder, args[i], tys[i], types.boolean),
+                                  ir.Constant(i8, ord("T")), ir.Constant(i8, ord("N")))
+            return cgutils.alloca_once_value(builder, flag)
 
         dtype = tys[5].dtype
+        sizes = [size(i) for i in (2, 3, 4, 7, 10, 13)]  # m, n, k, ldw, lda, ldo
+        fits = cgutils.true_bit
+        for v in sizes:
+            fits = builder.and_(fits, builder.icmp_unsigned("<=", v, ir.Constant(intp, 0x7FFFFFFF)))
+        ints = [cgutils.alloca_once_value(builder, builder.trunc(v, i32)) for v in sizes]
         one = cgutils.alloca_once_value(builder, context.get_constant(dtype, 1.0))
         beta_v = cgutils.alloca_once_value(builder, context.cast(builder, args[14], tys[14], dtype))
-        kind = ir.Constant(i8, ord("s" if dtype == types.float32 else "d"))
-        fnty = ir.FunctionType(ir.IntType(32), [i8, i8, i8, intp, intp, intp, void_p, void_p, intp,
-                                                void_p, intp, void_p, void_p, intp])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
-        return builder.call(fn, (kind, trans(0), trans(1), size(2), size(3), size(4),
-                                 builder.bitcast(one, void_p), data(5, 6), size(7), data(8, 9), size(10),
-                                 builder.bitcast(beta_v, void_p), data(11, 12), size(13)))
+        table_ty = ir.ArrayType(void_p, 2)
+        table = builder.module.globals.get(_TABLE_SYMBOL)
+        if table is None:
+            table = ir.GlobalVariable(builder.module, table_ty, name=_TABLE_SYMBOL)
+            table.linkage = "external"
+        slot = 0 if dtype == types.float32 else 1  # sgemm, dgemm
+        fn = builder.load(builder.gep(table, [ir.Constant(i32, 0), ir.Constant(i32, slot)]))
+        fits = builder.and_(fits, builder.icmp_unsigned("!=", fn, ir.Constant(void_p, None)))
+        status = cgutils.alloca_once_value(builder, ir.Constant(i32, BLAS_REFUSED))
+        fnty = ir.FunctionType(ir.VoidType(), [void_p, void_p, i32_p, i32_p, i32_p, void_p, void_p, i32_p,
+                                               void_p, i32_p, void_p, void_p, i32_p])
+        with builder.if_then(fits):
+            m_, n_, k_, ldw_, lda_, ldo_ = ints
+            builder.call(builder.bitcast(fn, fnty.as_pointer()),
+                         (trans(0), trans(1), m_, n_, k_, builder.bitcast(one, void_p), data(5, 6), ldw_,
+                          data(8, 9), lda_, builder.bitcast(beta_v, void_p), data(11, 12), ldo_))
+            builder.store(ir.Constant(i32, 0), status)
+        return builder.load(status)
 
     return sig, codegen
 
@@ -236,17 +263,21 @@ def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # p
 
 
 @parallel_kernel
-def _matmul_tn_partial(a, b, part, sums, has_sums, block):  # pragma: no cover - compiled
-    """part[t] = a[lo:hi].T @ b[lo:hi] for the t-th block of rows (a [R, I], b [R, O],
-    part [T, I, O]), and when ``has_sums`` sums[t] = b[lo:hi]'s column sums (sums [T, O], in
-    the dtype, rows added in order, while the block is in cache): one partial sum per work
-    item, summed by the caller (a pass of its own)."""
-    r = a.shape[0]
+def _matmul_tn_partial(a, b, part, sums, has_sums, block, status):  # pragma: no cover - compiled
+    """part[t] = a[lo:hi].T @ b[lo:hi] for the t-th block of rows (a [R, I], b [R, O] and
+    part [T, I, O] C-contiguous), and when ``has_sums`` sums[t] = b[lo:hi]'s column sums
+    (sums [T, O], in the dtype, rows added in order, while the block is in cache): one partial
+    sum per work item, summed by the caller (a pass of its own). status[t] = the block's BLAS
+    status (0 = done)."""
+    r, i_len = a.shape
+    o_len = b.shape[1]
     for t in prange(part.shape[0]):
         lo = t * block
         hi = min(r, lo + block)
-        if lo < hi:
-            np.dot(a[lo:hi].T, b[lo:hi], part[t])
+        done = 0
+        if lo < hi:  # [hi - lo, I]^T @ [hi - lo, O] -> [I, O]
+            done = gemm_rows(True, False, i_len, o_len, hi - lo, a, lo * i_len, i_len, b, lo * o_len, o_len,
+                             part, t * i_len * o_len, o_len, 0.0)
         else:
             part[t][:] = 0.0
         if has_sums:
@@ -256,19 +287,24 @@ def _matmul_tn_partial(a, b, part, sums, has_sums, block):  # pragma: no cover -
                 row = b[i]
                 for c in range(row.shape[0]):
                     s[c] += row[c]
+        status[t] = done
 
 
 @parallel_kernel
-def _matmul_batched(x, w, out, block):  # pragma: no cover - compiled
+def _matmul_batched(x, w, out, block, status):  # pragma: no cover - compiled
     """out[b, lo:hi] = x[b, lo:hi] @ w for each block of rows of each sample; x [B, S, K] may
-    be a strided view (a chunk of a longer input): each block is copied contiguous first."""
+    be a strided view (a chunk of a longer input): each block is copied contiguous first.
+    w [K, F] and out [B, S, F] C-contiguous; status[item] = the block's BLAS status."""
     nb, s = x.shape[0], x.shape[1]
+    k, f = w.shape
     n_blocks = (s + block - 1) // block
     for item in prange(nb * n_blocks):
         b = item // n_blocks
         lo = (item % n_blocks) * block
         hi = min(s, lo + block)
-        np.dot(np.ascontiguousarray(x[b, lo:hi]), w, out[b, lo:hi])
+        xb = np.ascontiguousarray(x[b, lo:hi])  # [hi - lo, K]
+        status[item] = gemm_rows(False, False, hi - lo, f, k, xb, 0, k, w, 0, f,
+                                 out, (b * s + lo) * f, f, 0.0)
 
 
 @parallel_kernel
@@ -468,8 +504,9 @@ def check_blas(status: np.ndarray) -> None:
     where a call returned nonzero)."""
     failed = status[status != 0]
     if failed.size:
-        raise RuntimeError(f"BLAS: a gemm call returned status {int(failed[0])} (SciPy's BLAS "
-                           "could not be loaded?)")
+        raise RuntimeError(f"BLAS: a gemm call was refused (status {int(failed[0])}): a size or "
+                           "leading dimension beyond 2^31 - 1, which the BLAS interface's 32-bit "
+                           f"integers cannot hold, or no {blas.current().name} gemm in the table")
 
 
 def _check_status(status: np.ndarray) -> None:
@@ -491,8 +528,12 @@ def _expect_finite(out: np.ndarray) -> np.ndarray:
 
 
 def _threads() -> int:
+    """The thread count the tiles are cut for: Numba's, or blas.FIXED_TILE_THREADS under a
+    BLAS whose bits depend on the tile's shape (:mod:`perceiver_np.kernels.blas`)."""
     import numba
 
+    if not blas.current().tiles_follow_threads:
+        return blas.FIXED_TILE_THREADS
     return int(numba.get_num_threads())
 
 
@@ -614,8 +655,10 @@ def _tn(a: np.ndarray, b: np.ndarray, alloc: Alloc | None,
     items = math.ceil(a.shape[0] / REDUCTION_BLOCK_ROWS)
     part = empty(alloc, "part", (items, a.shape[1], b.shape[1]), a.dtype)
     part_sums = empty(alloc, "part_sums", (items, b.shape[1]), a.dtype) if sums else np.zeros((1, 1), a.dtype)
+    status = np.zeros(items, dtype=np.int32)
     with single_threaded_blas():
-        _matmul_tn_partial(a, b, part, part_sums, sums, REDUCTION_BLOCK_ROWS)
+        _matmul_tn_partial(a, b, part, part_sums, sums, REDUCTION_BLOCK_ROWS, status)
+    check_blas(status)
     total = part[0] if items == 1 else part.sum(axis=0)
     if not sums:
         return total, None
@@ -666,8 +709,10 @@ def matmul_batched(x: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None) 
     out = empty(alloc, "out", (b, s, w.shape[1]), x.dtype)
     if b * s * x.shape[2] * w.shape[1] < SMALL_PRODUCT:
         return np.matmul(x, w, out=out)
+    status = np.zeros(b * math.ceil(s / PROJECT_BLOCK_ROWS), dtype=np.int32)
     with single_threaded_blas():
-        _matmul_batched(x, w, out, PROJECT_BLOCK_ROWS)
+        _matmul_batched(x, w, out, PROJECT_BLOCK_ROWS, status)
+    check_blas(status)
     return out
 
 

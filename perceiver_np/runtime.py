@@ -5,8 +5,9 @@
     import perceiver_np
     perceiver_np.runtime.tune()          # what the CLI and the benchmarks do first
     perceiver_np.runtime.tune(threads=2, keep_memory=False)
+    perceiver_np.runtime.tune(blas="mkl")   # the kernels' products on MKL (pip install 'perceiver_np[mkl]')
 
-:func:`tune` makes up to three process-wide settings (docs/fast.md has the diagnosis;
+:func:`tune` makes up to four process-wide settings (docs/fast.md has the diagnosis;
 docs/performance.md the benchmark's figures):
 
 - ``threads``: Numba's pool and every BLAS pool use that many threads
@@ -21,6 +22,10 @@ docs/performance.md the benchmark's figures):
   inherit nothing. It has no effect when libgomp was already loaded (reported in the result).
 - ``keep_memory``: glibc keeps freed memory for reuse (:mod:`perceiver_np.memory`); default
   on unless ``PERCEIVER_NP_KEEP_MEMORY=0``.
+- ``blas``: the BLAS every product of the kernels calls, "scipy" (SciPy's, OpenBLAS in its
+  wheels; what an untuned process uses) or "mkl" (the ``mkl`` wheel, on MKL's sequential
+  threading layer, a setting of MKL's that is process-wide): :mod:`perceiver_np.kernels.blas`;
+  default ``PERCEIVER_NP_BLAS`` if set, else unchanged.
 
 Environment values are never fatal: a value that cannot be used is reported with a
 :class:`RuntimeWarning` naming the variable and ignored (or clamped to the allowed range).
@@ -37,6 +42,7 @@ from .threads import get_num_threads, set_num_threads
 
 THREADS_ENV = threads.ENV
 MEMORY_ENV = memory.ENV
+BLAS_ENV = "PERCEIVER_NP_BLAS"
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class Tuned:
     threads: dict[str, int]  # the thread counts afterwards (threads.get_num_threads())
     passive_wait: bool  # Numba's OpenMP pool was started with OMP_WAIT_POLICY=PASSIVE
     keep_memory: bool  # glibc keeps freed memory (memory.keeping)
+    blas: str  # the BLAS the kernels call (kernels.blas.current().name)
 
 
 def env_threads() -> int | None:
@@ -83,6 +90,27 @@ def env_keep_memory() -> bool:
     return True
 
 
+def env_blas() -> str | None:
+    """``PERCEIVER_NP_BLAS`` when it names a BLAS that can be used here, else None (unset, or
+    with a RuntimeWarning naming the value: not one of kernels.blas.CHOICES, or MKL not
+    installed)."""
+    from perceiver_np.kernels import blas
+
+    value = os.environ.get(BLAS_ENV)
+    if value is None or value.strip() == "":
+        return None
+    name = value.strip().lower()
+    if name not in blas.CHOICES:
+        warnings.warn(f"{BLAS_ENV}={value!r} is not one of {', '.join(blas.CHOICES)}; ignored",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if name not in blas.available():
+        warnings.warn(f"{BLAS_ENV}={value!r}: MKL is not installed (pip install 'perceiver_np[mkl]'); "
+                      "ignored", RuntimeWarning, stacklevel=3)
+        return None
+    return name
+
+
 def _start_pool_passive() -> bool:
     """Start Numba's thread pool with OMP_WAIT_POLICY=PASSIVE in the environment, then restore
     the environment. True if the pool started here (so the policy applied)."""
@@ -102,9 +130,13 @@ def _start_pool_passive() -> bool:
 
 
 def tune(
-    threads: int | None = None, *, passive_wait: bool = False, keep_memory: bool | None = None
+    threads: int | None = None, *, passive_wait: bool = False, keep_memory: bool | None = None,
+    blas: str | None = None,
 ) -> Tuned:
-    """Apply the process-wide settings of the module docstring; returns what was done."""
+    """Apply the process-wide settings of the module docstring; returns what was done. A bad
+    ``blas`` raises (ValueError naming the choices, ImportError when MKL is not installed)."""
+    from perceiver_np.kernels import blas as blas_lib
+
     n = env_threads() if threads is None else threads
     passive = _start_pool_passive() if passive_wait else False
     if n is not None:
@@ -112,4 +144,7 @@ def tune(
     keep = env_keep_memory() if keep_memory is None else bool(keep_memory)
     if keep:
         memory.keep_freed_memory(True)
-    return Tuned(get_num_threads(), passive, memory.keeping)
+    chosen = env_blas() if blas is None else blas
+    if chosen is not None:
+        blas_lib.use(chosen)
+    return Tuned(get_num_threads(), passive, memory.keeping, blas_lib.current().name)
