@@ -10,9 +10,10 @@
 Every product of the kernels (:func:`perceiver_np.kernels.gemm.gemm_rows` and everything built
 on it: the tiled products, the attention kernel's tile products) calls the BLAS through a table
 of two function pointers, ``sgemm`` and ``dgemm``, both with the Fortran BLAS interface (every
-argument by reference, column-major). The compiled kernels read the table at each call (its
-address is an LLVM symbol that this module registers when it is imported, before any kernel is
-compiled or loaded from Numba's cache), so :func:`use` switches every kernel at once, cached
+argument by reference, column-major), and the index of their name in CHOICES. The compiled
+kernels read the table at each call (its address is an LLVM symbol that this module registers
+when it is first imported, before any kernel is compiled or loaded from Numba's cache; a second
+copy of the module uses the same table), so :func:`use` switches every kernel at once, cached
 ones included. Products below ``gemm.SMALL_PRODUCT`` multiply-adds stay NumPy's ``@``.
 
 Why MKL: on the seed model's product shapes, MKL's single-threaded sgemm is faster than
@@ -43,7 +44,8 @@ from pathlib import Path
 
 from llvmlite import binding as llvm
 
-#: The LLVM symbol of the table: ``void *[2]``, the sgemm then the dgemm the kernels call.
+#: The LLVM symbol of the table: ``void *[3]``, the sgemm and the dgemm the kernels call, then
+#: the index in CHOICES of the BLAS they belong to.
 TABLE_SYMBOL = "perceiver_np_gemm_table"
 #: The tiles of a product under a BLAS whose bits depend on the tile's shape (MKL) are cut as
 #: for this many threads, whatever the real count (8: two tiles per thread on 4 threads, and
@@ -68,11 +70,24 @@ class Blas:
     library: str  # where it came from, for reports
 
 
-_TABLE = (ctypes.c_void_p * 2)()
-llvm.add_symbol(TABLE_SYMBOL, ctypes.addressof(_TABLE))
+def _shared_table() -> tuple[ctypes.Array, bool]:
+    """The table [sgemm, dgemm, index of the chosen name in CHOICES], and whether it is new.
+
+    One per process: if this file was already imported under another module name (the folder
+    is also importable as a top-level ``kernels`` package from the repository's root, and
+    transformers imports any package of that name it finds), the symbol is already registered
+    and that table is used, so the two copies of the module never disagree on the BLAS."""
+    address = llvm.address_of_symbol(TABLE_SYMBOL)
+    if address:
+        return (ctypes.c_void_p * 3).from_address(address), False
+    table = (ctypes.c_void_p * 3)()
+    llvm.add_symbol(TABLE_SYMBOL, ctypes.addressof(table))
+    return table, True
+
+
+_TABLE, _NEW_TABLE = _shared_table()
 _lock = threading.Lock()
 _loaded: dict[str, Blas] = {}
-_current: list[Blas] = []
 
 
 def _capsule_pointer(capsule: object) -> int:
@@ -129,23 +144,27 @@ def _mkl() -> Blas:
     return Blas("mkl", int(address[0]), int(address[1]), False, str(mkl_library()))
 
 
+def _load(name: str) -> Blas:
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = _scipy() if name == "scipy" else _mkl()
+        return _loaded[name]
+
+
 def use(name: str) -> Blas:
     """Make every kernel call the BLAS ``name`` (one of CHOICES) from now on; returns it. Call
     it between runs, not while a kernel runs on another thread."""
     if name not in CHOICES:
         raise ValueError(f"blas: expected one of {', '.join(map(repr, CHOICES))}, got {name!r}")
+    chosen = _load(name)
     with _lock:
-        if name not in _loaded:
-            _loaded[name] = _scipy() if name == "scipy" else _mkl()
-        chosen = _loaded[name]
-        _TABLE[0], _TABLE[1] = chosen.sgemm, chosen.dgemm
-        _current[:] = [chosen]
+        _TABLE[0], _TABLE[1], _TABLE[2] = chosen.sgemm, chosen.dgemm, CHOICES.index(name)
     return chosen
 
 
 def current() -> Blas:
-    """The BLAS the kernels call now."""
-    return _current[0]
+    """The BLAS the kernels call now (as the table says)."""
+    return _load(CHOICES[int(_TABLE[2] or 0)])
 
 
 def available() -> list[str]:
@@ -159,4 +178,5 @@ def available() -> list[str]:
     return out
 
 
-use("scipy")
+if _NEW_TABLE:
+    use("scipy")

@@ -4,6 +4,9 @@ the arrays lie, and clear errors."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -135,29 +138,52 @@ def test_mkl_attention_agrees_with_scipys(rng, restore_blas):
 
 
 @needs_mkl
-def test_mkl_tiles_are_cut_for_a_fixed_thread_count_so_bits_do_not_follow_threads(rng, restore_blas,
-                                                                                   two_threads):
+def test_mkl_tiles_are_cut_for_a_fixed_thread_count_so_bits_do_not_follow_threads(rng, monkeypatch,
+                                                                                   restore_blas, two_threads):
     """Under MKL a product's bits depend on its tiles' shape at K >= 1024 (here one sample's
     latents through the FFN's down projection): tiles cut for the real thread count give other
     bits on 1 and 2 threads (shown here, so the check below can fail), tiles cut for
     FIXED_TILE_THREADS the same bits."""
     a = rng.standard_normal((256, 1024)).astype(np.float32)
     w = rng.standard_normal((1024, 256)).astype(np.float32)
-    chosen = blas.use("mkl")
+    blas.use("mkl")
+    fixed = gemm._threads
 
-    def on_threads(follow: bool) -> list[np.ndarray]:
-        blas._current[:] = [chosen if not follow else blas.Blas(chosen.name, chosen.sgemm, chosen.dgemm,
-                                                               True, chosen.library)]
+    def on_threads() -> list[np.ndarray]:
         out = []
         for n in (1, 2):
             pnp.set_num_threads(n)
             out.append(gemm.matmul(a, w))  # one tile of 256 rows on 1 thread, two of 128 on 2
         return out
 
-    following = on_threads(True)
-    assert not np.array_equal(*following)  # MKL's row tiles of 2048 and of 1024 differ
-    fixed = on_threads(False)
-    np.testing.assert_array_equal(*fixed)
+    monkeypatch.setattr(gemm, "_threads", lambda: int(numba.get_num_threads()))  # as for OpenBLAS
+    assert not np.array_equal(*on_threads())
+    monkeypatch.setattr(gemm, "_threads", fixed)
+    assert gemm._threads() == blas.FIXED_TILE_THREADS
+    np.testing.assert_array_equal(*on_threads())
+
+
+def test_a_second_copy_of_the_module_shares_the_table(monkeypatch, restore_blas):
+    """The kernels folder may be imported a second time under another name (from the
+    repository's root, transformers imports any top-level ``kernels`` package): that copy
+    uses the same table and leaves the choice as it was, instead of registering a table of its
+    own that the compiled kernels would then read."""
+    import importlib.util
+
+    from llvmlite import binding as llvm
+
+    name = "mkl" if "mkl" in blas.available() else "scipy"
+    blas.use(name)
+    spec = importlib.util.spec_from_file_location("second_copy_of_blas", blas.__file__)
+    assert spec is not None and spec.loader is not None
+    other = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, other)  # as an import does (dataclasses look there)
+    spec.loader.exec_module(other)
+    assert llvm.address_of_symbol(blas.TABLE_SYMBOL) == ctypes.addressof(blas._TABLE)
+    assert ctypes.addressof(other._TABLE) == ctypes.addressof(blas._TABLE)
+    assert blas.current().name == other.current().name == name
+    other.use("scipy")
+    assert blas.current().name == "scipy"
 
 
 @needs_mkl
