@@ -18,7 +18,9 @@
   in place, or two small arrays allocated next to each other) keeps the true division. The
   same GELU input then rounded 1 ulp apart from one call to the next; without ``arcp`` both
   copies of a loop give the same bits (tests/test_reliability.py holds GELU and its backward,
-  bias + GELU and the LayerNorm to the same bits in place, out of place and one entry over).
+  bias + GELU and the LayerNorm to the same bits in place, out of place and one entry over, and
+  the residual add, residual + LayerNorm and LayerNorm's training forward and backward to the
+  same bits one entry over).
   ``nnan``/``ninf`` assume no NaN and no infinity: the kernels never make one (masked keys are
   skipped, the running max starts at the finite MASK_FILL) and the wrappers' callers pass
   finite input. The float64 kernel matches the plain

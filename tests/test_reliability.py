@@ -264,3 +264,44 @@ def test_kernels_give_the_same_bits_wherever_their_arrays_lie(dtype, approximate
     np.testing.assert_array_equal(rows.layernorm(t.copy(), gamma, beta, out=t.copy()), ln)
     same = t.copy()
     np.testing.assert_array_equal(rows.layernorm(same, gamma, beta, out=same), ln, err_msg="LN in place")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_residual_and_layernorm_backward_give_the_same_bits_wherever_their_arrays_lie(dtype):
+    """The placement check above for the other row kernels: the residual add, the residual add
+    then LayerNorm (also with its output over its input t, as the products' epilogues call it),
+    LayerNorm's training forward and its backward, each with every array one entry past where
+    NumPy puts it (the vectorised loop then starts on other lanes and the scalar tail covers
+    other entries) against the arrays as allocated."""
+    from perceiver_np.kernels import rows
+
+    rng = np.random.default_rng(8)
+    r, f = 7, 4099  # 4099 = 3 mod 4, 8 and 16: a scalar tail on every row
+
+    def moved(a: np.ndarray) -> np.ndarray:
+        buf = np.empty(a.size + 1, a.dtype)
+        out = buf[1:].reshape(a.shape)
+        out[...] = a
+        return out
+
+    z, t, dy = (rng.standard_normal((r, f)).astype(dtype) for _ in range(3))
+    bias, gamma, beta = (rng.standard_normal(f).astype(dtype) for _ in range(3))
+
+    want = rows.residual(z.copy(), t, bias)
+    np.testing.assert_array_equal(rows.residual(moved(z), moved(t), moved(bias)), want, err_msg="residual")
+
+    z1 = z.copy()
+    want_ln = rows.residual_layernorm(z1, t, bias, gamma, beta)
+    z2, t2 = moved(z), moved(t)
+    got_ln = rows.residual_layernorm(z2, t2, moved(bias), moved(gamma), moved(beta), out=t2)  # over t
+    np.testing.assert_array_equal(z2, z1, err_msg="residual + LN: the residual stream")
+    np.testing.assert_array_equal(got_ln, want_ln, err_msg="residual + LN: the normalised rows")
+
+    y, xhat, rstd = rows.layernorm_train(z, gamma, beta)
+    for got, exp in zip(rows.layernorm_train(moved(z), moved(gamma), moved(beta)), (y, xhat, rstd),
+                        strict=True):
+        np.testing.assert_array_equal(got, exp, err_msg="LN training forward")
+    want_back = rows.layernorm_backward(dy, xhat, rstd, gamma)
+    got_back = rows.layernorm_backward(moved(dy), moved(xhat), moved(rstd), moved(gamma))
+    for got, exp, name in zip(got_back, want_back, ("dx", "dgamma", "dbeta"), strict=True):
+        np.testing.assert_array_equal(got, exp, err_msg=f"LN backward {name}")
