@@ -13,27 +13,25 @@ library timed once per round, in turn, a pause between libraries so that no pool
   limit), MKL (the ``mkl`` wheel's ``cblas_sgemm``, its sequential layer, through ctypes),
   BLIS (the ``blis`` wheel, single-threaded) and torch's ``torch.mm`` on one thread;
 - two threads: ours (``kernels.gemm.matmul`` / ``matmul_tn``: OpenBLAS tiles on Numba's
-  threads), OpenBLAS on its own threads (NumPy's ``@``), MKL tiles (the rows in halves, or a
-  weight gradient's columns, one sequential ``cblas_sgemm`` each on Python threads: the split
-  our products make, though a pool's dispatch and ctypes cost more than Numba's, which shows at
-  the small shapes) and ``torch.mm`` on two threads (oneDNN or MKL, its own threading).
+  threads), ours on MKL (the same kernels after ``blas.use("mkl")``: MKL's sequential sgemm on
+  tiles cut for ``blas.FIXED_TILE_THREADS``, ``kernels/blas.py``), OpenBLAS on its own threads
+  (NumPy's ``@``) and ``torch.mm`` on two threads (oneDNN or MKL, its own threading).
 
 Each cell is GFLOP/s (2·m·k·n per product), median (min–max) over the rounds; a round times
 enough calls to fill ~20 ms. ``agree`` is max |theirs - OpenBLAS| / max |OpenBLAS| over the
 output. Each one-thread library is also asked whether it gives the same bits tile by tile as in
-one call (:func:`tiles_differ`): our products' tiles follow the thread count, so a library that
-does not cannot replace OpenBLAS under them without breaking the same bits on any number of
-threads (tests/test_threads.py). A library that is not installed has no column
+one call (:func:`tiles_differ`): on OpenBLAS our products' tiles follow the thread count; a
+library that does not give the same bits tile by tile needs tiles of a shape fixed whatever the
+thread count to keep the same bits on any number of threads, which the kernels cut under MKL
+(tests/test_blas.py). A library that is not installed has no column
 (``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import ctypes
-import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +43,7 @@ from _common import machine, write_page  # benchmarks/
 from threadpoolctl import threadpool_limits
 
 from perceiver_np import runtime
-from perceiver_np.kernels import gemm
+from perceiver_np.kernels import blas, gemm
 from perceiver_np.workspace import Workspace
 
 #: (what it is in the seed model at B = 32, kind, m, k, n): "NN" is [m, k] @ [k, n]; "TN" is
@@ -63,7 +61,8 @@ SHAPES = [
     ("a large square, for the peak", "NN", 4096, 4096, 4096),
 ]
 ROUND_SECONDS = 0.02  # each library's share of a round: enough calls to fill this
-SETTLE = 0.1  # seconds of quiet between libraries: OpenBLAS spins ~0.1 s after a product
+SETTLE = 0.25  # seconds of quiet between libraries: OpenBLAS spins ~0.1 s after a product, OpenMP pools
+# (torch's) up to their block time; bench_model.py waits as long
 
 
 class Mkl:
@@ -71,8 +70,6 @@ class Mkl:
     call), loaded as the kernels load it (:func:`perceiver_np.kernels.blas.load_mkl`)."""
 
     def __init__(self) -> None:
-        from perceiver_np.kernels import blas
-
         self.rt = blas.load_mkl()
         i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         self.sgemm = self.rt.cblas_sgemm
@@ -140,21 +137,17 @@ def libraries(threads: int) -> dict[str, Callable[[str, np.ndarray, np.ndarray, 
 
     cols[f"{threads} threads: ours (OpenBLAS tiles)"] = ours
 
-    cols[f"{threads} threads: OpenBLAS"] = openblas
     if mkl is not None:
-        pool = concurrent.futures.ThreadPoolExecutor(threads)
+        def ours_mkl(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+            before = blas.current().name
+            blas.use("mkl")  # the kernels' MKL path: tiles cut for blas.FIXED_TILE_THREADS
+            try:
+                ours(kind, a, b, out)
+            finally:
+                blas.use(before)
 
-        def mkl_tiles(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-            if kind == "TN":  # split the output's columns: each block sums all the rows
-                cuts = np.linspace(0, out.shape[1], threads + 1).astype(int)
-                list(pool.map(lambda c: mkl.product("TN", a, b[:, c[0]:c[1]], out[:, c[0]:c[1]]),
-                              itertools.pairwise(cuts)))
-                return
-            cuts = np.linspace(0, a.shape[0], threads + 1).astype(int)
-            list(pool.map(lambda r: mkl.product("NN", a[r[0]:r[1]], b, out[r[0]:r[1]]),
-                          itertools.pairwise(cuts)))
-
-        cols[f"{threads} threads: MKL tiles"] = mkl_tiles
+        cols[f"{threads} threads: ours (MKL tiles)"] = ours_mkl
+    cols[f"{threads} threads: OpenBLAS"] = openblas
     if torch is not None:
         cols[f"{threads} threads: torch.mm"] = torch_mm
     return cols
@@ -300,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "agree = max |theirs - OpenBLAS| / max |OpenBLAS| where not 0; **tiles differ** (one-thread "
         f"columns): the product made one call per tile (row blocks of {', '.join(map(str, ROW_TILES))} "
         f"for NN, column blocks of {', '.join(map(str, COL_TILES))} for TN) does not give the whole "
-        "call's bits, so that library could not serve our tiles, whose shape follows the thread "
-        "count, and keep the same bits on any number of threads",
+        "call's bits, so that library needs tiles of a fixed shape under it (the kernels cut them for "
+        "a fixed thread count on MKL, kernels/blas.py) to keep the same bits on any number of threads",
         "",
         *lines,
         "",
