@@ -87,7 +87,6 @@ PROJECT_BLOCK_ROWS = 256
 #: (512 x 256 float32 = 512 KiB) while the bias is added, at the price of more BLAS calls than
 #: one tile per thread (each packs its columns of the weight again).
 BIAS_BLOCK_ROWS = 512
-_TABLE_SYMBOL = blas.TABLE_SYMBOL
 
 
 #: What :func:`_xxgemm` returns when it did not call BLAS: a size or leading dimension does not
@@ -136,10 +135,10 @@ def _xxgemm(typingctx, w_trans, a_trans, m, n, k, w, w_off, ldw, a, a_off, lda, 
         ints = [cgutils.alloca_once_value(builder, builder.trunc(v, i32)) for v in sizes]
         one = cgutils.alloca_once_value(builder, context.get_constant(dtype, 1.0))
         beta_v = cgutils.alloca_once_value(builder, context.cast(builder, args[14], tys[14], dtype))
-        table_ty = ir.ArrayType(void_p, 2)
-        table = builder.module.globals.get(_TABLE_SYMBOL)
+        table_ty = ir.ArrayType(void_p, 3)  # [sgemm, dgemm, the BLAS's index]: kernels/blas.py
+        table = builder.module.globals.get(blas.TABLE_SYMBOL)
         if table is None:
-            table = ir.GlobalVariable(builder.module, table_ty, name=_TABLE_SYMBOL)
+            table = ir.GlobalVariable(builder.module, table_ty, name=blas.TABLE_SYMBOL)
             table.linkage = "external"
         slot = 0 if dtype == types.float32 else 1  # sgemm, dgemm
         fn = builder.load(builder.gep(table, [ir.Constant(i32, 0), ir.Constant(i32, slot)]))

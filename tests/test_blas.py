@@ -241,3 +241,15 @@ def test_tune_switches_the_blas_and_the_environment_never_fails(monkeypatch, res
     monkeypatch.setenv(pnp.runtime.BLAS_ENV, "atlas")
     with pytest.warns(RuntimeWarning, match=r"PERCEIVER_NP_BLAS='atlas' is not one of scipy, mkl; ignored"):
         assert pnp.runtime.tune().blas == "mkl"  # unchanged
+
+
+def test_the_environment_naming_a_missing_mkl_warns_and_changes_nothing(monkeypatch, restore_blas):
+    """PERCEIVER_NP_BLAS=mkl where MKL is not installed: a RuntimeWarning naming the variable
+    and the package, never an error (runtime's rule for environment values)."""
+    monkeypatch.setattr(blas, "MKL_LIBRARIES", ("libmkl_rt.so.999",))
+    monkeypatch.setattr(blas, "_loaded", {k: v for k, v in blas._loaded.items() if k != "mkl"})
+    blas.use("scipy")
+    monkeypatch.setenv(pnp.runtime.BLAS_ENV, "MKL")
+    with pytest.warns(RuntimeWarning, match=r"PERCEIVER_NP_BLAS='MKL': MKL is not installed "
+                                            r"\(pip install 'perceiver_np\[mkl\]'\); ignored"):
+        assert pnp.runtime.tune().blas == "scipy"
