@@ -63,7 +63,7 @@ from perceiver_np.shapes import Alloc, OverflowRisk
 from . import blas, rows
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel
 from .elementwise import bias_gelu_segment
-from .rows import normalize_row
+from .rows import moments_scratch, normalize_row
 
 #: Products of fewer multiply-adds than this are one BLAS call on the calling thread (NumPy's
 #: ``@``): OpenBLAS itself runs them single-threaded (its SMP threshold, 65536 x 4), so no
@@ -241,6 +241,7 @@ def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # p
         r1, c1 = min(r, r0 + row_block), min(f, c0 + col_block)
         done = _tile_product(a, r0, r1, w, c0, c1, out, r0 * f + c0, f)
         if done == 0 and epilogue != EPI_NONE:
+            buf = moments_scratch(f if epilogue == EPI_RESIDUAL_NORM else 1)  # the LayerNorm's
             b = bias[c0:c1]
             for i in range(r0, r1):
                 row = out[i, c0:c1]
@@ -254,7 +255,7 @@ def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # p
                     for c in range(c1 - c0):
                         zr[c] += row[c] + b[c]
                     if epilogue == EPI_RESIDUAL_NORM:  # the row's t is used up: out[i] = LN(z[i])
-                        normalize_row(z, i, bias, False, gamma, beta, out, i)
+                        normalize_row(z, i, bias, False, gamma, beta, out, i, buf)
         result = z if epilogue >= EPI_RESIDUAL else out
         if done == 0 and check and _nonfinite(result, r0, r1, c0, c1, exp_mask) > 0:
             done = NONFINITE
@@ -327,8 +328,9 @@ def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover -
         c1 = c0 + col_block
         if norm:
             u = np.empty((hi - lo, k), dtype=x.dtype)  # the block's LN output, in L2
+            buf = moments_scratch(k)
             for r in range(lo, hi):
-                normalize_row(x, r, bias, has_bias, gamma, beta, u, r - lo)
+                normalize_row(x, r, bias, has_bias, gamma, beta, u, r - lo, buf)
         else:
             u = x[lo:hi]
         worst = 0
@@ -371,8 +373,9 @@ def _project_input(x, w_in, w0, w1, out0, out1, n_out, block, gamma, beta, bias,
         h = np.empty((hi - lo, d), dtype=x.dtype)  # [rows, C] @ [C, D] -> [rows, D], in L2
         done = gemm_rows(False, False, hi - lo, d, x.shape[2], x, b * sx0 + lo * sx1, sx1,
                          w_in, 0, d, h, 0, d, 0.0)
+        buf = moments_scratch(d)
         for r in range(hi - lo):  # LN(h + bias), in place
-            normalize_row(h, r, bias, has_bias, gamma, beta, h, r)
+            normalize_row(h, r, bias, has_bias, gamma, beta, h, r, buf)
         for j in range(n_out):
             w = w0 if j == 0 else w1
             out = out0 if j == 0 else out1

@@ -14,10 +14,10 @@ plain path's formulas (tested equal, tests/test_engine.py)::
 
 LN is the plain path's LayerNorm: ``(x - mean) / sqrt(var + LN_EPS) * gamma + beta`` with the
 biased variance. The row's mean and variance are summed in float64 whatever the dtype (two
-passes over the row, which is in L1), so float32 rows are normalised at least as accurately as
-by the plain path's float32 reductions. ``out`` may be ``x`` itself: a row is read whole before
-any of it is written. Wrappers check shapes and dtypes and take contiguous arrays only, so no
-kernel ever sees a broadcast or a strided view.
+passes over the row, which is in L1, each a pairwise sum in a fixed order), so float32 rows are
+normalised at least as accurately as by the plain path's float32 reductions. ``out`` may be
+``x`` itself: a row is read whole before any of it is written. Wrappers check shapes and dtypes
+and take contiguous arrays only, so no kernel ever sees a broadcast or a strided view.
 """
 
 from __future__ import annotations
@@ -31,84 +31,107 @@ from perceiver_np.shapes import Alloc
 from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel, threads_for
 from .elementwise import bias_gelu_segment
 
-
-@serial_kernel
-def _entry(x, r, j, bias, has_bias):  # pragma: no cover - compiled
-    """x[r, j] (+ bias[j] when has_bias), in x's dtype, as float64."""
-    return np.float64(x[r, j] + bias[j]) if has_bias else np.float64(x[r, j])
+#: Rows per work item of the row kernels: each item allocates the moments' scratch once
+#: (:func:`moments_scratch`) and normalises its rows one after the other.
+ROWS_PER_ITEM = 64
 
 
 @serial_kernel
-def _moments(x, r, bias, has_bias):  # pragma: no cover - compiled
-    """(mean, rstd) of row r of x (+ bias when has_bias), both summed in float64; two passes
-    over the row, which is in L1. rstd = 1 / sqrt(biased variance + LN_EPS).
+def moments_scratch(f):  # pragma: no cover - compiled
+    """The float64 scratch [2, P] that :func:`_moments` needs for rows of ``f`` entries, P the
+    smallest power of two >= max(f, 2). One per work item: a kernel allocates it once and
+    passes it to every row it normalises."""
+    p = 2
+    while p < f:
+        p *= 2
+    return np.empty((2, p), dtype=np.float64)
 
-    Each sum runs in eight interleaved lanes (entry j into lane j % 8), added at the end in a
-    fixed order. One running sum is a chain of dependent additions, each waiting for the last
-    (FASTMATH leaves out ``reassoc``, so the compiler may not split it); eight independent lanes
-    vectorise, and the order of every addition is still fixed, the same on every run."""
+
+@serial_kernel
+def _pairwise_sum(buf):  # pragma: no cover - compiled
+    """The sum of buf[0] (float64, P entries, P a power of two), pairwise: the upper half is
+    added entry by entry to the lower half, into the other row of ``buf``, until one entry is
+    left. The order of every addition is fixed by P alone, and each halving is one element-wise
+    loop, which vectorises (a running sum would be one chain of dependent additions, which
+    FASTMATH, without ``reassoc``, may not split). ``buf`` is used up."""
+    src = 0
+    half = buf.shape[1] // 2
+    while half >= 1:
+        a = buf[src]
+        b = buf[1 - src]
+        for j in range(half):  # [2 half] -> [half]
+            b[j] = a[j] + a[j + half]
+        src = 1 - src
+        half //= 2
+    return buf[src, 0]
+
+
+@serial_kernel
+def _moments(x, r, bias, has_bias, buf):  # pragma: no cover - compiled
+    """(mean, rstd) of row r of x (+ bias when has_bias), in float64: two passes over the row
+    (in L1), each filling buf[0] (the entries, then the squared deviations; zeros past the
+    row's end) and summing it with :func:`_pairwise_sum`. rstd = 1 / sqrt(biased variance +
+    LN_EPS). ``buf``: :func:`moments_scratch` of x's row length."""
     f = x.shape[1]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= f:
-        s0 += _entry(x, r, j, bias, has_bias)
-        s1 += _entry(x, r, j + 1, bias, has_bias)
-        s2 += _entry(x, r, j + 2, bias, has_bias)
-        s3 += _entry(x, r, j + 3, bias, has_bias)
-        s4 += _entry(x, r, j + 4, bias, has_bias)
-        s5 += _entry(x, r, j + 5, bias, has_bias)
-        s6 += _entry(x, r, j + 6, bias, has_bias)
-        s7 += _entry(x, r, j + 7, bias, has_bias)
-        j += 8
-    tail = 0.0
-    for jj in range(j, f):
-        tail += _entry(x, r, jj, bias, has_bias)
-    mean = (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) + tail) / f
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= f:
-        d0 = _entry(x, r, j, bias, has_bias) - mean
-        d1 = _entry(x, r, j + 1, bias, has_bias) - mean
-        d2 = _entry(x, r, j + 2, bias, has_bias) - mean
-        d3 = _entry(x, r, j + 3, bias, has_bias) - mean
-        d4 = _entry(x, r, j + 4, bias, has_bias) - mean
-        d5 = _entry(x, r, j + 5, bias, has_bias) - mean
-        d6 = _entry(x, r, j + 6, bias, has_bias) - mean
-        d7 = _entry(x, r, j + 7, bias, has_bias) - mean
-        s0 += d0 * d0
-        s1 += d1 * d1
-        s2 += d2 * d2
-        s3 += d3 * d3
-        s4 += d4 * d4
-        s5 += d5 * d5
-        s6 += d6 * d6
-        s7 += d7 * d7
-        j += 8
-    tail = 0.0
-    for jj in range(j, f):
-        d = _entry(x, r, jj, bias, has_bias) - mean
-        tail += d * d
-    ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) + tail
-    return mean, 1.0 / np.sqrt(ss / f + np.float64(LN_EPS))
+    a = buf[0]
+    if has_bias:
+        for j in range(f):
+            a[j] = np.float64(x[r, j] + bias[j])
+    else:
+        for j in range(f):
+            a[j] = np.float64(x[r, j])
+    a[f:] = 0.0
+    mean = _pairwise_sum(buf) / f
+    a = buf[0]
+    if has_bias:
+        for j in range(f):
+            d = np.float64(x[r, j] + bias[j]) - mean
+            a[j] = d * d
+    else:
+        for j in range(f):
+            d = np.float64(x[r, j]) - mean
+            a[j] = d * d
+    a[f:] = 0.0
+    return mean, 1.0 / np.sqrt(_pairwise_sum(buf) / f + np.float64(LN_EPS))
 
 
 @serial_kernel
-def normalize_row(x, r, bias, has_bias, gamma, beta, out, r_out):  # pragma: no cover - compiled
+def normalize_row(x, r, bias, has_bias, gamma, beta, out, r_out, buf):  # pragma: no cover - compiled
     """out[r_out] = LN(x[r] + bias) (+ bias only when has_bias): the LayerNorm of one row of
     x [R, F], the one formula every kernel that normalises uses. ``out`` may be ``x`` with
-    r_out = r: the row is read whole (its moments) before any of it is written."""
-    mean, rstd = _moments(x, r, bias, has_bias)
+    r_out = r: the row is read whole (its moments) before any of it is written. ``buf``:
+    :func:`moments_scratch` of F.
+
+    In place, the row is rewritten through one view of it: read and written through two arrays
+    that overlap, the loop would run its scalar copy (the compiler's overlap check fails), with
+    the same bits but several times slower."""
+    mean, rstd = _moments(x, r, bias, has_bias, buf)
     m, rs = x.dtype.type(mean), x.dtype.type(rstd)
-    for j in range(x.shape[1]):
-        v = x[r, j] + bias[j] if has_bias else x[r, j]
-        out[r_out, j] = (v - m) * rs * gamma[j] + beta[j]
+    f = x.shape[1]
+    if x[r:].ctypes.data == out[r_out:].ctypes.data:  # in place
+        row = x[r]
+        if has_bias:
+            for j in range(f):
+                row[j] = (row[j] + bias[j] - m) * rs * gamma[j] + beta[j]
+        else:
+            for j in range(f):
+                row[j] = (row[j] - m) * rs * gamma[j] + beta[j]
+    elif has_bias:
+        for j in range(f):
+            out[r_out, j] = (x[r, j] + bias[j] - m) * rs * gamma[j] + beta[j]
+    else:
+        for j in range(f):
+            out[r_out, j] = (x[r, j] - m) * rs * gamma[j] + beta[j]
 
 
 @parallel_kernel
 def _layernorm_rows(x, bias, has_bias, gamma, beta, out):  # pragma: no cover - compiled
     """out[r] = LN(x[r] + bias) for every row r of x [R, F]; out may alias x."""
-    for r in prange(x.shape[0]):
-        normalize_row(x, r, bias, has_bias, gamma, beta, out, r)
+    rows = x.shape[0]
+    for item in prange((rows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        buf = moments_scratch(x.shape[1])
+        for r in range(item * ROWS_PER_ITEM, min(rows, (item + 1) * ROWS_PER_ITEM)):
+            normalize_row(x, r, bias, has_bias, gamma, beta, out, r, buf)
 
 
 @parallel_kernel
@@ -116,10 +139,12 @@ def _residual_layernorm_rows(z, t, bias, gamma, beta, out):  # pragma: no cover 
     """z[r] += t[r] + bias, then out[r] = LN(z[r]), for every row r of z [R, F]; out may
     alias t (row r of t is read before row r of out is written)."""
     rows, f = z.shape
-    for r in prange(rows):
-        for j in range(f):
-            z[r, j] += t[r, j] + bias[j]
-        normalize_row(z, r, bias, False, gamma, beta, out, r)
+    for item in prange((rows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        buf = moments_scratch(f)
+        for r in range(item * ROWS_PER_ITEM, min(rows, (item + 1) * ROWS_PER_ITEM)):
+            for j in range(f):
+                z[r, j] += t[r, j] + bias[j]
+            normalize_row(z, r, bias, False, gamma, beta, out, r, buf)
 
 
 @parallel_kernel
@@ -142,14 +167,16 @@ def _bias_gelu_rows(h, bias, tanh_form):  # pragma: no cover - compiled
 def _layernorm_train_rows(x, gamma, beta, y, xhat, rstd):  # pragma: no cover - compiled
     """y[r] = LN(x[r]), keeping xhat[r] = (x[r] - mean) * rstd[r] for the backward."""
     rows, f = x.shape
-    for r in prange(rows):
-        mean, rs = _moments(x, r, gamma, False)
-        rstd[r, 0] = rs
-        m, rs_t = x.dtype.type(mean), x.dtype.type(rs)
-        for j in range(f):
-            xh = (x[r, j] - m) * rs_t
-            xhat[r, j] = xh
-            y[r, j] = xh * gamma[j] + beta[j]
+    for item in prange((rows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        buf = moments_scratch(f)
+        for r in range(item * ROWS_PER_ITEM, min(rows, (item + 1) * ROWS_PER_ITEM)):
+            mean, rs = _moments(x, r, gamma, False, buf)
+            rstd[r, 0] = rs
+            m, rs_t = x.dtype.type(mean), x.dtype.type(rs)
+            for j in range(f):
+                xh = (x[r, j] - m) * rs_t
+                xhat[r, j] = xh
+                y[r, j] = xh * gamma[j] + beta[j]
 
 
 @parallel_kernel
@@ -173,7 +200,8 @@ def _merge_heads_rows(o, bias, has_bias, visible, has_visible, out):  # pragma: 
 @serial_kernel
 def _backward_sums(dy, xhat, gamma, r):  # pragma: no cover - compiled
     """(sum_j g_j, sum_j g_j xhat[r, j]) with g = dy[r] * gamma, in float64, each in four
-    interleaved lanes added at the end in a fixed order (why: :func:`_moments`)."""
+    interleaved lanes added at the end in a fixed order: one running sum would be a chain of
+    dependent additions (the same reason as :func:`_pairwise_sum`'s)."""
     f = dy.shape[1]
     a0 = a1 = a2 = a3 = 0.0
     b0 = b1 = b2 = b3 = 0.0

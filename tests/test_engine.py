@@ -145,7 +145,8 @@ def test_every_engine_op_equals_its_plain_twin(rng, dtype):
 # ---- the row kernels ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("f", [24, 29], ids=["width-24", "width-29"])  # 29: the sums' lanes and a tail
+# 24, 29 and 300: rows padded with zeros to the pairwise sums' power of two (32, 32, 512)
+@pytest.mark.parametrize("f", [24, 29, 300], ids=["width-24", "width-29", "width-300"])
 @pytest.mark.parametrize("r", [37, 2000], ids=["one-thread", "parallel"])  # PARALLEL_MIN_ELEMENTS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_row_kernels_equal_the_plain_layers(rng, dtype, r, f):
