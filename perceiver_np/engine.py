@@ -41,6 +41,7 @@ is one fused row kernel; with the ``"numpy"`` ops (the plain twins of
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -49,7 +50,14 @@ from .backends import EngineOps, engine_ops
 from .config import PerceiverConfig, param_shapes
 from .kernels.gemm import PRODUCT
 from .layers import Params, params_under
-from .shapes import ChunkState, OverflowRisk, expect_finite_output, expect_in_range, expect_shape
+from .shapes import (
+    ChunkState,
+    OverflowRisk,
+    expect_finite_output,
+    expect_in_range,
+    expect_shape,
+    first_nonfinite,
+)
 from .workspace import Alloc, fresh, scoped
 
 #: Rows (batch x positions) per chunk of the cross-attentions' input side: every buffer of the
@@ -318,8 +326,15 @@ def check_input_range(name: str, cfg: PerceiverConfig, p: Params, x: np.ndarray)
     """Refuse (:class:`~perceiver_np.shapes.OverflowRisk`, naming ``name``) an input x [B, n, C]
     so large that the input side could overflow the dtype: :func:`input_bound` against
     :func:`overflow_limit` of the key/value LayerNorm's width. ``model(x)``, ``forward`` and the
-    streaming encoder all call it before computing anything, so they refuse the same input."""
+    streaming encoder all call it before computing anything, so they refuse the same input.
+    NaN or infinity in x is a ValueError naming ``name``, the count and the first index (as
+    :func:`~perceiver_np.shapes.as_real_input` raises it): the pass that finds max|x| finds
+    them too, so the callers need not scan x twice."""
     bound, what = input_bound(cfg, p, x)
+    if not math.isfinite(bound):  # NaN or infinity in x, or a bound beyond float64 (refused below)
+        problem = first_nonfinite(name, x)
+        if problem is not None:
+            raise ValueError(problem)
     expect_in_range(name, x, bound, overflow_limit(cfg.np_dtype, cfg.kv_channels), what)
 
 

@@ -251,15 +251,17 @@ class Perceiver:
         Also refuses an input so large that the input side could overflow the dtype (the
         same refusal on every path, before anything is computed): see
         :func:`perceiver_np.engine.check_input_range`."""
-        x = self.checked_x(x)
+        x = self.checked_x(x, scan=False)  # NaN and infinity: found by the range check's pass
         engine.check_input_range("x", self.config, p, self.encoder_input(x))
         return x, as_mask(mask, x.shape[0], x.shape[1])
 
-    def checked_x(self, x: Any) -> np.ndarray:
+    def checked_x(self, x: Any, *, scan: bool = True) -> np.ndarray:
         """x as a float array [B, N, C] of the model's dtype, its shape checked (B, N >= 1, C =
-        ``input_dim``, N = the input grid's size with ``input_fourier``); not its range."""
+        ``input_dim``, N = the input grid's size with ``input_fourier``); not its range.
+        ``scan=False``: NaN and infinity are left to the caller's own pass (as
+        :func:`~perceiver_np.shapes.as_real_input`'s)."""
         cfg = self.config
-        x = as_real_input("x", x, cfg.np_dtype)
+        x = as_real_input("x", x, cfg.np_dtype, scan=scan)
         if x.ndim != 3:
             raise ValueError(f"x: expected shape [B, N, C] with C = {cfg.input_dim}, got {x.shape}")
         expect_shape("x", x, (None, None, cfg.input_dim), "[B, N, C]")

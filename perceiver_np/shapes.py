@@ -88,18 +88,23 @@ def expect_array(
     return value
 
 
-def as_real_input(name: str, value: object, dtype: np.dtype) -> np.ndarray:
+def as_real_input(name: str, value: object, dtype: np.dtype, *, scan: bool = True) -> np.ndarray:
     """Cast real-valued input (int, unsigned or float) to ``dtype``; reject everything else.
 
     Complex, boolean, object and string input is a TypeError; NaN or infinity, or a finite
     value too large for ``dtype``, is a ValueError (a NaN input would otherwise reach the output
-    silently, even through masked positions).
+    silently, even through masked positions). ``scan=False``: an input already of ``dtype`` is
+    not scanned for NaN and infinity here, because the caller does it next in a pass of its own
+    (:func:`perceiver_np.engine.check_input_range`, which finds the largest magnitude and raises
+    the same ValueError); one that needs a cast is scanned as always.
     """
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf":
         raise TypeError(
             f"{name}: expected real-valued numbers (int or float), got dtype {arr.dtype.name}"
         )
+    if not scan and arr.dtype == dtype:
+        return arr
     problem = first_nonfinite(name, arr)
     if problem is not None:
         raise ValueError(problem)

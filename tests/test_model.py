@@ -370,6 +370,31 @@ def test_input_dtype_rules(rng):
         model(nan)
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_input_of_the_model_dtype_is_named_on_every_path(rng, backend, dtype, value):
+    """x already of the model's dtype is scanned once, by the range check's max |x| pass (not
+    also by the cast): NaN and infinity still get the ValueError naming x, the count and the
+    first index, from the call, the training forward, the stream and with Fourier positions."""
+    model = pnp.build(**small_opts(dtype=dtype, backend=backend))
+    x = rng.normal(size=(2, 6, 5)).astype(dtype)
+    x[1, 4, 2] = value
+    x[1, 5, 0] = value
+    message = r"x: 2 non-finite value\(s\) \(NaN or inf\), first at index \(1, 4, 2\)"
+    in_chunk = r"chunk: 2 non-finite value\(s\) \(NaN or inf\), first at index \(1, 1, 2\)"  # of [3, 6)
+    with pytest.raises(ValueError, match=message):
+        model(x)
+    with pytest.raises(ValueError, match=message):
+        model.forward(x, training=True, rng=rng)
+    with pytest.raises(ValueError, match=in_chunk):
+        model.encode_stream(x, chunk_size=3)
+    grid = pnp.build(**small_opts(dtype=dtype, backend=backend, input_fourier="lucidrains",
+                                  input_index_dims=(6,)))
+    with pytest.raises(ValueError, match=message):
+        grid(x)
+
+
 @pytest.mark.parametrize(
     "shape,match",
     [((4, 5), r"x: expected shape \[B, N, C\]"),
