@@ -198,35 +198,21 @@ def _merge_heads_rows(o, bias, has_bias, visible, has_visible, out):  # pragma: 
 
 
 @serial_kernel
-def _backward_sums(dy, xhat, gamma, r):  # pragma: no cover - compiled
-    """(sum_j g_j, sum_j g_j xhat[r, j]) with g = dy[r] * gamma, in float64, each in four
-    interleaved lanes added at the end in a fixed order: one running sum would be a chain of
-    dependent additions (the same reason as :func:`_pairwise_sum`'s)."""
+def _backward_sums(dy, xhat, gamma, r, buf):  # pragma: no cover - compiled
+    """(sum_j g_j, sum_j g_j xhat[r, j]) with g = dy[r] * gamma, in float64, each a pairwise
+    sum in a fixed order (:func:`_pairwise_sum`, which says why). ``buf``:
+    :func:`moments_scratch` of the row length."""
     f = dy.shape[1]
-    a0 = a1 = a2 = a3 = 0.0
-    b0 = b1 = b2 = b3 = 0.0
-    j = 0
-    while j + 4 <= f:
-        g0 = np.float64(dy[r, j]) * gamma[j]
-        g1 = np.float64(dy[r, j + 1]) * gamma[j + 1]
-        g2 = np.float64(dy[r, j + 2]) * gamma[j + 2]
-        g3 = np.float64(dy[r, j + 3]) * gamma[j + 3]
-        a0 += g0
-        a1 += g1
-        a2 += g2
-        a3 += g3
-        b0 += g0 * xhat[r, j]
-        b1 += g1 * xhat[r, j + 1]
-        b2 += g2 * xhat[r, j + 2]
-        b3 += g3 * xhat[r, j + 3]
-        j += 4
-    ta = 0.0
-    tb = 0.0
-    for jj in range(j, f):
-        g = np.float64(dy[r, jj]) * gamma[jj]
-        ta += g
-        tb += g * xhat[r, jj]
-    return ((a0 + a1) + (a2 + a3)) + ta, ((b0 + b1) + (b2 + b3)) + tb
+    a = buf[0]
+    for j in range(f):
+        a[j] = np.float64(dy[r, j]) * gamma[j]
+    a[f:] = 0.0
+    s1 = _pairwise_sum(buf)
+    a = buf[0]
+    for j in range(f):
+        a[j] = np.float64(dy[r, j]) * gamma[j] * xhat[r, j]
+    a[f:] = 0.0
+    return s1, _pairwise_sum(buf)
 
 
 @parallel_kernel
@@ -239,8 +225,9 @@ def _layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dgamma_part, dbeta_part,
         for j in range(f):
             dgamma_part[t, j] = 0.0
             dbeta_part[t, j] = 0.0
+        buf = moments_scratch(f)
         for r in range(t * block, min(rows, (t + 1) * block)):
-            s1, s2 = _backward_sums(dy, xhat, gamma, r)
+            s1, s2 = _backward_sums(dy, xhat, gamma, r, buf)
             for j in range(f):
                 dgamma_part[t, j] += dy[r, j] * xhat[r, j]
                 dbeta_part[t, j] += dy[r, j]
