@@ -20,7 +20,8 @@ Passes:
    the key tiles of one split with the online softmax; write the split's (m_i, l_i, acc).
 2. ``_forward_merge`` (parallel over batch x head): merge the splits' states exactly,
    ``m = max_s m_s``, ``l = sum_s l_s exp(m_s - m)``, ``acc = sum_s acc_s exp(m_s - m)``;
-   ``o = acc / l``, ``lse = m + log l``.
+   ``o = acc / l``, ``lse = m + log l``. With one split pass 1 does this last step itself
+   (the same arithmetic, :func:`_finish`) and pass 2 does not run.
 3. ``_backward_delta`` (parallel over batch x head): ``delta = rowsum(dO * O)``.
 4. ``_backward_partial`` (parallel over batch x split of N): for each key tile of the split
    and each head, loop over all query blocks recomputing ``P = exp(S - lse)``; accumulate the tile's
@@ -98,9 +99,12 @@ def _head(a, b, h):  # pragma: no cover - compiled
 
 @parallel_kernel
 def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
-                     part_m, part_l, part_acc, status):  # pragma: no cover - compiled
+                     part_m, part_l, part_acc, o, lse, status):  # pragma: no cover - compiled
     """Pass 1. part_m: [S, B, H, M]; part_l: [S, B, H, M] float64; part_acc: [S, B, H, dv, M]
-    (queries innermost); status: [work items], nonzero where a BLAS call failed."""
+    (queries innermost); status: [work items], nonzero where a BLAS call failed. With one split
+    (n_splits = 1) there is nothing to merge: the work item finishes its queries itself, with
+    pass 2's arithmetic (:func:`_finish`), into o [B, H, M, dv] and lse [B, H, M], and the
+    part_* arrays are not used."""
     nb, nh, m_len, dh = q.shape
     n_len = k.shape[2]
     dv = v.shape[3]
@@ -170,12 +174,33 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
             failed |= gemm_rows(True, False, dv, bm, bt, v, vb + t0 * v_row, v_row, s_t, 0, bm,
                                 acc, 0, bm, 1.0)
         status[work] = failed
+        if n_splits == 1:  # the whole of N: o and lse now, no pass 2
+            for i in range(bm):
+                _finish(m_i[i], l_i[i], acc[:, i], o[b, h, m0 + i], lse, b, h, m0 + i, neg)
+            continue
         for i in range(bm):
             part_m[sp, b, h, m0 + i] = m_i[i]
             part_l[sp, b, h, m0 + i] = l_i[i]
         for e in range(dv):
             for i in range(bm):
                 part_acc[sp, b, h, e, m0 + i] = acc[e, i]
+
+
+@serial_kernel
+def _finish(m, ell, acc, o_row, lse, b, h, i, neg):  # pragma: no cover - compiled
+    """One query's end of the forward: o_row [dv] = acc [dv] / ell and lse[b, h, i] = m + log ell
+    (ell > 0), or a zero row and lse = ``neg`` when no key was visible (ell = 0: the accumulator
+    is zero already). ``acc`` holds the query's unnormalised output, already weighted to the
+    running max m (pass 2 weights each split's by exp(m_s - m) first)."""
+    if ell > 0.0:
+        inv = 1.0 / ell
+        for e in range(o_row.shape[0]):
+            o_row[e] = acc[e] * inv
+        lse[b, h, i] = m + np.log(ell)
+    else:
+        for e in range(o_row.shape[0]):
+            o_row[e] = acc[e]
+        lse[b, h, i] = neg
 
 
 @parallel_kernel
@@ -192,20 +217,15 @@ def _forward_merge(part_m, part_l, part_acc, o, lse):  # pragma: no cover - comp
             for sp in range(1, n_splits):
                 m = max(m, part_m[sp, b, h, i])
             ell = 0.0
+            row = o[b, h, i]  # [dv]: the splits' weighted sum, then the output
             for e in range(dv):
-                o[b, h, i, e] = 0.0
+                row[e] = 0.0
             for sp in range(n_splits):
                 w = fast_exp(part_m[sp, b, h, i] - m)
                 ell += part_l[sp, b, h, i] * w
                 for e in range(dv):
-                    o[b, h, i, e] += part_acc[sp, b, h, e, i] * w
-            if ell > 0.0:
-                inv = 1.0 / ell
-                for e in range(dv):
-                    o[b, h, i, e] *= inv
-                lse[b, h, i] = m + np.log(ell)
-            else:  # no visible key: zero output (its accumulator is zero already)
-                lse[b, h, i] = neg
+                    row[e] += part_acc[sp, b, h, e, i] * w
+            _finish(m, ell, row, row, lse, b, h, i, neg)
 
 
 @parallel_kernel
@@ -425,17 +445,19 @@ def attention_forward(
     if n_splits is None:
         n_splits = choose_splits(b * h * n_mblocks, n)
     n_splits = max(1, min(int(n_splits), n))
-    part_m = empty(alloc, "part_m", (n_splits, b, h, m), q.dtype)
-    part_l = empty(alloc, "part_l", (n_splits, b, h, m), np.float64)
-    part_acc = empty(alloc, "part_acc", (n_splits, b, h, dv, m), q.dtype)
+    whole = 1 if n_splits == 1 else 0  # one split: pass 1 writes o and lse, no partial states
+    part_m = empty(alloc, "part_m", (n_splits * (1 - whole), b, h, m), q.dtype)
+    part_l = empty(alloc, "part_l", (n_splits * (1 - whole), b, h, m), np.float64)
+    part_acc = empty(alloc, "part_acc", (n_splits * (1 - whole), b, h, dv, m), q.dtype)
+    o = empty(alloc, "o", (b, h, m, dv), q.dtype)
+    lse = empty(alloc, "lse", (b, h, m), q.dtype)
     status = np.zeros(b * h * n_mblocks * n_splits, dtype=np.int32)
     with single_threaded_blas():
         _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
-                         part_m, part_l, part_acc, status)
+                         part_m, part_l, part_acc, o, lse, status)
     check_blas(status)
-    o = empty(alloc, "o", (b, h, m, dv), q.dtype)
-    lse = empty(alloc, "lse", (b, h, m), q.dtype)
-    _forward_merge(part_m, part_l, part_acc, o, lse)
+    if not whole:
+        _forward_merge(part_m, part_l, part_acc, o, lse)
     return o, lse
 
 
