@@ -7,7 +7,8 @@ Every figure is measured in this run: the sgemm peaks of OpenBLAS (NumPy) and of
 then for each shape the kernel, the plain path and torch's ``scaled_dot_product_attention``,
 each in a fresh worker process of its own with the same thread count (perceiver_np with glibc's
 default malloc and no allocator setting), timed in interleaved rounds after a warm-up, so that
-the ratios compare runs made under the same load. Times are min/median/max over the rounds; a
+the ratios compare runs made under the same load. Our kernel's tile products call MKL
+(``OURS_BLAS``, as bench_model's "ours"). Times are min/median/max over the rounds; a
 ratio is other_time / our_time per round, min/median/max over the rounds. Peak extra memory is
 the growth of each worker's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs) during one forward+backward, so Numba's own allocations count too. The
@@ -41,6 +42,9 @@ from _common import (  # benchmarks/
 )
 
 H, DH = 4, 64
+#: The BLAS of our kernel's tile products (perceiver_np.kernels.blas), as bench_model's "ours":
+#: MKL, which the bench extra installs.
+OURS_BLAS = "mkl"
 PLAIN_MAX_SCORES = 1 << 28  # the plain path holds several [B, H, M, N] arrays: 1 GiB each at most
 INPUT_MAX_BYTES = 4 << 30  # q, k, v together
 
@@ -121,8 +125,10 @@ def worker(system: str, threads: int) -> None:
     else:
         import perceiver_np
 
-        # threads, as the CLI; glibc's default malloc (keep_memory=False)
-        perceiver_np.runtime.tune(threads, keep_memory=False)
+        # threads, as the CLI; glibc's default malloc (keep_memory=False); the tiles on OURS_BLAS
+        tuned = perceiver_np.runtime.tune(threads, keep_memory=False, blas=OURS_BLAS)
+        if tuned.blas != OURS_BLAS:
+            raise RuntimeError(f"ours: asked for BLAS {OURS_BLAS!r}, runs on {tuned.blas!r}")
     out = sys.stdout
     sys.stdout = sys.stderr  # only the protocol on stdout
     fns = None
@@ -220,6 +226,7 @@ def machine(threads: int) -> dict[str, str]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+        "our kernel's BLAS": OURS_BLAS,
     }
     try:
         import torch
