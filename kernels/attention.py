@@ -445,10 +445,10 @@ def attention_forward(
     if n_splits is None:
         n_splits = choose_splits(b * h * n_mblocks, n)
     n_splits = max(1, min(int(n_splits), n))
-    whole = 1 if n_splits == 1 else 0  # one split: pass 1 writes o and lse, no partial states
-    part_m = empty(alloc, "part_m", (n_splits * (1 - whole), b, h, m), q.dtype)
-    part_l = empty(alloc, "part_l", (n_splits * (1 - whole), b, h, m), np.float64)
-    part_acc = empty(alloc, "part_acc", (n_splits * (1 - whole), b, h, dv, m), q.dtype)
+    parts = 0 if n_splits == 1 else n_splits  # one split: pass 1 writes o and lse, no partial states
+    part_m = empty(alloc, "part_m", (parts, b, h, m), q.dtype)
+    part_l = empty(alloc, "part_l", (parts, b, h, m), np.float64)
+    part_acc = empty(alloc, "part_acc", (parts, b, h, dv, m), q.dtype)
     o = empty(alloc, "o", (b, h, m, dv), q.dtype)
     lse = empty(alloc, "lse", (b, h, m), q.dtype)
     status = np.zeros(b * h * n_mblocks * n_splits, dtype=np.int32)
@@ -456,7 +456,7 @@ def attention_forward(
         _forward_partial(q, k, v, mask_arr, has_mask, sc, block_m, block_n, n_splits,
                          part_m, part_l, part_acc, o, lse, status)
     check_blas(status)
-    if not whole:
+    if parts:
         _forward_merge(part_m, part_l, part_acc, o, lse)
     return o, lse
 

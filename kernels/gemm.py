@@ -241,7 +241,7 @@ def _matmul_tiles(a, w, out, row_block, col_block, status, check, exp_mask,  # p
         r1, c1 = min(r, r0 + row_block), min(f, c0 + col_block)
         done = _tile_product(a, r0, r1, w, c0, c1, out, r0 * f + c0, f)
         if done == 0 and epilogue != EPI_NONE:
-            buf = moments_scratch(f if epilogue == EPI_RESIDUAL_NORM else 1)  # the LayerNorm's
+            buf = moments_scratch(f if epilogue == EPI_RESIDUAL_NORM else 1)  # LN's sums (RESIDUAL_NORM)
             b = bias[c0:c1]
             for i in range(r0, r1):
                 row = out[i, c0:c1]
