@@ -157,6 +157,7 @@ class Perceiver:
         self._token = object()  # identifies this model's caches
         self._workspaces = ThreadWorkspaces()  # the inference engine's buffers, one set per thread
         self._arenas = ThreadArenas()  # the training step's buffers, one arena per thread
+        self._held: Params | None = None  # within holding_params(): the params checked on entry
         self.fixed_queries: np.ndarray | None = None  # [O, Cq]: Fourier output queries
         if config.decoder == "query" and config.query_source == "fourier":
             self.fixed_queries = fourier_position_encoding(
@@ -221,8 +222,30 @@ class Perceiver:
         ``for_engine``: for a call of the inference engine, which checks the weights of its
         products itself (:func:`perceiver_np.engine.product_weights`): those are not scanned
         here. Run the engine inside :meth:`naming_bad_params`."""
+        held = self._held
+        if held is not None and len(self.params) == len(held) and all(
+                self.params.get(name) is value for name, value in held.items()):
+            return held  # holding_params(): these very arrays were checked on entry
         skip = engine.product_weights(self.config) if for_engine else ()
         return check_params(self.config, self.params, not_scanned=skip)
+
+    @contextlib.contextmanager
+    def holding_params(self, *, scan: bool = True) -> Iterator[None]:
+        """For a caller that owns this model and does not edit its parameters' values inside the
+        block (:func:`perceiver_np.train.train_step`'s model of the step): ``self.params`` are
+        checked once on entry (:func:`check_params`), and inside the block
+        :meth:`checked_params` returns that checked dict without scanning the values again as
+        long as ``self.params`` holds the very same arrays (a replaced array is checked in full,
+        as outside). The step's forward and backward would otherwise scan every parameter twice
+        more. ``scan=False``: the caller vouches that the values were scanned since they last
+        changed (a model just built on them, whose constructor scanned them); names, shapes and
+        dtypes are checked still."""
+        checked = check_params(self.config, self.params, not_scanned=() if scan else self.params)
+        self._held = checked
+        try:
+            yield
+        finally:
+            self._held = None
 
     @contextlib.contextmanager
     def naming_bad_params(self) -> Iterator[None]:

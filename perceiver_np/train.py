@@ -32,6 +32,7 @@ refused before any work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -201,7 +202,17 @@ def _loss_and_grads(
     """:func:`loss_and_grads`; with ``step`` given, a forward that overflows, or a prediction or
     loss that is not finite, is a :class:`NonFiniteError` at that step (checked before the loss,
     resp. before the backward)."""
-    m = model.with_params(params)
+    m = model.with_params(params)  # checks params, their values scanned once
+    # the step's own model: its forward and backward need not scan the parameters again
+    held = m.holding_params(scan=False) if isinstance(m, Perceiver) else contextlib.nullcontext()
+    with held:
+        return _held_loss_and_grads(m, batch, loss, rng, step)
+
+
+def _held_loss_and_grads(
+    m: Model, batch: Batch, loss: Loss, rng: np.random.Generator, step: int | None
+) -> tuple[float, dict[str, float], Params]:
+    """:func:`_loss_and_grads` on the step's model ``m`` (parameters checked)."""
     try:
         pred, cache = _forward(m, batch, True, rng)
     except OverflowRisk as err:
@@ -244,7 +255,9 @@ def train_step(
     Guard: the prediction [B, ...], the loss, every gradient, then (after the update) every
     parameter and optimizer-state array must be finite; the first that is not raises
     :class:`NonFiniteError` naming step ``state.step + 1`` and that tensor, so a returned state
-    is always finite. The cost is one sum per tensor (:func:`_nonfinite`) and the global norm.
+    is always finite. The cost is the global norm (for the gradients), one scan of the parameters
+    (the step's model, :meth:`Perceiver.holding_params`) and one sum per new parameter and slot
+    (:func:`_nonfinite`).
     """
     _check_model(model)
     step = state.step + 1

@@ -518,3 +518,38 @@ def test_evaluate_and_batches_refuse_bad_arguments(rng):
     with pytest.raises(TypeError, match=r"batch_size: expected an integer >= 1, got 0\.5"):
         batches(data, 0.5)
     assert [len(b["x"]) for b in batches(data, 2)] == [2, 2, 1]
+
+
+def test_the_steps_model_scans_each_parameter_once_and_a_replaced_one_again(rng, monkeypatch):
+    """loss_and_grads builds the step's model (its constructor scans every parameter for NaN and
+    inf) and runs its forward and backward inside ``holding_params``: neither scans the values
+    again. Outside the block, or for an array replaced inside it, every call checks in full."""
+    import perceiver_np.model as model_module
+
+    model = pnp.build(**small_opts(**CLASSIFIER))
+    batch = {"x": rng.normal(size=(3, 6, 5)), "y": rng.integers(0, 3, size=3)}
+    scanned: list[str] = []
+    scan = model_module.first_nonfinite
+
+    def counting(name: str, array: np.ndarray) -> str | None:
+        scanned.append(name)
+        return scan(name, array)
+
+    monkeypatch.setattr(model_module, "first_nonfinite", counting)
+    loss_and_grads(model, model.params, batch, Loss(), np.random.default_rng(0))
+    assert sorted(scanned) == sorted(f"params[{k!r}]" for k in model.params)  # once each
+
+    scanned.clear()
+    with model.holding_params():
+        model.forward(batch["x"])
+        model.forward(batch["x"])
+        assert sorted(scanned) == sorted(f"params[{k!r}]" for k in model.params)  # on entry only
+        name = next(iter(model.params))
+        model.params[name] = np.full_like(model.params[name], np.nan)  # replaced: checked again
+        with pytest.raises(ValueError, match=rf"^params\['{name}'\]: \d+ non-finite value"):
+            model.forward(batch["x"])
+    model.params[name] = np.zeros_like(model.params[name])
+    scanned.clear()
+    model.forward(batch["x"])
+    model.forward(batch["x"])  # outside the block: each call scans every parameter
+    assert len(scanned) == 2 * len(model.params)
