@@ -29,6 +29,11 @@ Passes:
    the split's own partial ``dQ += scale dS K``.
 5. ``_backward_sum_dq`` (parallel over batch x head): ``dQ = sum_s dQ_s``.
 
+``input_attention_forward`` (the engine's folded cross-attention, docs/fast.md) is pass 1 and 2
+with one head whose keys are also its values and are made from the raw input tile by tile:
+``_input_attention_partial`` projects and normalises each key tile in cache just before the
+tile products, so nothing of the input side is written to memory.
+
 k and v may be the head-split views of [B, N, H*d] arrays (read where they lie); dk and dv then
 come back in that layout. The forward reads q in such a view too (entry by entry, into its
 scaled transposed block); the backward copies it C-contiguous. Every parallel loop writes
@@ -50,7 +55,18 @@ from perceiver_np.shapes import Alloc, ChunkState, check_attention_args
 
 from ._numba import empty, kernel_array, parallel_kernel, rows_array, serial_kernel
 from .fastexp import fast_exp
-from .gemm import check_blas, gemm_rows, single_threaded_blas
+from .gemm import (
+    NONFINITE,
+    _check_status,
+    _input_and_weight,
+    _nonfinite,
+    check_blas,
+    exponent_mask,
+    gemm_rows,
+    reads_in_place,
+    single_threaded_blas,
+)
+from .rows import _vector, moments_scratch, normalize_row
 
 #: Queries per tile of the forward. The score tile is held as S^T[block_n, block_m] so that the
 #: contiguous query axis is innermost; the wider it is, the more work each coefficient loaded in
@@ -58,6 +74,9 @@ from .gemm import check_blas, gemm_rows, single_threaded_blas
 FORWARD_BLOCK_M = 256
 #: Keys per tile of the forward (docs/kernel.md: the size hardly matters between 64 and 256).
 FORWARD_BLOCK_N = 128
+#: Keys per tile of :func:`input_attention_forward`, whose tiles are made from the raw input
+#: first (docs/kernel.md: 256 was the fastest of 64-512 at the seed's shapes).
+INPUT_BLOCK_N = 256
 #: Queries per block of the backward, which holds S[block_m, block_n] (the ordinary orientation
 #: is the faster one there, docs/kernel.md) and dP of the same size.
 BACKWARD_BLOCK_M = 64
@@ -260,6 +279,183 @@ def merge_chunk(state: ChunkState, o_c: np.ndarray, lse_c: np.ndarray) -> None:
         raise ValueError(f"o_c, lse_c: expected shapes {expect} and {expect[:3]}, got {o_c.shape} "
                          f"and {lse_c.shape}")
     _merge_chunk(state.m, state.l, state.acc, kernel_array(o_c), kernel_array(lse_c))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward, the keys and values made from the raw input in cache
+# ---------------------------------------------------------------------------------------------
+
+
+@parallel_kernel
+def _input_attention_partial(x, w_in, gamma, beta, bias, has_bias, q, scale, mask, has_mask, block_n,
+                             n_splits, part_m, part_l, part_acc, o, lse, status, check,
+                             exp_mask):  # pragma: no cover - compiled
+    """Pass 1 of :func:`input_attention_forward`, parallel over batch x split of N: pass 1 of
+    :func:`_forward_partial` with one head, all Q queries in one block, and each key tile
+    made in cache from the raw input first, h = LN(x[b, tile] @ w_in + bias), which is the
+    tile's keys and its values at once. x [B, N, C] (row stride x.strides[1]: a chunk of a
+    longer input is read as it lies), w_in [C, D], gamma, beta, bias [D], q [B, Q, D];
+    part_m, part_l [S, B, 1, Q], part_acc [S, B, 1, D, Q]; o [B, 1, Q, D], lse [B, 1, Q];
+    status[work item]: a failed BLAS call's code, or NONFINITE when ``check`` finds NaN or
+    infinity in h (what the input projection made of finite x)."""
+    nb, n_len, c_in = x.shape
+    d = w_in.shape[1]
+    q_len = q.shape[1]
+    sx0, sx1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
+    split_len = (n_len + n_splits - 1) // n_splits
+    neg = x.dtype.type(MASK_FILL)
+    for work in prange(nb * n_splits):
+        sp = work % n_splits
+        b = work // n_splits
+        n0 = sp * split_len
+        n1 = min(n_len, n0 + split_len)
+        failed = 0
+        # scratch, once per work item
+        q_t = np.empty((d, q_len), dtype=x.dtype)  # q_t[e, i] = scale * q[b, i, e]
+        for i in range(q_len):
+            for e in range(d):
+                q_t[e, i] = q[b, i, e] * scale
+        h_t = np.empty((block_n, d), dtype=x.dtype)  # one key tile: h = LN(x @ w_in + bias)
+        buf = moments_scratch(d)
+        s_t = np.empty((block_n, q_len), dtype=x.dtype)  # S^T of one key tile, then P^T
+        m_i = np.full(q_len, neg, dtype=x.dtype)  # running max
+        m_new = np.empty(q_len, dtype=x.dtype)
+        alpha = np.empty(q_len, dtype=x.dtype)  # exp(m_old - m_new), the rescale of one tile
+        l_i = np.zeros(q_len, dtype=np.float64)  # running sum, in float64: it sums N terms
+        acc = np.zeros((d, q_len), dtype=x.dtype)  # acc[e, i], the unnormalised output
+        for t0 in range(n0, n1, block_n):
+            t1 = min(n1, t0 + block_n)
+            bt = t1 - t0
+            if has_mask and not _tile_has_visible(mask, b, t0, t1):
+                continue  # no visible key in this tile: it changes nothing
+            tile = s_t[:bt]
+            # h = x[b, t0:t1] @ W_in   [bt, C] @ [C, D] -> [bt, D]; then LN(h + bias) in place
+            failed = gemm_rows(False, False, bt, d, c_in, x, b * sx0 + t0 * sx1, sx1, w_in, 0, d,
+                               h_t, 0, d, 0.0)
+            if failed != 0:
+                break
+            for r in range(bt):
+                normalize_row(h_t, r, bias, has_bias, gamma, beta, h_t, r, buf)
+            if check and _nonfinite(h_t, 0, bt, 0, d, exp_mask) > 0:
+                failed = NONFINITE
+                break
+            # S^T = H_tile @ (scale Q)^T   [bt, D] @ [D, Q] -> [bt, Q]
+            failed = gemm_rows(False, False, bt, q_len, d, h_t, 0, d, q_t, 0, q_len, s_t, 0, q_len, 0.0)
+            if failed != 0:
+                break
+            # running max over the visible keys of the tile
+            m_new[:] = m_i
+            for t in range(bt):
+                if has_mask and not mask[b, t0 + t]:
+                    continue
+                row = tile[t]
+                for i in range(q_len):
+                    m_new[i] = max(m_new[i], row[i])
+            # rescale what was kept so far by exp(m_old - m_new) <= 1: exact, never overflows
+            for i in range(q_len):
+                alpha[i] = fast_exp(m_i[i] - m_new[i])
+                l_i[i] *= alpha[i]
+                m_i[i] = m_new[i]
+            for e in range(d):
+                a = acc[e]
+                for i in range(q_len):
+                    a[i] *= alpha[i]
+            # P^T = exp(S^T - m_i), masked keys exactly 0; l_i += column sums of P^T
+            for t in range(bt):
+                row = tile[t]
+                if has_mask and not mask[b, t0 + t]:
+                    row[:] = 0.0
+                    continue
+                for i in range(q_len):
+                    p = fast_exp(row[i] - m_i[i])
+                    row[i] = p
+                    l_i[i] += p
+            # acc += H_tile^T @ P^T (the values are the keys)   [D, bt] @ [bt, Q] -> [D, Q]
+            failed = gemm_rows(True, False, d, q_len, bt, h_t, 0, d, s_t, 0, q_len, acc, 0, q_len, 1.0)
+            if failed != 0:
+                break
+        status[work] = failed
+        if n_splits == 1:  # the whole of N: o and lse now, no pass 2
+            for i in range(q_len):
+                _finish(m_i[i], l_i[i], acc[:, i], o[b, 0, i], lse, b, 0, i, neg)
+            continue
+        for i in range(q_len):
+            part_m[sp, b, 0, i] = m_i[i]
+            part_l[sp, b, 0, i] = l_i[i]
+        for e in range(d):
+            for i in range(q_len):
+                part_acc[sp, b, 0, e, i] = acc[e, i]
+
+
+def input_attention_forward(
+    x: np.ndarray,
+    w_in: np.ndarray,
+    norm: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    q: np.ndarray,
+    mask: np.ndarray | None = None,
+    scale: float | None = None,
+    *,
+    block_n: int = INPUT_BLOCK_N,
+    n_splits: int | None = None,
+    alloc: Alloc | None = None,
+    finite: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention to keys that are also the values and are made from the raw input:
+    h = LN(x @ w_in + bias) [B, N, D] (``norm`` = (gamma, beta, bias or None)), then
+    ``attention_forward(q[:, None], h[:, None], h[:, None], mask, scale)`` -> (o [B, 1, Q, D],
+    lse [B, 1, Q]), with each tile of h made in cache and never written out (the folded cross
+    attention of :func:`perceiver_np.engine.cross_block`). x [B, N, C] (a strided chunk of a
+    longer input is read as it lies), w_in [C, D], q [B, Q, D], mask [B, N] bool (True = keep).
+    Equal to that composition up to rounding (tested against the plain twin). Buffers from
+    ``alloc`` as :func:`attention_forward`'s; ``finite``: NaN or infinity in h raises the
+    OverflowRisk of a checked product (:func:`perceiver_np.kernels.gemm.raise_nonfinite_product`)."""
+    x, w_in = _input_and_weight(x, w_in, "w_in", "C", "D")
+    b, n, _ = x.shape
+    d = w_in.shape[1]
+    if not isinstance(q, np.ndarray) or q.dtype != x.dtype:
+        got = q.dtype.name if isinstance(q, np.ndarray) else type(q).__name__
+        raise TypeError(f"q: expected dtype {x.dtype.name} like x, got {got}")
+    if q.ndim != 3 or q.shape[0] != b or q.shape[2] != d or q.shape[1] == 0:
+        raise ValueError(f"q: expected shape ({b}, Q, {d}) [B, Q, D], got {q.shape}")
+    if n == 0:
+        raise ValueError(f"x: every size must be positive, got {x.shape}")
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            got = mask.dtype.name if isinstance(mask, np.ndarray) else type(mask).__name__
+            raise TypeError(f"mask: expected a bool array (True = keep), got {got}")
+        if mask.shape != (b, n):
+            raise ValueError(f"mask: expected shape ({b}, {n}) [B, N], got {mask.shape}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite number, got {scale}")
+    gamma, beta = _vector("gamma", norm[0], d, x.dtype), _vector("beta", norm[1], d, x.dtype)
+    bias = None if norm[2] is None else _vector("bias", norm[2], d, x.dtype)
+    if not reads_in_place(x):
+        x = kernel_array(x)  # a read-only chunk (of a memory map), or one not read by rows: copied
+    q_len = q.shape[1]
+    q = kernel_array(q)
+    has_mask = mask is not None
+    mask_arr = kernel_array(mask) if mask is not None else np.ones((1, 1), dtype=np.bool_)
+    if n_splits is None:
+        n_splits = choose_splits(b, n)  # a work item is one sample's split
+    n_splits = max(1, min(int(n_splits), n))
+    parts = 0 if n_splits == 1 else n_splits  # one split: pass 1 writes o and lse
+    part_m = empty(alloc, "part_m", (parts, b, 1, q_len), x.dtype)
+    part_l = empty(alloc, "part_l", (parts, b, 1, q_len), np.float64)
+    part_acc = empty(alloc, "part_acc", (parts, b, 1, d, q_len), x.dtype)
+    o = empty(alloc, "o", (b, 1, q_len, d), x.dtype)
+    lse = empty(alloc, "lse", (b, 1, q_len), x.dtype)
+    status = np.zeros(b * n_splits, dtype=np.int32)
+    with single_threaded_blas():
+        _input_attention_partial(x, w_in, gamma, beta, gamma if bias is None else bias, bias is not None,
+                                 q, x.dtype.type(scale), mask_arr, has_mask, block_n, n_splits, part_m,
+                                 part_l, part_acc,
+                                 o, lse, status, finite, exponent_mask(x.dtype))
+    _check_status(status)
+    if parts:
+        _forward_merge(part_m, part_l, part_acc, o, lse)
+    return o, lse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,6 +308,32 @@ def _matmul_batched(x, w, out, block, status):  # pragma: no cover - compiled
 
 
 @parallel_kernel
+def _head_products(a, w, out, heads, k, f, w_trans, block, status, check,  # pragma: no cover - compiled
+                   exp_mask):
+    """out[:, h*f:(h+1)*f] = a[:, h*k:(h+1)*k] @ W_h for every head h, one block of ``block``
+    rows of one head per work item, BLAS reading the operands where they lie: W_h = w[:, h*f:(h+1)*f]
+    (w [k, H*f]), or with ``w_trans`` W_h = w[:, h*k:(h+1)*k]^T (w [f, H*k]). a [R, H*k],
+    out [R, H*f] C-contiguous; status[item] as in :func:`_project_heads`."""
+    r_len = a.shape[0]
+    n_blocks = (r_len + block - 1) // block
+    ldw = w.shape[1]
+    for item in prange(heads * n_blocks):
+        h = item // n_blocks
+        lo = (item % n_blocks) * block
+        hi = min(r_len, lo + block)
+        a_off, o_off = lo * heads * k + h * k, lo * heads * f + h * f
+        if w_trans:  # op(B) = B^T, B = w[:, h*k:(h+1)*k] read as [f, k]
+            done = gemm_rows(False, True, hi - lo, f, k, a, a_off, heads * k, w, h * k, ldw,
+                             out, o_off, heads * f, 0.0)
+        else:
+            done = gemm_rows(False, False, hi - lo, f, k, a, a_off, heads * k, w, h * f, ldw,
+                             out, o_off, heads * f, 0.0)
+        if done == 0 and check and _nonfinite(out, lo, hi, h * f, (h + 1) * f, exp_mask) > 0:
+            done = NONFINITE
+        status[item] = done
+
+
+@parallel_kernel
 def _project_heads(x, w0, w1, w2, out0, out1, out2, n_out,  # pragma: no cover - compiled
                    row_block, col_block, norm, gamma, beta, bias, has_bias, status, check, exp_mask):
     """For each tile of row_block rows of x and col_block columns of [w0 | w1 | w2][:, :n_out
@@ -770,10 +796,50 @@ def project_heads(
     return _head_views(outs, b, s, heads)
 
 
+def head_products(a: np.ndarray, w: np.ndarray, heads: int, *, transpose_w: bool = False,
+                  alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
+    """a: [R, H*k] -> [R, H*f]: each head's k columns of a times that head's own weight, the
+    heads' outputs side by side: W_h = w[:, h*f:(h+1)*f] for w [k, H*f], or, with
+    ``transpose_w``, W_h = (w[:, h*k:(h+1)*k])^T for w [f, H*k] (a key or query weight applied
+    from the other side: the folded cross-attention's queries, :func:`perceiver_np.engine.fold_queries`).
+    One block-diagonal product without the zeros and without copies (output from ``alloc``'s
+    "out" when given); ``finite``: as :func:`matmul`'s."""
+    a = _check("a", a, 2, "[R, H*k]")
+    w = _check("w", w, 2, "[f, H*k]" if transpose_w else "[k, H*f]", a.dtype)
+    r, ak = a.shape
+    if heads < 1 or ak % heads:
+        raise ValueError(f"a: expected shape (R, H*k) with H = {heads}, got {a.shape}")
+    k = ak // heads
+    if transpose_w:
+        if w.shape[1] != ak:
+            raise ValueError(f"w: expected shape (f, {ak}) [f, H*k], got {w.shape}")
+        f = w.shape[0]
+    else:
+        if w.shape[0] != k or w.shape[1] % heads:
+            raise ValueError(f"w: expected shape ({k}, H*f) with H = {heads}, got {w.shape}")
+        f = w.shape[1] // heads
+    out = empty(alloc, "out", (r, heads * f), a.dtype)
+    status = np.zeros(heads * math.ceil(r / PROJECT_BLOCK_ROWS), dtype=np.int32)
+    with single_threaded_blas():
+        _head_products(a, w, out, heads, k, f, transpose_w, PROJECT_BLOCK_ROWS, status, finite,
+                       exponent_mask(a.dtype))
+    _check_status(status)
+    return out
+
+
 def _head_views(outs: list[np.ndarray], b: int, s: int, heads: int) -> list[np.ndarray]:
     """Each [B*S, H*d_j] buffer as its head-split view [B, H, S, d_j] (no copy)."""
     # [B*S, H*d_j] -> [B, S, H, d_j] -> [B, H, S, d_j]
     return [out.reshape(b, s, heads, -1).transpose(0, 2, 1, 3) for out in outs]
+
+
+def reads_in_place(x: np.ndarray) -> bool:
+    """Whether the kernels that take an input x [B, S, C] row by row (:func:`project_input`,
+    :func:`perceiver_np.kernels.attention.input_attention_forward`) read it where it lies: a
+    writeable, aligned, native-order array whose rows are contiguous and do not overlap (a
+    chunk of a longer input is); any other x they copy C-contiguous first."""
+    return bool(x.flags.writeable and x.dtype.isnative and x.flags.aligned and x.strides[2] == x.itemsize
+                and x.strides[0] > 0 and x.strides[1] >= x.shape[2] * x.itemsize)
 
 
 def project_input(
@@ -800,8 +866,7 @@ def project_input(
     gamma = rows._vector("gamma", norm[0], d, x.dtype)
     beta = rows._vector("beta", norm[1], d, x.dtype)
     bias = None if norm[2] is None else rows._vector("bias", norm[2], d, x.dtype)
-    if not (x.flags.writeable and x.dtype.isnative and x.flags.aligned and x.strides[2] == x.itemsize
-            and x.strides[0] > 0 and x.strides[1] >= x.shape[2] * x.itemsize):
+    if not reads_in_place(x):
         x = kernel_array(x)  # a read-only chunk (of a memory map), or one not read by rows: copied
     outs = [empty(alloc, f"out{j}", (b, s, w.shape[1]), x.dtype) for j, w in enumerate(ws)]
     status = np.zeros(b * math.ceil(s / PROJECT_BLOCK_ROWS), dtype=np.int32)

@@ -174,6 +174,8 @@ class EngineOps(NamedTuple):
     matmul_batched: Callable[..., np.ndarray]  # (x [B, S, K], w [K, F], *, alloc) -> [B, S, F]
     # (x [B, S, K], [w_j], H, norm, *, alloc, finite) -> [B, H, S, d_j] each
     project_heads: Callable[..., list[np.ndarray]]
+    # (a [R, H*k], w, H, *, transpose_w, alloc, finite) -> [R, H*f]: each head's columns times its weight
+    head_products: Callable[..., np.ndarray]
     # (x [B, S, C], w_in [C, D], norm, [w_j], H, *, alloc, finite) -> [B, H, S, d_j] each:
     # LN(x @ w_in + bias) @ w_j, a cross block's keys and values from its raw input
     project_input: Callable[..., list[np.ndarray]]
@@ -182,6 +184,9 @@ class EngineOps(NamedTuple):
     # (o [B, H, M, dv], bias [H*dv] or None, visible [B] or None, *, alloc) -> [B*M, H*dv]
     merge_heads: Callable[..., np.ndarray]
     attention_forward: Callable[..., tuple[np.ndarray, np.ndarray]]  # (q, k, v, mask, *, alloc) -> (o, lse)
+    # (x [B, N, C], w_in [C, D], norm, q [B, Q, D], mask, scale, *, alloc, finite) -> (o [B, 1, Q, D],
+    # lse [B, 1, Q]): attention to the keys and values h = LN(x @ w_in + bias) (the folded cross-attention)
+    input_attention: Callable[..., tuple[np.ndarray, np.ndarray]]
     chunk_state: Callable[..., ChunkState]  # (B, H, M, dv, alloc) -> an empty running state
     merge_chunk: Callable[..., None]  # (state, o_c, lse_c): fold one chunk's attention in
     finish_chunks: Callable[..., np.ndarray]  # (state, dtype, alloc) -> o [B, H, M, dv]
@@ -231,6 +236,18 @@ def _project_input(x: np.ndarray, w_in: np.ndarray, norm: tuple[np.ndarray, np.n
     return _project_heads(h, weights, heads, norm, finite=finite)
 
 
+def _head_products(a: np.ndarray, w: np.ndarray, heads: int, *, transpose_w: bool = False,
+                   alloc: Alloc | None = None, finite: bool = False) -> np.ndarray:
+    """Plain twin of :func:`perceiver_np.kernels.gemm.head_products`."""
+    k = a.shape[1] // heads
+    f = w.shape[0] if transpose_w else w.shape[1] // heads
+    outs = []
+    for h in range(heads):
+        w_h = w[:, h * k:(h + 1) * k].T if transpose_w else w[:, h * f:(h + 1) * f]  # [k, f]
+        outs.append(a[:, h * k:(h + 1) * k] @ w_h)  # [R, k] @ [k, f] -> [R, f]
+    return _finite(np.concatenate(outs, axis=1), finite)  # [R, H*f]
+
+
 def _matmul_batched(a: np.ndarray, w: np.ndarray, *, alloc: Alloc | None = None,
                     finite: bool = False) -> np.ndarray:
     """Plain twin of :func:`perceiver_np.kernels.gemm.matmul_batched`."""
@@ -270,6 +287,16 @@ def _attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.nda
     return plain_attention.attention_forward(q, k, v, mask)
 
 
+def _input_attention(x: np.ndarray, w_in: np.ndarray, norm: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+                     q: np.ndarray, mask: np.ndarray | None, scale: float | None = None, *,
+                     alloc: Alloc | None = None, finite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Plain twin of :func:`perceiver_np.kernels.attention.input_attention_forward`."""
+    h = _layernorm(_matmul(x, w_in), norm[0], norm[1], norm[2])  # [B, N, C] -> [B, N, D]
+    _finite(h, finite)
+    keys = h[:, None]  # [B, N, D] -> [B, 1, N, D]: the keys, and the values
+    return plain_attention.attention_forward(q[:, None], keys, keys, mask, scale)  # [B, 1, Q, D], [B, 1, Q]
+
+
 def _chunk_state(b: int, h: int, m: int, dv: int, alloc: Alloc | None = None) -> ChunkState:
     """:func:`perceiver_np.attention.chunk_state`, allocated afresh (the plain twins keep nothing)."""
     return plain_attention.chunk_state(b, h, m, dv)
@@ -286,14 +313,17 @@ def _max_abs(x: np.ndarray) -> float:
 
 
 PLAIN_ENGINE = EngineOps(
-    "numpy", _matmul, _matmul_residual, _matmul_batched, _project_heads, _project_input, _layernorm,
-    _bias_gelu, _merge_heads, _attention_forward, _chunk_state, plain_attention.merge_chunk,
+    "numpy", _matmul, _matmul_residual, _matmul_batched, _project_heads, _head_products, _project_input,
+    _layernorm,
+    _bias_gelu, _merge_heads, _attention_forward, _input_attention, _chunk_state, plain_attention.merge_chunk,
     _finish_chunks, _max_abs,
 )
 NUMBA_ENGINE = EngineOps(
-    "numba", gemm.matmul, gemm.matmul_residual, gemm.matmul_batched, gemm.project_heads, gemm.project_input,
+    "numba", gemm.matmul, gemm.matmul_residual, gemm.matmul_batched, gemm.project_heads, gemm.head_products,
+    gemm.project_input,
     rows.layernorm, rows.bias_gelu, rows.merge_heads,
-    kernel_attention.attention_forward, plain_attention.chunk_state, kernel_attention.merge_chunk,
+    kernel_attention.attention_forward, kernel_attention.input_attention_forward, plain_attention.chunk_state,
+    kernel_attention.merge_chunk,
     plain_attention.finish_chunks, rows.max_abs,
 )
 

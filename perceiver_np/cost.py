@@ -228,7 +228,8 @@ def inference_extra_bytes(cfg: PerceiverConfig, batch: int, n: int) -> int:
     chunk's h, keys and values (``perceiver_np.engine.CHUNK_ROWS`` rows of ``Ckv + qk + v``; with
     several cross blocks and an input projection, h [B, N, D] is held whole) plus the latents'
     widest activations (the FFN's hidden [B, M, wD] and a few [B, M, D]). Independent of N once
-    N exceeds a chunk, with one cross block."""
+    N exceeds a chunk, with one cross block. An upper estimate also for a cross block that runs
+    folded (:func:`perceiver_np.engine.folds`), which keeps no per-position buffer at all."""
 
     item = 4 if cfg.dtype == "float32" else 8
     rows = batch * min(n, chunk_positions(batch))

@@ -41,6 +41,7 @@ is one fused row kernel; with the ``"numpy"`` ops (the plain twins of
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
@@ -48,7 +49,7 @@ import numpy as np
 
 from .backends import EngineOps, engine_ops
 from .config import PerceiverConfig, param_shapes
-from .kernels.gemm import PRODUCT
+from .kernels.gemm import PRODUCT, reads_in_place
 from .layers import Params, params_under
 from .shapes import (
     ChunkState,
@@ -157,32 +158,49 @@ def cross_block(
     if "attn.q.bias" in p:
         q += p["attn.q.bias"].reshape(num_heads, -1)[None, :, None, :]
     ckv = p["kv_norm.gamma"].shape[0]
-    dv = p["attn.v.weight"].shape[1] // num_heads
+    dh, dv = q.shape[3], p["attn.v.weight"].shape[1] // num_heads
+    norm = (p["kv_norm.gamma"], p["kv_norm.beta"], in_bias)
+    pieces = iter(pieces)
+    head = next(pieces, None)  # the first piece's length decides the way (a stream only adds more)
+    pieces = itertools.chain([] if head is None else [head], pieces)
+    folded = in_weight is not None and head is not None and folds(head[0].shape[1], m, num_heads, ckv, dh, dv)
+    if folded:
+        # the keys' projection moved onto the queries: scores q_h . (h W_k,h) = (q_h W_k,h^T) . h
+        # [B, H, M, dh] -> [B, M*H, Ckv]
+        qf = fold_queries(q, p["attn.k.weight"], ops, alloc=scoped(alloc, "fold"))
+        chunks = (chunk for piece in pieces for chunk in _whole_or_chunks(piece, b))
+    else:
+        chunks = (chunk for piece in pieces for chunk in pieces_of(*piece, chunk_positions(b)))
     state: ChunkState | None = None  # made at the second chunk: one chunk needs no merging
     first: tuple[np.ndarray, np.ndarray] | None = None
     visible = np.zeros(b, dtype=bool)  # [B]: the sample saw a key
     n_total = 0
-    size = chunk_positions(b)
-    for x_c, mask_c in (chunk for piece in pieces for chunk in pieces_of(*piece, size)):
+    for x_c, mask_c in chunks:
         n = x_c.shape[1]
         if first is not None and state is None:  # the second chunk: fold the first one in first
-            state = ops.chunk_state(b, num_heads, m, dv, alloc=scoped(alloc, "state"))
+            state = ops.chunk_state(*first[0].shape, alloc=scoped(alloc, "state"))
             ops.merge_chunk(state, *first)
-        norm = (p["kv_norm.gamma"], p["kv_norm.beta"], in_bias)
         if in_weight is not None:
             expect_shape("input projection", in_weight, (x_c.shape[2], ckv), "[C, Ckv]")
-            # LN_kv(x_c @ W_in + b_in) @ W_k, @ W_v: [B, n, C] -> [B, n, Ckv] -> [B, H, n, dh]
-            # (no b_k), [B, H, n, dv] (b_v later); the projection h never leaves the cache
-            k, v = ops.project_input(x_c, in_weight, norm, [p["attn.k.weight"], p["attn.v.weight"]],
-                                     num_heads, alloc=scoped(alloc, "kv"), finite=True)
+        if folded:
+            # h = LN_kv(x_c @ W_in + b_in) is each key and its value: [B, n, C] -> [B, n, Ckv],
+            # made tile by tile in cache; softmax(qf h^T / sqrt(dh)) h: [B, 1, M*H, Ckv]
+            o_c, lse_c = ops.input_attention(x_c, in_weight, norm, qf, mask_c, 1.0 / math.sqrt(dh),
+                                             alloc=scoped(alloc, "attention"), finite=True)
         else:
-            h = np.ascontiguousarray(x_c)  # [B, n, Ckv]
-            expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
-            # LN_kv(h) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
-            k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
-                                     norm=norm, alloc=scoped(alloc, "kv"), finite=True)
-        o_c, lse_c = ops.attention_forward(q, k, v, mask_c,
-                                           alloc=scoped(alloc, "attention"))  # [B, H, M, dv], [B, H, M]
+            if in_weight is not None:
+                # LN_kv(x_c @ W_in + b_in) @ W_k, @ W_v: [B, n, C] -> [B, n, Ckv] -> [B, H, n, dh]
+                # (no b_k), [B, H, n, dv] (b_v later); the projection h never leaves the cache
+                k, v = ops.project_input(x_c, in_weight, norm, [p["attn.k.weight"], p["attn.v.weight"]],
+                                         num_heads, alloc=scoped(alloc, "kv"), finite=True)
+            else:
+                h = np.ascontiguousarray(x_c)  # [B, n, Ckv]
+                expect_shape("cross input chunk", h, (b, n, ckv), "[B, n, Ckv]")
+                # LN_kv(h) @ W_k, @ W_v: [B, n, Ckv] -> [B, H, n, dh] (no b_k), [B, H, n, dv] (b_v later)
+                k, v = ops.project_heads(h, [p["attn.k.weight"], p["attn.v.weight"]], num_heads,
+                                         norm=norm, alloc=scoped(alloc, "kv"), finite=True)
+            o_c, lse_c = ops.attention_forward(q, k, v, mask_c,
+                                               alloc=scoped(alloc, "attention"))  # [B, H, M, dv], [B, H, M]
         if state is None:
             first = (o_c, lse_c)
         else:
@@ -192,10 +210,71 @@ def cross_block(
     if n_total == 0:
         raise ValueError("chunks: the input is empty (N = 0)")
     assert first is not None
-    # [B, H, M, dv]
     o = first[0] if state is None else ops.finish_chunks(state, z.dtype, alloc=scoped(alloc, "state"))
+    if folded:  # the values' projection after the weighted sum: (P h) W_v,h = P (h W_v,h)
+        # [B, 1, M*H, Ckv] -> [B, H, M, dv]
+        o = unfold_values(o, p["attn.v.weight"], num_heads, ops, alloc=scoped(alloc, "fold"))
     return after_attention(z, o, visible, p, ops, query_residual=use_query_residual, gelu=gelu,
                            ffn_kind=ffn_kind, alloc=alloc), n_total
+
+
+#: The folded cross-attention is taken when it needs at most this fraction of the plain way's
+#: multiply-adds (:func:`folds`): its kernel's products are smaller than the plain way's
+#: large projections, so it needs a margin to win (docs/fast.md: equal speed at N = 256 with
+#: equal counts, 4% faster at N = 1k and 17% at N = 4k on the seed model, B = 32).
+FOLD_MAX_COST = 0.9
+
+
+def folds(n: int, m: int, heads: int, ckv: int, dh: int, dv: int) -> bool:
+    """Whether the cross-attention of ``m`` queries with ``heads`` heads (dh-wide keys, dv-wide
+    values) to ``n`` input positions of width ``ckv`` is run folded (docs/fast.md, "The folded
+    cross-attention"): when that needs at most FOLD_MAX_COST of the plain way's multiply-adds.
+    Per sample, the plain way projects the keys and values, n * ckv * H * (dh + dv), then
+    scores and sums them, n * H * m * (dh + dv); folded, the queries are moved into the input's
+    space and back, m * H * ckv * (dh + dv), and score and sum the normalised input itself,
+    n * 2 * H * m * ckv."""
+    plain = n * heads * (dh + dv) * (ckv + m)
+    folded = m * heads * ckv * (dh + dv) + n * 2 * heads * m * ckv
+    return folded <= FOLD_MAX_COST * plain
+
+
+def fold_queries(q: np.ndarray, w_k: np.ndarray, ops: EngineOps, *, alloc: Alloc = fresh) -> np.ndarray:
+    """q: [B, H, M, dh] (the head-split view of a [B, M, H*dh] buffer, or any layout), w_k:
+    [Ckv, H*dh] -> qf [B, M*H, Ckv] with qf[b, m*H + h] = q[b, h, m] @ W_k,h^T, W_k,h the
+    columns of head h: each query moved into the input's space, where its score with a key
+    h_j W_k,h is qf . h_j. A checked product (``finite``: a NaN or inf in W_k shows in its
+    output, q being finite)."""
+    b, heads, m, dh = q.shape
+    ckv = w_k.shape[0]
+    expect_shape("attn.k.weight", w_k, (ckv, heads * dh), "[Ckv, H*dh]")
+    rows = q.transpose(0, 2, 1, 3).reshape(b * m, heads * dh)  # [B, H, M, dh] -> [B*M, H*dh]
+    # [B*M, H*dh] -> [B*M, H*Ckv], head by head: [B*M, dh] @ [dh, Ckv]
+    qf = ops.head_products(rows, w_k, heads, transpose_w=True, alloc=alloc, finite=True)
+    return qf.reshape(b, m * heads, ckv)  # [B*M, H*Ckv] -> [B, M*H, Ckv]
+
+
+def unfold_values(of: np.ndarray, w_v: np.ndarray, heads: int, ops: EngineOps, *,
+                  alloc: Alloc = fresh) -> np.ndarray:
+    """of: [B, 1, M*H, Ckv] (the folded attention's output, rows as :func:`fold_queries` made
+    them), w_v: [Ckv, H*dv] -> o [B, H, M, dv] with o[b, h, m] = of[b, 0, m*H + h] @ W_v,h,
+    the head-split view of a [B, M, H*dv] buffer. A checked product (a NaN or inf in W_v
+    shows in its output)."""
+    b, _, mh, ckv = of.shape
+    m, dv = mh // heads, w_v.shape[1] // heads
+    expect_shape("attn.v.weight", w_v, (ckv, heads * dv), "[Ckv, H*dv]")
+    rows = of.reshape(b * m, heads * ckv)  # [B, 1, M*H, Ckv] -> [B*M, H*Ckv]
+    # [B*M, H*Ckv] -> [B*M, H*dv], head by head: [B*M, Ckv] @ [Ckv, dv]
+    o = ops.head_products(rows, w_v, heads, alloc=alloc, finite=True)
+    return o.reshape(b, m, heads, dv).transpose(0, 2, 1, 3)  # [B*M, H*dv] -> [B, H, M, dv]
+
+
+def _whole_or_chunks(piece: Piece, b: int) -> list[Piece]:
+    """The folded attention keeps nothing per input position, so a piece the kernel reads where
+    it lies is taken whole (one call: nothing to merge); one it would copy first (a read-only
+    memory map, a transposed view) is cut to ``chunk_positions(b)`` positions, so that the copy
+    is chunk-sized as on the plain way."""
+    x_c, _ = piece
+    return [piece] if reads_in_place(x_c) else pieces_of(*piece, chunk_positions(b))
 
 
 def decode_queries(queries: np.ndarray, z: np.ndarray, p: Params, ops: EngineOps, *, num_heads: int,

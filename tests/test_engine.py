@@ -51,20 +51,144 @@ def ragged_mask(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     return mask
 
 
+@pytest.mark.parametrize("way", ["folded", "plain-way"])
 @pytest.mark.parametrize("backend", ["auto", "numpy"])
 @pytest.mark.parametrize("chunk_rows", [3, 16384], ids=["many-chunks", "one-chunk"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_engine_equals_the_reference_forward_float64(rng, monkeypatch, case, chunk_rows, backend):
+def test_engine_equals_the_reference_forward_float64(rng, monkeypatch, case, chunk_rows, backend, way):
+    """Every case the folded way (engine.folds always true) and the plain way (never): the cross
+    blocks with an input projection run folded (counted), the others the plain way. A read-only
+    input is cut into chunks on both ways (the folded way takes a piece it reads in place whole),
+    so the chunk merge runs on both."""
     monkeypatch.setattr(engine, "CHUNK_ROWS", chunk_rows)  # B = 3: one position per chunk, or all
+    monkeypatch.setattr(engine, "FOLD_MAX_COST", np.inf if way == "folded" else 0.0)
+    folded = []
+    fold_queries = engine.fold_queries
+    monkeypatch.setattr(engine, "fold_queries", lambda *a, **k: folded.append(1) or fold_queries(*a, **k))
     model = random_model(rng, **CASES[case], backend=backend)
     assert model.uses_engine
     x = rng.normal(size=(3, 23, model.config.input_dim))
+    read_only = x.copy()
+    read_only.flags.writeable = False
     for mask in (None, ragged_mask(rng, 3, 23)):
         want = model.forward(x, mask)[0]
         got = model(x, mask)
         assert relerr(got, want) <= FAST_FLOAT64_RTOL
+        assert relerr(model(read_only, mask), want) <= FAST_FLOAT64_RTOL
         if mask is not None:
             assert np.array_equal(model(x * (1 + 3 * ~mask[..., None]), mask), got)  # padding ignored
+    cfg = model.config
+    assert bool(folded) == (way == "folded" and cfg.input_projection and cfg.num_cross_layers == 1)
+
+
+def test_folds_when_it_saves_a_tenth_of_the_multiply_adds():
+    """engine.folds counts both ways' multiply-adds per sample; the seed's cross block (M 64,
+    H 4, Ckv 256, dh = dv = 64) costs the same both ways at N = 256 and folds from N = 512 on."""
+    def plain(n, m, h, ckv, dh, dv):
+        return n * ckv * h * (dh + dv) + n * h * m * (dh + dv)
+
+    def folded(n, m, h, ckv, dh, dv):
+        return m * h * ckv * (dh + dv) + n * 2 * h * m * ckv
+
+    seed = (64, 4, 256, 64, 64)
+    assert folded(256, *seed) == plain(256, *seed)
+    for n in (1, 64, 256, 300, 512, 4096, 1 << 20):
+        for shape in (seed, (3, 2, 8, 4, 4), (256, 8, 256, 32, 32), (64, 1, 1024, 256, 256)):
+            assert engine.folds(n, *shape) == (folded(n, *shape) <= engine.FOLD_MAX_COST * plain(n, *shape))
+    assert [engine.folds(n, *seed) for n in (256, 400, 512)] == [False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_input_attention_equals_attention_over_its_projected_input(rng, dtype):
+    """kernels.attention.input_attention_forward (each key tile made from the raw input in cache,
+    the keys also the values) against its steps, h = LN(x @ W_in + b) then the plain attention
+    of q to h, and against its plain twin: masks that hide a sample, a key tile and single keys,
+    one split and three, tiles of 4 keys and of 256, inputs as they come (a strided chunk, a
+    read-only one, one whose rows are not contiguous)."""
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(3, 80)
+    b, n, c, d, nq = 3, 80, 7, 12, 10
+    x = rng.normal(size=(b, 100, c)).astype(dtype)
+    w_in = (rng.normal(size=(c, d)) / np.sqrt(c)).astype(dtype)
+    gamma, beta, bias = (rng.normal(size=d).astype(dtype) for _ in range(3))
+    q = rng.normal(size=(b, nq, d)).astype(dtype)
+    mask = rng.random((b, n)) < 0.7
+    mask[1] = False  # sample 1 sees nothing: its rows are 0
+    mask[0, :8] = False  # sample 0's first two 4-key tiles are skipped
+    read_only = x[:, 10:10 + n].copy()
+    read_only.flags.writeable = False
+    columns = np.asfortranarray(x[:, :n])
+    for xs in (x[:, 10:10 + n], read_only, columns):
+        for b_in in (bias, None):
+            h = xs @ w_in + (0 if b_in is None else b_in)
+            h = layernorm_forward(h, {"gamma": gamma, "beta": beta})[0][:, None]  # [B, 1, N, D]
+            for m_ in (None, mask):
+                want_o, want_lse = plain_attention.attention_forward(q[:, None], h, h, m_, 0.3)
+                twin = PLAIN_ENGINE.input_attention(xs, w_in, (gamma, beta, b_in), q, m_, 0.3)
+                assert relerr(twin[0], want_o) <= tol and relerr(twin[1], want_lse) <= tol
+                for block_n, splits in ((4, 1), (4, 3), (256, None)):
+                    o, lse = NUMBA_ENGINE.input_attention(xs, w_in, (gamma, beta, b_in), q, m_, 0.3,
+                                                          block_n=block_n, n_splits=splits, finite=True)
+                    assert o.shape == (b, 1, nq, d) and lse.shape == (b, 1, nq)
+                    assert relerr(o, want_o) <= tol and relerr(lse, want_lse) <= tol
+                    if m_ is not None:
+                        assert np.all(o[1] == 0.0)
+
+
+def test_input_attention_refuses_bad_arguments_and_a_nonfinite_projection(rng):
+    from perceiver_np.kernels.attention import input_attention_forward
+    from perceiver_np.shapes import OverflowRisk
+
+    x, w_in, q = rng.normal(size=(2, 9, 4)), rng.normal(size=(4, 6)), rng.normal(size=(2, 5, 6))
+    norm = (np.ones(6), np.zeros(6), None)
+    with pytest.raises(ValueError, match=r"w_in: expected shape \(4, D\) to match x"):
+        input_attention_forward(x, np.ones((3, 6)), norm, q)
+    with pytest.raises(ValueError, match=r"q: expected shape \(2, Q, 6\) \[B, Q, D\], got \(2, 5, 4\)"):
+        input_attention_forward(x, w_in, norm, q[:, :, :4])
+    with pytest.raises(TypeError, match="q: expected dtype float64 like x, got float32"):
+        input_attention_forward(x, w_in, norm, q.astype(np.float32))
+    with pytest.raises(TypeError, match=r"mask: expected a bool array \(True = keep\), got int64"):
+        input_attention_forward(x, w_in, norm, q, np.ones((2, 9), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 9\) \[B, N\], got \(2, 8\)"):
+        input_attention_forward(x, w_in, norm, q, np.ones((2, 8), dtype=bool))
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite number, got -1\.0"):
+        input_attention_forward(x, w_in, norm, q, None, -1.0)
+    for bad_value in (np.nan, np.inf):
+        bad = w_in.copy()
+        bad[int(rng.integers(4)), int(rng.integers(6))] = bad_value
+        with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
+            input_attention_forward(x, bad, norm, q, finite=True)
+        input_attention_forward(x, bad, norm, q)  # unchecked: returns
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_head_products_equal_each_heads_product(rng, dtype):
+    """gemm.head_products: each head's columns of a times its own weight, on the kernels and the
+    plain twin, the weight as it is ([k, H*f]) and applied transposed ([f, H*k]); rows that
+    leave a partial block; a NaN weight entry raises with ``finite`` and only then."""
+    from perceiver_np.shapes import OverflowRisk
+
+    tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(2, 40)
+    heads, k, f = 3, 5, 7
+    a = rng.normal(size=(300, heads * k)).astype(dtype)
+    w = rng.normal(size=(k, heads * f)).astype(dtype)
+    w_t = rng.normal(size=(f, heads * k)).astype(dtype)
+    want = np.concatenate([a[:, i * k:(i + 1) * k] @ w[:, i * f:(i + 1) * f] for i in range(heads)], axis=1)
+    want_t = np.concatenate([a[:, i * k:(i + 1) * k] @ w_t[:, i * k:(i + 1) * k].T for i in range(heads)],
+                            axis=1)
+    for ops in (NUMBA_ENGINE, PLAIN_ENGINE):
+        assert relerr(ops.head_products(a, w, heads, finite=True), want) <= tol, ops.name
+        assert relerr(ops.head_products(a, w_t, heads, transpose_w=True, finite=True), want_t) <= tol
+        bad = w.copy()
+        bad[2, f + 3] = np.nan  # head 1
+        with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
+            ops.head_products(a, bad, heads, finite=True)
+        assert np.isnan(ops.head_products(a, bad, heads)[:, f + 3]).all()
+    with pytest.raises(ValueError, match=r"w: expected shape \(5, H\*f\) with H = 3, got \(5, 20\)"):
+        gemm.head_products(a, np.ones((k, 20), dtype=dtype), heads)
+    with pytest.raises(ValueError, match=r"w: expected shape \(f, 15\) \[f, H\*k\], got \(7, 14\)"):
+        gemm.head_products(a, np.ones((f, 14), dtype=dtype), heads, transpose_w=True)
+    with pytest.raises(ValueError, match=r"a: expected shape \(R, H\*k\) with H = 4, got \(300, 15\)"):
+        gemm.head_products(a, w, 4)
 
 
 def test_engine_float32_within_float32_rounding(rng):
