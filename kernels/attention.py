@@ -18,7 +18,7 @@ Passes:
 
 1. ``_forward_partial`` (parallel over batch x head x query block x split of N): stream over
    the key tiles of one split with the online softmax; write the split's (m_i, l_i, acc).
-2. ``_forward_merge`` (parallel over batch x head): merge the splits' states exactly,
+2. ``_forward_merge`` (parallel over batch x head x query): merge the splits' states exactly,
    ``m = max_s m_s``, ``l = sum_s l_s exp(m_s - m)``, ``acc = sum_s acc_s exp(m_s - m)``;
    ``o = acc / l``, ``lse = m + log l``. With one split pass 1 does this last step itself
    (the same arithmetic, :func:`_finish`) and pass 2 does not run.
@@ -224,27 +224,29 @@ def _finish(m, ell, acc, o_row, lse, b, h, i, neg):  # pragma: no cover - compil
 
 @parallel_kernel
 def _forward_merge(part_m, part_l, part_acc, o, lse):  # pragma: no cover - compiled
-    """Pass 2. Merge the splits' (m_i, l_i, acc) exactly; o: [B, H, M, dv], lse: [B, H, M]."""
+    """Pass 2. Merge the splits' (m_i, l_i, acc) exactly; o: [B, H, M, dv], lse: [B, H, M].
+    Parallel over every query of every batch x head (one sample's one head, B = H = 1, is the
+    streaming encoder's case): each query's row of o is its own output."""
     n_splits, nb, nh, m_len = part_m.shape
     dv = o.shape[3]
     neg = o.dtype.type(MASK_FILL)
-    for bh in prange(nb * nh):
-        b = bh // nh
-        h = bh % nh
-        for i in range(m_len):
-            m = part_m[0, b, h, i]
-            for sp in range(1, n_splits):
-                m = max(m, part_m[sp, b, h, i])
-            ell = 0.0
-            row = o[b, h, i]  # [dv]: the splits' weighted sum, then the output
+    for bhi in prange(nb * nh * m_len):
+        i = bhi % m_len
+        b = bhi // (nh * m_len)
+        h = (bhi // m_len) % nh
+        m = part_m[0, b, h, i]
+        for sp in range(1, n_splits):
+            m = max(m, part_m[sp, b, h, i])
+        ell = 0.0
+        row = o[b, h, i]  # [dv]: the splits' weighted sum, then the output
+        for e in range(dv):
+            row[e] = 0.0
+        for sp in range(n_splits):
+            w = fast_exp(part_m[sp, b, h, i] - m)
+            ell += part_l[sp, b, h, i] * w
             for e in range(dv):
-                row[e] = 0.0
-            for sp in range(n_splits):
-                w = fast_exp(part_m[sp, b, h, i] - m)
-                ell += part_l[sp, b, h, i] * w
-                for e in range(dv):
-                    row[e] += part_acc[sp, b, h, e, i] * w
-            _finish(m, ell, row, row, lse, b, h, i, neg)
+                row[e] += part_acc[sp, b, h, e, i] * w
+        _finish(m, ell, row, row, lse, b, h, i, neg)
 
 
 @parallel_kernel

@@ -28,7 +28,15 @@ from numba import prange
 from perceiver_np.constants import LN_EPS
 from perceiver_np.shapes import Alloc
 
-from ._numba import REDUCTION_BLOCK_ROWS, empty, kernel_array, parallel_kernel, serial_kernel, threads_for
+from ._numba import (
+    REDUCTION_BLOCK_ROWS,
+    empty,
+    exact_parallel_kernel,
+    kernel_array,
+    parallel_kernel,
+    serial_kernel,
+    threads_for,
+)
 from .elementwise import bias_gelu_segment
 
 #: Rows per work item of the row kernels: each item allocates the moments' scratch once
@@ -384,6 +392,43 @@ def layernorm_backward(
 
 #: Entries per work item of :func:`max_abs` (256 KiB of float32).
 SCAN_BLOCK = 1 << 16
+#: Entries per work item of :func:`sum_squares`: its float64 scratch, [2, SQUARES_BLOCK], is 64 KiB.
+SQUARES_BLOCK = 1 << 12
+
+
+@exact_parallel_kernel
+def _block_sum_squares(x, block, out):  # pragma: no cover - compiled
+    """out[item] = the sum of float64(x[j])^2 over the item's ``block`` entries of the flat x,
+    pairwise (:func:`_pairwise_sum`, zeros past x's end): the order of every addition is fixed
+    by the block's position in x alone. Compiled without fast-math, so that a NaN or an
+    infinity, or a square that overflows float64, comes out as such."""
+    n = x.shape[0]
+    for item in prange(out.shape[0]):
+        lo = item * block
+        part = x[lo:min(n, lo + block)]  # indices from 0: no wrap-around test in the loop
+        buf = moments_scratch(block)
+        a = buf[0]
+        for j in range(part.shape[0]):
+            v = np.float64(part[j])
+            a[j] = v * v
+        a[part.shape[0]:] = 0.0
+        out[item] = _pairwise_sum(buf)
+
+
+def sum_squares(x: np.ndarray) -> float:
+    """The sum of x^2 over every entry of a float array of any shape, in float64, in one
+    parallel pass (no float64 copy of x): pairwise within blocks of SQUARES_BLOCK entries, then
+    over the blocks, so the result depends on x alone, never on the thread count. NaN when an
+    entry is NaN, infinite when one is or when the sum overflows float64."""
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        got = x.dtype.name if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(f"x: expected a float32 or float64 array, got {got}")
+    flat = kernel_array(x).reshape(-1)  # [...] -> [S]
+    out = np.empty(-(-flat.size // SQUARES_BLOCK), dtype=np.float64)  # [blocks]
+    with threads_for(flat.size):
+        _block_sum_squares(flat, SQUARES_BLOCK, out)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported by the result: inf or NaN
+        return float(np.sum(out))
 
 
 @parallel_kernel

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .kernels import elementwise
+from .kernels import elementwise, rows
 from .shapes import FLOAT_DTYPES
 
 Params = dict[str, np.ndarray]
@@ -217,12 +217,14 @@ def step_decay(lr: float, boundaries: Sequence[int], factors: Sequence[float]) -
 def global_norm(grads: Mapping[str, np.ndarray]) -> float:
     """``sqrt(sum over every tensor and entry of g^2)``, accumulated in float64: the norm of all
     gradients concatenated into one vector. NaN or infinite when an entry is, and infinite when
-    the sum of squares overflows float64 (entries above about 1e154); never raises for that."""
+    the sum of squares overflows float64 (entries above about 1e154); never raises for that.
+    Each tensor's sum of squares is one parallel pass with no float64 copy of it
+    (:func:`perceiver_np.kernels.rows.sum_squares`: pairwise in blocks, the same bits on any
+    number of threads); the tensors' sums are added in the order of ``grads``."""
     total = 0.0
     for name, g in grads.items():
         _float_tensor(f"grads[{name!r}]", g)
-        with np.errstate(over="ignore"):  # an overflow is reported by the result: inf
-            total += float(np.sum(np.square(g, dtype=np.float64)))
+        total += rows.sum_squares(g)
     return math.sqrt(total)
 
 

@@ -462,6 +462,41 @@ def test_schedules_are_values():
 # --- the global norm --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_squares_is_one_float64_pass_that_keeps_nan_and_overflow(rng, dtype):
+    """kernels.rows.sum_squares (what global_norm sums each tensor with): within float64
+    rounding of NumPy's float64 sum of squares, for sizes around its blocks (4096 entries),
+    views and a 3-D shape; the same bits on 1 and 2 threads; NaN for a NaN entry, inf for an
+    infinite one and for squares whose sum overflows float64."""
+    import numba
+
+    from perceiver_np.kernels import rows
+
+    for shape in ((0,), (1,), (4095,), (4097,), (3 * 4096 + 5,), (7, 300, 11)):
+        x = rng.normal(size=shape).astype(dtype)
+        want = float(np.sum(np.square(x, dtype=np.float64)))
+        got = rows.sum_squares(x)
+        assert got == want == 0.0 if x.size == 0 else _rel(got, want) <= FLOAT64_RTOL
+    view = rng.normal(size=(300, 200)).astype(dtype)[:, ::3]
+    assert _rel(rows.sum_squares(view), float(np.sum(np.square(view, dtype=np.float64)))) <= FLOAT64_RTOL
+    big = rng.normal(size=200_000).astype(dtype)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = rows.sum_squares(big)
+    finally:
+        numba.set_num_threads(threads)
+    assert rows.sum_squares(big) == one
+    for bad, check in ((np.nan, math.isnan), (np.inf, math.isinf), (-np.inf, math.isinf)):
+        y = big.copy()
+        y[123_456] = bad
+        assert check(rows.sum_squares(y))
+    if dtype == np.float64:
+        assert rows.sum_squares(np.full(3, 1e200)) == math.inf
+    with pytest.raises(TypeError, match="x: expected a float32 or float64 array, got int64"):
+        rows.sum_squares(np.ones(3, dtype=np.int64))
+
+
 def test_global_norm_and_an_overflowing_norm(rng):
     grads = _params(rng)
     want = np.linalg.norm(np.concatenate([g.ravel() for g in grads.values()]))
