@@ -116,6 +116,76 @@ def _head(a, b, h):  # pragma: no cover - compiled
     return b * (a.strides[0] // a.itemsize) + h * (a.strides[1] // a.itemsize)
 
 
+@serial_kernel
+def _softmax_state(bm, dv, neg):  # pragma: no cover - compiled
+    """The online softmax's state for bm queries before any key, in the dtype of ``neg`` (the
+    mask fill): the running max m_i [bm] at ``neg``, m_new and alpha [bm] scratch, the running
+    sum l_i [bm] at 0 in float64 (it sums N terms), the unnormalised output acc [dv, bm] at 0."""
+    m_i = np.full(bm, neg)
+    m_new = np.empty_like(m_i)
+    alpha = np.empty_like(m_i)  # exp(m_old - m_new), the rescale of one tile
+    l_i = np.zeros(bm, dtype=np.float64)
+    acc = np.zeros((dv, bm), dtype=m_i.dtype)  # acc[e, i]
+    return m_i, m_new, alpha, l_i, acc
+
+
+@serial_kernel
+def _softmax_tile(tile, mask, has_mask, b, t0, m_i, m_new, alpha, l_i, acc):  # pragma: no cover - compiled
+    """One key tile's step of the online softmax, in place: ``tile`` = S^T [bt, bm] of the
+    tile's keys t0.. (rows) against the block's queries becomes P^T = exp(S^T - m_i), masked keys
+    exactly 0 (keys of sample b whose mask is False); the running max m_i, the running sum l_i
+    [bm] and the accumulator acc [dv, bm] are first rescaled to the new max. m_new, alpha: [bm]
+    scratch. The caller then adds V_tile^T @ P^T to acc."""
+    bt, bm = tile.shape
+    dv = acc.shape[0]
+    # running max over the visible keys of the tile
+    m_new[:] = m_i
+    for t in range(bt):
+        if has_mask and not mask[b, t0 + t]:
+            continue
+        row = tile[t]
+        for i in range(bm):
+            m_new[i] = max(m_new[i], row[i])
+    # rescale what was kept so far by exp(m_old - m_new) <= 1: exact, never overflows
+    for i in range(bm):
+        alpha[i] = fast_exp(m_i[i] - m_new[i])
+        l_i[i] *= alpha[i]
+        m_i[i] = m_new[i]
+    for e in range(dv):
+        a = acc[e]
+        for i in range(bm):
+            a[i] *= alpha[i]
+    # P^T = exp(S^T - m_i), masked keys exactly 0; l_i += column sums of P^T
+    for t in range(bt):
+        row = tile[t]
+        if has_mask and not mask[b, t0 + t]:
+            row[:] = 0.0
+            continue
+        for i in range(bm):
+            p = fast_exp(row[i] - m_i[i])
+            row[i] = p
+            l_i[i] += p
+
+
+@serial_kernel
+def _end_split(m_i, l_i, acc, n_splits, sp, b, h, m0, part_m, part_l, part_acc, o, lse,  # pragma: no cover
+               neg):
+    """The end of a work item of pass 1, for its queries m0.. of head h of sample b: with one
+    split, o and lse at once (:func:`_finish`, pass 2's last step); else the split's state
+    (m_i, l_i, acc [dv, bm]) into part_m, part_l, part_acc at split ``sp`` for pass 2."""
+    bm = m_i.shape[0]
+    if n_splits == 1:  # the whole of N: o and lse now, no pass 2
+        for i in range(bm):
+            _finish(m_i[i], l_i[i], acc[:, i], o[b, h, m0 + i], lse, b, h, m0 + i, neg)
+        return
+    for i in range(bm):
+        part_m[sp, b, h, m0 + i] = m_i[i]
+        part_l[sp, b, h, m0 + i] = l_i[i]
+    for e in range(acc.shape[0]):
+        for i in range(bm):
+            part_acc[sp, b, h, e, m0 + i] = acc[e, i]
+
+
 @parallel_kernel
 def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
                      part_m, part_l, part_acc, o, lse, status):  # pragma: no cover - compiled
@@ -148,11 +218,7 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
             for d in range(dh):
                 q_t[d, i] = q[b, h, m0 + i, d] * scale
         s_t = np.empty((block_n, bm), dtype=q.dtype)  # S^T of one key tile, then P^T
-        m_i = np.full(bm, neg, dtype=q.dtype)  # running max
-        m_new = np.empty(bm, dtype=q.dtype)
-        alpha = np.empty(bm, dtype=q.dtype)  # exp(m_old - m_new), the rescale of one tile
-        l_i = np.zeros(bm, dtype=np.float64)  # running sum, in float64: it sums N terms
-        acc = np.zeros((dv, bm), dtype=q.dtype)  # acc[e, i], the unnormalised output
+        m_i, m_new, alpha, l_i, acc = _softmax_state(bm, dv, neg)
         for t0 in range(n0, n1, block_n):
             t1 = min(n1, t0 + block_n)
             bt = t1 - t0
@@ -162,47 +228,12 @@ def _forward_partial(q, k, v, mask, has_mask, scale, block_m, block_n, n_splits,
             # S^T = K_tile @ (scale Q)^T   [bt, dh] @ [dh, bm] -> [bt, bm]
             failed |= gemm_rows(False, False, bt, bm, dh, k, kb + t0 * k_row, k_row, q_t, 0, bm,
                                 s_t, 0, bm, 0.0)
-            # running max over the visible keys of the tile
-            m_new[:] = m_i
-            for t in range(bt):
-                if has_mask and not mask[b, t0 + t]:
-                    continue
-                row = tile[t]
-                for i in range(bm):
-                    m_new[i] = max(m_new[i], row[i])
-            # rescale what was kept so far by exp(m_old - m_new) <= 1: exact, never overflows
-            for i in range(bm):
-                alpha[i] = fast_exp(m_i[i] - m_new[i])
-                l_i[i] *= alpha[i]
-                m_i[i] = m_new[i]
-            for e in range(dv):
-                a = acc[e]
-                for i in range(bm):
-                    a[i] *= alpha[i]
-            # P^T = exp(S^T - m_i), masked keys exactly 0; l_i += column sums of P^T
-            for t in range(bt):
-                row = tile[t]
-                if has_mask and not mask[b, t0 + t]:
-                    row[:] = 0.0
-                    continue
-                for i in range(bm):
-                    p = fast_exp(row[i] - m_i[i])
-                    row[i] = p
-                    l_i[i] += p
+            _softmax_tile(tile, mask, has_mask, b, t0, m_i, m_new, alpha, l_i, acc)
             # acc += V_tile^T @ P^T   [dv, bt] @ [bt, bm] -> [dv, bm]
             failed |= gemm_rows(True, False, dv, bm, bt, v, vb + t0 * v_row, v_row, s_t, 0, bm,
                                 acc, 0, bm, 1.0)
         status[work] = failed
-        if n_splits == 1:  # the whole of N: o and lse now, no pass 2
-            for i in range(bm):
-                _finish(m_i[i], l_i[i], acc[:, i], o[b, h, m0 + i], lse, b, h, m0 + i, neg)
-            continue
-        for i in range(bm):
-            part_m[sp, b, h, m0 + i] = m_i[i]
-            part_l[sp, b, h, m0 + i] = l_i[i]
-        for e in range(dv):
-            for i in range(bm):
-                part_acc[sp, b, h, e, m0 + i] = acc[e, i]
+        _end_split(m_i, l_i, acc, n_splits, sp, b, h, m0, part_m, part_l, part_acc, o, lse, neg)
 
 
 @serial_kernel
@@ -320,11 +351,7 @@ def _input_attention_partial(x, w_in, gamma, beta, bias, has_bias, q, scale, mas
         h_t = np.empty((block_n, d), dtype=x.dtype)  # one key tile: h = LN(x @ w_in + bias)
         buf = moments_scratch(d)
         s_t = np.empty((block_n, q_len), dtype=x.dtype)  # S^T of one key tile, then P^T
-        m_i = np.full(q_len, neg, dtype=x.dtype)  # running max
-        m_new = np.empty(q_len, dtype=x.dtype)
-        alpha = np.empty(q_len, dtype=x.dtype)  # exp(m_old - m_new), the rescale of one tile
-        l_i = np.zeros(q_len, dtype=np.float64)  # running sum, in float64: it sums N terms
-        acc = np.zeros((d, q_len), dtype=x.dtype)  # acc[e, i], the unnormalised output
+        m_i, m_new, alpha, l_i, acc = _softmax_state(q_len, d, neg)
         for t0 in range(n0, n1, block_n):
             t1 = min(n1, t0 + block_n)
             bt = t1 - t0
@@ -345,48 +372,13 @@ def _input_attention_partial(x, w_in, gamma, beta, bias, has_bias, q, scale, mas
             failed = gemm_rows(False, False, bt, q_len, d, h_t, 0, d, q_t, 0, q_len, s_t, 0, q_len, 0.0)
             if failed != 0:
                 break
-            # running max over the visible keys of the tile
-            m_new[:] = m_i
-            for t in range(bt):
-                if has_mask and not mask[b, t0 + t]:
-                    continue
-                row = tile[t]
-                for i in range(q_len):
-                    m_new[i] = max(m_new[i], row[i])
-            # rescale what was kept so far by exp(m_old - m_new) <= 1: exact, never overflows
-            for i in range(q_len):
-                alpha[i] = fast_exp(m_i[i] - m_new[i])
-                l_i[i] *= alpha[i]
-                m_i[i] = m_new[i]
-            for e in range(d):
-                a = acc[e]
-                for i in range(q_len):
-                    a[i] *= alpha[i]
-            # P^T = exp(S^T - m_i), masked keys exactly 0; l_i += column sums of P^T
-            for t in range(bt):
-                row = tile[t]
-                if has_mask and not mask[b, t0 + t]:
-                    row[:] = 0.0
-                    continue
-                for i in range(q_len):
-                    p = fast_exp(row[i] - m_i[i])
-                    row[i] = p
-                    l_i[i] += p
+            _softmax_tile(tile, mask, has_mask, b, t0, m_i, m_new, alpha, l_i, acc)
             # acc += H_tile^T @ P^T (the values are the keys)   [D, bt] @ [bt, Q] -> [D, Q]
             failed = gemm_rows(True, False, d, q_len, bt, h_t, 0, d, s_t, 0, q_len, acc, 0, q_len, 1.0)
             if failed != 0:
                 break
         status[work] = failed
-        if n_splits == 1:  # the whole of N: o and lse now, no pass 2
-            for i in range(q_len):
-                _finish(m_i[i], l_i[i], acc[:, i], o[b, 0, i], lse, b, 0, i, neg)
-            continue
-        for i in range(q_len):
-            part_m[sp, b, 0, i] = m_i[i]
-            part_l[sp, b, 0, i] = l_i[i]
-        for e in range(d):
-            for i in range(q_len):
-                part_acc[sp, b, 0, e, i] = acc[e, i]
+        _end_split(m_i, l_i, acc, n_splits, sp, b, 0, 0, part_m, part_l, part_acc, o, lse, neg)
 
 
 def input_attention_forward(
