@@ -819,6 +819,11 @@ def head_products(a: np.ndarray, w: np.ndarray, heads: int, *, transpose_w: bool
             raise ValueError(f"w: expected shape ({k}, H*f) with H = {heads}, got {w.shape}")
         f = w.shape[1] // heads
     out = empty(alloc, "out", (r, heads * f), a.dtype)
+    if r * ak * f < SMALL_PRODUCT:  # on the calling thread, as every small product
+        for h in range(heads):  # [R, k] @ [k, f] -> [R, f]
+            w_h = w[:, h * k:(h + 1) * k].T if transpose_w else w[:, h * f:(h + 1) * f]
+            np.matmul(a[:, h * k:(h + 1) * k], w_h, out=out[:, h * f:(h + 1) * f])
+        return _expect_finite(out) if finite else out
     status = np.zeros(heads * math.ceil(r / PROJECT_BLOCK_ROWS), dtype=np.int32)
     with single_threaded_blas():
         _head_products(a, w, out, heads, k, f, transpose_w, PROJECT_BLOCK_ROWS, status, finite,

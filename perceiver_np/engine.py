@@ -220,7 +220,7 @@ def cross_block(
 
 #: The folded cross-attention is taken when it needs at most this fraction of the plain way's
 #: multiply-adds (:func:`folds`): its kernel's products are smaller than the plain way's
-#: large projections, so it needs a margin to win (docs/fast.md: equal speed at N = 256 with
+#: large projections, so it needs a margin to win (docs/fast.md: 3% slower at N = 256 with
 #: equal counts, 4% faster at N = 1k and 17% at N = 4k on the seed model, B = 32).
 FOLD_MAX_COST = 0.9
 

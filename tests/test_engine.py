@@ -169,26 +169,30 @@ def test_head_products_equal_each_heads_product(rng, dtype):
 
     tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(2, 40)
     heads, k, f = 3, 5, 7
-    a = rng.normal(size=(300, heads * k)).astype(dtype)
     w = rng.normal(size=(k, heads * f)).astype(dtype)
     w_t = rng.normal(size=(f, heads * k)).astype(dtype)
-    want = np.concatenate([a[:, i * k:(i + 1) * k] @ w[:, i * f:(i + 1) * f] for i in range(heads)], axis=1)
-    want_t = np.concatenate([a[:, i * k:(i + 1) * k] @ w_t[:, i * k:(i + 1) * k].T for i in range(heads)],
-                            axis=1)
-    for ops in (NUMBA_ENGINE, PLAIN_ENGINE):
-        assert relerr(ops.head_products(a, w, heads, finite=True), want) <= tol, ops.name
-        assert relerr(ops.head_products(a, w_t, heads, transpose_w=True, finite=True), want_t) <= tol
-        bad = w.copy()
-        bad[2, f + 3] = np.nan  # head 1
-        with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
-            ops.head_products(a, bad, heads, finite=True)
-        assert np.isnan(ops.head_products(a, bad, heads)[:, f + 3]).all()
+    # 300 rows (31,500 multiply-adds): under SMALL_PRODUCT, on the calling thread; 3000 rows
+    # (315,000): the kernel, with a partial row block
+    assert 300 * heads * k * f < gemm.SMALL_PRODUCT <= 3000 * heads * k * f
+    for a in (rng.normal(size=(r, heads * k)).astype(dtype) for r in (300, 3000)):
+        want = np.concatenate([a[:, i * k:(i + 1) * k] @ w[:, i * f:(i + 1) * f] for i in range(heads)],
+                              axis=1)
+        want_t = np.concatenate([a[:, i * k:(i + 1) * k] @ w_t[:, i * k:(i + 1) * k].T for i in range(heads)],
+                                axis=1)
+        for ops in (NUMBA_ENGINE, PLAIN_ENGINE):
+            assert relerr(ops.head_products(a, w, heads, finite=True), want) <= tol, ops.name
+            assert relerr(ops.head_products(a, w_t, heads, transpose_w=True, finite=True), want_t) <= tol
+            bad = w.copy()
+            bad[2, f + 3] = np.nan  # head 1
+            with pytest.raises(OverflowRisk, match="product: a product's output holds NaN or infinity"):
+                ops.head_products(a, bad, heads, finite=True)
+            assert np.isnan(ops.head_products(a, bad, heads)[:, f + 3]).all()
     with pytest.raises(ValueError, match=r"w: expected shape \(5, H\*f\) with H = 3, got \(5, 20\)"):
         gemm.head_products(a, np.ones((k, 20), dtype=dtype), heads)
     with pytest.raises(ValueError, match=r"w: expected shape \(f, 15\) \[f, H\*k\], got \(7, 14\)"):
         gemm.head_products(a, np.ones((f, 14), dtype=dtype), heads, transpose_w=True)
     with pytest.raises(ValueError, match=r"a: expected shape \(R, H\*k\) with H = 4, got \(300, 15\)"):
-        gemm.head_products(a, w, 4)
+        gemm.head_products(np.ones((300, heads * k), dtype=dtype), w, 4)
 
 
 def test_engine_float32_within_float32_rounding(rng):
