@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: test lint typecheck demo bench bench-model bench-pretrained bench-kernel bench-gemm bench-distributed clean
 
 # dev: the test tools (and the notebooks' runner); distributed: Dask, for tests/test_distributed.py;
-# mkl: Intel MKL, for tests/test_blas.py's MKL path;
+# mkl, blis: Intel MKL and BLIS, for tests/test_blas.py's MKL and BLIS paths;
 # compare: torch (the CPU build this machine keeps on disk, pinned) and
 # transformers, so that the cross-checks against them run instead of skipping. Then krasserm's
 # perceiver-io for tests/test_krasserm.py: its 0.11.0 (the last) says Python <3.11 and pins its
@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,compare,distributed,mkl]'
+	$(PY) -m pip install --quiet -e '.[dev,compare,distributed,mkl,blis]'
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0 fairscale==0.4.13
 	touch $(STAMP)
 

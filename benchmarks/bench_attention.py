@@ -7,12 +7,13 @@ Every figure is measured in this run: the sgemm peaks of OpenBLAS (NumPy) and of
 then for each shape the kernel, the plain path and torch's ``scaled_dot_product_attention``,
 each in a fresh worker process of its own with the same thread count (perceiver_np with glibc's
 default malloc and no allocator setting), timed in interleaved rounds after a warm-up, so that
-the ratios compare runs made under the same load. Our kernel's tile products call MKL
-(``OURS_BLAS``, as bench_model's "ours"). Times are min/median/max over the rounds; a
-ratio is other_time / our_time per round, min/median/max over the rounds. Peak extra memory is
-the growth of each worker's resident-set high-water mark (VmHWM, reset through
-/proc/self/clear_refs) during one forward+backward, so Numba's own allocations count too. The
-kernel is also timed on one thread (fresh workers) for the scaling table.
+the ratios compare runs made under the same load. Our kernel's tile products call the BLAS
+``runtime.tune(blas="auto")`` picks for this CPU (``OURS_BLAS``, as bench_model's "ours").
+Times are min/median/max over the rounds; a ratio is other_time / our_time per round,
+min/median/max over the rounds. Peak extra memory is the growth of each worker's resident-set
+high-water mark (VmHWM, reset through /proc/self/clear_refs) during one forward+backward, so
+Numba's own allocations count too. The kernel is also timed on one thread (fresh workers) for
+the scaling table.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numba
 import numpy as np
 from _common import (  # benchmarks/
     WorkerProcess,
+    best_peak,
     compile_then_cached,
     finish_plot,
     reset_high_water,
@@ -44,7 +46,7 @@ from _common import (  # benchmarks/
 H, DH = 4, 64
 #: The BLAS of our kernel's tile products (perceiver_np.kernels.blas), as bench_model's "ours":
 #: MKL, which the bench extra installs.
-OURS_BLAS = "mkl"
+OURS_BLAS = "auto"
 PLAIN_MAX_SCORES = 1 << 28  # the plain path holds several [B, H, M, N] arrays: 1 GiB each at most
 INPUT_MAX_BYTES = 4 << 30  # q, k, v together
 
@@ -127,8 +129,11 @@ def worker(system: str, threads: int) -> None:
 
         # threads, as the CLI; glibc's default malloc (keep_memory=False); the tiles on OURS_BLAS
         tuned = perceiver_np.runtime.tune(threads, keep_memory=False, blas=OURS_BLAS)
-        if tuned.blas != OURS_BLAS:
-            raise RuntimeError(f"ours: asked for BLAS {OURS_BLAS!r}, runs on {tuned.blas!r}")
+        from perceiver_np.kernels import blas
+
+        if tuned.blas != blas.preferred():
+            raise RuntimeError(f"ours: asked for BLAS {OURS_BLAS!r} ({blas.preferred()!r}), "
+                               f"runs on {tuned.blas!r}")
     out = sys.stdout
     sys.stdout = sys.stderr  # only the protocol on stdout
     fns = None
@@ -226,7 +231,7 @@ def machine(threads: int) -> dict[str, str]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
-        "our kernel's BLAS": OURS_BLAS,
+        "our kernel's BLAS": f"{OURS_BLAS}: {_preferred_blas()}",
     }
     try:
         import torch
@@ -297,6 +302,12 @@ def table(rows: list[dict], peak_gflops: float) -> str:
             f"| {ratio('torch', 0)} | {ratio('torch', 1)} |"
         )
     return "\n".join(lines)
+
+
+def _preferred_blas() -> str:
+    from perceiver_np.kernels import blas
+
+    return blas.preferred()
 
 
 def targets(rows: list[dict], peaks: dict[str, float], load: dict[str, float]) -> list[str]:
@@ -401,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print("torch is not installed: no torch columns (pip install -e '.[bench]')")
     info = machine(threads)
     peaks = sgemm_peaks(threads)
-    peak = peaks["OpenBLAS (NumPy)"]
+    peak_name, peak = best_peak(peaks)
     load = compile_and_load_times()
     rows = []
     for m, b, n in grid(args.quick):
@@ -413,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         "sgemm peaks (float32 4096^3, best of 3, this run): "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
-        + "; % sgemm peak below is against OpenBLAS's",
+        + f"; % sgemm peak below is against the best, {peak_name}",
         f"kernels, fresh process: first-call compile {load['compile']:.1f} s, "
         f"cached load {load['cached load']:.2f} s (import + float32 forward + backward)",
         f"fp32, H = {H}, dh = {DH}, {args.repeats} interleaved rounds after a warm-up; "

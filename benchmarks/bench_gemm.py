@@ -11,20 +11,21 @@ library timed once per round, in turn, a pause between libraries so that no pool
 
 - one thread, the call one of our tiles makes: OpenBLAS (NumPy's ``np.dot`` under a one-thread
   limit), MKL (the ``mkl`` wheel's ``cblas_sgemm``, its sequential layer, through ctypes),
-  BLIS (the ``blis`` wheel, single-threaded) and torch's ``torch.mm`` on one thread;
-- two threads: ours (``kernels.gemm.matmul`` / ``matmul_tn``: OpenBLAS tiles on Numba's
-  threads), ours on MKL (the same kernels after ``blas.use("mkl")``: MKL's sequential sgemm on
-  tiles cut for ``blas.FIXED_TILE_THREADS``, ``kernels/blas.py``), OpenBLAS on its own threads
-  (NumPy's ``@``) and ``torch.mm`` on two threads (oneDNN or MKL, its own threading).
+  BLIS as the ``blis`` wheel runs it (its own CPU detection), BLIS on the context
+  ``kernels/blas.py`` picks from the CPU's features (``bli_sgemm_ex`` through ctypes) and
+  torch's ``torch.mm`` on one thread;
+- two threads: ours (``kernels.gemm.matmul`` / ``matmul_tn``: SciPy's OpenBLAS on tiles on
+  Numba's threads), ours on MKL and ours on BLIS (the same kernels after ``blas.use``), all
+  on tiles cut for ``blas.FIXED_TILE_THREADS`` (``kernels/blas.py``), OpenBLAS on its own
+  threads (NumPy's ``@``) and ``torch.mm`` on two threads (oneDNN or MKL, its own threading).
 
 Each cell is GFLOP/s (2·m·k·n per product), median (min–max) over the rounds; a round times
 enough calls to fill ~20 ms. ``agree`` is max |theirs - OpenBLAS| / max |OpenBLAS| over the
 output. Each one-thread library is also asked whether it gives the same bits tile by tile as in
-one call (:func:`tiles_differ`): on OpenBLAS our products' tiles follow the thread count; a
-library that does not give the same bits tile by tile needs tiles of a shape fixed whatever the
-thread count to keep the same bits on any number of threads, which the kernels cut under MKL
-(tests/test_blas.py). A library that is not installed has no column
-(``pip install -e '.[bench]'``).
+one call (:func:`tiles_differ`): a library that does not cannot serve tiles whose shape follows
+the thread count and keep the same bits on any number of threads, which is why the kernels cut
+their tiles for a fixed count under every BLAS (tests/test_blas.py). A library that is not
+installed has no column (``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,32 @@ class Mkl:
                    b.ctypes.data, b.strides[0] // 4, 0.0, out.ctypes.data, out.strides[0] // 4)
 
 
+class Blis:
+    """BLIS's ``bli_sgemm_ex`` from the ``blis`` wheel with the context the kernels use (the
+    sub-configuration :func:`perceiver_np.kernels.blas.blis_config` picks), one thread."""
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL(str(blas.blis_library()))
+        blas.use("blis")  # the pools sized for the context, as the kernels have them
+        self.config, self.context = blas.blis_config(self.lib)
+        blas.use("scipy")
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        self.sgemm = self.lib.bli_sgemm_ex
+        self.sgemm.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, p,
+                               i64, i64, p, p]
+        self.sgemm.restype = None
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def product(self, kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """As :meth:`Mkl.product` (row-major strides, BLIS's general-stride interface)."""
+        m, n = out.shape
+        k = b.shape[0]
+        assert a.strides[1] == b.strides[1] == out.strides[1] == 4, "float32 rows with unit stride"
+        self.sgemm(8 if kind == "TN" else 0, 0, m, n, k, ctypes.addressof(self.one), a.ctypes.data,
+                   a.strides[0] // 4, 1, b.ctypes.data, b.strides[0] // 4, 1, ctypes.addressof(self.zero),
+                   out.ctypes.data, out.strides[0] // 4, 1, self.context, None)
+
+
 def gflops(m: int, k: int, n: int, seconds: float) -> float:
     """The rate of one [m, k] @ [k, n] product (or its TN twin) taking ``seconds``."""
     return 2.0 * m * k * n / seconds / 1e9
@@ -111,8 +138,11 @@ def libraries(threads: int) -> dict[str, Callable[[str, np.ndarray, np.ndarray, 
         def blis_1(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
             blis.py.gemm(a, b, out=out, trans1=kind == "TN", beta=0.0)
 
-        cols["1 thread: BLIS"] = blis_1
+        cols["1 thread: BLIS, own detection"] = blis_1
+        blis_ctx = Blis()
+        cols[f"1 thread: BLIS {blis_ctx.config}"] = blis_ctx.product
     except ImportError:
+        blis_ctx = None
         print("no BLIS column: pip install blis")
     try:
         import torch
@@ -137,16 +167,21 @@ def libraries(threads: int) -> dict[str, Callable[[str, np.ndarray, np.ndarray, 
 
     cols[f"{threads} threads: ours (OpenBLAS tiles)"] = ours
 
-    if mkl is not None:
-        def ours_mkl(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    def ours_on(name: str) -> Callable[..., Any]:
+        def product(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
             before = blas.current().name
-            blas.use("mkl")  # the kernels' MKL path: tiles cut for blas.FIXED_TILE_THREADS
+            blas.use(name)  # every kernel on that BLAS
             try:
                 ours(kind, a, b, out)
             finally:
                 blas.use(before)
 
-        cols[f"{threads} threads: ours (MKL tiles)"] = ours_mkl
+        return product
+
+    if mkl is not None:
+        cols[f"{threads} threads: ours (MKL tiles)"] = ours_on("mkl")
+    if blis_ctx is not None:
+        cols[f"{threads} threads: ours (BLIS tiles)"] = ours_on("blis")
     cols[f"{threads} threads: OpenBLAS"] = openblas
     if torch is not None:
         cols[f"{threads} threads: torch.mm"] = torch_mm

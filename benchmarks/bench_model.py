@@ -49,6 +49,7 @@ import competitors
 import numpy as np
 from _common import (  # benchmarks/
     WorkerProcess,
+    best_peak,
     compile_then_cached,
     finish_plot,
     machine,
@@ -86,9 +87,13 @@ class Ours:
         # SYSTEMS): the speed must not come from a process-wide allocator setting
         tuned = pnp.runtime.tune(threads)  # and the BLAS of PERCEIVER_NP_BLAS (SYSTEMS)
         want = os.environ.get("PERCEIVER_NP_BLAS") or tuned.blas
+        if want == pnp.runtime.AUTO:
+            from perceiver_np.kernels import blas
+
+            want = blas.preferred()
         if tuned.blas != want:
             raise RuntimeError(f"ours: asked for BLAS {want!r}, runs on {tuned.blas!r} "
-                               "(make bench-model installs the bench extra, mkl included)")
+                               "(make bench-model installs the bench extra, mkl and blis included)")
         self.pnp, self.optim, self.train = pnp, optim, train
         self.model = pnp.build(**SEED, dropout=0.0)
         self.job: Any = None
@@ -191,16 +196,27 @@ def worker(system: str, threads: int) -> None:
 # ---- the driver ----------------------------------------------------------------------------
 
 
+def _preferred_blas() -> str:
+    """The BLAS "ours" runs on here (PERCEIVER_NP_BLAS=auto), with its library's details."""
+    from perceiver_np.kernels import blas
+
+    name = blas.preferred()
+    lib = blas.use(name)
+    blas.use("scipy")
+    return f"{name} {lib.config}".strip()
+
+
 #: The systems, each with the values of PERCEIVER_NP_KEEP_MEMORY and PERCEIVER_NP_BLAS its worker
-#: gets: perceiver_np (runtime.tune(), glibc's default malloc, the kernels' products on MKL,
-#: which the bench extra installs: perceiver_np.kernels.blas); torch as a PyTorch user runs it
+#: gets: perceiver_np (runtime.tune(), glibc's default malloc, the kernels' products on the
+#: BLAS that PERCEIVER_NP_BLAS=auto picks for this CPU, kernels.blas.preferred(): MKL on Intel,
+#: BLIS on another CPU with AVX-512, both in the bench extra); torch as a PyTorch user runs it
 #: (glibc's default malloc); torch with freed memory kept too, to show what the allocator setting
 #: alone is worth to torch; and the competitors of benchmarks/competitors.py (torch.compile
 #: frozen and not, ONNX Runtime, OpenVINO with both performance hints, JAX jit), with glibc's
 #: default malloc; ours with freed memory kept, to show that our speed does not come from that
-#: setting; and ours on SciPy's OpenBLAS (what an untuned process uses), to show what MKL gives.
-SYSTEMS = {"ours": ("ours", "0", "mkl"), "torch": ("torch", "0", ""), "torch_kept": ("torch", "1", ""),
-           **{name: (name, "0", "") for name in competitors.INFERENCE}, "ours_kept": ("ours", "1", "mkl"),
+#: setting; and ours on SciPy's OpenBLAS (what an untuned process uses), to show what that BLAS gives.
+SYSTEMS = {"ours": ("ours", "0", "auto"), "torch": ("torch", "0", ""), "torch_kept": ("torch", "1", ""),
+           **{name: (name, "0", "") for name in competitors.INFERENCE}, "ours_kept": ("ours", "1", "auto"),
            "ours_openblas": ("ours", "0", "scipy")}
 #: Our own variants: columns of the competitors' table, but never "the fastest competitor".
 OURS_VARIANTS = ("ours_kept", "ours_openblas")
@@ -391,9 +407,10 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
                        f"({r['kind']} B {r['b']} N {r['n']}) -> {verdict(q >= 0.95)}")
     gains = [(float(np.median(r["ratios_all"]["ours_openblas"])), r)
              for r in rows if "ours_openblas" in r["ratios_all"]]
-    if gains:  # ratio = ours on OpenBLAS / ours (on MKL): what runtime.tune(blas="mkl") gives
+    if gains:  # ratio = ours on OpenBLAS / ours (on the preferred BLAS): what tune(blas="auto") gives
         lo, hi = min(gains, key=lambda qr: qr[0]), max(gains, key=lambda qr: qr[0])
-        out.append(f"the products on MKL (not a target): ours on OpenBLAS / ours from {lo[0]:.2f} "
+        out.append(f"the products on {_preferred_blas()} (not a target): ours on OpenBLAS / ours "
+                   f"from {lo[0]:.2f} "
                    f"({lo[1]['kind']} B {lo[1]['b']} N {lo[1]['n']}) to {hi[0]:.2f} "
                    f"({hi[1]['kind']} B {hi[1]['b']} N {hi[1]['n']})")
     infer = [r for r in rows if r["kind"] in ("infer", "stream")]
@@ -495,9 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     from perceiver_np.cost import forward_flops
 
     cfg = build(**SEED).config
-    info = machine(args.threads, ("numpy", "numba", "torch", "mkl"))
+    info = machine(args.threads, ("numpy", "numba", "torch", "mkl", "blis"))
     peaks = sgemm_peaks(args.threads)
-    peak = peaks["OpenBLAS (NumPy)"]
+    peak_name, peak = best_peak(peaks)
     load = compile_and_load() if not args.quick else {}
     kinds = set(args.kinds.split(","))
     infer_ns = [n for n in INFER_B32 if "infer" in kinds and (not args.quick or n <= 4096)]
@@ -550,11 +567,13 @@ def main(argv: list[str] | None = None) -> int:
     report = [
         "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         "- sgemm peaks (float32 4096^3, best of 3, this run): "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + "; % peak is against OpenBLAS's",
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+        + f"; % peak is against the best, {peak_name}",
         f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
         "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours = runtime.tune() "
-        "with PERCEIVER_NP_BLAS=mkl (the kernels' products on MKL, kernels/blas.py; 'ours on "
+        f"with PERCEIVER_NP_BLAS=auto (the kernels' products on {_preferred_blas()}, kernels/blas.py; "
+        "'ours on "
         "OpenBLAS' below is the same worker on SciPy's OpenBLAS); ours extra = our peak RSS "
         "minus our worker's RSS before the shape (inputs made, nothing run); both run with glibc's "
         "default malloc (ours reuses the buffers of its workspace, docs/fast.md), and the last two "

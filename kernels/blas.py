@@ -1,11 +1,13 @@
-"""Which BLAS the kernels' products call: SciPy's (the default) or Intel MKL, chosen at run time.
+"""Which BLAS the kernels' products call: SciPy's (the default), Intel MKL or BLIS, chosen at run time.
 
 ::
 
     from perceiver_np.kernels import blas
     blas.current().name        # "scipy": the sgemm/dgemm SciPy's BLAS exports (OpenBLAS in its wheels)
     blas.use("mkl")            # MKL's sgemm/dgemm from the ``mkl`` wheel, on its sequential layer
+    blas.use("blis")           # BLIS's from the ``blis`` wheel, on the widest kernels this CPU runs
     blas.use("scipy")          # back
+    blas.preferred()           # the rule runtime.tune(blas="auto") follows on this machine
 
 Every product of the kernels (:func:`perceiver_np.kernels.gemm.gemm_rows` and everything built
 on it: the tiled products, the attention kernel's tile products) calls the BLAS through a table
@@ -16,17 +18,29 @@ when it is first imported, before any kernel is compiled or loaded from Numba's 
 copy of the module uses the same table), so :func:`use` switches every kernel at once, cached
 ones included. Products below ``gemm.SMALL_PRODUCT`` multiply-adds stay NumPy's ``@``.
 
-Why MKL: on the seed model's product shapes, MKL's single-threaded sgemm is faster than
-OpenBLAS's (docs/performance-gemm.md), and the engine's products are most of a step.
+Why MKL: on the seed model's product shapes on an Intel CPU, MKL's single-threaded sgemm is
+faster than OpenBLAS's (docs/performance-gemm.md), and the engine's products are most of a step.
 
-The same bits on any number of threads: a product is split into tiles, one BLAS call each.
-OpenBLAS gives a tile's entries the same bits whatever the tile's shape (it never splits the
-sum over K by the shape of the output block), so its tiles follow the thread count. MKL does
-not: at K >= 1024 and in the weight gradients, a tile of other rows or columns sums in another
-order (docs/performance-gemm.md, "tiles differ"). Under MKL the tiles are therefore cut as if
-for :data:`FIXED_TILE_THREADS` threads, whatever the real count: the same calls on the same
-blocks, so the same bits on 1, 2 or 16 threads (tests/test_blas.py). MKL gives the same bits
-wherever the blocks lie in memory (also tested), so the workspace's placement does not matter.
+Why BLIS: on an AVX-512 CPU that is not Intel's (AMD Zen 4 and 5), neither MKL (its AVX-512 code
+runs on Intel CPUs only) nor OpenBLAS (whose kernel choice the environment may pin, as
+``OPENBLAS_CORETYPE=Haswell`` does on the machine of docs/performance-gemm.md) multiplies with
+512-bit vectors. The ``blis`` wheel carries BLIS's AVX-512 kernels (its "skx" sub-configuration)
+but its CPU detection predates these CPUs and falls back to its generic C kernels. So this
+module asks BLIS for a sub-configuration by what the CPU can run (:data:`BLIS_CONFIGS`: "skx"
+when the CPU has AVX-512 F, DQ, BW and VL, "haswell" with AVX2 and FMA) and passes that context
+to every call (``bli_sgemm_ex``). The kernels call a Fortran-interface function, so a small
+compiled adapter (:func:`_blis_adapter`, a Numba ``cfunc``) takes the Fortran arguments and
+makes the BLIS call. One thing is set in BLIS for the whole process: its packing buffers are
+sized for that context when it is loaded (:func:`_blis_pools`, which says why).
+
+The same bits on any number of threads: a product is split into tiles, one BLAS call each, and
+no BLAS promises that a tile's entries get the same bits whatever the tile's shape. MKL's do
+not at K >= 1024 on an Intel Xeon (docs/performance-gemm.md, "tiles differ"), and SciPy's
+OpenBLAS's do not at any K on an AMD Zen 5, where they did on the Xeon. So the tiles are cut
+as if for :data:`FIXED_TILE_THREADS` threads under every BLAS, whatever the real count
+(``gemm._threads``): the same calls on the same blocks, so the same bits on 1, 2 or 16 threads
+(tests/test_blas.py, tests/test_threads.py). Every BLAS here gives the same bits wherever the
+blocks lie in memory (also tested), so the workspace's placement does not matter.
 
 MKL comes from the ``mkl`` wheel (``pip install perceiver_np[mkl]``): its ``libmkl_rt``, whose
 threading layer :func:`use` sets to sequential (each call on the calling thread: the threads
@@ -47,14 +61,19 @@ from llvmlite import binding as llvm
 #: The LLVM symbol of the table: ``void *[3]``, the sgemm and the dgemm the kernels call, then
 #: the index in CHOICES of the BLAS they belong to.
 TABLE_SYMBOL = "perceiver_np_gemm_table"
-#: The tiles of a product under a BLAS whose bits depend on the tile's shape (MKL) are cut as
-#: for this many threads, whatever the real count (8: two tiles per thread on 4 threads, and
-#: the seed's products keep tiles of 256 rows or more).
+#: The tiles of a product are cut as for this many threads, whatever the real count (a BLAS's
+#: bits may depend on the tile's shape): 8, two tiles per thread on 4 threads, and the seed's
+#: products keep tiles of 256 rows or more. Products of many rows get more tiles than this
+#: (tiles of at most BIAS_BLOCK_ROWS or PROJECT_BLOCK_ROWS rows, kernels/gemm.py).
 FIXED_TILE_THREADS = 8
 #: The names :func:`use` takes.
-CHOICES = ("scipy", "mkl")
+CHOICES = ("scipy", "mkl", "blis")
 #: MKL's runtime library in the ``mkl`` wheel, newest soname first.
 MKL_LIBRARIES = ("libmkl_rt.so.3", "libmkl_rt.so.2")
+#: BLIS's sub-configurations this module may pick, best first, each with the CPU features
+#: (LLVM's names, llvmlite.binding.get_host_cpu_features) its kernels need.
+BLIS_CONFIGS = (("skx", ("avx512f", "avx512dq", "avx512bw", "avx512vl")), ("haswell", ("avx2", "fma")))
+_BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE = 0, 8  # BLIS's trans_t values (BLIS_BITVAL_TRANS = 0x8)
 _MKL_THREADING_SEQUENTIAL = 1
 _MKL_INTERFACE_LP64 = 0
 
@@ -66,8 +85,8 @@ class Blas:
     name: str  # one of CHOICES
     sgemm: int  # the address of its Fortran-interface sgemm
     dgemm: int  # and dgemm
-    tiles_follow_threads: bool  # its bits do not depend on a tile's shape (else FIXED_TILE_THREADS)
     library: str  # where it came from, for reports
+    config: str = ""  # BLIS's sub-configuration whose kernels run ("skx", "haswell"); else ""
 
 
 def _shared_table() -> tuple[ctypes.Array, bool]:
@@ -104,7 +123,7 @@ def _scipy() -> Blas:
     from scipy.linalg import cython_blas
 
     capi = cython_blas.__pyx_capi__
-    return Blas("scipy", _capsule_pointer(capi["sgemm"]), _capsule_pointer(capi["dgemm"]), True,
+    return Blas("scipy", _capsule_pointer(capi["sgemm"]), _capsule_pointer(capi["dgemm"]),
                 "scipy.linalg.cython_blas")
 
 
@@ -141,13 +160,111 @@ def _mkl() -> Blas:
     lib = load_mkl()
     address = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("sgemm", "dgemm")]
     assert address[0] and address[1]
-    return Blas("mkl", int(address[0]), int(address[1]), False, str(mkl_library()))
+    return Blas("mkl", int(address[0]), int(address[1]), str(mkl_library()))
+
+
+def blis_library() -> Path:
+    """The ``blis`` wheel's extension module, which holds BLIS and exports its C API;
+    ImportError naming the package when it is not installed."""
+    try:
+        import blis.cy
+    except ImportError as err:
+        raise ImportError("blas 'blis': the blis package is not installed; install it with "
+                          "pip install 'perceiver_np[blis]'") from err
+    return Path(blis.cy.__file__)
+
+
+def blis_config(lib: ctypes.CDLL, features: dict[str, bool] | None = None) -> tuple[str, int]:
+    """The first of BLIS_CONFIGS that this build of BLIS holds and whose features the CPU has
+    (``features``: LLVM's host CPU features by default), with the address of its context; else
+    BLIS's own choice. RuntimeError when BLIS has no context for the sub-configuration."""
+    if features is None:
+        features = dict(llvm.get_host_cpu_features())
+    arch_string = lib.bli_arch_string
+    arch_string.restype, arch_string.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    lookup = lib.bli_gks_lookup_nat_cntx
+    lookup.restype, lookup.argtypes = ctypes.c_void_p, [ctypes.c_int]
+    lib.bli_init()
+    names = {}
+    for arch_id in range(lib.bli_arch_query_id() + 64):  # the arch_t enumeration; ends in unnamed ids
+        name = arch_string(arch_id)
+        if name in (b"refrnce", b"virtual", b"optimzd", b"notappl"):  # past the sub-configurations
+            break
+        if name:
+            names[name.decode()] = arch_id
+    for name, needs in BLIS_CONFIGS:
+        if name in names and all(features.get(f) for f in needs) and lookup(names[name]):
+            return name, int(lookup(names[name]))
+    own = lib.bli_arch_query_id()
+    context = lookup(own)
+    if not context:
+        raise RuntimeError(f"blas 'blis': BLIS has no context for its own sub-configuration "
+                           f"{arch_string(own)!r}")
+    return arch_string(own).decode(), int(context)
+
+
+def _blis_adapter(function: int, context: int) -> int:
+    """The address of a Fortran-interface ``?gemm`` (every argument by reference, column-major)
+    that calls BLIS's ``bli_?gemm_ex`` (at ``function``) with the context at ``context``:
+    strides (1, ld) for each column-major operand, BLIS's default runtime (single-threaded:
+    the wheel is built without threads; the kernels' threads are Numba's)."""
+    from numba import cfunc, types
+
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    blis_gemm = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, i64,
+                                 ptr, i64, i64, ptr, ptr, i64, i64, i64, i64)(function)
+    byte, int32 = types.CPointer(types.uint8), types.CPointer(types.int32)
+    signature = types.void(byte, byte, int32, int32, int32, types.voidptr, types.voidptr, int32,
+                           types.voidptr, int32, types.voidptr, types.voidptr, int32)
+    no, yes, lower_n, upper_n = _BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE, ord("n"), ord("N")
+
+    @cfunc(signature, nopython=True)
+    def gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # pragma: no cover
+        # 'N' or 'n': the operand as it lies; anything else ('T', 't', 'C', 'c'; real data): transposed
+        ta = no if transa[0] == upper_n or transa[0] == lower_n else yes
+        tb = no if transb[0] == upper_n or transb[0] == lower_n else yes
+        blis_gemm(ta, tb, m[0], n[0], k[0], alpha, a, 1, lda[0], b, 1, ldb[0], beta, c, 1, ldc[0], context, 0)
+
+    _adapters.append(gemm)  # the compiled function lives as long as the process
+    return int(gemm.address)
+
+
+def _blis_pools(lib: ctypes.CDLL, context: int) -> None:
+    """Size BLIS's packing-buffer pools for ``context`` (its largest blocks, every datatype),
+    as BLIS itself does at start-up for the sub-configuration it detected. Needed because a
+    pool whose blocks are too small for a request is rebuilt on the spot, which BLIS aborts
+    the process over when another thread holds one of its blocks: exactly what two of the
+    kernels' threads would meet in their first calls with a context larger than BLIS's own.
+    Made once, when the BLIS is loaded (no call of ours in flight; pools are filled lazily,
+    so nothing is allocated here)."""
+    query = lib.bli_membrk_query
+    query.restype = ctypes.c_void_p
+    lib.bli_membrk_finalize_pools.argtypes = [ctypes.c_void_p]
+    lib.bli_membrk_init_pools.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    broker = query()
+    lib.bli_membrk_finalize_pools(broker)
+    lib.bli_membrk_init_pools(context, broker)
+
+
+def _blis() -> Blas:
+    path = blis_library()
+    lib = ctypes.CDLL(str(path))
+    config, context = blis_config(lib)
+    _blis_pools(lib, context)
+    address = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("bli_sgemm_ex", "bli_dgemm_ex")]
+    assert address[0] and address[1]
+    sgemm, dgemm = (_blis_adapter(int(a), context) for a in address)
+    return Blas("blis", sgemm, dgemm, str(path), config)
+
+
+_adapters: list = []
+_LOADERS = {"scipy": _scipy, "mkl": _mkl, "blis": _blis}
 
 
 def _load(name: str) -> Blas:
     with _lock:
         if name not in _loaded:
-            _loaded[name] = _scipy() if name == "scipy" else _mkl()
+            _loaded[name] = _LOADERS[name]()
         return _loaded[name]
 
 
@@ -168,14 +285,47 @@ def current() -> Blas:
 
 
 def available() -> list[str]:
-    """The names of CHOICES that can be used here (MKL when its library is installed)."""
+    """The names of CHOICES that can be used here (MKL and BLIS when their packages are installed)."""
     out = ["scipy"]
-    try:
-        mkl_library()
-        out.append("mkl")
-    except ImportError:
-        pass
+    for name, find in (("mkl", mkl_library), ("blis", blis_library)):
+        try:
+            find()
+            out.append(name)
+        except ImportError:
+            pass
     return out
+
+
+def preferred(features: dict[str, bool] | None = None, vendor: str | None = None) -> str:
+    """The BLAS ``runtime.tune(blas="auto")`` picks, by a fixed rule on what the CPU is (never by
+    timing, so that two runs on one machine compute the same bits), from what is installed:
+    MKL on an Intel CPU; BLIS on another CPU with AVX-512 (MKL's and a pinned OpenBLAS's
+    products run there at the AVX2 width only); else SciPy's. ``features``: LLVM's host CPU
+    features, ``vendor``: /proc/cpuinfo's vendor_id (both read here by default). The measured
+    reasons are in docs/performance-gemm.md."""
+    if features is None:
+        features = dict(llvm.get_host_cpu_features())
+    if vendor is None:
+        vendor = _cpu_vendor()
+    have = available()
+    avx512 = all(features.get(f) for f in BLIS_CONFIGS[0][1])
+    if vendor == "GenuineIntel" and "mkl" in have:
+        return "mkl"
+    if avx512 and "blis" in have:
+        return "blis"
+    return "scipy"
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 if _NEW_TABLE:

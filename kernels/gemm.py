@@ -18,17 +18,18 @@ with it (docs/fast.md has the measurement). With every product and every kernel 
 Numba's pool, one pool owns the cores and nothing spins between steps. Each work item is one
 BLAS sgemm/dgemm on its own tile of the output (the BLAS of :mod:`perceiver_np.kernels.blas`:
 SciPy's, the one ``np.dot`` calls in Numba, held to one thread for the call so that the two
-pools never stack, or MKL's sequential one): the parallel loops write disjoint outputs.
+pools never stack; MKL's sequential one; or BLIS's, built without threads): the parallel
+loops write disjoint outputs.
 
 The tiles (:func:`tiles`): a BLAS call first copies its rows of ``a`` and its columns of ``w``
 into its own layout ("packing"), so every tile that spans all of ``w``'s columns packs all of
 ``w`` again. Many rows (a batch) are split into row blocks, as the weight is small beside them;
 few rows against a wide weight (one sample's 256 latents of 1280 channels) are split into
 column blocks, so that the threads pack one part of the weight each instead of all of it each.
-The tiles are cut for Numba's thread count, or for ``blas.FIXED_TILE_THREADS`` under MKL, whose
-bits depend on a tile's shape. The call goes through the BLAS table with explicit leading
-dimensions (:func:`_xxgemm`), which also reads a weight's transpose (``w.T`` in a backward) in
-place instead of copying it.
+The tiles are cut for ``blas.FIXED_TILE_THREADS`` threads whatever the real count, as a
+BLAS's bits may depend on a tile's shape (:mod:`perceiver_np.kernels.blas`). The call goes
+through the BLAS table with explicit leading dimensions (:func:`_xxgemm`), which also reads a
+weight's transpose (``w.T`` in a backward) in place instead of copying it.
 
 ``gemm_rows`` is one such call on sub-blocks (offsets and row strides into arrays as they lie,
 either operand transposed, ``beta`` 0 or 1): the attention kernel's tile products.
@@ -556,13 +557,11 @@ def _expect_finite(out: np.ndarray) -> np.ndarray:
 
 
 def _threads() -> int:
-    """The thread count the tiles are cut for: Numba's, or blas.FIXED_TILE_THREADS under a
-    BLAS whose bits depend on the tile's shape (:mod:`perceiver_np.kernels.blas`)."""
-    import numba
-
-    if not blas.current().tiles_follow_threads:
-        return blas.FIXED_TILE_THREADS
-    return int(numba.get_num_threads())
+    """The thread count the tiles are cut for: blas.FIXED_TILE_THREADS, whatever Numba's is, so
+    that a product makes the same BLAS calls on any number of threads (a BLAS's bits may depend
+    on a tile's shape: :mod:`perceiver_np.kernels.blas`). One function, so tests can cut the
+    tiles for another count."""
+    return blas.FIXED_TILE_THREADS
 
 
 def _check(name: str, a: np.ndarray, ndim: int, letters: str, dtype: np.dtype | None = None,

@@ -6,6 +6,7 @@
     perceiver_np.runtime.tune()          # what the CLI and the benchmarks do first
     perceiver_np.runtime.tune(threads=2, keep_memory=False)
     perceiver_np.runtime.tune(blas="mkl")   # the kernels' products on MKL (pip install 'perceiver_np[mkl]')
+    perceiver_np.runtime.tune(blas="auto")  # on the BLAS kernels.blas.preferred() names for this CPU
 
 :func:`tune` makes up to four process-wide settings (docs/fast.md has the diagnosis;
 docs/performance.md the benchmark's figures):
@@ -23,9 +24,12 @@ docs/performance.md the benchmark's figures):
 - ``keep_memory``: glibc keeps freed memory for reuse (:mod:`perceiver_np.memory`); default
   on unless ``PERCEIVER_NP_KEEP_MEMORY=0``.
 - ``blas``: the BLAS every product of the kernels calls, "scipy" (SciPy's, OpenBLAS in its
-  wheels; what an untuned process uses) or "mkl" (the ``mkl`` wheel, on MKL's sequential
-  threading layer, a setting of MKL's that is process-wide): :mod:`perceiver_np.kernels.blas`;
-  default ``PERCEIVER_NP_BLAS`` if set, else unchanged.
+  wheels; what an untuned process uses), "mkl" (the ``mkl`` wheel, on MKL's sequential
+  threading layer, a setting of MKL's that is process-wide), "blis" (the ``blis`` wheel, on
+  the widest kernels the CPU runs), or "auto": the one :func:`perceiver_np.kernels.blas.preferred`
+  names by a fixed rule on the CPU (MKL on Intel, BLIS on another CPU with AVX-512, else
+  SciPy's; among those installed): :mod:`perceiver_np.kernels.blas`; default
+  ``PERCEIVER_NP_BLAS`` if set, else unchanged.
 
 Environment values are never fatal: a value that cannot be used is reported with a
 :class:`RuntimeWarning` naming the variable and ignored (or clamped to the allowed range).
@@ -43,6 +47,10 @@ from .threads import get_num_threads, set_num_threads
 THREADS_ENV = threads.ENV
 MEMORY_ENV = memory.ENV
 BLAS_ENV = "PERCEIVER_NP_BLAS"
+#: The ``blas`` value (and PERCEIVER_NP_BLAS value) that means kernels.blas.preferred().
+AUTO = "auto"
+#: The package each optional BLAS comes from, for messages (each is also an extra of perceiver_np).
+PACKAGES = {"mkl": "MKL", "blis": "BLIS"}
 
 
 @dataclass(frozen=True)
@@ -91,22 +99,24 @@ def env_keep_memory() -> bool:
 
 
 def env_blas() -> str | None:
-    """``PERCEIVER_NP_BLAS`` when it names a BLAS that can be used here, else None (unset, or
-    with a RuntimeWarning naming the value: not one of kernels.blas.CHOICES, or MKL not
-    installed)."""
+    """``PERCEIVER_NP_BLAS`` when it names a BLAS that can be used here ("auto" resolved), else
+    None (unset, or with a RuntimeWarning naming the value: not one of kernels.blas.CHOICES or
+    "auto", or its package not installed)."""
     from perceiver_np.kernels import blas
 
     value = os.environ.get(BLAS_ENV)
     if value is None or value.strip() == "":
         return None
     name = value.strip().lower()
+    if name == AUTO:
+        return blas.preferred()
     if name not in blas.CHOICES:
-        warnings.warn(f"{BLAS_ENV}={value!r} is not one of {', '.join(blas.CHOICES)}; ignored",
+        warnings.warn(f"{BLAS_ENV}={value!r} is not one of {', '.join((*blas.CHOICES, AUTO))}; ignored",
                       RuntimeWarning, stacklevel=3)
         return None
     if name not in blas.available():
-        warnings.warn(f"{BLAS_ENV}={value!r}: MKL is not installed (pip install 'perceiver_np[mkl]'); "
-                      "ignored", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{BLAS_ENV}={value!r}: {PACKAGES[name]} is not installed "
+                      f"(pip install 'perceiver_np[{name}]'); ignored", RuntimeWarning, stacklevel=3)
         return None
     return name
 
@@ -134,7 +144,8 @@ def tune(
     blas: str | None = None,
 ) -> Tuned:
     """Apply the process-wide settings of the module docstring; returns what was done. A bad
-    ``blas`` raises (ValueError naming the choices, ImportError when MKL is not installed)."""
+    ``blas`` raises (ValueError naming the choices, ImportError when its package is not
+    installed); ``blas="auto"`` takes :func:`perceiver_np.kernels.blas.preferred`."""
     from perceiver_np.kernels import blas as blas_lib
 
     n = env_threads() if threads is None else threads
@@ -145,6 +156,8 @@ def tune(
     if keep:
         memory.keep_freed_memory(True)
     chosen = env_blas() if blas is None else blas
+    if chosen == AUTO:
+        chosen = blas_lib.preferred()
     if chosen is not None:
         blas_lib.use(chosen)
     return Tuned(get_num_threads(), passive, memory.keeping, blas_lib.current().name)

@@ -1,6 +1,6 @@
-"""The kernels' BLAS (perceiver_np.kernels.blas): SciPy's or MKL's, switched at run time, every
-product of the kernels on the chosen one, the same bits on any number of threads and wherever
-the arrays lie, and clear errors."""
+"""The kernels' BLAS (perceiver_np.kernels.blas): SciPy's, MKL's or BLIS's, switched at run time,
+every product of the kernels on the chosen one, the same bits on any number of threads and
+wherever the arrays lie, and clear errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,14 @@ import pytest
 import perceiver_np as pnp
 from perceiver_np import tolerances
 from perceiver_np.kernels import attention, blas, gemm
+from perceiver_np.kernels._numba import REDUCTION_BLOCK_ROWS
 
 needs_mkl = pytest.mark.skipif("mkl" not in blas.available(),
                                reason="MKL is not installed (make test installs perceiver_np[mkl])")
+needs_blis = pytest.mark.skipif("blis" not in blas.available(),
+                                reason="BLIS is not installed (make test installs perceiver_np[blis])")
+#: The optional BLAS libraries, each test of them skipped (with the reason) when not installed.
+OPTIONAL = [pytest.param("mkl", marks=needs_mkl), pytest.param("blis", marks=needs_blis)]
 
 
 @pytest.fixture
@@ -42,9 +47,9 @@ def _on(name: str, fn):
 
 
 def test_bad_name_is_named(restore_blas):
-    with pytest.raises(ValueError, match=r"blas: expected one of 'scipy', 'mkl', got 'openblas'"):
+    with pytest.raises(ValueError, match=r"blas: expected one of 'scipy', 'mkl', 'blis', got 'openblas'"):
         blas.use("openblas")
-    with pytest.raises(ValueError, match=r"blas: expected one of 'scipy', 'mkl', got 'MKL '"):
+    with pytest.raises(ValueError, match=r"blas: expected one of 'scipy', 'mkl', 'blis', got 'MKL '"):
         pnp.runtime.tune(blas="MKL ")
 
 
@@ -53,8 +58,19 @@ def test_missing_mkl_is_an_import_error_naming_the_package(monkeypatch, restore_
     monkeypatch.setattr(blas, "_loaded", {k: v for k, v in blas._loaded.items() if k != "mkl"})
     with pytest.raises(ImportError, match=r"blas 'mkl': .*so.999.*pip install 'perceiver_np\[mkl\]'"):
         blas.use("mkl")
-    assert blas.available() == ["scipy"]
+    assert "mkl" not in blas.available()
     assert blas.current().name == "scipy"  # nothing switched
+
+
+def test_missing_blis_is_an_import_error_naming_the_package(monkeypatch, restore_blas):
+    monkeypatch.setattr(blas, "_loaded", {k: v for k, v in blas._loaded.items() if k != "blis"})
+    monkeypatch.setitem(sys.modules, "blis.cy", None)  # as if not installed: import raises
+    monkeypatch.setitem(sys.modules, "blis", None)
+    with pytest.raises(ImportError, match=r"blas 'blis': the blis package .*pip install "
+                                          r"'perceiver_np\[blis\]'"):
+        blas.use("blis")
+    assert "blis" not in blas.available()
+    assert blas.current().name == "scipy"
 
 
 def test_a_refused_call_raises_instead_of_leaving_garbage(rng, restore_blas):
@@ -75,13 +91,22 @@ def test_a_refused_call_raises_instead_of_leaving_garbage(rng, restore_blas):
         gemm.matmul_tn(big, big)
 
 
-def test_the_default_is_scipys_blas_bit_for_bit_numpys(rng):
-    """Untuned, the products call SciPy's BLAS: on these shapes OpenBLAS gives NumPy's ``@``
-    bits tile by tile (one call or many)."""
-    assert blas.current().name == "scipy" and blas.current().tiles_follow_threads
-    a = rng.standard_normal((2048, 300)).astype(np.float32)
-    w = rng.standard_normal((300, 256)).astype(np.float32)
-    np.testing.assert_array_equal(gemm.matmul(a, w), a @ w)
+def test_the_default_is_scipys_blas(rng):
+    """Untuned, the products call SciPy's BLAS: a product of one tile (64 x 64 outputs) has the
+    bits of one single-threaded call of SciPy's own sgemm, made as the kernels make it
+    (column-major C^T = W^T A^T, the operands read as they lie: F-ordered views of the C-ordered
+    arrays, no copies). Not NumPy's ``@``: NumPy ships its own
+    OpenBLAS, whose version may sum in another order (0.3.31 against SciPy's 0.3.30 does on an
+    AMD Zen 5)."""
+    from scipy.linalg import blas as scipy_blas
+
+    assert blas.current().name == "scipy"
+    a = rng.standard_normal((64, 300)).astype(np.float32)
+    w = rng.standard_normal((300, 64)).astype(np.float32)
+    assert gemm.tiles(64, 64, gemm._threads()) == (64, 64)  # one tile, one call
+    with gemm.single_threaded_blas():  # as the tile's call is made (OpenBLAS's threads split the
+        want = scipy_blas.sgemm(1.0, w.T, a.T).T  # output, and edges may sum in another order)
+    np.testing.assert_array_equal(gemm.matmul(a, w), want)
 
 
 def _products(rng, dtype):
@@ -100,16 +125,16 @@ def _products(rng, dtype):
     ]
 
 
-@needs_mkl
-def test_mkl_products_agree_with_scipys_within_the_rounding_bound(rng, restore_blas):
-    """MKL and SciPy's OpenBLAS compute the same sums in other orders: each entry of each is
-    within gamma_K (|a| @ |w|) of the exact sum (Higham's deterministic bound), so they are
-    within two of that of each other (float32). Float64 to FLOAT64_RTOL normwise. A wrong
-    operand, transpose or offset is off by O(1). (That MKL is the one called shows in the
-    thread-count test below: OpenBLAS's tiles never change the bits, MKL's do.)"""
+@pytest.mark.parametrize("lib", OPTIONAL)
+def test_products_agree_with_scipys_within_the_rounding_bound(lib, rng, restore_blas):
+    """MKL (or BLIS) and SciPy's OpenBLAS compute the same sums in other orders: each entry of
+    each is within gamma_K (|a| @ |w|) of the exact sum (Higham's deterministic bound), so they
+    are within two of that of each other (float32). Float64 to FLOAT64_RTOL normwise. A wrong
+    operand, transpose or offset is off by O(1). (That the library is the one called shows in
+    test_the_chosen_library_is_the_one_called.)"""
     for dtype in (np.float32, np.float64):
         for name, run, (lhs, rhs), k in _products(rng, dtype):
-            got, want = _on("mkl", run), _on("scipy", run)
+            got, want = _on(lib, run), _on("scipy", run)
             if dtype == np.float32:
                 bound = 2 * tolerances.float32_gamma(k) * (np.abs(lhs).astype(np.float64) @ np.abs(rhs))
                 excess = np.abs(got.astype(np.float64) - want) - bound
@@ -119,8 +144,8 @@ def test_mkl_products_agree_with_scipys_within_the_rounding_bound(rng, restore_b
                 assert err <= tolerances.FLOAT64_RTOL, f"{name}: {err:.3g}"
 
 
-@needs_mkl
-def test_mkl_attention_agrees_with_scipys(rng, restore_blas):
+@pytest.mark.parametrize("lib", OPTIONAL)
+def test_attention_agrees_with_scipys(lib, rng, restore_blas):
     """The attention kernel's tile products follow the BLAS choice too; forward and backward
     against the SciPy run within the float32 attention bound."""
     b, h, m, n, d = 2, 2, 256, 3000, 256
@@ -131,36 +156,32 @@ def test_mkl_attention_agrees_with_scipys(rng, restore_blas):
         o, lse = attention.attention_forward(q, k, v)
         return (o, *attention.attention_backward(do, q, k, v, o, lse))
 
-    got, want = _on("mkl", run), _on("scipy", run)
+    got, want = _on(lib, run), _on("scipy", run)
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
         err = np.abs(g - w).max() / np.abs(w).max()
         assert err <= 2 * tolerances.float32_attention_rtol(n, d), f"{name}: {err:.3g}"
 
 
-@needs_mkl
-def test_mkl_tiles_are_cut_for_a_fixed_thread_count_so_bits_do_not_follow_threads(rng, monkeypatch,
-                                                                                   restore_blas, two_threads):
-    """Under MKL a product's bits depend on its tiles' shape at K >= 1024 (here one sample's
-    latents through the FFN's down projection): tiles cut for the real thread count give other
-    bits on 1 and 2 threads (shown here, so the check below can fail), tiles cut for
-    FIXED_TILE_THREADS the same bits."""
-    a = rng.standard_normal((256, 1024)).astype(np.float32)
-    w = rng.standard_normal((1024, 256)).astype(np.float32)
-    blas.use("mkl")
-    fixed = gemm._threads
-
-    def on_threads() -> list[np.ndarray]:
-        out = []
+@pytest.mark.parametrize("lib", ["scipy", *OPTIONAL])
+def test_tiles_are_cut_for_a_fixed_thread_count_so_bits_do_not_follow_threads(lib, rng, restore_blas,
+                                                                              two_threads):
+    """No BLAS promises a tile's bits whatever its shape (MKL's move at K >= 1024 on a Xeon,
+    SciPy's OpenBLAS's at any K on a Zen 5), so under every BLAS the tiles are cut as for
+    FIXED_TILE_THREADS: the same tile plan and the same bits on 1 and 2 threads, for one
+    sample's latents through the FFN's down projection (K = 1024), a batch through a wide
+    weight and the input projection's K = 287."""
+    blas.use(lib)
+    shapes = [(256, 1024, 256), (2048, 256, 1024), (8192, 287, 256)]
+    for r, k, f in shapes:
+        a = rng.standard_normal((r, k)).astype(np.float32)
+        w = rng.standard_normal((k, f)).astype(np.float32)
+        runs, plans = [], []
         for n in (1, 2):
             pnp.set_num_threads(n)
-            out.append(gemm.matmul(a, w))  # one tile of 256 rows on 1 thread, two of 128 on 2
-        return out
-
-    monkeypatch.setattr(gemm, "_threads", lambda: int(numba.get_num_threads()))  # as for OpenBLAS
-    assert not np.array_equal(*on_threads())
-    monkeypatch.setattr(gemm, "_threads", fixed)
-    assert gemm._threads() == blas.FIXED_TILE_THREADS
-    np.testing.assert_array_equal(*on_threads())
+            plans.append(gemm.tiles(r, f, gemm._threads()))
+            runs.append(gemm.matmul(a, w))
+        assert gemm._threads() == blas.FIXED_TILE_THREADS and plans[0] == plans[1]
+        np.testing.assert_array_equal(*runs)
 
 
 def test_a_second_copy_of_the_module_shares_the_table(monkeypatch, restore_blas):
@@ -186,12 +207,12 @@ def test_a_second_copy_of_the_module_shares_the_table(monkeypatch, restore_blas)
     assert blas.current().name == "scipy"
 
 
-@needs_mkl
+@pytest.mark.parametrize("lib", OPTIONAL)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_mkl_training_step_is_bitwise_independent_of_the_thread_count(dtype, restore_blas, two_threads):
-    """A forward, backward and inference of a model whose FFN has K = 1024, on MKL, with 1 and 2
-    threads: the same bits (test_threads.py holds SciPy's BLAS to the same)."""
-    blas.use("mkl")
+def test_training_step_is_bitwise_independent_of_the_thread_count(lib, dtype, restore_blas, two_threads):
+    """A forward, backward and inference of a model whose FFN has K = 1024, on MKL or BLIS,
+    with 1 and 2 threads: the same bits (test_threads.py holds SciPy's BLAS to the same)."""
+    blas.use(lib)
     model = pnp.build(input_dim=8, latent_dim=256, num_latents=64, num_layers=1, num_heads=4,
                       dropout=0.0, dtype=dtype)
     rng = np.random.default_rng(3)
@@ -208,11 +229,11 @@ def test_mkl_training_step_is_bitwise_independent_of_the_thread_count(dtype, res
     assert [k for k in g1 if not np.array_equal(g1[k], g2[k])] == []
 
 
-@needs_mkl
-def test_mkl_bits_do_not_depend_on_where_the_arrays_lie(rng, restore_blas):
-    """The workspace places buffers where it may: MKL gives the same bits with every operand
-    moved by 1 to 15 floats (off the 64-byte lines), for NN, w.T and TN products."""
-    blas.use("mkl")
+@pytest.mark.parametrize("lib", OPTIONAL)
+def test_bits_do_not_depend_on_where_the_arrays_lie(lib, rng, restore_blas):
+    """The workspace places buffers where it may: MKL and BLIS give the same bits with every
+    operand moved by 1 to 15 floats (off the 64-byte lines), for NN, w.T and TN products."""
+    blas.use(lib)
     a = rng.standard_normal((1100, 1024)).astype(np.float32)
     w = rng.standard_normal((1024, 300)).astype(np.float32)
     dy = rng.standard_normal((1100, 300)).astype(np.float32)
@@ -232,15 +253,19 @@ def test_mkl_bits_do_not_depend_on_where_the_arrays_lie(rng, restore_blas):
             np.testing.assert_array_equal(g, wnt)
 
 
-@needs_mkl
-def test_tune_switches_the_blas_and_the_environment_never_fails(monkeypatch, restore_blas):
-    assert pnp.runtime.tune(blas="mkl").blas == "mkl" and blas.current().name == "mkl"
+@pytest.mark.parametrize("lib", OPTIONAL)
+def test_tune_switches_the_blas_and_the_environment_never_fails(lib, monkeypatch, restore_blas):
+    assert pnp.runtime.tune(blas=lib).blas == lib and blas.current().name == lib
     assert pnp.runtime.tune(blas="scipy").blas == "scipy"
-    monkeypatch.setenv(pnp.runtime.BLAS_ENV, "mkl")
-    assert pnp.runtime.tune().blas == "mkl"
+    monkeypatch.setenv(pnp.runtime.BLAS_ENV, lib)
+    assert pnp.runtime.tune().blas == lib
     monkeypatch.setenv(pnp.runtime.BLAS_ENV, "atlas")
-    with pytest.warns(RuntimeWarning, match=r"PERCEIVER_NP_BLAS='atlas' is not one of scipy, mkl; ignored"):
-        assert pnp.runtime.tune().blas == "mkl"  # unchanged
+    with pytest.warns(RuntimeWarning,
+                      match=r"PERCEIVER_NP_BLAS='atlas' is not one of scipy, mkl, blis, auto; ignored"):
+        assert pnp.runtime.tune().blas == lib  # unchanged
+    monkeypatch.setenv(pnp.runtime.BLAS_ENV, "Auto")
+    assert pnp.runtime.tune().blas == blas.preferred()
+    assert pnp.runtime.tune(blas="auto").blas == blas.preferred()
 
 
 def test_the_environment_naming_a_missing_mkl_warns_and_changes_nothing(monkeypatch, restore_blas):
@@ -253,3 +278,80 @@ def test_the_environment_naming_a_missing_mkl_warns_and_changes_nothing(monkeypa
     with pytest.warns(RuntimeWarning, match=r"PERCEIVER_NP_BLAS='MKL': MKL is not installed "
                                             r"\(pip install 'perceiver_np\[mkl\]'\); ignored"):
         assert pnp.runtime.tune().blas == "scipy"
+
+
+AVX512 = {f: True for f in ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma")}
+AVX2 = {"avx2": True, "fma": True}
+
+
+@needs_blis
+def test_blis_sub_configuration_follows_the_cpu_features():
+    """The wheel's BLIS detects too little on recent CPUs (its generic C kernels on AMD Zen 5):
+    the sub-configuration is chosen by the CPU's features instead, best first; without AVX2
+    it is BLIS's own choice. Every choice has a context."""
+    import ctypes as ct
+
+    lib = ct.CDLL(str(blas.blis_library()))
+    assert blas.blis_config(lib, AVX512)[0] == "skx"
+    assert blas.blis_config(lib, AVX2)[0] == "haswell"
+    lib.bli_arch_string.restype, lib.bli_arch_string.argtypes = ct.c_char_p, [ct.c_int]
+    own = lib.bli_arch_string(lib.bli_arch_query_id()).decode()
+    assert blas.blis_config(lib, {})[0] == own
+    for features in (AVX512, AVX2, {}):
+        assert blas.blis_config(lib, features)[1] != 0
+
+
+@needs_blis
+def test_the_kernels_call_blis_with_the_chosen_context(rng, restore_blas):
+    """On "blis" a product is BLIS's own: the same bits as one bli_sgemm_ex call on the whole
+    product with the chosen context (through ctypes, made as the kernels make it: column-major
+    C^T = op(B)^T op(A)^T), for NN, w.T and TN, float32 and float64; and not SciPy's bits (so
+    the switch happened)."""
+    import ctypes as ct
+
+    lib = ct.CDLL(str(blas.blis_library()))
+    config, context = blas.blis_config(lib)
+    assert blas.use("blis").config == config
+    i64, ptr = ct.c_int64, ct.c_void_p
+
+    def direct(a: np.ndarray, b: np.ndarray, ta: bool, tb: bool) -> np.ndarray:
+        """C = op(a) @ op(b) by one BLIS call: op(x) = x.T (read in place) when t."""
+        m, k = (a.shape[1], a.shape[0]) if ta else a.shape
+        n = b.shape[0] if tb else b.shape[1]
+        c = np.empty((m, n), a.dtype)
+        f = getattr(lib, "bli_sgemm_ex" if a.dtype == np.float32 else "bli_dgemm_ex")
+        f.argtypes = [ct.c_int, ct.c_int, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr,
+                      i64, i64, ptr, ptr]
+        scalar = ct.c_float if a.dtype == np.float32 else ct.c_double
+        one, zero = scalar(1.0), scalar(0.0)
+        # a C-ordered [r, c] array is the column-major [c, r] matrix: C^T [n, m] = op(b)^T op(a)^T
+        f(8 if tb else 0, 8 if ta else 0, n, m, k, ct.addressof(one), b.ctypes.data, 1, b.shape[1],
+          a.ctypes.data, 1, a.shape[1], ct.addressof(zero), c.ctypes.data, 1, n, context, None)
+        return c
+
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal((1500, 1024)).astype(dtype)
+        w = rng.standard_normal((1024, 300)).astype(dtype)
+        wt = np.ascontiguousarray(w.T)  # [300, 1024]
+        dy = rng.standard_normal((1500, 300)).astype(dtype)
+        r = REDUCTION_BLOCK_ROWS  # matmul_tn sums blocks of r rows: one block is one call
+        pairs = [(gemm.matmul(a, w), direct(a, w, False, False)),
+                 (gemm.matmul(a, wt.T), direct(a, wt, False, True)),
+                 (gemm.matmul_tn(a[:r], dy[:r]), direct(a[:r], dy[:r], True, False))]
+        for got, want in pairs:
+            np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(_on("scipy", lambda a=a, w=w: gemm.matmul(a, w)), pairs[0][1])
+        blas.use("blis")
+
+
+@pytest.mark.parametrize("vendor, features, installed, want", [
+    ("GenuineIntel", AVX512, ["scipy", "mkl", "blis"], "mkl"),
+    ("GenuineIntel", AVX512, ["scipy", "blis"], "blis"),
+    ("AuthenticAMD", AVX512, ["scipy", "mkl", "blis"], "blis"),
+    ("AuthenticAMD", AVX2, ["scipy", "mkl", "blis"], "scipy"),
+    ("AuthenticAMD", AVX512, ["scipy", "mkl"], "scipy"),
+    ("", {}, ["scipy"], "scipy"),
+])
+def test_preferred_is_a_fixed_rule_on_the_cpu(vendor, features, installed, want, monkeypatch):
+    monkeypatch.setattr(blas, "available", lambda: installed)
+    assert blas.preferred(features, vendor) == want

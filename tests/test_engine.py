@@ -504,12 +504,14 @@ def test_tiles_split_few_rows_by_columns_and_many_by_rows():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_column_and_2d_tiles_and_a_transposed_weight_equal_numpy(rng, dtype):
+def test_column_and_2d_tiles_and_a_transposed_weight_equal_numpy(rng, dtype, monkeypatch):
     """The tiled products on every split they take: by columns (few rows), by rows and columns
     (many threads), and a weight's transpose read in place; project_heads split by columns with
-    its LayerNorm in a pass of its own."""
+    its LayerNorm in a pass of its own. The tiles are cut for the thread count under test
+    (gemm._threads, which is otherwise blas.FIXED_TILE_THREADS)."""
     import numba
 
+    monkeypatch.setattr(gemm, "_threads", lambda: int(numba.get_num_threads()))
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2 for the column split (this machine has one thread)")
     tol = FAST_FLOAT64_RTOL if dtype == np.float64 else float32_forward_rtol(1, 33)
@@ -539,15 +541,17 @@ def test_column_and_2d_tiles_and_a_transposed_weight_equal_numpy(rng, dtype):
 
 @pytest.mark.parametrize("ops", [NUMBA_ENGINE, PLAIN_ENGINE], ids=["numba", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_checked_products_raise_on_a_nonfinite_weight_on_every_path(rng, ops, dtype):
+def test_checked_products_raise_on_a_nonfinite_weight_on_every_path(rng, ops, dtype, monkeypatch):
     """matmul and project_heads with finite=True raise OverflowRisk(gemm.PRODUCT) when one entry
     of a weight is NaN, +inf or -inf, on every path they take: the calling thread (small), tiles
     of rows, of columns, a transposed weight; the LayerNorm fused or in its own pass. Without
-    finite=True the same products return (the check costs nothing when not asked for)."""
+    finite=True the same products return (the check costs nothing when not asked for). The
+    tiles are cut for 2 threads (gemm._threads), as in the last line's plans."""
     import numba
 
     from perceiver_np.shapes import OverflowRisk
 
+    monkeypatch.setattr(gemm, "_threads", lambda: 2)
     two = numba.config.NUMBA_NUM_THREADS >= 2
     for rows_, k, cols in ((5, 8, 12), (70, 33, 300), (600, 33, 40)):  # small, columns, rows
         a = rng.normal(size=(rows_, k)).astype(dtype)

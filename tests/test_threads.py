@@ -208,11 +208,12 @@ def test_gradients_are_bitwise_independent_of_the_thread_count(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_fused_layernorm_projection_is_bitwise_independent_of_the_thread_count(dtype):
+def test_fused_layernorm_projection_is_bitwise_independent_of_the_thread_count(dtype, monkeypatch):
     """``project_heads(..., norm=)`` fuses the LayerNorm into the product when one tile spans
-    every column and normalises the rows in a pass of their own otherwise, a choice the thread
-    count makes (gemm.tiles). Both run rows.normalize_row, so the two give the same bits: one
-    sample's latents against a wide weight split by rows on 1 thread and by columns on 2."""
+    every column and normalises the rows in a pass of their own otherwise, a choice the tile
+    plan makes (gemm.tiles, for gemm._threads()). Both run rows.normalize_row, so the two give
+    the same bits: one sample's latents against a wide weight split by rows for 1 thread and
+    by columns for more, each run on that many threads."""
     if pnp.threads.max_threads() < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2 to compare thread counts")
     from perceiver_np.kernels import rows
@@ -230,6 +231,7 @@ def test_fused_layernorm_projection_is_bitwise_independent_of_the_thread_count(d
     try:
         for n in (1, most):
             pnp.set_num_threads(n)
+            monkeypatch.setattr(gemm, "_threads", lambda n=n: n)  # the tiles cut for n threads
             runs.append([o.copy() for o in gemm.project_heads(x, ws, heads, (gamma, beta, bias))])
     finally:
         pnp.set_num_threads(before)
