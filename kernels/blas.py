@@ -218,7 +218,7 @@ def _blis_adapter(function: int, context: int) -> int:
                            types.voidptr, int32, types.voidptr, types.voidptr, int32)
     no, yes, lower_n, upper_n = _BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE, ord("n"), ord("N")
 
-    @cfunc(signature, nopython=True)
+    @cfunc(signature)  # nopython: a cfunc has no object mode
     def gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # pragma: no cover
         # 'N' or 'n': the operand as it lies; anything else ('T', 't', 'C', 'c'; real data): transposed
         ta = no if transa[0] == upper_n or transa[0] == lower_n else yes
@@ -226,7 +226,9 @@ def _blis_adapter(function: int, context: int) -> int:
         blis_gemm(ta, tb, m[0], n[0], k[0], alpha, a, 1, lda[0], b, 1, ldb[0], beta, c, 1, ldc[0], context, 0)
 
     _adapters.append(gemm)  # the compiled function lives as long as the process
-    return int(gemm.address)
+    address = gemm.address
+    assert address is not None  # compiled on creation
+    return address
 
 
 def _blis_pools(lib: ctypes.CDLL, context: int) -> None:
@@ -252,8 +254,7 @@ def _blis() -> Blas:
     config, context = blis_config(lib)
     _blis_pools(lib, context)
     address = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("bli_sgemm_ex", "bli_dgemm_ex")]
-    assert address[0] and address[1]
-    sgemm, dgemm = (_blis_adapter(int(a), context) for a in address)
+    sgemm, dgemm = (_blis_adapter(a, context) for a in address if a)
     return Blas("blis", sgemm, dgemm, str(path), config)
 
 
