@@ -73,6 +73,12 @@ MKL_LIBRARIES = ("libmkl_rt.so.3", "libmkl_rt.so.2")
 #: BLIS's sub-configurations this module may pick, best first, each with the CPU features
 #: (LLVM's names, llvmlite.binding.get_host_cpu_features) its kernels need.
 BLIS_CONFIGS = (("skx", ("avx512f", "avx512dq", "avx512bw", "avx512vl")), ("haswell", ("avx2", "fma")))
+#: Under "blis", products of at most this many multiply-adds (the attention kernel's tiles of
+#: the latents' self-attention, 64 x 64 x 64) go to SciPy's BLAS: BLIS's fixed cost per call
+#: (its objects, packing into its own buffers) made the seed's self-attention (B 32, H 4, 64
+#: latents of 64 per head, 2 threads) about 1.1x slower than on OpenBLAS (1.3x at 32 per
+#: head), while bigger products gain 1.5x and more.
+BLIS_SMALL_PRODUCT = 64 * 64 * 64
 _BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE = 0, 8  # BLIS's trans_t values (BLIS_BITVAL_TRANS = 0x8)
 _MKL_THREADING_SEQUENTIAL = 1
 _MKL_INTERFACE_LP64 = 0
@@ -203,27 +209,41 @@ def blis_config(lib: ctypes.CDLL, features: dict[str, bool] | None = None) -> tu
     return arch_string(own).decode(), int(context)
 
 
-def _blis_adapter(function: int, context: int) -> int:
+def _blis_adapter(function: int, context: int, small: int) -> int:
     """The address of a Fortran-interface ``?gemm`` (every argument by reference, column-major)
     that calls BLIS's ``bli_?gemm_ex`` (at ``function``) with the context at ``context``:
     strides (1, ld) for each column-major operand, BLIS's default runtime (single-threaded:
-    the wheel is built without threads; the kernels' threads are Numba's)."""
-    from numba import cfunc, types
+    the wheel is built without threads; the kernels' threads are Numba's). A product of at most
+    BLIS_SMALL_PRODUCT multiply-adds goes to ``small`` instead (SciPy's ``?gemm``, the same
+    Fortran interface), by that fixed rule on its shape."""
+    import numpy as np
+    from numba import carray, cfunc, njit, types
 
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     blis_gemm = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, i64, i64, i64, ptr, ptr, i64, i64,
                                  ptr, i64, i64, ptr, ptr, i64, i64, i64, i64)(function)
-    byte, int32 = types.CPointer(types.uint8), types.CPointer(types.int32)
-    signature = types.void(byte, byte, int32, int32, int32, types.voidptr, types.voidptr, int32,
-                           types.voidptr, int32, types.voidptr, types.voidptr, int32)
+    small_gemm = ctypes.CFUNCTYPE(None, *[ptr] * 13)(small)
+    limit = BLIS_SMALL_PRODUCT
+    signature = types.void(*[types.voidptr] * 13)  # every argument by reference
+
+    @njit
+    def int32_at(p):  # pragma: no cover - compiled
+        return np.int64(carray(p, 1, np.int32)[0])
+
     no, yes, lower_n, upper_n = _BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE, ord("n"), ord("N")
 
     @cfunc(signature)  # nopython: a cfunc has no object mode
     def gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # pragma: no cover
+        mi, ni, ki = int32_at(m), int32_at(n), int32_at(k)
+        if mi * ni * ki <= limit:
+            small_gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+            return
         # 'N' or 'n': the operand as it lies; anything else ('T', 't', 'C', 'c'; real data): transposed
-        ta = no if transa[0] == upper_n or transa[0] == lower_n else yes
-        tb = no if transb[0] == upper_n or transb[0] == lower_n else yes
-        blis_gemm(ta, tb, m[0], n[0], k[0], alpha, a, 1, lda[0], b, 1, ldb[0], beta, c, 1, ldc[0], context, 0)
+        flag_a, flag_b = carray(transa, 1, np.uint8)[0], carray(transb, 1, np.uint8)[0]
+        ta = no if flag_a == upper_n or flag_a == lower_n else yes
+        tb = no if flag_b == upper_n or flag_b == lower_n else yes
+        blis_gemm(ta, tb, mi, ni, ki, alpha, a, 1, int32_at(lda), b, 1, int32_at(ldb), beta, c, 1,
+                  int32_at(ldc), context, 0)
 
     _adapters.append(gemm)  # the compiled function lives as long as the process
     address = gemm.address
@@ -254,7 +274,9 @@ def _blis() -> Blas:
     config, context = blis_config(lib)
     _blis_pools(lib, context)
     address = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("bli_sgemm_ex", "bli_dgemm_ex")]
-    sgemm, dgemm = (_blis_adapter(a, context) for a in address if a)
+    scipy = _scipy()
+    pairs = zip(address, (scipy.sgemm, scipy.dgemm), strict=True)
+    sgemm, dgemm = (_blis_adapter(a, context, small) for a, small in pairs if a)
     return Blas("blis", sgemm, dgemm, str(path), config)
 
 

@@ -344,6 +344,31 @@ def test_the_kernels_call_blis_with_the_chosen_context(rng, restore_blas):
         blas.use("blis")
 
 
+@needs_blis
+def test_blis_sends_the_smallest_products_to_scipys_blas(rng, restore_blas):
+    """Products of at most BLIS_SMALL_PRODUCT multiply-adds go to SciPy's BLAS under "blis"
+    (bitwise SciPy's result), the ones just above to BLIS (not SciPy's bits): the attention
+    kernel's tile products, which are that small for the latents' self-attention."""
+    q = rng.standard_normal((1, 1, 64, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 64, 64)).astype(np.float32)
+    small = rng.standard_normal((64, 64)).astype(np.float32)
+    big = rng.standard_normal((64, 72)).astype(np.float32)  # 64 x 64 x 72 > 64^3
+
+    def run():
+        out = [np.empty((64, 64), np.float32), np.empty((64, 72), np.float32)]
+        for o, w in zip(out, (small, big), strict=True):
+            assert gemm.gemm_rows(False, False, 64, w.shape[1], 64, q, 0, 64, w, 0, w.shape[1], o, 0,
+                                  w.shape[1], 0.0) == 0
+        return out, attention.attention_forward(q, k, k)[0]
+
+    assert blas.BLIS_SMALL_PRODUCT == 64 ** 3
+    (small_blis, big_blis), att_blis = _on("blis", run)
+    (small_scipy, big_scipy), att_scipy = _on("scipy", run)
+    np.testing.assert_array_equal(small_blis, small_scipy)
+    np.testing.assert_array_equal(att_blis, att_scipy)  # its tiles: 64 x 64 x 64 each
+    assert not np.array_equal(big_blis, big_scipy)
+
+
 @pytest.mark.parametrize("vendor, features, installed, want", [
     ("GenuineIntel", AVX512, ["scipy", "mkl", "blis"], "mkl"),
     ("GenuineIntel", AVX512, ["scipy", "blis"], "blis"),
