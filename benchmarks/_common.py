@@ -63,11 +63,23 @@ def sgemm_peaks(threads: int, repeats: int = 3) -> dict[str, float]:
     return peaks
 
 
+def preferred_blas() -> str:
+    """The BLAS ``runtime.tune(blas="auto")`` runs the kernels on here, with BLIS's
+    sub-configuration ("blis skx"); the kernels' BLAS is put back as it was."""
+    from perceiver_np.kernels import blas
+
+    before = blas.current().name
+    name = blas.preferred()
+    try:
+        return f"{name} {blas.use(name).config}".strip()
+    finally:
+        blas.use(before)
+
+
 def best_peak(peaks: dict[str, float]) -> tuple[str, float]:
     """The library of :func:`sgemm_peaks` that reached the most, and its GFLOP/s."""
     name = max(peaks, key=lambda k: peaks[k])
     return name, peaks[name]
-
 
 
 def rss_high_water() -> int:

@@ -37,6 +37,7 @@ from _common import (  # benchmarks/
     best_peak,
     compile_then_cached,
     finish_plot,
+    preferred_blas,
     reset_high_water,
     rss_high_water,
     rss_now,
@@ -45,7 +46,7 @@ from _common import (  # benchmarks/
 
 H, DH = 4, 64
 #: The BLAS of our kernel's tile products (perceiver_np.kernels.blas), as bench_model's "ours":
-#: MKL, which the bench extra installs.
+#: the one kernels.blas.preferred() names for this CPU (MKL or BLIS, both in the bench extra).
 OURS_BLAS = "auto"
 PLAIN_MAX_SCORES = 1 << 28  # the plain path holds several [B, H, M, N] arrays: 1 GiB each at most
 INPUT_MAX_BYTES = 4 << 30  # q, k, v together
@@ -231,7 +232,7 @@ def machine(threads: int) -> dict[str, str]:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
-        "our kernel's BLAS": f"{OURS_BLAS}: {_preferred_blas()}",
+        "our kernel's BLAS": f"{OURS_BLAS}: {preferred_blas()}",
     }
     try:
         import torch
@@ -302,12 +303,6 @@ def table(rows: list[dict], peak_gflops: float) -> str:
             f"| {ratio('torch', 0)} | {ratio('torch', 1)} |"
         )
     return "\n".join(lines)
-
-
-def _preferred_blas() -> str:
-    from perceiver_np.kernels import blas
-
-    return blas.preferred()
 
 
 def targets(rows: list[dict], peaks: dict[str, float], load: dict[str, float]) -> list[str]:

@@ -93,9 +93,10 @@ class Blis:
 
     def __init__(self) -> None:
         self.lib = ctypes.CDLL(str(blas.blis_library()))
+        before = blas.current().name
         blas.use("blis")  # the pools sized for the context, as the kernels have them
         self.config, self.context = blas.blis_config(self.lib)
-        blas.use("scipy")
+        blas.use(before)
         i64, p = ctypes.c_int64, ctypes.c_void_p
         self.sgemm = self.lib.bli_sgemm_ex
         self.sgemm.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, p,

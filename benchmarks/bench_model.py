@@ -54,6 +54,7 @@ from _common import (  # benchmarks/
     finish_plot,
     machine,
     paired_times,
+    preferred_blas,
     reset_high_water,
     rss_high_water,
     rss_now,
@@ -194,16 +195,6 @@ def worker(system: str, threads: int) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------
-
-
-def _preferred_blas() -> str:
-    """The BLAS "ours" runs on here (PERCEIVER_NP_BLAS=auto), with its library's details."""
-    from perceiver_np.kernels import blas
-
-    name = blas.preferred()
-    lib = blas.use(name)
-    blas.use("scipy")
-    return f"{name} {lib.config}".strip()
 
 
 #: The systems, each with the values of PERCEIVER_NP_KEEP_MEMORY and PERCEIVER_NP_BLAS its worker
@@ -409,7 +400,7 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
              for r in rows if "ours_openblas" in r["ratios_all"]]
     if gains:  # ratio = ours on OpenBLAS / ours (on the preferred BLAS): what tune(blas="auto") gives
         lo, hi = min(gains, key=lambda qr: qr[0]), max(gains, key=lambda qr: qr[0])
-        out.append(f"the products on {_preferred_blas()} (not a target): ours on OpenBLAS / ours "
+        out.append(f"the products on {preferred_blas()} (not a target): ours on OpenBLAS / ours "
                    f"from {lo[0]:.2f} "
                    f"({lo[1]['kind']} B {lo[1]['b']} N {lo[1]['n']}) to {hi[0]:.2f} "
                    f"({hi[1]['kind']} B {hi[1]['b']} N {hi[1]['n']})")
@@ -572,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- seed model, fp32, {args.rounds} paired rounds per shape after a warm-up; times median "
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
         "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours = runtime.tune() "
-        f"with PERCEIVER_NP_BLAS=auto (the kernels' products on {_preferred_blas()}, kernels/blas.py; "
+        f"with PERCEIVER_NP_BLAS=auto (the kernels' products on {preferred_blas()}, kernels/blas.py; "
         "'ours on "
         "OpenBLAS' below is the same worker on SciPy's OpenBLAS); ours extra = our peak RSS "
         "minus our worker's RSS before the shape (inputs made, nothing run); both run with glibc's "

@@ -80,6 +80,7 @@ BLIS_CONFIGS = (("skx", ("avx512f", "avx512dq", "avx512bw", "avx512vl")), ("hasw
 #: head), while bigger products gain 1.5x and more.
 BLIS_SMALL_PRODUCT = 64 * 64 * 64
 _BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE = 0, 8  # BLIS's trans_t values (BLIS_BITVAL_TRANS = 0x8)
+_BLIS_MAX_ARCHS = 64  # a bound on BLIS's arch_t values (0.7 has 21, "generic" the last)
 _MKL_THREADING_SEQUENTIAL = 1
 _MKL_INTERFACE_LP64 = 0
 
@@ -192,12 +193,15 @@ def blis_config(lib: ctypes.CDLL, features: dict[str, bool] | None = None) -> tu
     lookup.restype, lookup.argtypes = ctypes.c_void_p, [ctypes.c_int]
     lib.bli_init()
     names = {}
-    for arch_id in range(lib.bli_arch_query_id() + 64):  # the arch_t enumeration; ends in unnamed ids
-        name = arch_string(arch_id)
-        if name in (b"refrnce", b"virtual", b"optimzd", b"notappl"):  # past the sub-configurations
-            break
+    for arch_id in range(_BLIS_MAX_ARCHS):  # BLIS's arch_t enumeration, which ends with "generic":
+        name = arch_string(arch_id)  # reading past it would read past BLIS's table of names
         if name:
             names[name.decode()] = arch_id
+        if name == b"generic":
+            break
+    else:
+        raise RuntimeError(f"blas 'blis': no 'generic' among BLIS's first {_BLIS_MAX_ARCHS} "
+                           "sub-configurations; this BLIS numbers them in a way this module does not know")
     for name, needs in BLIS_CONFIGS:
         if name in names and all(features.get(f) for f in needs) and lookup(names[name]):
             return name, int(lookup(names[name]))
