@@ -39,8 +39,9 @@ not at K >= 1024 on an Intel Xeon (docs/performance-gemm.md, "tiles differ"), an
 OpenBLAS's do not at any K on an AMD Zen 5, where they did on the Xeon. So the tiles are cut
 as if for :data:`FIXED_TILE_THREADS` threads under every BLAS, whatever the real count
 (``gemm._threads``): the same calls on the same blocks, so the same bits on 1, 2 or 16 threads
-(tests/test_blas.py, tests/test_threads.py). Every BLAS here gives the same bits wherever the
-blocks lie in memory (also tested), so the workspace's placement does not matter.
+(tests/test_blas.py, tests/test_threads.py). MKL and BLIS give the same bits wherever the
+blocks lie in memory (tested; SciPy's OpenBLAS is not held to it), so the workspace's placement
+does not matter to them.
 
 MKL comes from the ``mkl`` wheel (``pip install perceiver_np[mkl]``): its ``libmkl_rt``, whose
 threading layer :func:`use` sets to sequential (each call on the calling thread: the threads
