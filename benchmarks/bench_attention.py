@@ -46,7 +46,7 @@ from _common import (  # benchmarks/
 
 H, DH = 4, 64
 #: The BLAS of our kernel's tile products (perceiver_np.kernels.blas), as bench_model's "ours":
-#: the one kernels.blas.preferred() names for this CPU (MKL or BLIS, both in the bench extra).
+#: the one kernels.blas.preferred() names for this CPU (MKL, BLIS or SciPy's; all in the bench extra).
 OURS_BLAS = "auto"
 PLAIN_MAX_SCORES = 1 << 28  # the plain path holds several [B, H, M, N] arrays: 1 GiB each at most
 INPUT_MAX_BYTES = 4 << 30  # q, k, v together

@@ -200,22 +200,26 @@ def worker(system: str, threads: int) -> None:
 #: The systems, each with the values of PERCEIVER_NP_KEEP_MEMORY and PERCEIVER_NP_BLAS its worker
 #: gets: perceiver_np (runtime.tune(), glibc's default malloc, the kernels' products on the
 #: BLAS that PERCEIVER_NP_BLAS=auto picks for this CPU, kernels.blas.preferred(): MKL on Intel,
-#: BLIS on another CPU with AVX-512, both in the bench extra); torch as a PyTorch user runs it
-#: (glibc's default malloc); torch with freed memory kept too, to show what the allocator setting
-#: alone is worth to torch; and the competitors of benchmarks/competitors.py (torch.compile
-#: frozen and not, ONNX Runtime, OpenVINO with both performance hints, JAX jit), with glibc's
-#: default malloc; ours with freed memory kept, to show that our speed does not come from that
-#: setting; and ours on SciPy's OpenBLAS (what an untuned process uses), to show what that BLAS gives.
+#: BLIS on another CPU with full-width AVX-512, else SciPy's; MKL and BLIS in the bench extra);
+#: torch as a PyTorch user runs it (glibc's default malloc); torch with freed memory kept too, to
+#: show what the allocator setting alone is worth to torch; and the competitors of
+#: benchmarks/competitors.py (torch.compile frozen and not, ONNX Runtime, OpenVINO with both
+#: performance hints, JAX jit), with glibc's default malloc; ours with freed memory kept, to show
+#: that our speed does not come from that setting; and ours on SciPy's OpenBLAS (what an untuned
+#: process uses) and on BLIS, to show what each BLAS gives (the one that "auto" picks is ours
+#: itself and is left out: ``same_as_ours`` in main()).
 SYSTEMS = {"ours": ("ours", "0", "auto"), "torch": ("torch", "0", ""), "torch_kept": ("torch", "1", ""),
            **{name: (name, "0", "") for name in competitors.INFERENCE}, "ours_kept": ("ours", "1", "auto"),
-           "ours_openblas": ("ours", "0", "scipy")}
+           "ours_openblas": ("ours", "0", "scipy"), "ours_blis": ("ours", "0", "blis")}
 #: Our own variants: columns of the competitors' table, but never "the fastest competitor".
-OURS_VARIANTS = ("ours_kept", "ours_openblas")
+OURS_VARIANTS = ("ours_kept", "ours_openblas", "ours_blis")
+#: The variants that run ours on another BLAS than "auto" picks, and that BLAS.
+BLAS_VARIANTS = {"ours_openblas": "scipy", "ours_blis": "blis"}
 #: Which systems run each kind of shape: the inference runtimes have no training step.
 KIND_SYSTEMS = {"infer": list(SYSTEMS), "stream": list(SYSTEMS),
                 "train": ["ours", "torch", "torch_kept", *competitors.TRAINING, *OURS_VARIANTS]}
 #: Short column names of the competitors' table.
-LABELS = {"ours_kept": "ours, memory kept", "ours_openblas": "ours on OpenBLAS",
+LABELS = {"ours_kept": "ours, memory kept", "ours_openblas": "ours on OpenBLAS", "ours_blis": "ours on BLIS",
           "torch": "torch eager", "torch_kept": "torch eager, memory kept", "torch_compile": "torch.compile",
           "torch_compile_frozen": "torch.compile frozen", "onnxruntime": "ONNX Runtime",
           "openvino_latency": "OpenVINO latency", "openvino_throughput": "OpenVINO throughput",
@@ -396,14 +400,13 @@ def targets(rows: list[dict[str, Any]], load: dict[str, float]) -> list[str]:
             out.append(f"{kind} speed not from a process-wide allocator setting: ours with freed memory "
                        f"kept / ours >= 0.95 at every shape: worst {q:.2f} "
                        f"({r['kind']} B {r['b']} N {r['n']}) -> {verdict(q >= 0.95)}")
-    gains = [(float(np.median(r["ratios_all"]["ours_openblas"])), r)
-             for r in rows if "ours_openblas" in r["ratios_all"]]
-    if gains:  # ratio = ours on OpenBLAS / ours (on the preferred BLAS): what tune(blas="auto") gives
-        lo, hi = min(gains, key=lambda qr: qr[0]), max(gains, key=lambda qr: qr[0])
-        out.append(f"the products on {preferred_blas()} (not a target): ours on OpenBLAS / ours "
-                   f"from {lo[0]:.2f} "
-                   f"({lo[1]['kind']} B {lo[1]['b']} N {lo[1]['n']}) to {hi[0]:.2f} "
-                   f"({hi[1]['kind']} B {hi[1]['b']} N {hi[1]['n']})")
+    for variant in BLAS_VARIANTS:  # ratio = ours on that BLAS / ours (on what tune(blas="auto") picks)
+        gains = [(float(np.median(r["ratios_all"][variant])), r) for r in rows if variant in r["ratios_all"]]
+        if gains:
+            lo, hi = min(gains, key=lambda qr: qr[0]), max(gains, key=lambda qr: qr[0])
+            out.append(f"the products on {preferred_blas()} (not a target): {LABELS[variant]} / ours "
+                       f"from {lo[0]:.2f} ({lo[1]['kind']} B {lo[1]['b']} N {lo[1]['n']}) to {hi[0]:.2f} "
+                       f"({hi[1]['kind']} B {hi[1]['b']} N {hi[1]['n']})")
     infer = [r for r in rows if r["kind"] in ("infer", "stream")]
     train = [r for r in rows if r["kind"] == "train"]
     if infer:
@@ -515,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         infer_ns, stream_ns, train_ns = ([n for n in ns if n <= args.max_n]
                                          for ns in (infer_ns, stream_ns, train_ns))
     rows = []
+    from perceiver_np.kernels import blas
+
+    same_as_ours = {k for k, name in BLAS_VARIANTS.items() if name == blas.preferred()}
 
     def shape(kind: str, b: int, n: int, path: str | None, flops: float) -> None:
         # fresh workers per shape: a peak RSS is this shape's alone, not what earlier ones left.
@@ -523,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         # its ratio taken against that worker's times, round by round.
         chosen = set(args.systems.split(",")) | set(BASE)
         with_workers(BASE, lambda ws: rows.append(run_shape(ws, kind, b, n, args.rounds, path, flops, peak)))
-        for name in [k for k in KIND_SYSTEMS[kind] if k in chosen and k not in BASE]:
+        for name in [k for k in KIND_SYSTEMS[kind] if k in chosen and k not in set(BASE) | same_as_ours]:
             with_workers(("ours", name), lambda ws, name=name: add_competitor(
                 rows[-1], name, run_pair(ws, kind, b, n, args.rounds, path)))
 
@@ -564,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         "(min–max); ratio = torch time / our time per round, median (min–max); % peak = the model's "
         "FLOPs / median time / sgemm peak (training: 3x the forward's FLOPs); ours = runtime.tune() "
         f"with PERCEIVER_NP_BLAS=auto (the kernels' products on {preferred_blas()}, kernels/blas.py; "
-        "'ours on "
-        "OpenBLAS' below is the same worker on SciPy's OpenBLAS); ours extra = our peak RSS "
+        "'ours on OpenBLAS' and 'ours on BLIS' below are the same worker on SciPy's OpenBLAS and on "
+        "BLIS, the one of them that auto picks left out); ours extra = our peak RSS "
         "minus our worker's RSS before the shape (inputs made, nothing run); both run with glibc's "
         "default malloc (ours reuses the buffers of its workspace, docs/fast.md), and the last two "
         "columns show torch with freed memory kept (a process-wide mallopt); outputs agree = max "

@@ -21,10 +21,11 @@ ones included. Products below ``gemm.SMALL_PRODUCT`` multiply-adds stay NumPy's 
 Why MKL: on the seed model's product shapes on an Intel CPU, MKL's single-threaded sgemm is
 faster than OpenBLAS's (docs/performance-gemm.md), and the engine's products are most of a step.
 
-Why BLIS: on an AVX-512 CPU that is not Intel's (AMD Zen 4 and 5), neither MKL (its AVX-512 code
+Why BLIS: on an AVX-512 CPU that is not Intel's (AMD Zen 5), neither MKL (its AVX-512 code
 runs on Intel CPUs only) nor OpenBLAS (whose kernel choice the environment may pin, as
 ``OPENBLAS_CORETYPE=Haswell`` does on the machine of docs/performance-gemm.md) multiplies with
-512-bit vectors. The ``blis`` wheel carries BLIS's AVX-512 kernels (its "skx" sub-configuration)
+512-bit vectors. (Zen 4 has AVX-512 too, but on 256-bit data paths: there "auto" keeps SciPy's,
+:func:`full_width_avx512`.) The ``blis`` wheel carries BLIS's AVX-512 kernels (its "skx" sub-configuration)
 but its CPU detection predates these CPUs and falls back to its generic C kernels. So this
 module asks BLIS for a sub-configuration by what the CPU can run (:data:`BLIS_CONFIGS`: "skx"
 when the CPU has AVX-512 F, DQ, BW and VL, "haswell" with AVX2 and FMA) and passes that context
@@ -80,6 +81,9 @@ BLIS_CONFIGS = (("skx", ("avx512f", "avx512dq", "avx512bw", "avx512vl")), ("hasw
 #: latents of 64 per head, 2 threads) about 1.1x slower than on OpenBLAS (1.3x at 32 per
 #: head), while bigger products gain 1.5x and more.
 BLIS_SMALL_PRODUCT = 64 * 64 * 64
+#: The first AMD cpu family whose AVX-512 runs on 512-bit data paths: 0x1A, Zen 5
+#: (:func:`full_width_avx512`).
+AMD_FULL_WIDTH_FAMILY = 0x1A
 _BLIS_NO_TRANSPOSE, _BLIS_TRANSPOSE = 0, 8  # BLIS's trans_t values (BLIS_BITVAL_TRANS = 0x8)
 _BLIS_MAX_ARCHS = 64  # a bound on BLIS's arch_t values (0.7 has 21, "generic" the last)
 _MKL_THREADING_SEQUENTIAL = 1
@@ -324,36 +328,57 @@ def available() -> list[str]:
     return out
 
 
-def preferred(features: dict[str, bool] | None = None, vendor: str | None = None) -> str:
+def preferred(features: dict[str, bool] | None = None, vendor: str | None = None,
+              family: int | None = None) -> str:
     """The BLAS ``runtime.tune(blas="auto")`` picks, by a fixed rule on what the CPU is (never by
     timing, so that two runs on one machine compute the same bits), from what is installed:
-    MKL on an Intel CPU; BLIS on another CPU with AVX-512 (MKL's and a pinned OpenBLAS's
-    products run there at the AVX2 width only); else SciPy's. ``features``: LLVM's host CPU
-    features, ``vendor``: /proc/cpuinfo's vendor_id (both read here by default). The measured
-    reasons are in docs/performance-gemm.md."""
+    MKL on an Intel CPU; BLIS on another CPU whose AVX-512 is full width (:func:`full_width_avx512`:
+    MKL's and a pinned OpenBLAS's products run there at the AVX2 width only); else SciPy's.
+    ``features``: LLVM's host CPU features, ``vendor`` and ``family``: /proc/cpuinfo's vendor_id
+    and cpu family (all read here by default). The measured reasons are in docs/fast.md."""
     if features is None:
         features = dict(llvm.get_host_cpu_features())
-    if vendor is None:
-        vendor = _cpu_vendor()
+    if vendor is None or family is None:
+        read_vendor, read_family = cpu_id()
+        vendor = read_vendor if vendor is None else vendor
+        family = read_family if family is None else family
     have = available()
-    avx512 = all(features.get(f) for f in BLIS_CONFIGS[0][1])
     if vendor == "GenuineIntel" and "mkl" in have:
         return "mkl"
-    if avx512 and "blis" in have:
+    if full_width_avx512(features, vendor, family) and "blis" in have:
         return "blis"
     return "scipy"
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" if unknown."""
+def full_width_avx512(features: dict[str, bool], vendor: str, family: int) -> bool:
+    """Whether the CPU has the AVX-512 that BLIS's "skx" kernels need (BLIS_CONFIGS[0]) and runs
+    it on 512-bit data paths: any such Intel CPU, and AMD's from family AMD_FULL_WIDTH_FAMILY
+    (Zen 5) on. AMD's Zen 4 (family 0x19) runs each 512-bit instruction as two 256-bit halves,
+    so its AVX-512 multiplies no faster than AVX2; there SciPy's OpenBLAS beat BLIS on the
+    whole model (docs/fast.md)."""
+    if not all(features.get(f) for f in BLIS_CONFIGS[0][1]):
+        return False
+    return vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family >= AMD_FULL_WIDTH_FAMILY)
+
+
+def cpu_id() -> tuple[str, int]:
+    """The CPU's vendor_id and cpu family from /proc/cpuinfo (("GenuineIntel", 6),
+    ("AuthenticAMD", 26)); ("", 0) for what cannot be read."""
+    vendor, family = "", 0
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value
+                elif key == "cpu family" and not family and value.isdigit():
+                    family = int(value)
+                if vendor and family:
+                    break
     except OSError:
         pass
-    return ""
+    return vendor, family
 
 
 if _NEW_TABLE:

@@ -27,8 +27,8 @@ docs/performance.md the benchmark's figures):
   wheels; what an untuned process uses), "mkl" (the ``mkl`` wheel, on MKL's sequential
   threading layer, a setting of MKL's that is process-wide), "blis" (the ``blis`` wheel, on
   the widest kernels the CPU runs), or "auto": the one :func:`perceiver_np.kernels.blas.preferred`
-  names by a fixed rule on the CPU (MKL on Intel, BLIS on another CPU with AVX-512, else
-  SciPy's; among those installed): :mod:`perceiver_np.kernels.blas`; default
+  names by a fixed rule on the CPU (MKL on Intel, BLIS on another CPU with full-width AVX-512,
+  else SciPy's; among those installed): :mod:`perceiver_np.kernels.blas`; default
   ``PERCEIVER_NP_BLAS`` if set, else unchanged.
 
 Environment values are never fatal: a value that cannot be used is reported with a

@@ -369,14 +369,41 @@ def test_blis_sends_the_smallest_products_to_scipys_blas(rng, restore_blas):
     assert not np.array_equal(big_blis, big_scipy)
 
 
-@pytest.mark.parametrize("vendor, features, installed, want", [
-    ("GenuineIntel", AVX512, ["scipy", "mkl", "blis"], "mkl"),
-    ("GenuineIntel", AVX512, ["scipy", "blis"], "blis"),
-    ("AuthenticAMD", AVX512, ["scipy", "mkl", "blis"], "blis"),
-    ("AuthenticAMD", AVX2, ["scipy", "mkl", "blis"], "scipy"),
-    ("AuthenticAMD", AVX512, ["scipy", "mkl"], "scipy"),
-    ("", {}, ["scipy"], "scipy"),
+ZEN4, ZEN5, XEON = 0x19, 0x1A, 6  # cpu family: AMD Zen 3 and 4, Zen 5; Intel's
+
+
+@pytest.mark.parametrize("vendor, family, features, installed, want, wide", [
+    ("GenuineIntel", XEON, AVX512, ["scipy", "mkl", "blis"], "mkl", True),
+    ("GenuineIntel", XEON, AVX512, ["scipy", "blis"], "blis", True),
+    ("GenuineIntel", XEON, AVX2, ["scipy", "blis"], "scipy", False),
+    ("AuthenticAMD", ZEN5, AVX512, ["scipy", "mkl", "blis"], "blis", True),
+    ("AuthenticAMD", ZEN5 + 1, AVX512, ["scipy", "blis"], "blis", True),
+    ("AuthenticAMD", ZEN4, AVX512, ["scipy", "mkl", "blis"], "scipy", False),  # 256-bit paths
+    ("AuthenticAMD", ZEN5, AVX2, ["scipy", "mkl", "blis"], "scipy", False),
+    ("AuthenticAMD", ZEN5, AVX512, ["scipy", "mkl"], "scipy", True),
+    ("", 0, {}, ["scipy"], "scipy", False),
+    ("", 0, AVX512, ["scipy", "blis"], "scipy", False),
 ])
-def test_preferred_is_a_fixed_rule_on_the_cpu(vendor, features, installed, want, monkeypatch):
+def test_preferred_is_a_fixed_rule_on_the_cpu(vendor, family, features, installed, want, wide, monkeypatch):
     monkeypatch.setattr(blas, "available", lambda: installed)
-    assert blas.preferred(features, vendor) == want
+    assert blas.preferred(features, vendor, family) == want
+    assert blas.full_width_avx512(features, vendor, family) == wide
+
+
+def test_cpu_id_reads_vendor_and_family(tmp_path, monkeypatch):
+    import builtins
+
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+    (tmp_path / "cpuinfo").write_text(text)
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert blas.cpu_id() == ("AuthenticAMD", 25)  # the first processor's
+    (tmp_path / "cpuinfo").write_text("flags\t: avx2\n")
+    assert blas.cpu_id() == ("", 0)
+    (tmp_path / "cpuinfo").unlink()
+    assert blas.cpu_id() == ("", 0)  # unreadable
