@@ -13,11 +13,13 @@ library timed once per round, in turn, a pause between libraries so that no pool
   limit), MKL (the ``mkl`` wheel's ``cblas_sgemm``, its sequential layer, through ctypes),
   BLIS as the ``blis`` wheel runs it (its own CPU detection), BLIS on the context
   ``kernels/blas.py`` picks from the CPU's features (``bli_sgemm_ex`` through ctypes) and
-  torch's ``torch.mm`` on one thread;
+  torch's ``torch.mm`` on one thread, and ONNX Runtime's MLAS (:class:`OrtMatMul`: the weight
+  packed once, as ORT runs a model, which no BLAS call of ours can do);
 - two threads: ours (``kernels.gemm.matmul`` / ``matmul_tn``: SciPy's OpenBLAS on tiles on
   Numba's threads), ours on MKL and ours on BLIS (the same kernels after ``blas.use``), all
   on tiles cut for ``blas.FIXED_TILE_THREADS`` (``kernels/blas.py``), OpenBLAS on its own
-  threads (NumPy's ``@``) and ``torch.mm`` on two threads (oneDNN or MKL, its own threading).
+  threads (NumPy's ``@``), ``torch.mm`` on two threads (oneDNN or MKL, its own threading) and
+  ONNX Runtime's MLAS on two intra-op threads.
 
 Each cell is GFLOP/s (2·m·k·n per product), median (min–max) over the rounds; a round times
 enough calls to fill ~20 ms. ``agree`` is max |theirs - OpenBLAS| / max |OpenBLAS| over the
@@ -157,6 +159,12 @@ def libraries(threads: int) -> dict[str, Callable[[str, np.ndarray, np.ndarray, 
 
     if torch is not None:
         cols["1 thread: torch.mm"] = torch_mm
+    try:
+        ort_1, ort_n = OrtMatMul(1), OrtMatMul(threads)
+        cols["1 thread: ONNX Runtime (MLAS)"] = ort_1.product
+    except ImportError:
+        ort_1 = ort_n = None
+        print("no ONNX Runtime columns: pip install onnxruntime onnx")
 
     ws = Workspace()  # our scratch (the weight gradients' partial sums), reused as in a model
 
@@ -186,6 +194,8 @@ def libraries(threads: int) -> dict[str, Callable[[str, np.ndarray, np.ndarray, 
     cols[f"{threads} threads: OpenBLAS"] = openblas
     if torch is not None:
         cols[f"{threads} threads: torch.mm"] = torch_mm
+    if ort_n is not None:
+        cols[f"{threads} threads: ONNX Runtime (MLAS)"] = ort_n.product
     return cols
 
 
@@ -224,6 +234,52 @@ def time_column(product: Callable[..., Any], kind: str, a: np.ndarray, b: np.nda
 #: (a weight gradient's rows are its sum: our kernels split those in blocks of a constant size).
 ROW_TILES = (64, 256, 1000)
 COL_TILES = (64, 128)
+
+
+class OrtMatMul:
+    """ONNX Runtime's product (MLAS, its own GEMM) as ORT runs a model's linear layer: ``b``
+    (the weight) an initializer, packed once when the session is made, ``a`` an input of any
+    rows; ``MatMul`` for NN, ``Gemm`` with transA for TN. One session per weight and kind,
+    ``threads`` intra-op threads; the input and the output bound where they lie (IOBinding),
+    so that a call allocates nothing."""
+
+    def __init__(self, threads: int) -> None:
+        import onnxruntime
+
+        self.ort, self.threads = onnxruntime, threads
+        # (kind, b's address, b's shape) -> (b, session): b held, so that no other array
+        # takes its address while its session is cached
+        self.sessions: dict[tuple[str, int, tuple[int, ...]], tuple[np.ndarray, Any]] = {}
+
+    def _session(self, kind: str, b: np.ndarray, a_cols: int) -> Any:
+        from onnx import TensorProto, helper, numpy_helper
+
+        key = (kind, b.ctypes.data, b.shape)
+        if key not in self.sessions:
+            node = (helper.make_node("Gemm", ["a", "b"], ["y"], transA=1) if kind == "TN"
+                    else helper.make_node("MatMul", ["a", "b"], ["y"]))
+            a_shape = [a_cols, "rows"] if kind == "TN" else ["rows", a_cols]
+            graph = helper.make_graph(
+                [node], "product", [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", b.shape[1]])],
+                [numpy_helper.from_array(np.ascontiguousarray(b), "b")])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 9
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+            self.sessions[key] = (b, self.ort.InferenceSession(model.SerializeToString(), options,
+                                                               providers=["CPUExecutionProvider"]))
+        return self.sessions[key][1]
+
+    def product(self, kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b ("NN", a [m, k]) or a^T @ b ("TN", a [k, m]), all C-contiguous."""
+        a = np.ascontiguousarray(a)
+        assert out.flags.c_contiguous, "the output bound where it lies"
+        session = self._session(kind, b, a.shape[0] if kind == "TN" else a.shape[1])
+        binding = session.io_binding()
+        binding.bind_input("a", "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
+        binding.bind_output("y", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        session.run_with_iobinding(binding)
 
 
 def tiles_differ(product: Callable[..., Any], kind: str, a: np.ndarray, b: np.ndarray,
